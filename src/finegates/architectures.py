@@ -1,0 +1,105 @@
+"""Per model family: which modules are gated by default and which modules share which dimension.
+
+Adding an architecture means adding one `Architecture` entry here; the budget objective, the report
+and compaction all read this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the transformer blocks are and the role of each linear layer inside a block.
+
+    Roles: q, k, v (attention projections, rows = head dims), o (attention output, cols = head dims),
+    up / gate (FFN expansion, rows = channels), down (FFN projection, cols = channels), and qkv for a
+    fused q|k|v projection (GPT-2). Every role reads or writes the residual stream on its other axis.
+    """
+
+    block_pattern: str  # regex matched against the full name of each block module
+    roles: dict[str, str]  # role -> module path relative to the block
+    default_targets: tuple[str, ...]
+    rope: bool = False  # rotary embeddings: head dims i and i + head_dim/2 rotate together
+    head_modules: tuple[str, ...] = field(default=("classifier", "score"))
+
+
+_LLAMA = Architecture(
+    block_pattern=r"(^|\.)layers\.\d+$",
+    roles={
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    },
+    default_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    rope=True,
+    head_modules=("score", "lm_head"),
+)
+
+_BERT = Architecture(
+    block_pattern=r"(^|\.)encoder\.layer\.\d+$",
+    roles={
+        "q": "attention.self.query",
+        "k": "attention.self.key",
+        "v": "attention.self.value",
+        "o": "attention.output.dense",
+        "up": "intermediate.dense",
+        "down": "output.dense",
+    },
+    default_targets=(
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ),
+    head_modules=("classifier", "pooler"),
+)
+
+_GPT2 = Architecture(
+    block_pattern=r"(^|\.)h\.\d+$",
+    roles={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
+    default_targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    head_modules=("score", "lm_head"),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "gpt2": _GPT2,
+}
+
+
+def architecture_for(model_type: str | None) -> Architecture | None:
+    return ARCHITECTURES.get(model_type or "")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def attention_shape(config) -> AttentionShape:
+    """Head counts and head size of a transformers config (BERT, LLaMA-family and GPT-2 naming)."""
+    num_heads = getattr(config, "num_attention_heads", None) or config.n_head
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    num_kv = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+    return AttentionShape(num_heads=num_heads, num_kv_heads=num_kv, head_dim=head_dim)

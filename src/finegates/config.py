@@ -1,0 +1,136 @@
+"""`GatesConfig`: every option of FineGates in one dataclass that round-trips through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GATE_FAMILIES = ("gaussian", "hard_concrete")
+OBJECTIVES = ("budget", "paper")
+BIAS_POLICIES = ("none", "gated", "all")
+CONFIG_NAME = "finegates_config.json"
+
+
+@dataclass
+class GatesConfig:
+    """What to gate, how gates behave, and which sparsity the training must reach.
+
+    >>> cfg = GatesConfig(target_sparsity=0.4)
+    >>> GatesConfig.from_json(cfg.to_json()) == cfg
+    True
+    """
+
+    target_sparsity: float = field(
+        default=0.3,
+        metadata={"help": "Fraction of gated-layer parameters to remove, in [0, 1)."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to gate: None (defaults for the model type), 'all-linear', a list of "
+            "names or name suffixes, or a regex string."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names, suffixes or a regex of modules never to gate."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Extra modules trained in full and saved with the gates (e.g. the task head)."},
+    )
+    bias: str = field(
+        default="gated",
+        metadata={"help": "Biases to train: 'none', 'gated' (biases of gated layers) or 'all'."},
+    )
+    gate_family: str = field(
+        default="gaussian", metadata={"help": "'gaussian' (the paper's gates) or 'hard_concrete' (L0)."}
+    )
+    objective: str = field(
+        default="budget",
+        metadata={
+            "help": "'budget': expected removable fraction driven to the target by a Lagrangian "
+            "controller; 'paper': the reference per-layer |mean P - keep| loss times `lambda_sparsity`."
+        },
+    )
+    lambda_sparsity: float = field(
+        default=50.0, metadata={"help": "Weight of the 'paper' objective (the reference uses 50)."}
+    )
+    init_mean: float = field(default=1.0, metadata={"help": "Gaussian gates: mean of the initial theta."})
+    init_std: float = field(default=0.1, metadata={"help": "Gaussian gates: std of the initial theta."})
+    noise_std: float = field(default=0.1, metadata={"help": "Gaussian gates: std of the training noise."})
+    paper_prob_scale: float = field(
+        default=0.5, metadata={"help": "Gaussian gates: s in the reference's P = Phi((mu + 0.5) / s)."}
+    )
+    budget_temperature: float = field(
+        default=0.25,
+        metadata={"help": "Gaussian gates: temperature of the open probability used by the budget objective."},
+    )
+    hc_init_log_alpha: float = field(
+        default=3.0, metadata={"help": "Hard-concrete gates: initial log alpha (gates start open)."}
+    )
+    warmup_steps: int = field(
+        default=100, metadata={"help": "Steps over which the budget target ramps linearly from 0."}
+    )
+    lagrangian_lr_scale: float = field(
+        default=10.0,
+        metadata={"help": "Multiplier of the gate lr for the Lagrange multipliers' gradient ascent."},
+    )
+    gate_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the gates."})
+    head_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the head, biases, modules_to_save."})
+    residual_min_removed: int = field(
+        default=1,
+        metadata={
+            "help": "Compaction gathers/scatters residual-stream dims of a layer only when at least this "
+            "many of them are closed (gathering costs a copy)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}.")
+        _check_choice("gate_family", self.gate_family, GATE_FAMILIES)
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("bias", self.bias, BIAS_POLICIES)
+        for name in ("noise_std", "paper_prob_scale", "budget_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GatesConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown GatesConfig keys: {unknown}. Known keys: {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> GatesConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, directory: str | Path) -> Path:
+        from finegates.io_utils import atomic_write_text
+
+        return atomic_write_text(Path(directory) / CONFIG_NAME, self.to_json())
+
+    @classmethod
+    def load(cls, directory: str | Path) -> GatesConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: is this a folder written by save_gates?")
+        return cls.from_json(path.read_text())
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {list(choices)}.")

@@ -1,0 +1,43 @@
+"""Lagrangian control of the sparsity budget (CoFi / Sheared-LLaMA style).
+
+The penalty lambda1 (s - t) + lambda2 (s - t)^2 is minimised by the gates and maximised by the
+multipliers. The maximisation needs no special optimizer: the multipliers enter the loss through a
+gradient-reversal function, so one ordinary optimizer does descent on gates and ascent on multipliers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+class SparsityController(nn.Module):
+    """Multipliers and the step counter of the target warm-up (in the state dict, so resume is exact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.zeros(()))
+        self.lambda2 = nn.Parameter(torch.zeros(()))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def target(self, final_target: float, warmup_steps: int, step: int | None = None) -> float:
+        step = int(self.step) if step is None else step
+        if warmup_steps <= 0:
+            return final_target
+        return final_target * min(1.0, step / warmup_steps)
+
+    def penalty(self, sparsity: torch.Tensor, target: float) -> torch.Tensor:
+        gap = sparsity - target
+        lambda1 = _ReverseGrad.apply(self.lambda1)
+        lambda2 = _ReverseGrad.apply(self.lambda2)
+        return lambda1 * gap + lambda2 * gap * gap

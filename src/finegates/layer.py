@@ -1,0 +1,64 @@
+"""`GatedLinear`: a frozen linear layer with a gate on every output row and input column."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from finegates.config import GatesConfig
+from finegates.gates import Gate, make_gate
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear or a transformers Conv1D (whose weight is in x out)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1], module.weight.shape[0]
+    raise TypeError(f"{type(module).__name__} is not a linear layer (nn.Linear or transformers Conv1D).")
+
+
+class GatedLinear(nn.Module):
+    """y = (W (x * g_col) + b) * g_row, with W and b those of the wrapped `base_layer`.
+
+    >>> layer = GatedLinear(nn.Linear(4, 3), GatesConfig()).eval()
+    >>> torch.equal(layer(torch.ones(2, 4)), layer.base_layer(torch.ones(2, 4)))
+    True
+    """
+
+    def __init__(self, base_layer: nn.Module, cfg: GatesConfig) -> None:
+        super().__init__()
+        out_features, in_features = linear_shape(base_layer)
+        self.base_layer = base_layer
+        self.row_gate: Gate = make_gate(out_features, cfg)
+        self.col_gate: Gate = make_gate(in_features, cfg)
+        self.out_features, self.in_features = out_features, in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x * self.col_gate.value()) * self.row_gate.value()
+
+    def gates(self) -> dict[str, Gate]:
+        return {"row": self.row_gate, "col": self.col_gate}
+
+    def folded_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eval-mode (weight, bias) as an (out, in) matrix with the gate values multiplied in."""
+        g_row, g_col = self.row_gate.deterministic(), self.col_gate.deterministic()
+        weight = self.base_layer.weight
+        weight = weight.t() if isinstance(self.base_layer, Conv1D) else weight
+        folded = g_row[:, None] * weight * g_col[None, :]
+        bias = self.base_layer.bias
+        return folded, (bias * g_row if bias is not None else None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,108 @@
+"""Injecting gates into a model in place, and the model-level views the rest of the library uses."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from finegates.config import GatesConfig
+from finegates.controller import SparsityController
+from finegates.layer import GatedLinear
+from finegates.targets import default_modules_to_save, resolve_targets
+
+logger = logging.getLogger(__name__)
+
+CONTROLLER_ATTR = "finegates_controller"
+
+
+def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.Module:
+    """Wrap the target linear layers of `model` in `GatedLinear`, freeze the rest, return `model`.
+
+    The model is changed in place. Trainable afterwards: the gates, the biases the config's `bias`
+    policy names, and `modules_to_save` (by default the task head of a classification model).
+
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> m = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1,
+    ...     num_attention_heads=4, intermediate_size=37, vocab_size=99))
+    >>> get_gated_model(m, GatesConfig(target_sparsity=0.4)) is m
+    True
+    """
+    config = config or GatesConfig()
+    if is_gated(model):
+        raise ValueError("This model already has FineGates gates; gating it twice is not supported.")
+    names = resolve_targets(model, config.target_modules, config.exclude_modules)
+    if config.modules_to_save is None:
+        config.modules_to_save = default_modules_to_save(model)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        setattr(parent, child, GatedLinear(base, config).train(base.training))
+    model.add_module(CONTROLLER_ATTR, SparsityController().to(next(model.parameters()).device))
+    model.finegates_config = config
+    _set_trainable(model, config)
+    logger.info("Gated %d linear layers of %s", len(names), type(model).__name__)
+    return model
+
+
+def is_gated(model: nn.Module) -> bool:
+    return any(isinstance(m, GatedLinear) for m in model.modules())
+
+
+def gated_layers(model: nn.Module) -> dict[str, GatedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, GatedLinear)}
+
+
+def gates_config(model: nn.Module) -> GatesConfig:
+    config = getattr(model, "finegates_config", None)
+    if config is None:
+        raise ValueError("This model has no gates: call finegates.get_gated_model(model, config) first.")
+    return config
+
+
+def controller(model: nn.Module) -> SparsityController:
+    gates_config(model)
+    return getattr(model, CONTROLLER_ATTR)
+
+
+def _set_trainable(model: nn.Module, config: GatesConfig) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer in gated_layers(model).values():
+        for gate in layer.gates().values():
+            gate.requires_grad_(True)
+        if config.bias == "gated" and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+    if config.bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.requires_grad_(True)
+    for name in config.modules_to_save or []:
+        try:
+            model.get_submodule(name).requires_grad_(True)
+        except AttributeError as err:
+            raise ValueError(f"modules_to_save entry {name!r} is not a module of this model.") from err
+    getattr(model, CONTROLLER_ATTR).requires_grad_(True)
+
+
+def trainable_state_dict(model: nn.Module) -> dict:
+    """Everything the gate adapter holds: gates, trained biases, modules_to_save, the controller."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if name in trainable or name.startswith(CONTROLLER_ATTR + ".")
+    }
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, not counting the controller's two multipliers."""
+    params = [(n, p) for n, p in model.named_parameters() if not n.startswith(CONTROLLER_ATTR)]
+    return sum(p.numel() for _, p in params if p.requires_grad), sum(p.numel() for _, p in params)
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print "trainable params: X || all params: Y || trainable%: Z", as PEFT does."""
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")

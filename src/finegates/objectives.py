@@ -1,0 +1,76 @@
+"""The two sparsity objectives: the reference's soft loss and the budget that is hit."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from finegates.coupling import expected_widths, find_blocks, full_shape, has_bias
+from finegates.layer import GatedLinear
+from finegates.model import controller, gated_layers, gates_config
+
+
+def prob_open(module: nn.Module, axis: str) -> torch.Tensor:
+    """Differentiable open probabilities of a module's row or column gates (ones when not gated)."""
+    if isinstance(module, GatedLinear):
+        return module.gates()[axis].prob_open()
+    out_features, in_features = full_shape(module)
+    device = next(module.parameters()).device
+    return torch.ones(out_features if axis == "row" else in_features, device=device)
+
+
+def expected_kept(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Expected parameters kept after compaction, per gated module, with coupled removals."""
+    widths = {}
+    for block in find_blocks(model):
+        for role, rows_cols in expected_widths(block, prob_open).items():
+            widths[block.modules[role][0]] = rows_cols
+    kept = {}
+    for name, layer in gated_layers(model).items():
+        rows, cols = widths.get(name) or (prob_open(layer, "row").sum(), prob_open(layer, "col").sum())
+        kept[name] = rows * cols + (rows if has_bias(layer) else 0)
+    return kept
+
+
+def gated_parameter_count(model: nn.Module) -> int:
+    total = 0
+    for layer in gated_layers(model).values():
+        out_features, in_features = full_shape(layer)
+        total += out_features * in_features + (out_features if has_bias(layer) else 0)
+    return total
+
+
+def expected_sparsity(model: nn.Module) -> torch.Tensor:
+    """Expected fraction of gated-layer parameters that compaction removes (differentiable)."""
+    kept = torch.stack(list(expected_kept(model).values())).sum()
+    return 1 - kept / gated_parameter_count(model)
+
+
+def paper_loss(model: nn.Module) -> torch.Tensor:
+    """The reference loss: mean over layers of mean(|mean P_rows - keep|, |mean P_cols - keep|)."""
+    cfg = gates_config(model)
+    keep = 1 - cfg.target_sparsity
+    terms = [
+        ((layer.row_gate.paper_prob().mean() - keep).abs() + (layer.col_gate.paper_prob().mean() - keep).abs()) / 2
+        for layer in gated_layers(model).values()
+    ]
+    return cfg.lambda_sparsity * torch.stack(terms).mean()
+
+
+def sparsity_loss(model: nn.Module, step: int | None = None) -> torch.Tensor:
+    """The sparsity term to add to the task loss, per the model's `GatesConfig.objective`.
+
+    With the budget objective, `step` sets the target warm-up; without it the model counts its own
+    training-mode calls. Multipliers receive reversed gradients, so one optimizer minimising the
+    total loss raises them while the budget is missed.
+
+    >>> loss = task_loss + sparsity_loss(model)  # doctest: +SKIP
+    """
+    cfg = gates_config(model)
+    if cfg.objective == "paper":
+        return paper_loss(model)
+    ctrl = controller(model)
+    target = ctrl.target(cfg.target_sparsity, cfg.warmup_steps, step)
+    if step is None and model.training:
+        ctrl.step += 1
+    return ctrl.penalty(expected_sparsity(model), target)

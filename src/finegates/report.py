@@ -1,0 +1,153 @@
+"""`sparsity_report`: what compaction will remove, per layer and in total, counted from the exact plan."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from finegates.coupling import has_bias
+from finegates.model import CONTROLLER_ATTR, gated_layers, gates_config
+from finegates.plan import CompactionPlan, compaction_plan
+
+
+@dataclass
+class LayerRow:
+    name: str
+    gated: bool
+    shape: tuple[int, int]
+    kept_shape: tuple[int, int]
+    params: int
+    kept_params: int
+
+    @property
+    def removed(self) -> int:
+        return self.params - self.kept_params
+
+
+@dataclass
+class BlockRow:
+    name: str
+    heads: int
+    kv_heads: int
+    qk_dims: int
+    vo_dims: int
+    ffn_channels: int | None
+
+
+@dataclass
+class SparsityReport:
+    target: float
+    layers: list[LayerRow] = field(default_factory=list)
+    blocks: list[BlockRow] = field(default_factory=list)
+    model_params: int = 0
+
+    @property
+    def gated_params(self) -> int:
+        return sum(r.params for r in self.layers if r.gated)
+
+    @property
+    def gated_removed(self) -> int:
+        return sum(r.removed for r in self.layers if r.gated)
+
+    @property
+    def removed_fraction(self) -> float:
+        """Fraction of gated-layer parameters that compaction removes."""
+        return self.gated_removed / max(self.gated_params, 1)
+
+    @property
+    def model_removed(self) -> int:
+        return sum(r.removed for r in self.layers)
+
+    @property
+    def model_removed_fraction(self) -> float:
+        return self.model_removed / max(self.model_params, 1)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(
+            gated_params=self.gated_params,
+            gated_removed=self.gated_removed,
+            removed_fraction=self.removed_fraction,
+            model_removed=self.model_removed,
+            model_removed_fraction=self.model_removed_fraction,
+        )
+        return out
+
+    def __str__(self) -> str:
+        lines = [
+            f"target sparsity {self.target:.1%} | removed {self.removed_fraction:.2%} of gated-layer params "
+            f"({self.gated_removed:,d} / {self.gated_params:,d}) | whole model: {self.model_removed:,d} / "
+            f"{self.model_params:,d} ({self.model_removed_fraction:.2%})",
+            f"{'layer':<56} {'shape':>12} {'kept':>12} {'removed':>8}",
+        ]
+        for r in self.layers:
+            shape, kept = "x".join(map(str, r.shape)), "x".join(map(str, r.kept_shape))
+            lines.append(f"{r.name:<56} {shape:>12} {kept:>12} {r.removed / r.params:>8.1%}")
+        for b in self.blocks:
+            lines.append(
+                f"{b.name}: heads {b.heads} (kv {b.kv_heads}), qk dims {b.qk_dims}, v dims {b.vo_dims}, "
+                f"ffn channels {b.ffn_channels}"
+            )
+        return "\n".join(lines)
+
+
+def _layer_rows(model: nn.Module, plan: CompactionPlan) -> list[LayerRow]:
+    gated = gated_layers(model)
+    rows = []
+    for name, mp in plan.modules.items():
+        module = model.get_submodule(name)
+        bias = has_bias(module)
+        out_k, in_k = mp.shape
+        rows.append(
+            LayerRow(
+                name=name,
+                gated=name in gated,
+                shape=(mp.out_features, mp.in_features),
+                kept_shape=(out_k, in_k),
+                params=mp.out_features * mp.in_features + (mp.out_features if bias else 0),
+                kept_params=out_k * in_k + (out_k if bias else 0),
+            )
+        )
+    return rows
+
+
+def _block_rows(plan: CompactionPlan) -> list[BlockRow]:
+    names = list(dict.fromkeys([*plan.attention, *plan.ffn]))
+    rows = []
+    for name in names:
+        a = plan.attention.get(name)
+        ffn = plan.ffn.get(name)
+        rows.append(
+            BlockRow(
+                name=name,
+                heads=len(a.heads) if a else 0,
+                kv_heads=len(a.kv_heads) if a else 0,
+                qk_dims=a.qk_dims.shape[1] if a else 0,
+                vo_dims=a.vo_dims.shape[1] if a else 0,
+                ffn_channels=len(ffn) if ffn is not None else None,
+            )
+        )
+    return rows
+
+
+def base_parameter_count(model: nn.Module) -> int:
+    """Parameters of the underlying model: gates and the controller excluded."""
+    gate_ids = {id(p) for layer in gated_layers(model).values() for g in layer.gates().values() for p in g.parameters()}
+    return sum(
+        p.numel() for n, p in model.named_parameters() if id(p) not in gate_ids and not n.startswith(CONTROLLER_ATTR)
+    )
+
+
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """Per-layer and total kept widths and removable parameters of a gated model (eval-mode gates).
+
+    >>> print(sparsity_report(model))  # doctest: +SKIP
+    """
+    plan = compaction_plan(model)
+    return SparsityReport(
+        target=gates_config(model).target_sparsity,
+        layers=_layer_rows(model, plan),
+        blocks=_block_rows(plan),
+        model_params=base_parameter_count(model),
+    )

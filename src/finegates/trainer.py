@@ -1,0 +1,95 @@
+"""`FineGatesTrainer`: transformers' Trainer with the sparsity loss, gate learning rates and logging.
+
+Checkpoints hold the gate adapter (not the frozen base weights), and `resume_from_checkpoint`
+restores it together with the optimizer, scheduler and RNG states the Trainer keeps.
+
+Single process:  python train.py
+Many processes:  accelerate launch train.py   |   torchrun --nproc_per_node 2 train.py
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer
+
+from finegates.adapter import WEIGHTS_NAME, save_gates
+from finegates.model import controller, gates_config
+from finegates.objectives import expected_sparsity, sparsity_loss
+from finegates.optim import finalize_gates, optimizer_param_groups
+from finegates.report import sparsity_report
+
+logger = logging.getLogger(__name__)
+
+
+class FineGatesTrainer(Trainer):
+    """A Trainer for a model returned by `get_gated_model`.
+
+    The task head, biases and `modules_to_save` train at `args.learning_rate`; the gates at the
+    config's `gate_lr`. With `finalize=True` (default) training ends with `finalize_gates`, so the
+    saved gates remove at least the target fraction.
+    """
+
+    def __init__(self, *args, finalize: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.finalize = finalize
+        gates_config(self.model)  # fail early on a model without gates
+        self._sparsity_term = 0.0
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = optimizer_param_groups(model, head_lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+            self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        task_loss, outputs = result
+        if model.training:
+            penalty = sparsity_loss(self.accelerator.unwrap_model(model), step=self.state.global_step)
+            self._sparsity_term = float(penalty.detach())
+            task_loss = task_loss + penalty
+        return (task_loss, outputs) if return_outputs else task_loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            model = self.accelerator.unwrap_model(self.model)
+            cfg, ctrl = gates_config(model), controller(model)
+            with torch.no_grad():
+                logs["sparsity_expected"] = float(expected_sparsity(model))
+            logs["sparsity_removed"] = sparsity_report(model).removed_fraction
+            logs["sparsity_target"] = ctrl.target(cfg.target_sparsity, cfg.warmup_steps, self.state.global_step)
+            logs["sparsity_term"] = self._sparsity_term
+            logs["lambda1"], logs["lambda2"] = float(ctrl.lambda1), float(ctrl.lambda2)
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.finalize and gates_config(model).objective == "budget":
+            finalize_gates(model)
+        return output
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_gates(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{resume_from_checkpoint} holds no {WEIGHTS_NAME}: not a FineGates checkpoint.")
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        model.load_state_dict(load_file(path), strict=False)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -68,6 +68,13 @@ class GatesConfig:
         default=0.25,
         metadata={"help": "Gaussian gates: temperature of the open probability used by the budget objective."},
     )
+    budget_estimator: str = field(
+        default="ste",
+        metadata={
+            "help": "'ste': the budget counts gates as 0/1 (what compaction removes) with the gradient of "
+            "their open probability; 'expected': the expected size under independent open probabilities."
+        },
+    )
     hc_init_log_alpha: float = field(
         default=3.0, metadata={"help": "Hard-concrete gates: initial log alpha (gates start open)."}
     )
@@ -94,6 +101,7 @@ class GatesConfig:
         _check_choice("gate_family", self.gate_family, GATE_FAMILIES)
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("bias", self.bias, BIAS_POLICIES)
+        _check_choice("budget_estimator", self.budget_estimator, ("ste", "expected"))
         for name in ("noise_std", "paper_prob_scale", "budget_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")

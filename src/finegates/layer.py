@@ -36,6 +36,8 @@ class GatedLinear(nn.Module):
         self.row_gate: Gate = make_gate(out_features, cfg)
         self.col_gate: Gate = make_gate(in_features, cfg)
         self.out_features, self.in_features = out_features, in_features
+        self.row_gate.to(base_layer.weight.device)
+        self.col_gate.to(base_layer.weight.device)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -46,7 +48,8 @@ class GatedLinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x * self.col_gate.value()) * self.row_gate.value()
+        g_col, g_row = self.col_gate.value().to(x.dtype), self.row_gate.value().to(x.dtype)
+        return self.base_layer(x * g_col) * g_row
 
     def gates(self) -> dict[str, Gate]:
         return {"row": self.row_gate, "col": self.col_gate}

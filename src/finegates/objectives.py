@@ -5,31 +5,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from finegates.coupling import expected_widths, find_blocks, full_shape, has_bias
+from finegates.coupling import OpenFn, expected_widths, find_blocks, full_shape, has_bias
 from finegates.layer import GatedLinear
 from finegates.model import controller, gated_layers, gates_config
+from finegates.report import sparsity_report
 
 
-def prob_open(module: nn.Module, axis: str) -> torch.Tensor:
-    """Differentiable open probabilities of a module's row or column gates (ones when not gated)."""
+def _prob_open(module: nn.Module, axis: str) -> torch.Tensor:
+    """Differentiable open probabilities of a module's gates (ones when the module is not gated)."""
     if isinstance(module, GatedLinear):
         return module.gates()[axis].prob_open()
     out_features, in_features = full_shape(module)
-    device = next(module.parameters()).device
-    return torch.ones(out_features if axis == "row" else in_features, device=device)
+    return torch.ones(out_features if axis == "row" else in_features, device=next(module.parameters()).device)
 
 
-def expected_kept(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Expected parameters kept after compaction, per gated module, with coupled removals."""
+
+def _kept_params(model: nn.Module, open_state: OpenFn) -> torch.Tensor:
     widths = {}
     for block in find_blocks(model):
-        for role, rows_cols in expected_widths(block, prob_open).items():
+        for role, rows_cols in expected_widths(block, open_state).items():
             widths[block.modules[role][0]] = rows_cols
-    kept = {}
+    kept = []
     for name, layer in gated_layers(model).items():
-        rows, cols = widths.get(name) or (prob_open(layer, "row").sum(), prob_open(layer, "col").sum())
-        kept[name] = rows * cols + (rows if has_bias(layer) else 0)
-    return kept
+        rows, cols = widths.get(name) or (open_state(layer, "row").sum(), open_state(layer, "col").sum())
+        kept.append(rows * cols + (rows if has_bias(layer) else 0))
+    return torch.stack(kept).sum()
 
 
 def gated_parameter_count(model: nn.Module) -> int:
@@ -41,9 +41,18 @@ def gated_parameter_count(model: nn.Module) -> int:
 
 
 def expected_sparsity(model: nn.Module) -> torch.Tensor:
-    """Expected fraction of gated-layer parameters that compaction removes (differentiable)."""
-    kept = torch.stack(list(expected_kept(model).values())).sum()
-    return 1 - kept / gated_parameter_count(model)
+    """Fraction of gated-layer parameters that compaction removes, differentiable in the gates.
+
+    With the 'expected' estimator: the expected fraction under independent open probabilities. With
+    'ste': the value is the fraction the current eval-mode gates remove (counted from the exact
+    compaction plan), and the gradient is that of the expected fraction.
+    """
+    total = gated_parameter_count(model)
+    soft = 1 - _kept_params(model, _prob_open) / total
+    if gates_config(model).budget_estimator == "expected":
+        return soft
+    hard = sparsity_report(model).removed_fraction
+    return hard + soft - soft.detach()
 
 
 def paper_loss(model: nn.Module) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""Tiny random models built from configs in-process: no download, seconds to run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
+
+VOCAB = 99
+_DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=37, vocab_size=VOCAB)
+_ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                vocab_size=VOCAB, num_labels=3)
+
+
+def _make(name: str) -> torch.nn.Module:
+    builders = {
+        "bert": lambda: BertForSequenceClassification(BertConfig(**_ENCODER)),
+        "roberta": lambda: RobertaForSequenceClassification(
+            RobertaConfig(**_ENCODER, max_position_embeddings=40, pad_token_id=1)
+        ),
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**_DECODER)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**_DECODER)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_DECODER)),
+        "gpt2": lambda: GPT2LMHeadModel(
+            GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+        ),
+    }
+    return builders[name]()
+
+
+ARCHITECTURES = ["bert", "roberta", "llama", "mistral", "qwen2", "gpt2"]
+
+
+def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return _make(name).eval()
+
+
+def tiny_inputs(seed: int = 1, batch: int = 3, length: int = 9) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (batch, length), generator=gen)
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def is_causal(name: str) -> bool:
+    return name in ("llama", "mistral", "qwen2", "gpt2")
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    return request.param

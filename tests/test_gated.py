@@ -1,0 +1,188 @@
+"""Gated layers and injection: exact at init, only the right tensors train, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import is_causal, logits, tiny_inputs, tiny_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import finegates
+from finegates import GatedLinear, GatesConfig, get_gated_model, sparsity_loss
+
+
+@pytest.mark.parametrize("family", ["gaussian", "hard_concrete"])
+def test_open_gates_reproduce_the_model_exactly(arch, family):
+    model = tiny_model(arch)
+    ids = tiny_inputs()
+    reference = logits(model, ids)
+    get_gated_model(model, GatesConfig(gate_family=family))
+    torch.testing.assert_close(logits(model, ids), reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("base", [nn.Linear(5, 4), nn.Linear(5, 4, bias=False), Conv1D(4, 5)])
+def test_gated_linear_formula(base):
+    layer = GatedLinear(base, GatesConfig()).eval()
+    with torch.no_grad():
+        layer.row_gate.theta.copy_(torch.tensor([2.0, -2.0, 0.0, 2.0]))
+        layer.col_gate.theta.copy_(torch.tensor([2.0, 2.0, -2.0, 0.1, 2.0]))
+    x = torch.randn(3, 5)
+    g_row, g_col = layer.row_gate.deterministic(), layer.col_gate.deterministic()
+    weight, bias = layer.folded_weight()
+    expected = x @ weight.t() + (bias if bias is not None else 0)
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer(x), base(x * g_col) * g_row)
+    assert g_row[1] == 0 and g_col[2] == 0 and 0 < g_row[2] < 1
+
+
+def test_bias_free_layers_stay_bias_free():
+    model = get_gated_model(tiny_model("llama"))
+    for layer in finegates.gated_layers(model).values():
+        assert layer.bias is None
+        assert not any(n.endswith("bias") for n, _ in layer.named_parameters())
+
+
+def test_gates_sample_in_training_and_are_deterministic_in_eval():
+    layer = GatedLinear(nn.Linear(64, 64), GatesConfig(init_mean=0.0))
+    layer.train()
+    assert not torch.equal(layer.row_gate.value(), layer.row_gate.value())
+    layer.eval()
+    assert torch.equal(layer.row_gate.value(), layer.row_gate.value())
+
+
+def _train_one_step(name: str, cfg: GatesConfig):
+    model = tiny_model(name)
+    get_gated_model(model, cfg)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    ids = tiny_inputs()
+    labels = ids if is_causal(name) else torch.tensor([0, 1, 2])
+    loss = model(input_ids=ids, labels=labels).loss + sparsity_loss(model)
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    return model, frozen
+
+
+def test_only_gates_head_and_biases_receive_gradients(arch):
+    # init_mean=0 puts the gates inside the clamp, where the task loss reaches every one of them.
+    model, frozen = _train_one_step(arch, GatesConfig(warmup_steps=0, init_mean=0.0))
+    for name, param in model.named_parameters():
+        is_gate = "_gate." in name
+        is_gated_bias = ".base_layer.bias" in name
+        is_head = name.startswith(("classifier", "score", "bert.pooler", "roberta.pooler"))
+        is_controller = name.startswith("finegates_controller")
+        assert param.requires_grad == (is_gate or is_gated_bias or is_head or is_controller), name
+        if param.requires_grad and is_gate:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), f"frozen weight {name} changed"
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_bias_policies(bias):
+    model = get_gated_model(tiny_model("bert"), GatesConfig(bias=bias))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layer_norm_bias = "bert.encoder.layer.0.attention.output.LayerNorm.bias"
+    gated_bias = "bert.encoder.layer.0.attention.self.query.base_layer.bias"
+    assert (gated_bias in trainable) == (bias == "all")
+    assert (layer_norm_bias in trainable) == (bias == "all")
+
+
+def test_print_trainable_parameters(capsys):
+    model = get_gated_model(tiny_model("llama"))
+    finegates.print_trainable_parameters(model)
+    out = capsys.readouterr().out
+    gates = sum(layer.in_features + layer.out_features for layer in finegates.gated_layers(model).values())
+    assert out.startswith(f"trainable params: {gates:,d} || all params: ")
+    assert "trainable%: " in out
+
+
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        (None, 7 * 2),
+        ("all-linear", 7 * 2),
+        (["q_proj", "v_proj"], 2 * 2),
+        (r".*layers\.0\.mlp\..*_proj", 3),
+    ],
+)
+def test_target_selection(targets, expected):
+    model = get_gated_model(tiny_model("llama"), GatesConfig(target_modules=targets))
+    assert len(finegates.gated_layers(model)) == expected
+    assert "lm_head" not in finegates.gated_layers(model)
+
+
+def test_exclude_modules_and_default_head():
+    model = get_gated_model(tiny_model("bert"), GatesConfig(exclude_modules=["key"]))
+    names = finegates.gated_layers(model)
+    assert not any(n.endswith("key") for n in names) and len(names) == 5 * 2
+    assert model.finegates_config.modules_to_save == ["classifier", "bert.pooler"]
+    assert not any("classifier" in n or "pooler" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(target_sparsity=1.0), ValueError, "target_sparsity"),
+        (dict(target_sparsity=-0.1), ValueError, "target_sparsity"),
+        (dict(gate_family="beta"), ValueError, "gate_family"),
+        (dict(objective="l1"), ValueError, "objective"),
+        (dict(bias="some"), ValueError, "bias"),
+    ],
+)
+def test_invalid_config_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GatesConfig(**kwargs)
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(ValueError, match="Unknown GatesConfig keys: \\['lamda'\\]"):
+        GatesConfig.from_dict({"lamda": 3})
+
+
+def test_config_json_round_trip():
+    cfg = GatesConfig(target_sparsity=0.4, target_modules=["q_proj"], gate_family="hard_concrete")
+    assert GatesConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_bad_targets_fail_clearly():
+    with pytest.raises(ValueError, match="matched no module"):
+        get_gated_model(tiny_model("llama"), GatesConfig(target_modules=["nonexistent"]))
+    with pytest.raises(TypeError, match="not a linear layer"):
+        get_gated_model(tiny_model("llama"), GatesConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match="No default target modules"):
+        get_gated_model(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        get_gated_model(tiny_model("bert"), GatesConfig(modules_to_save=["nope"]))
+
+
+def test_gating_twice_fails():
+    model = get_gated_model(tiny_model("bert"))
+    with pytest.raises(ValueError, match="gating it twice"):
+        get_gated_model(model)
+
+
+def test_functions_need_a_gated_model():
+    with pytest.raises(ValueError, match="get_gated_model"):
+        sparsity_loss(tiny_model("bert"))
+
+
+class _TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.outer = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outer(torch.relu(self.inner(x)))
+
+
+def test_any_linear_stack_with_explicit_targets():
+    model = _TwoLayer().eval()
+    x = torch.randn(4, 6)
+    reference = model(x)
+    get_gated_model(model, GatesConfig(target_modules=["inner", "outer"]))
+    torch.testing.assert_close(model(x), reference, atol=0, rtol=0)
+    report = finegates.sparsity_report(model)
+    assert report.removed_fraction == 0.0 and report.gated_params == 6 * 8 + 8 + 8 * 2 + 2

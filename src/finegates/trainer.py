@@ -65,7 +65,7 @@ class FineGatesTrainer(Trainer):
             logs["sparsity_removed"] = sparsity_report(model).removed_fraction
             logs["sparsity_target"] = ctrl.target(cfg.target_sparsity, cfg.warmup_steps, self.state.global_step)
             logs["sparsity_term"] = self._sparsity_term
-            logs["lambda1"], logs["lambda2"] = float(ctrl.lambda1), float(ctrl.lambda2)
+            logs["lambda1"], logs["lambda2"] = ctrl.lambda1.item(), ctrl.lambda2.item()
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):

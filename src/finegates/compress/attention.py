@@ -1,0 +1,143 @@
+"""Compact attention: kept heads only, q/k and v head sizes that may differ, one batched kernel call.
+
+Layout (see `finegates.plan`): every kept query head of a layer keeps the same number of q/k dims and
+of v dims, padded with closed (zero) dims where a head keeps fewer, so a single
+`scaled_dot_product_attention` call (or whichever kernel the config selects) serves the layer; it
+accepts a value head size different from the query/key head size. Query heads map to kept KV heads:
+when every kept KV head still has the same number of query heads the kernel's own grouped-query path
+is used (`group_size`), otherwise K/V heads are expanded through `kv_index`. The KV cache stores the
+compact K/V heads. The softmax scale is the stock module's (1 / sqrt(original head size)).
+
+One class per attention signature: LLaMA-family (RoPE), BERT/RoBERTa self-attention, GPT-2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+
+from finegates.compress.spec import AttentionSpec
+
+
+class CompactAttention(nn.Module):
+    """Shared core: projections in, attention over the kept heads out (before the output projection)."""
+
+    projections: tuple[str, ...] = ()
+
+    def __init__(self, stock: nn.Module, spec: AttentionSpec, projections: dict[str, nn.Module]) -> None:
+        super().__init__()
+        missing = set(self.projections) - set(projections)
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs projections {sorted(missing)} in finegates_compact.")
+        for name in self.projections:
+            self.add_module(name, projections[name])
+        self.config = stock.config
+        self.layer_idx = getattr(stock, "layer_idx", None)
+        self.scaling = stock.scaling
+        self.is_causal = stock.is_causal
+        self.spec = spec
+        self.num_key_value_groups = max(spec.group_size, 1)
+        self.register_buffer("kv_index", torch.zeros(spec.num_heads, dtype=torch.long))
+        if spec.rope:
+            self.register_buffer("rope_dims", torch.zeros(spec.num_kv_heads, spec.qk_dim, dtype=torch.long))
+
+    def split_heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """(batch, seq, heads * dim) -> (batch, heads, seq, dim)."""
+        return x.view(*x.shape[:-1], -1, dim).transpose(1, 2)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+        """RoPE on kept dims: `dims` lists kept units u then u + d/2, so rotate_half pairs them as before."""
+        cos, sin = cos[..., dims].transpose(1, 2), sin[..., dims].transpose(1, 2)
+        return x * cos + rotate_half(x) * sin
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               cache, dropout: float, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cache update, kernel call; returns (batch, seq, heads * v_dim) and the weights if any."""
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        if self.spec.group_size == 0:
+            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = interface(self, q, k, v, mask, dropout=dropout if self.training else 0.0,
+                                 scaling=self.scaling, **kwargs)
+        return out.reshape(*out.shape[:2], -1), weights
+
+
+class CompactRopeAttention(CompactAttention):
+    """LLaMA, Mistral, Qwen2 self-attention (RoPE, grouped-query attention, optional q/k/v biases)."""
+
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __init__(self, stock: nn.Module, spec: AttentionSpec, projections: dict[str, nn.Module]) -> None:
+        super().__init__(stock, spec, projections)
+        self.dropout = getattr(stock, "attention_dropout", 0.0)
+        self.sliding_window = getattr(stock, "sliding_window", getattr(stock.config, "sliding_window", None))
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
+        s = self.spec
+        q = self.split_heads(self.q_proj(hidden_states), s.qk_dim)
+        k = self.split_heads(self.k_proj(hidden_states), s.qk_dim)
+        v = self.split_heads(self.v_proj(hidden_states), s.v_dim)
+        cos, sin = position_embeddings
+        q = self.rotate(q, cos, sin, self.rope_dims[self.kv_index])
+        k = self.rotate(k, cos, sin, self.rope_dims)
+        out, weights = self.attend(q, k, v, attention_mask, past_key_values, self.dropout,
+                                   sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(out), weights
+
+
+class CompactBertSelfAttention(CompactAttention):
+    """BERT/RoBERTa encoder self-attention; the output projection stays in `attention.output.dense`."""
+
+    projections = ("query", "key", "value")
+
+    def __init__(self, stock: nn.Module, spec: AttentionSpec, projections: dict[str, nn.Module]) -> None:
+        super().__init__(stock, spec, projections)
+        self.dropout = stock.dropout.p
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None, encoder_hidden_states: torch.Tensor | None = None, **kwargs):
+        if encoder_hidden_states is not None:
+            raise NotImplementedError("Compacted BERT models support encoder self-attention only.")
+        s = self.spec
+        q = self.split_heads(self.query(hidden_states), s.qk_dim)
+        k = self.split_heads(self.key(hidden_states), s.qk_dim)
+        v = self.split_heads(self.value(hidden_states), s.v_dim)
+        return self.attend(q, k, v, attention_mask, past_key_values, self.dropout, **kwargs)
+
+
+class CompactGPT2Attention(CompactAttention):
+    """GPT-2 self-attention: the fused c_attn keeps its kept q | k | v rows, in that order."""
+
+    projections = ("c_attn", "c_proj")
+
+    def __init__(self, stock: nn.Module, spec: AttentionSpec, projections: dict[str, nn.Module]) -> None:
+        super().__init__(stock, spec, projections)
+        self.dropout = stock.attn_dropout.p
+        self.resid_dropout = stock.resid_dropout
+        self.sizes = [spec.num_heads * spec.qk_dim, spec.num_kv_heads * spec.qk_dim, spec.num_kv_heads * spec.v_dim]
+
+    def forward(self, hidden_states: torch.Tensor, past_key_values=None, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask=None,
+                output_attentions: bool | None = False, **kwargs):
+        if encoder_hidden_states is not None:
+            raise NotImplementedError("Compacted GPT-2 models support self-attention only.")
+        q, k, v = self.c_attn(hidden_states).split(self.sizes, dim=-1)
+        s = self.spec
+        q, k, v = self.split_heads(q, s.qk_dim), self.split_heads(k, s.qk_dim), self.split_heads(v, s.v_dim)
+        out, weights = self.attend(q, k, v, attention_mask, past_key_values, self.dropout, **kwargs)
+        return self.resid_dropout(self.c_proj(out)), weights
+
+
+ATTENTION_CLASSES: dict[str, type[CompactAttention]] = {
+    "rope": CompactRopeAttention,
+    "bert": CompactBertSelfAttention,
+    "gpt2": CompactGPT2Attention,
+}

@@ -1,0 +1,117 @@
+"""Compact model classes: stock transformers classes whose modules are replaced as the spec says.
+
+`CompactLlamaForCausalLM` is `LlamaForCausalLM` with its own config class (model_type
+"finegates_llama"); its constructor builds the stock model and then swaps in the compact linear and
+attention modules that `config.finegates_compact` describes, so `from_pretrained` builds exactly the
+saved shapes. The classes are registered with transformers' Auto classes when `finegates` is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import transformers
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
+
+from finegates.compress.attention import ATTENTION_CLASSES
+from finegates.compress.linear import build_linear
+from finegates.compress.spec import CompactSpec
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "finegates_"
+_AUTO = {
+    "AutoModel": AutoModel,
+    "AutoModelForCausalLM": AutoModelForCausalLM,
+    "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
+    "AutoModelForMaskedLM": AutoModelForMaskedLM,
+}
+# model_type -> (config class, {auto class: stock model class}); names looked up in transformers.
+_STOCK: dict[str, tuple[str, dict[str, str]]] = {
+    "llama": ("LlamaConfig", {"AutoModel": "LlamaModel", "AutoModelForCausalLM": "LlamaForCausalLM",
+                              "AutoModelForSequenceClassification": "LlamaForSequenceClassification"}),
+    "mistral": ("MistralConfig", {"AutoModel": "MistralModel", "AutoModelForCausalLM": "MistralForCausalLM",
+                                  "AutoModelForSequenceClassification": "MistralForSequenceClassification"}),
+    "qwen2": ("Qwen2Config", {"AutoModel": "Qwen2Model", "AutoModelForCausalLM": "Qwen2ForCausalLM",
+                              "AutoModelForSequenceClassification": "Qwen2ForSequenceClassification"}),
+    "bert": ("BertConfig", {"AutoModel": "BertModel", "AutoModelForMaskedLM": "BertForMaskedLM",
+                            "AutoModelForSequenceClassification": "BertForSequenceClassification"}),
+    "roberta": ("RobertaConfig", {"AutoModel": "RobertaModel", "AutoModelForMaskedLM": "RobertaForMaskedLM",
+                                  "AutoModelForSequenceClassification": "RobertaForSequenceClassification"}),
+    "gpt2": ("GPT2Config", {"AutoModel": "GPT2Model", "AutoModelForCausalLM": "GPT2LMHeadModel",
+                            "AutoModelForSequenceClassification": "GPT2ForSequenceClassification"}),
+}
+COMPACT_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}  # stock class -> compact class
+COMPACT_BY_NAME: dict[str, type[PreTrainedModel]] = {}
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def apply_spec(model: PreTrainedModel, spec: CompactSpec) -> None:
+    """Replace the stock modules of `model` (in place) by empty compact ones of the spec's shapes."""
+    base = model.base_model
+    linears = {name: build_linear(s) for name, s in spec.linears.items()}
+    for path, attention in spec.attention.items():
+        mine = {n.rpartition(".")[2]: linears.pop(n) for n in list(linears) if n.rpartition(".")[0] == path}
+        compact = ATTENTION_CLASSES[spec.family](base.get_submodule(path), attention, mine)
+        _set_module(base, path, compact)
+    for name, module in linears.items():
+        _set_module(base, name, module)
+    if model is not base:
+        for name, s in spec.head_linears.items():
+            _set_module(model, name, build_linear(s))
+
+
+def _compact_config_class(model_type: str, stock: type) -> type:
+    return type(f"Compact{stock.__name__}", (stock,), {"model_type": PREFIX + model_type, "__module__": __name__})
+
+
+def _compact_model_class(stock: type[PreTrainedModel], config_class: type) -> type[PreTrainedModel]:
+    def __init__(self, config, *args, **kwargs) -> None:
+        stock.__init__(self, config, *args, **kwargs)
+        spec = getattr(config, "finegates_compact", None)
+        if spec is not None:
+            apply_spec(self, CompactSpec.from_dict(spec))
+
+    doc = f"`{stock.__name__}` with the per-layer shapes of `config.finegates_compact` (a FineGates compacted model)."
+    attrs = {"config_class": config_class, "__init__": __init__, "__module__": __name__, "__doc__": doc}
+    return type(f"Compact{stock.__name__}", (stock,), attrs)
+
+
+def register_compact_models() -> None:
+    """Define the compact classes and register them with AutoConfig and the AutoModel classes (idempotent)."""
+    if COMPACT_CLASSES:
+        return
+    for model_type, (config_name, heads) in _STOCK.items():
+        config_class = _compact_config_class(model_type, getattr(transformers, config_name))
+        AutoConfig.register(PREFIX + model_type, config_class, exist_ok=True)
+        globals()[config_class.__name__] = config_class
+        for auto_name, stock_name in heads.items():
+            stock = getattr(transformers, stock_name)
+            compact = _compact_model_class(stock, config_class)
+            _AUTO[auto_name].register(config_class, compact, exist_ok=True)
+            COMPACT_CLASSES[stock] = compact
+            COMPACT_BY_NAME[compact.__name__] = compact
+            globals()[compact.__name__] = compact
+    logger.debug("Registered %d compact model classes", len(COMPACT_CLASSES))
+
+
+def compact_class_for(model: nn.Module) -> type[PreTrainedModel]:
+    """The compact class of a stock model's class; a clear error for classes not supported."""
+    register_compact_models()
+    compact = COMPACT_CLASSES.get(type(model))
+    if compact is None:
+        supported = sorted(c.__name__ for c in COMPACT_CLASSES)
+        raise NotImplementedError(f"compress does not support {type(model).__name__}; supported: {supported}.")
+    return compact

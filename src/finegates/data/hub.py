@@ -1,0 +1,130 @@
+"""Any data set the `datasets` library reads: a local csv/tsv/json/jsonl/parquet file or folder, or a hub id."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from finegates.data.packaged import MissingPackageError, missing_message
+from finegates.data.types import ClassificationData, ClassificationSplit, LabelEncoder
+
+logger = logging.getLogger(__name__)
+
+BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Columns:
+    """Which columns hold the text, the optional second text of a pair, and the label."""
+
+    text: str = "text"
+    label: str = "label"
+    text_pair: str | None = None
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError as err:
+        raise MissingPackageError(missing_message("datasets")) from err
+    return datasets
+
+
+def _builder_for(path: Path) -> tuple[str, dict]:
+    if path.suffix not in BUILDERS:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(BUILDERS)}.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty.")
+    return BUILDERS[path.suffix], ({"delimiter": "\t"} if path.suffix == ".tsv" else {})
+
+
+def _load(source: str, test_file: str | None):
+    """A DatasetDict from a local file (plus an optional test file), a local folder or a hub id."""
+    datasets = _datasets()
+    path = Path(source)
+    if path.is_file():
+        builder, kwargs = _builder_for(path)
+        files = {"train": str(path)}
+        if test_file:
+            _builder_for(Path(test_file))
+            files["test"] = str(test_file)
+        return datasets.load_dataset(builder, data_files=files, **kwargs)
+    if test_file:
+        raise ValueError("--test-file is only for a local train file; a folder or hub data set has its own splits.")
+    try:
+        return datasets.load_dataset(source)
+    except Exception as err:  # the library raises many types; say what was tried
+        raise ValueError(
+            f"Could not load data set {source!r} with the datasets library ({type(err).__name__}: {err}). "
+            "Give a built-in task name, a local csv/tsv/json/jsonl/parquet file or folder, or a hub id "
+            "(hub ids need network access)."
+        ) from err
+
+
+def _split_rows(
+    table, columns: Columns, where: str, class_names: list[str] | None
+) -> tuple[list[str], list[str] | None, list[object]]:
+    """(texts, pairs, raw labels) of a split; rows with a missing value (or ClassLabel -1) are dropped."""
+    names = list(table.column_names)
+    for role, name in (("text", columns.text), ("label", columns.label), ("text pair", columns.text_pair)):
+        if name is not None and name not in names:
+            raise ValueError(f"{where}: no {role} column {name!r}; columns are {names}. Use --{role.replace(' ', '-')}-column.")
+    texts, labels = table[columns.text], table[columns.label]
+    if class_names is not None:  # a ClassLabel column holds indices; -1 marks an unlabelled row
+        labels = [class_names[v] if v is not None and v >= 0 else None for v in labels]
+    pairs = table[columns.text_pair] if columns.text_pair else None
+    keep = [i for i in range(len(texts)) if texts[i] is not None and labels[i] is not None and (pairs is None or pairs[i] is not None)]
+    if len(keep) < len(texts):
+        logger.warning("%s: dropped %d rows with a missing text or label", where, len(texts) - len(keep))
+    return [str(texts[i]) for i in keep], [str(pairs[i]) for i in keep] if pairs else None, [labels[i] for i in keep]
+
+
+def _label_names(table, column: str) -> list[str] | None:
+    feature = table.features.get(column)
+    return list(feature.names) if hasattr(feature, "names") else None
+
+
+def load_with_datasets(
+    source: str, columns: Columns, test_file: str | None = None, test_fraction: float = 0.2, seed: int = 0
+) -> ClassificationData:
+    """A classification task from anything `datasets.load_dataset` reads.
+
+    Uses the 'test' split, else 'validation', else holds out `test_fraction` of 'train'.
+
+    >>> data = load_with_datasets("train.csv", Columns(text="sentence", label="label"))  # doctest: +SKIP
+    """
+    splits = _load(source, test_file)
+    if "train" not in splits:
+        raise ValueError(f"{source}: no 'train' split; splits are {list(splits)}.")
+    test_name = next((name for name in ("test", "validation") if name in splits), None)
+    if test_name is None:
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+        parts = splits["train"].train_test_split(test_size=test_fraction, seed=seed)
+        train_table, test_table = parts["train"], parts["test"]
+    else:
+        train_table, test_table = splits["train"], splits[test_name]
+    if train_table.num_rows == 0:
+        raise ValueError(f"{source}: the train split has no rows.")
+    names = _label_names(train_table, columns.label) if columns.label in train_table.column_names else None
+    train = _split_rows(train_table, columns, f"{source} (train)", names)
+    test = _split_rows(test_table, columns, f"{source} ({test_name or 'held-out part of train'})", names)
+    encoder = LabelEncoder(names) if names else LabelEncoder.fit(train[2])
+    return _encode(source, train, test, encoder)
+
+
+def _encode(source: str, train, test, encoder: LabelEncoder) -> ClassificationData:
+    test_ids = encoder.encode(test[2])
+    unseen = sum(label is None for label in test_ids)
+    if unseen:
+        logger.warning("%s: dropped %d test rows whose label never occurs in train", source, unseen)
+    keep = [i for i, label in enumerate(test_ids) if label is not None]
+    test_split = ClassificationSplit(test[0], [label if label is not None else -1 for label in test_ids], test[1])
+    return ClassificationData(
+        name=Path(source).stem if Path(source).exists() else source,
+        train=ClassificationSplit(train[0], [int(x) for x in encoder.encode(train[2])], train[1]),
+        test=test_split.select(keep),
+        label_names=encoder.names,
+        source=source,
+    )

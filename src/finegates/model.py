@@ -41,6 +41,10 @@ def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.M
         setattr(parent, child, GatedLinear(base, config).train(base.training))
     model.add_module(CONTROLLER_ATTR, SparsityController().to(next(model.parameters()).device))
     model.finegates_config = config
+    # The multipliers live outside forward() and get the same gradient on every rank (the gates are
+    # in sync), so DistributedDataParallel must not manage them.
+    ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", [])
+    model._ddp_params_and_buffers_to_ignore = [*ignored, *(f"{CONTROLLER_ATTR}.{n}" for n in ("lambda1", "lambda2", "step"))]
     _set_trainable(model, config)
     logger.info("Gated %d linear layers of %s", len(names), type(model).__name__)
     return model

@@ -25,6 +25,10 @@ from finegates.report import sparsity_report
 logger = logging.getLogger(__name__)
 
 
+def _sums_token_losses(model) -> bool:
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+
+
 class FineGatesTrainer(Trainer):
     """A Trainer for a model returned by `get_gated_model`.
 
@@ -37,6 +41,11 @@ class FineGatesTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.finalize = finalize
         gates_config(self.model)  # fail early on a model without gates
+        if not _sums_token_losses(self.accelerator.unwrap_model(self.model)):
+            # Trainer scales the loss by the number of processes for models that take loss kwargs,
+            # assuming they divide a summed loss by the global item count; classification heads
+            # average per process instead, so the scaling would double their gradient on 2 ranks.
+            self.model_accepts_loss_kwargs = False
         self._sparsity_term = 0.0
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:

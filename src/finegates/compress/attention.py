@@ -45,6 +45,11 @@ class CompactAttention(nn.Module):
         if spec.rope:
             self.register_buffer("rope_dims", torch.zeros(spec.num_kv_heads, spec.qk_dim, dtype=torch.long))
 
+    def index_bounds(self) -> list[tuple[str, torch.Tensor | None, int | None]]:
+        """(buffer, indices, exclusive upper bound) for checking a loaded checkpoint."""
+        return [("kv_index", self.kv_index, self.spec.num_kv_heads),
+                ("rope_dims", getattr(self, "rope_dims", None), self.spec.head_dim)]
+
     def split_heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """(batch, seq, heads * dim) -> (batch, heads, seq, dim)."""
         return x.view(*x.shape[:-1], -1, dim).transpose(1, 2)

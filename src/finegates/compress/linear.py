@@ -11,24 +11,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from finegates.compress.slicing import new_linear
 from finegates.compress.spec import LinearSpec
 
 
 class ResidualLinear(nn.Module):
     """y[..., rows] = linear(x[..., cols]), zero elsewhere; `cols`/`rows` are None when not needed.
 
-    >>> layer = ResidualLinear(nn.Linear(2, 1), cols=torch.tensor([0, 3]), rows=torch.tensor([1]), out_full=3)
+    >>> layer = ResidualLinear(nn.Linear(2, 1), torch.tensor([0, 3]), torch.tensor([1]), out_full=3, in_full=4)
     >>> layer(torch.ones(5, 4)).shape
     torch.Size([5, 3])
     """
 
     def __init__(self, linear: nn.Linear, cols: torch.Tensor | None, rows: torch.Tensor | None,
-                 out_full: int | None) -> None:
+                 out_full: int | None, in_full: int | None = None) -> None:
         super().__init__()
         self.linear = linear
         self.register_buffer("cols", cols)
         self.register_buffer("rows", rows)
-        self.out_full = out_full
+        self.out_full, self.in_full = out_full, in_full
+
+    def index_bounds(self) -> list[tuple[str, torch.Tensor | None, int | None]]:
+        """(buffer, indices, exclusive upper bound) for checking a loaded checkpoint."""
+        return [("cols", self.cols, self.in_full), ("rows", self.rows, self.out_full)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cols is not None:
@@ -46,9 +51,9 @@ class ResidualLinear(nn.Module):
 
 def build_linear(spec: LinearSpec) -> nn.Module:
     """An empty (uninitialised) module of the spec's shape; weights and indices come from the checkpoint."""
-    linear = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+    linear = new_linear(spec.in_features, spec.out_features, spec.bias)
     if not spec.wrapped:
         return linear
     cols = torch.zeros(spec.in_features, dtype=torch.long) if spec.gather_from is not None else None
     rows = torch.zeros(spec.out_features, dtype=torch.long) if spec.scatter_to is not None else None
-    return ResidualLinear(linear, cols, rows, spec.scatter_to)
+    return ResidualLinear(linear, cols, rows, spec.scatter_to, spec.gather_from)

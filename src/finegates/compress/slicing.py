@@ -6,6 +6,8 @@ compacted layer is exact only if it computes Diag(g_row) W Diag(g_col) x + g_row
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -14,10 +16,17 @@ from transformers.pytorch_utils import Conv1D
 from finegates.layer import GatedLinear
 
 
+def new_linear(in_features: int, out_features: int, bias: bool, device: str | None = None) -> nn.Linear:
+    """nn.Linear(in, out); a layer whose rows (or columns) all left is legitimately empty."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        return nn.Linear(in_features, out_features, bias=bias, device=device)
+
+
 def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An nn.Linear holding `weight` (out x in) and `bias`, with no random initialisation."""
     out_features, in_features = weight.shape
-    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear = new_linear(in_features, out_features, bias is not None, device="meta")  # no init cost
     linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)

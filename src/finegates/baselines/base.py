@@ -1,0 +1,122 @@
+"""The interface every compared method shares, and the defaults most methods keep.
+
+A method turns a pretrained model into a trainable one (`prepare`), may add terms to the task loss
+(`loss`), may act after each optimizer step (`after_step`, e.g. re-apply a sparsity mask), and turns
+the trained model into what is deployed (`finalize`, e.g. merge adapters or compact). It also says
+what it costs and what it removes, so one table can put all methods side by side.
+
+>>> from finegates.baselines import METHODS
+>>> method = METHODS["full"]()
+>>> model = method.prepare(model)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+KINDS_OF_SPARSITY = ("none", "structured", "unstructured", "2:4")
+Batch = dict[str, torch.Tensor]
+
+
+class MethodConfig:
+    """Mixin for the dataclass configs of the methods: JSON round trip that rejects unknown keys."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} keys: {unknown}. Known keys: {sorted(known)}.")
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class NoConfig(MethodConfig):
+    """Methods without options (full finetuning)."""
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What the comparison harness calls; `BaseMethod` gives the defaults."""
+
+    name: str
+    kind_of_sparsity: str
+    needs_teacher: bool
+    needs_hidden_states: bool
+    total_steps: int | None
+
+    def prepare(
+        self, model: nn.Module, config: Any = None, calibration: Iterable[Batch] | None = None
+    ) -> nn.Module: ...
+
+    def loss(self, model: nn.Module, batch: Batch, outputs: Any, teacher_outputs: Any = None) -> torch.Tensor: ...
+
+    def after_step(self, model: nn.Module, step: int) -> None: ...
+
+    def finalize(self, model: nn.Module) -> nn.Module: ...
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]: ...
+
+    def trainable_parameters(self, model: nn.Module) -> int: ...
+
+    def removed_parameters(self, model: nn.Module) -> int: ...
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters of a model (tied tensors once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class BaseMethod:
+    """Defaults: no extra loss, no hook, nothing merged, nothing removed, every trainable tensor one group."""
+
+    name: ClassVar[str] = "base"
+    kind_of_sparsity: ClassVar[str] = "none"
+    needs_teacher: ClassVar[bool] = False
+    needs_hidden_states: ClassVar[bool] = False
+    default_lr: ClassVar[float] = 5e-5
+    config_class: ClassVar[type] = NoConfig
+
+    def __init__(self) -> None:
+        self.config: Any = None
+        self.total_steps: int | None = None  # set by the training loop; schedules read it
+        self.dense_params = 0  # parameter count of the model before `prepare`
+
+    def prepare(self, model: nn.Module, config: Any = None, calibration: Iterable[Batch] | None = None) -> nn.Module:
+        """Record the dense size, keep the config (or the default one), then do the method's own setup."""
+        self.config = config if config is not None else self.config_class()
+        self.dense_params = parameter_count(model)
+        return self._prepare(model, calibration)
+
+    def _prepare(self, model: nn.Module, calibration: Iterable[Batch] | None) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Batch, outputs: Any, teacher_outputs: Any = None) -> torch.Tensor:
+        return outputs.loss.new_zeros(())
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        return None
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def trainable_parameters(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+    def removed_parameters(self, model: nn.Module) -> int:
+        return 0

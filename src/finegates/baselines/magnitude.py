@@ -1,0 +1,161 @@
+"""`magnitude`: one-shot structured pruning at the FineGates budget, with or without LoRA recovery.
+
+Rows and columns are scored by weight norm (or, given calibration batches, by activation-weighted
+norm as in Wanda), the scores become the gates' distances from closing, and `finalize_gates` closes
+the lowest-scored gates until the exact removable fraction (coupling included) reaches the target.
+The result is an ordinary gated model, so reporting and compaction are those of FineGates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from finegates.baselines.base import BaseMethod, Batch, MethodConfig
+from finegates.baselines.lora import apply_lora
+from finegates.baselines.masks import weight_out_in
+from finegates.baselines.structured import compact, structured_removed
+from finegates.config import GatesConfig
+from finegates.gates import Gate, gate_margin
+from finegates.layer import GatedLinear
+from finegates.model import CONTROLLER_ATTR, gated_layers, gates_config, get_gated_model
+from finegates.optim import finalize_gates
+
+logger = logging.getLogger(__name__)
+
+# Margins far from the closing point keep kept gates at exactly 1 and closed gates at exactly 0.
+_OPEN_MARGIN, _FROZEN_MARGIN = 5.0, 20.0
+
+
+@dataclass
+class MagnitudeConfig(MethodConfig):
+    target_sparsity: float = field(default=0.3, metadata={"help": "Fraction of gated-layer parameters removed."})
+    score: str = field(
+        default="weight", metadata={"help": "'weight' (row/column L2 norms) or 'activation' (needs calibration)."}
+    )
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Layers to prune; None: FineGates' defaults for the model type."}
+    )
+    recovery: bool = field(default=False, metadata={"help": "Train a LoRA adapter after pruning."})
+    lora_r: int = field(default=8, metadata={"help": "Rank of the recovery LoRA."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Alpha of the recovery LoRA."})
+    compact: bool = field(default=True, metadata={"help": "Physically compact the model in `finalize`."})
+
+    def __post_init__(self) -> None:
+        if self.score not in ("weight", "activation"):
+            raise ValueError(f"score must be 'weight' or 'activation', got {self.score!r}.")
+
+
+def input_norms(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, torch.Tensor]:
+    """Per gated layer, the L2 norm over calibration tokens of each input feature."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in gated_layers(model).items()]
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total.sqrt() for name, total in sums.items()}
+
+
+def row_col_scores(layer: GatedLinear, act: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row score ||W_i * a||, column score ||W_:j|| a_j (a = 1 without calibration), each / its layer mean.
+
+    Dividing by the layer mean makes scores comparable across layers of different scale.
+    """
+    weight = weight_out_in(layer.base_layer).detach().float()
+    act = torch.ones(weight.shape[1], device=weight.device) if act is None else act.to(weight.device)
+    rows = (weight * act[None, :]).norm(dim=1)
+    cols = weight.norm(dim=0) * act
+    return rows / rows.mean().clamp_min(1e-12), cols / cols.mean().clamp_min(1e-12)
+
+
+def set_margin(gate: Gate, margin: torch.Tensor) -> None:
+    """Move a gate's parameter so its distance from closing is `margin` (works for every gate family)."""
+    with torch.no_grad():
+        for param in gate.parameters():
+            param.add_(margin.to(param.dtype) - gate_margin(gate))
+
+
+def prune_to_budget(model: nn.Module, target: float, act: dict[str, torch.Tensor] | None = None) -> float:
+    """Close the lowest-scored rows/columns of a gated model until `target` is removed; returns the fraction."""
+    for name, layer in gated_layers(model).items():
+        rows, cols = row_col_scores(layer, None if act is None else act.get(name))
+        set_margin(layer.row_gate, _OPEN_MARGIN + rows)
+        set_margin(layer.col_gate, _OPEN_MARGIN + cols)
+    return finalize_gates(model, target)
+
+
+def freeze_gates(model: nn.Module) -> None:
+    """Gates stop training and stop sampling: closed ones stay exactly 0, open ones exactly 1."""
+    for layer in gated_layers(model).values():
+        for gate in layer.gates().values():
+            closed = gate.closed()
+            set_margin(gate, torch.where(closed, -_FROZEN_MARGIN, _FROZEN_MARGIN))
+            gate.requires_grad_(False)
+            if hasattr(gate, "noise_std"):
+                gate.noise_std = 0.0
+
+
+class MagnitudePruning(BaseMethod):
+    """One-shot structured pruning; trains only the head and gated biases (plus LoRA with `recovery`)."""
+
+    name = "magnitude"
+    kind_of_sparsity = "structured"
+    default_lr = 1e-3
+    config_class = MagnitudeConfig
+
+    def _prepare(self, model: nn.Module, calibration: Iterable[Batch] | None) -> nn.Module:
+        cfg: MagnitudeConfig = self.config
+        get_gated_model(model, GatesConfig(target_sparsity=cfg.target_sparsity, target_modules=cfg.target_modules))
+        was_training = model.training
+        model.eval()  # calibration sees deterministic, fully open gates
+        act = None
+        if cfg.score == "activation":
+            if calibration is None:
+                raise ValueError("score='activation' needs calibration batches.")
+            act = input_norms(model, calibration)
+        achieved = prune_to_budget(model, cfg.target_sparsity, act)
+        logger.info("magnitude pruning (%s scores): removed %.4f (target %.4f)", cfg.score, achieved,
+                    cfg.target_sparsity)
+        freeze_gates(model)
+        getattr(model, CONTROLLER_ATTR).requires_grad_(False)  # no sparsity loss: the budget is already met
+        model.train(was_training)
+        if cfg.recovery:
+            names = [f"{n}.base_layer" for n in gated_layers(model)]
+            model = apply_lora(model, names, cfg.lora_r, cfg.lora_alpha, 0.0, gates_config(model).modules_to_save)
+        return model
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        if self.config.recovery:
+            model = model.merge_and_unload()
+        return compact(model) if self.config.compact else model
+
+    def removed_parameters(self, model: nn.Module) -> int:
+        return structured_removed(model, self.dense_params)
+
+
+@dataclass
+class MagnitudeLoRAConfig(MagnitudeConfig):
+    recovery: bool = field(default=True, metadata={"help": "Train a LoRA adapter after pruning."})
+
+
+class MagnitudeLoRA(MagnitudePruning):
+    """`magnitude+lora`: the same pruning followed by a short LoRA recovery, merged before compaction."""
+
+    name = "magnitude+lora"
+    default_lr = 5e-4
+    config_class = MagnitudeLoRAConfig

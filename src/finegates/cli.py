@@ -1,0 +1,121 @@
+"""The `finegates` command line.
+
+    finegates finetune --model minilm --task reuters8 --target-sparsity 0.3 --output-dir runs/minilm-reuters8
+    finegates finetune --config run.yaml --epochs 2        # file values, overridden by flags
+    finegates report runs/minilm-reuters8                   # re-render report.md and plots
+    accelerate launch -m finegates.cli finetune ...         # many processes (or torchrun -m finegates.cli)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from finegates.cli_args import add_dataclass_arguments, build_configs
+from finegates.config import GatesConfig
+from finegates.data.packaged import MissingPackageError
+
+# Mistakes in what the user asked for: reported in one line, not as a traceback (--debug shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, MissingPackageError, NotImplementedError)
+
+
+def _finetune_sections() -> dict[str, type]:
+    from finegates.workflows.finetune import FinetuneConfig
+
+    return {"finetune": FinetuneConfig, "gates": GatesConfig}
+
+
+def _add_finetune(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="Train gates (+ task head, biases) on a classification task, compact, evaluate, report.",
+        description="Sequence classification with FineGates: train, evaluate each epoch, compact, evaluate "
+        "the compacted model, benchmark, and write config, gates, model, metrics and report to --output-dir.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flat, or sections 'finetune' and 'gates').")
+    sections = _finetune_sections()
+    add_dataclass_arguments(parser.add_argument_group("run options"), sections["finetune"])
+    add_dataclass_arguments(parser.add_argument_group("gate options (GatesConfig)"), sections["gates"])
+    parser.set_defaults(handler=_run_finetune)
+
+
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="Re-render report.md and plots of a finished run folder.")
+    parser.add_argument("run_dir", help="A folder written by `finegates finetune`.")
+    parser.set_defaults(handler=_run_report)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from finegates.workflows.finetune import finetune
+
+    configs = build_configs(args, _finetune_sections())
+    _configure_logging(configs["finetune"].quiet)
+    metrics = finetune(configs["finetune"], configs["gates"])
+    acc, s = metrics["accuracy"], metrics["sparsity"]
+    print(
+        f"test accuracy: gated {acc['gated']:.4f}, compacted {_fmt(acc['compacted'])}; "
+        f"removed {s['removed_fraction']:.2%} of gated-layer parameters"
+    )
+    print(f"Report: {metrics['report']}")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from finegates.workflows.run_report import render_report
+
+    print(f"Report: {render_report(Path(args.run_dir))}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _configure_logging(quiet: bool) -> None:
+    import transformers
+
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("finegates").setLevel(level)
+    transformers.logging.set_verbosity_error() if quiet else transformers.logging.set_verbosity_warning()
+    if quiet:
+        transformers.logging.disable_progress_bar()
+        _quiet_datasets()
+
+
+def _quiet_datasets() -> None:
+    try:
+        import datasets
+    except ImportError:
+        return
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finegates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks of errors.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_finetune(subparsers)
+    _add_report(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `finegates` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"finegates {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

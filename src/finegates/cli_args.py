@@ -1,0 +1,97 @@
+"""argparse options generated from config dataclasses, so the CLI and the Python API cannot drift.
+
+Precedence when building the configs: dataclass defaults < `--config FILE` < flags on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import types
+import typing
+from typing import Any
+
+from finegates.workflows.run_config import dataclass_from_dict, read_config_file, split_sections
+
+NONE_WORDS = ("none", "null")
+_REGEX_CHARS = re.compile(r"[*?\[\]()|^$\\+{}]")
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _unwrap(annotation: Any) -> tuple[set[type], bool]:
+    """(the non-None types of an annotation, whether None is allowed)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = set(typing.get_args(annotation))
+    else:
+        args = {annotation}
+    optional = type(None) in args
+    return {typing.get_origin(a) or a for a in args if a is not type(None)}, optional
+
+
+def _scalar(kind: type, optional: bool):
+    def convert(text: str):
+        if optional and text.lower() in NONE_WORDS:
+            return None
+        return kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in its error messages
+    return convert
+
+
+def _describe(field: dataclasses.Field) -> str:
+    default = field.default if field.default is not dataclasses.MISSING else None
+    return (field.metadata.get("help", "") + f" (default: {default})").replace("%", "%%")
+
+
+def add_dataclass_arguments(group: argparse._ActionsContainer, cls: type) -> None:
+    """One option per field of `cls`; absent options are left out of the namespace (SUPPRESS)."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        kinds, optional = _unwrap(hints[field.name])
+        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": _describe(field)}
+        if kinds == {bool}:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif list in kinds:
+            kwargs.update(nargs="+", metavar=field.name.upper())
+        else:
+            kind = next(iter(kinds))
+            kwargs.update(type=_scalar(kind, optional), metavar=kind.__name__.upper())
+        group.add_argument(flag_name(field.name), **kwargs)
+
+
+def _list_value(values: list[str], kinds: set[type]) -> list[str] | str | None:
+    """CLI words of a list field: 'none' -> None; one 'all-linear' or regex word -> a string (if allowed)."""
+    if len(values) == 1 and values[0].lower() in NONE_WORDS:
+        return None
+    if str in kinds and len(values) == 1 and (values[0] == "all-linear" or _REGEX_CHARS.search(values[0])):
+        return values[0]
+    return values
+
+
+def _cli_values(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    given = vars(namespace)
+    out = {}
+    for field in dataclasses.fields(cls):
+        if field.name in given:
+            kinds, _ = _unwrap(hints[field.name])
+            value = given[field.name]
+            out[field.name] = _list_value(value, kinds) if list in kinds and isinstance(value, list) else value
+    return out
+
+
+def build_configs(namespace: argparse.Namespace, sections: dict[str, type]) -> dict[str, Any]:
+    """Config objects per section from defaults, the optional `--config` file, and the given flags."""
+    config_file = getattr(namespace, "config", None)
+    values = {name: {} for name in sections}
+    if config_file:
+        values = split_sections(read_config_file(config_file), sections, str(config_file))
+    configs = {}
+    for name, cls in sections.items():
+        values[name].update(_cli_values(namespace, cls))
+        configs[name] = dataclass_from_dict(cls, values[name], f"{cls.__name__} options")
+    return configs

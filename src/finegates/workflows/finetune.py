@@ -1,0 +1,249 @@
+"""`finetune`: train FineGates gates (+ head, biases) on a classification task, compact, evaluate, report.
+
+Python:  finetune(FinetuneConfig(model="minilm", task="reuters8"), GatesConfig(target_sparsity=0.3))
+CLI:     finegates finetune --model minilm --task reuters8 --target-sparsity 0.3 --output-dir runs/x
+Many processes:  accelerate launch -m finegates.cli finetune ...  |  torchrun --nproc_per_node 2 -m finegates.cli finetune ...
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from finegates.adapter import save_gates
+from finegates.config import GatesConfig
+from finegates.data import ClassificationData, Columns, load_classification
+from finegates.model import count_parameters, get_gated_model
+from finegates.report import SparsityReport, sparsity_report
+from finegates.workflows.encoding import EncodedSplit, benchmark_batch
+from finegates.workflows.evaluation import classification_metrics, measure_latency
+from finegates.workflows.models import load_classifier
+from finegates.workflows.run_config import write_run_config
+from finegates.workflows.run_report import write_run_outputs
+from finegates.workflows.tracking import TaskLossTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    """Run options of `finetune` (the gate options live in `GatesConfig`).
+
+    >>> FinetuneConfig(task="boolq", epochs=1).batch_size
+    16
+    """
+
+    model: str = field(default="minilm", metadata={"help": "'minilm' (packaged), a hub id or a local model folder."})
+    task: str = field(
+        default="reuters8",
+        metadata={"help": "reuters8, reuters52, 20newsgroups, boolq, a local csv/tsv/json/jsonl/parquet file or folder, or a hub data set id."},
+    )
+    output_dir: str = field(default="runs/finetune", metadata={"help": "Folder for config, gates, compacted model, metrics, report."})
+    text_column: str = field(default="text", metadata={"help": "Text column of a `datasets` source."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column (sentence-pair tasks)."})
+    label_column: str = field(default="label", metadata={"help": "Label column of a `datasets` source."})
+    test_file: str | None = field(default=None, metadata={"help": "Test file for a local train file (else 'test'/'validation' split, else a held-out part)."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Fraction of train held out as test when there is no test split."})
+    epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
+    batch_size: int = field(default=16, metadata={"help": "Training batch size per process."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
+    max_length: int = field(default=128, metadata={"help": "Tokens kept per example (truncation); also the benchmark length."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of head and biases (default: the gate config's head_lr)."})
+    seed: int = field(default=0, metadata={"help": "Seed of sampling, initialisation and training."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random subset of this many examples."})
+    validation_size: int = field(default=256, metadata={"help": "Train examples held out for the per-epoch evaluation (0: none)."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Evaluate on a seeded random subset of the test split."})
+    logging_steps: int = field(default=10, metadata={"help": "Log loss and sparsity every this many steps."})
+    dense_baseline: bool = field(default=False, metadata={"help": "Also fully finetune the dense model for the accuracy table."})
+    dense_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the dense baseline."})
+    benchmark: bool = field(default=True, metadata={"help": "Measure dense vs compacted latency."})
+    bench_batch_size: int = field(default=32, metadata={"help": "Benchmark batch size (x max_length tokens)."})
+    bench_repeats: int = field(default=3, metadata={"help": "Timed forward passes per model in the benchmark."})
+    resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir/checkpoints."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bars; warnings and errors only."})
+    report_to: str = field(default="none", metadata={"help": "Trainer integrations to log to, e.g. 'tensorboard' (as in transformers)."})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size", "max_length", "logging_steps", "bench_batch_size", "bench_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}.")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"max_train_samples must be >= 1, got {self.max_train_samples}.")
+
+
+@dataclass
+class Splits:
+    train: EncodedSplit
+    validation: EncodedSplit | None
+    test: EncodedSplit
+
+
+def finetune(cfg: FinetuneConfig, gates: GatesConfig | None = None) -> dict[str, Any]:
+    """Run the whole workflow and return the metrics it wrote to `cfg.output_dir/metrics.json`.
+
+    >>> metrics = finetune(FinetuneConfig(model="minilm", task="reuters8", max_train_samples=512))  # doctest: +SKIP
+    >>> metrics["accuracy"]["compacted"]  # doctest: +SKIP
+    """
+    gates = gates or GatesConfig()
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    write_run_config(out, {"finetune": cfg, "gates": gates})
+    set_seed(cfg.seed)
+    data = _load_data(cfg)
+    model, tokenizer = load_classifier(cfg.model, data.num_labels, data.label_names)
+    splits = _encode(data, tokenizer, cfg)
+    bench = benchmark_batch(cfg.bench_batch_size, cfg.max_length, model.config.vocab_size, cfg.seed)
+    metrics: dict[str, Any] = {"task": data.summary(), "model": cfg.model, "timings_s": {}}
+    metrics["latency"] = {"dense": measure_latency(model, bench, cfg.bench_repeats).to_dict()} if cfg.benchmark else {}
+    dense_acc = _dense_baseline(model, tokenizer, splits, cfg, out) if cfg.dense_baseline else None
+    model = get_gated_model(model, gates)
+    full = sparsity_report(model)
+    trainer = _train(model, tokenizer, splits, cfg, out, metrics["timings_s"])
+    gated_acc = trainer.evaluate(splits.test, metric_key_prefix="test")["test_accuracy"]
+    save_gates(model, out / "gates")
+    tokenizer.save_pretrained(out / "gates")
+    report = sparsity_report(model)
+    compacted = _compress_and_evaluate(model, tokenizer, splits.test, cfg, out, bench)
+    metrics.update(_summary(model, full, report, trainer, dense_acc, gated_acc, compacted))
+    metrics["latency"].update(compacted.pop("latency", {}))
+    metrics["timings_s"]["total"] = time.perf_counter() - start
+    metrics["report"] = str(write_run_outputs(out, metrics, trainer.state.log_history))
+    return metrics
+
+
+def _load_data(cfg: FinetuneConfig) -> ClassificationData:
+    columns = Columns(text=cfg.text_column, label=cfg.label_column, text_pair=cfg.text_pair_column)
+    data = load_classification(cfg.task, columns, cfg.test_file, cfg.test_fraction, cfg.seed)
+    logger.info("Task %s: %d train, %d test, %d labels", data.name, len(data.train), len(data.test), data.num_labels)
+    return data
+
+
+def _encode(data: ClassificationData, tokenizer, cfg: FinetuneConfig) -> Splits:
+    """Validation = a seeded slice of train held out first; train = a subset of the rest; test (maybe subset)."""
+    n_val = min(cfg.validation_size, len(data.train) // 10)
+    validation, remainder = data.train.sample(n_val, cfg.seed)
+    train, _ = remainder.sample(cfg.max_train_samples, cfg.seed)
+    test, _ = data.test.sample(cfg.max_test_samples, cfg.seed)
+    logger.info("Training on %d examples, validating on %d, testing on %d", len(train), len(validation), len(test))
+    return Splits(
+        train=EncodedSplit(train, tokenizer, cfg.max_length),
+        validation=EncodedSplit(validation, tokenizer, cfg.max_length) if len(validation) else None,
+        test=EncodedSplit(test, tokenizer, cfg.max_length),
+    )
+
+
+def training_arguments(cfg: FinetuneConfig, output_dir: Path, learning_rate: float, has_validation: bool) -> TrainingArguments:
+    """TrainingArguments of a run: constant lr as in the reference, eval and a checkpoint every epoch."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        eval_strategy="epoch" if has_validation else "no",
+        save_strategy="epoch",
+        save_total_limit=1,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=cfg.report_to,
+        disable_tqdm=cfg.quiet,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _train(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path, timings: dict[str, float]) -> TaskLossTrainer:
+    gates = model.finegates_config
+    args = training_arguments(cfg, out / "checkpoints", cfg.learning_rate or gates.head_lr, splits.validation is not None)
+    trainer = TaskLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits.train,
+        eval_dataset=splits.validation,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=classification_metrics,
+    )
+    if cfg.quiet:
+        trainer.remove_callback(PrinterCallback)
+    resume = get_last_checkpoint(args.output_dir) if cfg.resume and Path(args.output_dir).is_dir() else None
+    if cfg.resume and resume is None:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", args.output_dir)
+    begin = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    timings["train"] = time.perf_counter() - begin
+    return trainer
+
+
+def _dense_baseline(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path) -> float:
+    """Test accuracy of full finetuning (every weight trains) on the same data and epochs."""
+    dense = copy.deepcopy(model)
+    args = training_arguments(cfg, out / "dense-baseline", cfg.dense_learning_rate, splits.validation is not None)
+    args.save_strategy = "no"
+    trainer = Trainer(
+        model=dense,
+        args=args,
+        train_dataset=splits.train,
+        eval_dataset=splits.validation,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=classification_metrics,
+    )
+    trainer.train()
+    return trainer.evaluate(splits.test, metric_key_prefix="test")["test_accuracy"]
+
+
+def _compress_and_evaluate(model, tokenizer, test: EncodedSplit, cfg: FinetuneConfig, out: Path, bench) -> dict[str, Any]:
+    """Compact the gated model, save it, and measure its accuracy, size and latency."""
+    try:
+        from finegates.compress import compress
+    except ImportError as err:
+        logger.warning("Skipping compaction: finegates.compress is not available (%s)", err)
+        return {"error": f"finegates.compress is not available: {err}"}
+    begin = time.perf_counter()
+    small = compress(model)
+    seconds = time.perf_counter() - begin
+    small.save_pretrained(out / "compressed")
+    tokenizer.save_pretrained(out / "compressed")
+    args = training_arguments(cfg, out / "checkpoints", 0.0, False)
+    evaluator = Trainer(model=small, args=args, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=classification_metrics)
+    result: dict[str, Any] = {
+        "accuracy": evaluator.evaluate(test, metric_key_prefix="test")["test_accuracy"],
+        "params": sum(p.numel() for p in small.parameters()),
+        "seconds": seconds,
+    }
+    if cfg.benchmark:
+        result["latency"] = {"compacted": measure_latency(small, bench, cfg.bench_repeats).to_dict()}
+    return result
+
+
+def _summary(model, full: SparsityReport, report: SparsityReport, trainer, dense_acc, gated_acc, compacted) -> dict[str, Any]:
+    trainable, total = count_parameters(model)
+    evals = [row for row in trainer.state.log_history if "eval_accuracy" in row]
+    return {
+        "accuracy": {"dense_baseline": dense_acc, "gated": gated_acc, "compacted": compacted.get("accuracy")},
+        "validation": [{"epoch": row["epoch"], "accuracy": row["eval_accuracy"]} for row in evals],
+        "parameters": {
+            "trainable": trainable,
+            "total": total,
+            "dense_model": full.model_params,
+            "compacted_model": compacted.get("params"),
+        },
+        "sparsity": {key: value for key, value in report.to_dict().items() if key != "layers"},
+        "full_widths": [vars(block) for block in full.blocks],
+        "layers": [{**vars(row), "removed": row.removed} for row in report.layers],
+        "compress": {"seconds": compacted.get("seconds"), "error": compacted.get("error")},
+    }
+

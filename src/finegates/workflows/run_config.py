@@ -1,0 +1,61 @@
+"""Run configs: dataclasses that round-trip through JSON, read from YAML/JSON files, written per run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from finegates.io_utils import atomic_write_text
+
+RUN_CONFIG_NAME = "run_config.json"
+T = TypeVar("T")
+
+
+def dataclass_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Build `cls` from `data`, rejecting keys the dataclass does not have."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}. Known keys: {sorted(known)}.")
+    return cls(**data)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON mapping (by file suffix; YAML is a superset of JSON, so other suffixes read as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if data is None:
+        raise ValueError(f"Config file {path} is empty.")
+    if not isinstance(data, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of option names to values.")
+    return data
+
+
+def write_run_config(directory: str | Path, sections: dict[str, Any]) -> Path:
+    """Write `{section: dataclass}` as `run_config.json` (sorted keys), the file `--config` reads back."""
+    payload = {name: dataclasses.asdict(value) for name, value in sections.items()}
+    return atomic_write_text(Path(directory) / RUN_CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def split_sections(data: dict[str, Any], sections: dict[str, type], where: str) -> dict[str, dict[str, Any]]:
+    """Per-section option dicts from a nested file ({"finetune": {...}, "gates": {...}}) or a flat one."""
+    if data and set(data) <= set(sections):
+        return {name: dict(data.get(name) or {}) for name in sections}
+    owners = {f.name: name for name, cls in sections.items() for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(owners))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}. Known keys: {sorted(owners)}.")
+    out: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for key, value in data.items():
+        out[owners[key]][key] = value
+    return out

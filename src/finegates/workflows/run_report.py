@@ -1,0 +1,137 @@
+"""A run's outputs: metrics.json, log_history.json, report.md and its plots; re-renderable from the JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from finegates.io_utils import atomic_write_text
+from finegates.workflows.plots import plot_kept_widths, plot_training_curves
+
+logger = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.json"
+HISTORY_NAME = "log_history.json"
+REPORT_NAME = "report.md"
+
+
+def write_run_outputs(directory: Path, metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> Path:
+    """Write the metrics and training log, then render the report; returns the report path."""
+    atomic_write_text(directory / METRICS_NAME, json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    atomic_write_text(directory / HISTORY_NAME, json.dumps(log_history, indent=2, default=str))
+    return render_report(directory)
+
+
+def render_report(directory: str | Path) -> Path:
+    """(Re)write report.md and the PNG plots of a run folder from its metrics.json and log_history.json.
+
+    >>> render_report("runs/minilm-reuters8")  # doctest: +SKIP
+    PosixPath('runs/minilm-reuters8/report.md')
+    """
+    directory = Path(directory)
+    metrics_path = directory / METRICS_NAME
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} is missing: is {directory} a finished finegates run?")
+    metrics = json.loads(metrics_path.read_text())
+    history_path = directory / HISTORY_NAME
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    plot_training_curves(history, directory / "training_curves.png", final_removed=metrics["sparsity"]["removed_fraction"])
+    plot_kept_widths(metrics, directory / "kept_widths.png")
+    path = atomic_write_text(directory / REPORT_NAME, report_markdown(metrics))
+    logger.info("Report written to %s", path)
+    return path
+
+
+def report_markdown(metrics: dict[str, Any]) -> str:
+    sections = [_header(metrics), _accuracy(metrics), _parameters(metrics), _latency(metrics), _widths(metrics), _footer()]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _acc(value: float | None, note: str = "not run") -> str:
+    return note if value is None else f"{value:.4f}"
+
+
+def _header(m: dict[str, Any]) -> str:
+    task, t = m["task"], m["timings_s"]
+    return (
+        f"# FineGates finetune: {m['model']} on {task['name']}\n\n"
+        f"Target sparsity {m['sparsity']['target']:.0%} of gated-layer parameters. Data: {task['train_rows']:,d} train "
+        f"/ {task['test_rows']:,d} test rows, {task['num_labels']} labels ({task['source']}). "
+        f"Wall time: {t.get('total', 0):.0f} s total, {t.get('train', 0):.0f} s training."
+    )
+
+
+def _accuracy(m: dict[str, Any]) -> str:
+    acc = m["accuracy"]
+    compress_note = "not available" if m["compress"].get("error") else "not run"
+    rows = [
+        ["dense, full finetuning (baseline)", _acc(acc["dense_baseline"])],
+        ["FineGates gated (eval-mode gates)", _acc(acc["gated"])],
+        ["FineGates compacted", _acc(acc["compacted"], compress_note)],
+    ]
+    text = "## Test accuracy\n\n" + _table(["model", "accuracy"], rows)
+    if m.get("validation"):
+        text += "\n\nValidation accuracy per epoch: " + ", ".join(f"{v['epoch']:.2g}: {v['accuracy']:.4f}" for v in m["validation"])
+    if m["compress"].get("error"):
+        text += f"\n\nCompaction skipped: {m['compress']['error']}"
+    return text
+
+
+def _parameters(m: dict[str, Any]) -> str:
+    s, p = m["sparsity"], m["parameters"]
+    rows = [
+        ["gated linear layers", f"{s['gated_params']:,d}", f"{s['gated_removed']:,d}", _pct(s["removed_fraction"])],
+        ["whole model", f"{s['model_params']:,d}", f"{s['model_removed']:,d}", _pct(s["model_removed_fraction"])],
+    ]
+    if p.get("compacted_model"):
+        removed = p["dense_model"] - p["compacted_model"]
+        rows.append(["whole model, measured after compaction", f"{p['dense_model']:,d}", f"{removed:,d}", _pct(removed / p["dense_model"])])
+    trainable = _table(["trainable", "total", "trainable %"], [[f"{p['trainable']:,d}", f"{p['total']:,d}", _pct(p["trainable"] / p["total"])]])
+    return (
+        "## Parameters removed\n\n" + _table(["scope", "parameters", "removed", "removed %"], rows)
+        + "\n\n## Trainable parameters (gates, biases of gated layers, task head)\n\n" + trainable
+    )
+
+
+def _latency(m: dict[str, Any]) -> str:
+    lat = m.get("latency") or {}
+    if not lat:
+        return ""
+    order = sorted(lat, key=lambda name: (name != "dense", name))
+    rows = [[name, f"{lat[name]['median_s'] * 1000:.1f}", f"{lat[name]['iqr_s'] * 1000:.1f}"] for name in order]
+    first = next(iter(lat.values()))
+    text = (
+        f"## Latency (batch {first['batch_size']} x {first['length']} tokens, {first['threads']} threads, "
+        f"median of {first['runs']})\n\n" + _table(["model", "ms / batch", "IQR ms"], rows)
+    )
+    if "dense" in lat and "compacted" in lat:
+        text += f"\n\nSpeedup of the compacted model: **{lat['dense']['median_s'] / lat['compacted']['median_s']:.2f}x**"
+    return text
+
+
+def _widths(m: dict[str, Any]) -> str:
+    rows = [
+        [b["name"], f"{b['heads']}/{f['heads']}", f"{b['qk_dims']}/{f['qk_dims']}", f"{b['vo_dims']}/{f['vo_dims']}", f"{b['ffn_channels']}/{f['ffn_channels']}"]
+        for b, f in zip(m["sparsity"]["blocks"], m["full_widths"])
+    ]
+    return "## Kept widths per block\n\n" + _table(["block", "heads", "q/k dims", "v dims", "FFN channels"], rows)
+
+
+def _footer() -> str:
+    return (
+        "## Plots\n\n![training curves](training_curves.png)\n\n![kept widths](kept_widths.png)\n\n"
+        "Files: `run_config.json` (resolved config), `gates/` (gate adapter), `compressed/` (compacted model), "
+        f"`{METRICS_NAME}`, `{HISTORY_NAME}`."
+    )

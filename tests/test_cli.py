@@ -1,0 +1,138 @@
+"""The `finegates` CLI: options generated from the config dataclasses, config files, errors, a tiny run."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import random
+
+import pytest
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from finegates.cli import build_parser, main
+from finegates.cli_args import build_configs, flag_name
+from finegates.config import GatesConfig
+from finegates.workflows.finetune import FinetuneConfig
+
+WORDS = ["alpha", "beta", "gamma", "delta", "stock", "oil", "grain", "trade", "money", "ship"]
+
+
+def _configs(argv: list[str]) -> dict:
+    args = build_parser().parse_args(["finetune", *argv])
+    return build_configs(args, {"finetune": FinetuneConfig, "gates": GatesConfig})
+
+
+def test_help_lists_every_config_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for cls in (GatesConfig, FinetuneConfig):
+        for field in dataclasses.fields(cls):
+            assert flag_name(field.name) in text, field.name
+    assert "Fraction of gated-layer parameters to remove" in text  # help comes from field metadata
+
+
+def test_run_and_gate_options_do_not_collide():
+    assert not {f.name for f in dataclasses.fields(GatesConfig)} & {f.name for f in dataclasses.fields(FinetuneConfig)}
+
+
+def test_flags_reach_the_configs():
+    configs = _configs(
+        ["--target-sparsity", "0.4", "--target-modules", "query", "value", "--max-train-samples", "100",
+         "--no-benchmark", "--gate-lr", "0.05", "--text-pair-column", "none"]
+    )
+    run, gates = configs["finetune"], configs["gates"]
+    assert (gates.target_sparsity, gates.target_modules, gates.gate_lr) == (0.4, ["query", "value"], 0.05)
+    assert (run.max_train_samples, run.benchmark, run.text_pair_column, run.epochs) == (100, False, None, 3.0)
+
+
+@pytest.mark.parametrize("words, expected", [(["all-linear"], "all-linear"), ([r".*\.query"], r".*\.query"), (["none"], None)])
+def test_single_word_module_selections(words, expected):
+    assert _configs(["--target-modules", *words])["gates"].target_modules == expected
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "json"])
+def test_config_file_then_flags(tmp_path, suffix):
+    path = tmp_path / f"run.{suffix}"
+    data = {"finetune": {"epochs": 1, "task": "boolq"}, "gates": {"target_sparsity": 0.2}}
+    path.write_text(json.dumps(data))  # JSON is valid YAML
+    configs = _configs(["--config", str(path), "--epochs", "2"])
+    assert (configs["finetune"].epochs, configs["finetune"].task, configs["gates"].target_sparsity) == (2, "boolq", 0.2)
+
+
+def test_flat_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_length: 32\ntarget_sparsity: 0.5\n")
+    configs = _configs(["--config", str(path)])
+    assert (configs["finetune"].max_length, configs["gates"].target_sparsity) == (32, 0.5)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--target-sparsity", "1.5"], ["target_sparsity must be in [0, 1)"]),
+        (["--gate-family", "nope"], ["Unknown gate_family"]),
+        (["--batch-size", "0"], ["batch_size must be >= 1"]),
+        (["--task", "no-such-task", "--output-dir", "OUT"], ["Unknown task 'no-such-task'"]),
+    ],
+)
+def test_bad_options_fail_with_one_line(tmp_path, capsys, argv, words):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(["finetune", *argv]) == 2
+    err = capsys.readouterr().err
+    assert all(word in err for word in words) and "Traceback" not in err
+
+
+def test_unknown_key_in_config_file(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochz: 3\n")
+    assert main(["finetune", "--config", str(path)]) == 2
+    assert "unknown keys ['epochz']" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    """A tiny random BERT with a word-level tokenizer, and a csv whose label is the last word."""
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    model_dir = root / "model"
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                        vocab_size=len(WORDS) + 5, max_position_embeddings=32)
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    rng = random.Random(0)
+    rows = [(rng.choice(["oil", "stock"]), rng.choices(WORDS, k=5)) for _ in range(80)]
+    (root / "train.csv").write_text("sentence,topic\n" + "".join(f"{' '.join(ws)} {y},{y}\n" for y, ws in rows))
+    return model_dir, root / "train.csv"
+
+
+def test_tiny_finetune_writes_config_metrics_report(tiny_run_inputs, tmp_path, capsys):
+    model_dir, csv = tiny_run_inputs
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(model_dir), "--task", str(csv), "--text-column", "sentence",
+            "--label-column", "topic", "--output-dir", str(out), "--epochs", "2", "--max-length", "12",
+            "--batch-size", "8", "--validation-size", "8", "--bench-batch-size", "2", "--bench-repeats", "1",
+            "--logging-steps", "2", "--target-sparsity", "0.3", "--warmup-steps", "4", "--quiet"]
+    assert main(argv) == 0
+    assert f"Report: {out / 'report.md'}" in capsys.readouterr().out
+    saved = json.loads((out / "run_config.json").read_text())
+    assert FinetuneConfig(**saved["finetune"]).max_length == 12
+    assert GatesConfig.from_dict(saved["gates"]).target_sparsity == 0.3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sparsity"]["removed_fraction"] >= 0.3  # finalize_gates lands on the target
+    assert 0 <= metrics["accuracy"]["gated"] <= 1 and metrics["task"]["train_rows"] == 64
+    report = (out / "report.md").read_text()
+    for heading in ("Test accuracy", "Parameters removed", "Trainable parameters", "Latency", "Kept widths"):
+        assert heading in report
+    for name in ("training_curves.png", "kept_widths.png", "gates/finegates_adapter.safetensors", "log_history.json"):
+        assert (out / name).is_file(), name
+    assert main(["report", str(out)]) == 0
+
+    if importlib.util.find_spec("finegates.compress") is None:
+        pytest.skip("finegates.compress is not importable yet: compaction step not checked")
+    assert metrics["accuracy"]["compacted"] == pytest.approx(metrics["accuracy"]["gated"])  # compaction is exact
+    assert metrics["parameters"]["compacted_model"] == metrics["parameters"]["dense_model"] - metrics["sparsity"]["model_removed"]
+    assert (out / "compressed" / "config.json").is_file() and "Speedup" in report

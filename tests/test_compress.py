@@ -1,0 +1,323 @@
+"""Compaction is exact: the compacted model computes what the gated model computes in eval mode.
+
+One table of gate patterns (edge cases) runs through the same assertions on every architecture,
+plus property-based random patterns, the report's parameter prediction, reloading in a fresh
+process, and clear errors for damaged folders.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, is_causal, tiny_inputs, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import finegates
+from finegates import GatesConfig, compress, get_gated_model, load_compressed, sparsity_report
+from finegates.compress import CompressedCheckpointError
+from finegates.coupling import READERS, WRITERS, Block, find_blocks
+
+CLOSED, OPEN = -2.0, 2.0
+ATOL = 1e-5
+
+
+# -- gate patterns ---------------------------------------------------------------------------------
+def gated(arch: str, seed: int = 0) -> torch.nn.Module:
+    return get_gated_model(tiny_model(arch, seed), GatesConfig()).eval()
+
+
+def theta(block: Block, role: str, axis: str) -> torch.Tensor:
+    """The gate parameter of a role's rows or columns; q/k/v rows of a fused qkv are views into it."""
+    if role in ("q", "k", "v") and block.has("qkv"):
+        rows = block.modules["qkv"][1].row_gate.theta.data
+        size = block.shape.num_heads * block.shape.head_dim
+        return rows[{"q": 0, "k": 1, "v": 2}[role] * size:][:size]
+    return getattr(block.modules[role][1], f"{axis}_gate").theta.data
+
+
+def head_dims(block: Block, heads: list[int], dims: list[int] | None = None) -> list[int]:
+    d = block.shape.head_dim
+    return [h * d + i for h in heads for i in (dims if dims is not None else range(d))]
+
+
+def nothing_closed(model):
+    pass
+
+
+def fractional(model):
+    gen = torch.Generator().manual_seed(0)
+    for layer in finegates.gated_layers(model).values():
+        for gate in layer.gates().values():
+            gate.theta.data.uniform_(-0.5, 0.6, generator=gen)  # eval values strictly inside (0, 1)
+
+
+def ffn_closed(model):
+    theta(find_blocks(model)[0], "up", "row").fill_(CLOSED)
+
+
+def whole_heads_closed(model):
+    first, second = find_blocks(model)
+    theta(first, "o", "col")[head_dims(first, [1])] = CLOSED  # head 1 writes nothing: it leaves
+    theta(second, "q", "row")[head_dims(second, [2])] = CLOSED  # head 2 scores all zero: it stays
+    theta(second, "v", "row")[head_dims(second, [0], [0, 3])] = CLOSED
+
+
+def kv_group_closed(model):
+    block = find_blocks(model)[0]
+    theta(block, "o", "col")[head_dims(block, list(range(block.shape.group_size)))] = CLOSED
+
+
+def irregular_groups(model):
+    block = find_blocks(model)[1]
+    theta(block, "o", "col")[head_dims(block, [0])] = CLOSED  # KV head 0 keeps 1 query head, the others more
+
+
+def residual_dim_closed(model):
+    for block in find_blocks(model):
+        for role in block.modules:
+            if role in READERS:
+                theta(block, role, "col")[[3, 17]] = CLOSED
+            if role in WRITERS:
+                theta(block, role, "row")[[3, 17]] = CLOSED
+
+
+def rope_pairs_half_closed(model):
+    for block in find_blocks(model):
+        half = block.shape.head_dim // 2
+        theta(block, "q", "row")[head_dims(block, [0, 1, 3], [0, 1, half + 2])] = CLOSED
+        theta(block, "k", "row")[head_dims(block, [0], [half, half + 1, 3, half + 3])] = CLOSED
+
+
+def everything_in_a_block_closed(model):
+    for layer in find_blocks(model)[0].modules.values():
+        for gate in layer[1].gates().values():
+            gate.theta.data.fill_(CLOSED)
+
+
+def random_pattern(seed: int, p_closed: float = 0.3, p_fractional: float = 0.2) -> Callable:
+    def apply(model):
+        gen = torch.Generator().manual_seed(seed)
+        for layer in finegates.gated_layers(model).values():
+            for gate in layer.gates().values():
+                u = torch.rand(gate.theta.shape, generator=gen)
+                frac = torch.empty_like(u).uniform_(-0.5, 0.6, generator=gen)
+                gate.theta.data.copy_(torch.where(u < p_closed, CLOSED, torch.where(u < p_closed + p_fractional,
+                                                                                     frac, OPEN)))
+    return apply
+
+
+PATTERNS = {
+    "nothing_closed": nothing_closed,
+    "fractional": fractional,
+    "ffn_closed": ffn_closed,
+    "whole_heads_closed": whole_heads_closed,
+    "kv_group_closed": kv_group_closed,
+    "irregular_groups": irregular_groups,
+    "residual_dim_closed": residual_dim_closed,
+    "rope_pairs_half_closed": rope_pairs_half_closed,
+    "everything_in_a_block_closed": everything_in_a_block_closed,
+    "random": random_pattern(0),
+}
+
+
+def patterned(arch: str, pattern: Callable, seed: int = 0) -> torch.nn.Module:
+    model = gated(arch, seed)
+    with torch.no_grad():
+        pattern(model)
+    return model
+
+
+# -- assertions ------------------------------------------------------------------------------------
+def padded_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = tiny_inputs(seed)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # one right-padded row exercises the attention mask
+    return ids, mask
+
+
+def outputs(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return out.logits, out.hidden_states
+
+
+def assert_exact(reference, small, ids=None, mask=None):
+    ids, mask = (ids, mask) if ids is not None else padded_batch()
+    logits, hidden = outputs(reference, ids, mask)
+    small_logits, small_hidden = outputs(small, ids, mask)
+    torch.testing.assert_close(small_logits, logits, atol=ATOL, rtol=0)
+    assert len(small_hidden) == len(hidden)
+    for a, b in zip(small_hidden, hidden):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def assert_same_generation(reference, small):
+    ids = tiny_inputs(seed=3, batch=2, length=5)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(small.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- exactness -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_compacted_model_equals_gated_model(arch, pattern):
+    model = patterned(arch, PATTERNS[pattern])
+    small = compress(model)
+    assert_exact(model, small)
+    assert not finegates.is_gated(small)
+    report = sparsity_report(model)
+    assert n_params(small) == report.model_params - report.model_removed
+
+
+@pytest.mark.parametrize("pattern", ["random", "irregular_groups", "kv_group_closed", "rope_pairs_half_closed"])
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if is_causal(a)])
+def test_greedy_generation_is_identical(arch, pattern):
+    model = patterned(arch, PATTERNS[pattern])
+    assert_same_generation(model, compress(model))
+
+
+@settings(max_examples=12, deadline=None)
+@given(arch=st.sampled_from(ARCHITECTURES), seed=st.integers(0, 10_000),
+       p_closed=st.floats(0.0, 0.9), p_fractional=st.floats(0.0, 0.1))
+def test_random_gate_patterns_compact_exactly(arch, seed, p_closed, p_fractional):
+    model = patterned(arch, random_pattern(seed, p_closed, p_fractional), seed=seed % 3)
+    small = compress(model)
+    assert_exact(model, small)
+    report = sparsity_report(model)
+    assert n_params(small) == report.model_params - report.model_removed
+
+
+def test_compaction_removes_weights_and_leaves_the_gated_model_alone():
+    model = patterned("llama", random_pattern(1, p_closed=0.4))
+    before = outputs(model, *padded_batch())[0]
+    small = compress(model)
+    assert n_params(small) < n_params(model.base_model) * 0.9
+    assert small.config.model_type == "finegates_llama"
+    torch.testing.assert_close(outputs(model, *padded_batch())[0], before, atol=0, rtol=0)
+
+
+def test_compress_needs_a_gated_model_and_a_known_quantization():
+    with pytest.raises(ValueError, match="no gates"):
+        compress(tiny_model("llama"))
+    with pytest.raises(ValueError, match="quantize"):
+        compress(gated("llama"), quantize="int4")
+
+
+def test_int8_quantization_of_the_compacted_model():
+    model = patterned("bert", random_pattern(2))
+    small = compress(model, quantize="int8")
+    kinds = {type(m) for m in small.modules()}
+    assert torch.ao.nn.quantized.dynamic.Linear in kinds and torch.nn.Linear not in kinds
+    ids, mask = padded_batch()
+    torch.testing.assert_close(outputs(small, ids, mask)[0], outputs(model, ids, mask)[0], atol=0.05, rtol=0)
+
+
+# -- saving and loading ----------------------------------------------------------------------------
+_RELOAD = textwrap.dedent("""
+    import json, sys, torch
+    import finegates  # registers the compact classes with the Auto classes
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    autos = {"causal": AutoModelForCausalLM, "seq": AutoModelForSequenceClassification}
+    out = {}
+    for folder, kind, ids in json.loads(sys.argv[1]):
+        model = autos[kind].from_pretrained(folder).eval()
+        base = AutoModel.from_pretrained(folder).eval()
+        with torch.no_grad():
+            out[folder] = [type(model).__name__, model(input_ids=torch.tensor(ids)).logits.tolist(),
+                           base(input_ids=torch.tensor(ids)).last_hidden_state.tolist()]
+    print(json.dumps(out))
+""")
+
+
+def test_saved_model_reloads_in_a_fresh_process(tmp_path):
+    ids = tiny_inputs()
+    jobs, expected = [], {}
+    for arch in ARCHITECTURES:
+        small = compress(patterned(arch, random_pattern(4)))
+        folder = str(tmp_path / arch)
+        small.save_pretrained(folder)
+        jobs.append((folder, "causal" if is_causal(arch) else "seq", ids.tolist()))
+        with torch.no_grad():
+            out = small(input_ids=ids, output_hidden_states=True)
+        expected[folder] = (type(small).__name__, out.logits, out.hidden_states[-1])
+        torch.testing.assert_close(outputs(load_compressed(folder), ids, None)[0], out.logits, atol=0, rtol=0)
+    run = subprocess.run([sys.executable, "-c", _RELOAD, json.dumps(jobs)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    for folder, (name, logits, hidden) in expected.items():
+        assert got[folder][0] == name
+        torch.testing.assert_close(torch.tensor(got[folder][1]), logits, atol=0, rtol=0)
+        torch.testing.assert_close(torch.tensor(got[folder][2]), hidden, atol=0, rtol=0)
+
+
+def _edit_weights(folder: Path, edit: Callable[[dict], None]) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _key(tensors: dict, part: str) -> str:
+    return next(k for k in sorted(tensors) if part in k)
+
+
+def _truncate(folder: Path) -> None:
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _edit_config(folder: Path, edit: Callable[[dict], None]) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _widen_first_linear(config: dict) -> None:
+    next(iter(config["finegates_compact"]["linears"].values()))["out_features"] += 1
+
+
+DAMAGE = {
+    "missing tensor": (lambda f: _edit_weights(f, lambda t: t.pop(_key(t, "mlp.up_proj"))), "missing_keys"),
+    "wrong shape": (lambda f: _edit_weights(f, lambda t: t.update(
+        {_key(t, "down_proj.linear.weight"): torch.zeros(2, 2)})), "mismatched_keys"),
+    "truncated file": (_truncate, "cannot load"),
+    "no weights file": (lambda f: (f / "model.safetensors").unlink(), "cannot load"),
+    "config disagrees": (lambda f: _edit_config(f, _widen_first_linear), "mismatched_keys"),
+    "config entry damaged": (lambda f: _edit_config(f, lambda c: c["finegates_compact"]["attention"].update(
+        {"layers.0.self_attn": {"num_heads": 2}})), "finegates_compact is invalid"),
+    "index out of range": (lambda f: _edit_weights(f, lambda t: t.update(
+        {_key(t, "kv_index"): t[_key(t, "kv_index")] + 9})), "outside"),
+    "not a compacted model": (lambda f: _edit_config(f, lambda c: c.update(model_type="llama")), "not a FineGates"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("llama")
+    compress(patterned("llama", residual_dim_closed)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_folder_fails_with_a_clear_error(saved_llama, tmp_path, damage):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for file in saved_llama.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    load_compressed(folder)  # the intact copy loads
+    breaks, message = DAMAGE[damage]
+    breaks(folder)
+    with pytest.raises(CompressedCheckpointError, match=message):
+        load_compressed(folder)

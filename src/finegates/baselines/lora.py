@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from finegates.baselines.base import BaseMethod, Batch, MethodConfig
@@ -40,6 +41,21 @@ def apply_lora(
         modules_to_save=modules_to_save or None,
     )
     return get_peft_model(model, config)
+
+
+def merge_lora_layers(model: nn.Module) -> nn.Module:
+    """Merge every peft LoRA layer into its base layer and return the unwrapped model.
+
+    peft's own `merge_and_unload` takes any module with a `base_layer` attribute for one of its
+    layers, which a FineGates `GatedLinear` also has; this unwraps peft's layers only.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, module in list(base.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent_name) if parent_name else base, child, module.get_base_layer())
+    return base
 
 
 class LoRAMethod(BaseMethod):

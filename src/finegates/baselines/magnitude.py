@@ -16,14 +16,15 @@ import torch
 from torch import nn
 
 from finegates.baselines.base import BaseMethod, Batch, MethodConfig
-from finegates.baselines.lora import apply_lora
+from finegates.baselines.lora import apply_lora, merge_lora_layers
 from finegates.baselines.masks import weight_out_in
-from finegates.baselines.structured import compact, structured_removed
+from finegates.baselines.structured import compact, structured_removed, unwrap
 from finegates.config import GatesConfig
 from finegates.gates import Gate, gate_margin
 from finegates.layer import GatedLinear
-from finegates.model import CONTROLLER_ATTR, gated_layers, gates_config, get_gated_model
+from finegates.model import CONTROLLER_ATTR, gated_layers, get_gated_model, is_gated
 from finegates.optim import finalize_gates
+from finegates.report import sparsity_report
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,10 @@ class MagnitudePruning(BaseMethod):
     default_lr = 1e-3
     config_class = MagnitudeConfig
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.removed = 0
+
     def _prepare(self, model: nn.Module, calibration: Iterable[Batch] | None) -> nn.Module:
         cfg: MagnitudeConfig = self.config
         get_gated_model(model, GatesConfig(target_sparsity=cfg.target_sparsity, target_modules=cfg.target_modules))
@@ -134,18 +139,27 @@ class MagnitudePruning(BaseMethod):
         freeze_gates(model)
         getattr(model, CONTROLLER_ATTR).requires_grad_(False)  # no sparsity loss: the budget is already met
         model.train(was_training)
+        self.removed = sparsity_report(model).model_removed  # frozen gates: the structure no longer changes
         if cfg.recovery:
-            names = [f"{n}.base_layer" for n in gated_layers(model)]
-            model = apply_lora(model, names, cfg.lora_r, cfg.lora_alpha, 0.0, gates_config(model).modules_to_save)
+            model = self._add_lora(model)
+        return model
+
+    def _add_lora(self, model: nn.Module) -> nn.Module:
+        """LoRA inside the gates (on each gated layer's base), so closed rows/columns stay removable."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        names = [f"{n}.base_layer" for n in gated_layers(model)]
+        model = apply_lora(model, names, self.config.lora_r, self.config.lora_alpha)
+        for param in trainable:  # peft froze them; head and gated biases train as without recovery
+            param.requires_grad_(True)
         return model
 
     def finalize(self, model: nn.Module) -> nn.Module:
         if self.config.recovery:
-            model = model.merge_and_unload()
+            model = merge_lora_layers(model)
         return compact(model) if self.config.compact else model
 
     def removed_parameters(self, model: nn.Module) -> int:
-        return structured_removed(model, self.dense_params)
+        return self.removed if is_gated(unwrap(model)) else structured_removed(model, self.dense_params)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,9 @@ class CSRLinear(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         weight = weight_out_in(module).detach()
-        self.weight = weight.to_sparse_csr()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and the point here
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.weight = weight.to_sparse_csr()
         self.bias = None if module.bias is None else module.bias.detach()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.density = float((weight != 0).float().mean())

@@ -1,0 +1,284 @@
+"""The compared methods: the right tensors train, masks hold, formats round-trip, merges are exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_model
+from finegates import finalize_gates, sparsity_report
+from finegates.baselines import (
+    KINDS_OF_SPARSITY,
+    METHODS,
+    Method,
+    bitmap,
+    make_method,
+    squarehead_loss,
+    train_method,
+)
+from finegates.baselines.finegates_kd import FineGatesMethodConfig
+from finegates.baselines.magnitude import MagnitudeConfig
+from finegates.baselines.maskllm import MaskLLMLinear
+from finegates.baselines.salr import SALRConfig, SALRLinear, salr_storage_bytes, svd_factors
+from finegates.baselines.sparse_inference import measure_cpu_inference, to_csr
+from finegates.baselines.squarehead import SquareHeadConfig
+from finegates.layer import GatedLinear
+from finegates.model import gated_layers
+
+
+def batches(arch: str, n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, VOCAB, (3, 8), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, -3:] = 0  # padding the losses must ignore
+        labels = ids.masked_fill(mask == 0, -100) if arch == "llama" else torch.tensor([0, 1, 2])
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def run_steps(method: Method, model: torch.nn.Module, data: list[dict], teacher=None, lr: float = 1e-2):
+    """The loop of `train_method` without finalization, so the trained model can be inspected."""
+    method.total_steps = len(data)
+    opt = torch.optim.AdamW(method.param_groups(model, lr))
+    model.train()
+    for step, batch in enumerate(data, start=1):
+        outputs = model(**batch, output_hidden_states=method.needs_hidden_states)
+        t_out = teacher(**batch, output_hidden_states=True) if method.needs_teacher else None
+        (outputs.loss + method.loss(model, batch, outputs, t_out)).backward()
+        opt.step()
+        opt.zero_grad()
+        method.after_step(model, step)
+    return model.eval()
+
+
+HEAD = ("classifier", "pooler")
+TRAINABLE = {  # method -> predicate on the names of the parameters that must train (and only those)
+    "full": lambda n: True,
+    "squarehead": lambda n: True,
+    "lora": lambda n: "lora_" in n or "modules_to_save" in n,
+    "magnitude+lora": lambda n: "lora_" in n or any(h in n for h in HEAD) or n.endswith("bias"),
+    "magnitude": lambda n: any(h in n for h in HEAD) or n.endswith("bias"),
+    "salr": lambda n: any(k in n for k in ("svd_", "lora_", *HEAD)),
+    "maskllm": lambda n: n.endswith("logits") or any(h in n for h in HEAD),
+    "finegates": lambda n: any(k in n for k in ("theta", "controller", *HEAD)) or n.endswith("bias"),
+    "finegates+kd": lambda n: any(k in n for k in ("theta", "controller", *HEAD)) or n.endswith("bias"),
+}
+
+
+def test_registry_covers_the_issue_and_the_interface():
+    assert set(METHODS) == set(TRAINABLE)
+    for name in METHODS:
+        method = make_method(name)
+        assert isinstance(method, Method) and method.kind_of_sparsity in KINDS_OF_SPARSITY
+    with pytest.raises(ValueError, match="Unknown method"):
+        make_method("nope")
+
+
+@pytest.mark.parametrize("name", sorted(TRAINABLE))
+def test_the_right_parameters_train(name):
+    model = tiny_model("bert")
+    teacher = copy.deepcopy(model)
+    method = make_method(name)
+    model = method.prepare(model, None, batches("bert"))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(TRAINABLE[name](n) for n in names), sorted(n for n in names if not TRAINABLE[name](n))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run_steps(method, model, batches("bert"), teacher)
+    for n, p in model.named_parameters():
+        if n not in names:
+            assert torch.equal(p, before[n]), f"{n} is frozen but changed"
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in names)
+    assert method.trainable_parameters(model) == sum(p.numel() for n, p in model.named_parameters()
+                                                     if n in names and "controller" not in n)
+
+
+@pytest.mark.parametrize("name", sorted(TRAINABLE))
+def test_train_method_end_to_end(name):
+    model = tiny_model("bert")
+    teacher = copy.deepcopy(model)
+    data = batches("bert")
+    evaluate = lambda m: {"loss": float(m(**data[0]).loss.detach())}
+    result = train_method(name, model, data, evaluate, teacher=teacher)
+    assert result.steps == 2 and torch.isfinite(torch.tensor(result.metrics["loss"]))
+    assert (result.removed_parameters > 0) == (result.kind_of_sparsity != "none")
+
+
+@pytest.mark.parametrize("pruning", ["oneshot", "gradual"])
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_squarehead_masks_stay_exact_after_steps(arch, pruning):
+    model = tiny_model(arch)
+    teacher = copy.deepcopy(model)
+    method = make_method("squarehead")
+    cfg = SquareHeadConfig(sparsity=0.6, pruning=pruning, prune_every=1)
+    model = run_steps(method, method.prepare(model, cfg), batches(arch, 3), teacher)
+    for name, mask in method.masks.items():
+        weight = model.get_submodule(name).weight
+        assert int((weight == 0).sum()) == round(0.6 * weight.numel()) == int((~mask).sum())
+    assert method.removed_parameters(model) == sum(round(0.6 * m.numel()) for m in method.masks.values())
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_squarehead_loss_is_zero_for_identical_models(arch):
+    model = tiny_model(arch)
+    batch = batches(arch)[0]
+    out = model(**batch, output_hidden_states=True)
+    same = model(**batch, output_hidden_states=True)
+    assert squarehead_loss(out, same, batch["attention_mask"]) == 0
+    other = tiny_model(arch, seed=1)(**batch, output_hidden_states=True)
+    assert squarehead_loss(out, other, batch["attention_mask"]) > 0
+
+
+def test_csr_inference_matches_dense_and_is_timed():
+    model = tiny_model("bert")
+    method = make_method("squarehead")
+    model = method.prepare(model, SquareHeadConfig(sparsity=0.75))
+    ids = batches("bert")[0]["input_ids"]
+    torch.testing.assert_close(to_csr(model, list(method.masks))(input_ids=ids).logits, model(input_ids=ids).logits)
+    timing = measure_cpu_inference(model, list(method.masks), {"input_ids": ids}, min_run_time=0.01)
+    assert timing.dense_ms > 0 and timing.sparse_ms > 0 and timing.sparsity == pytest.approx(0.75, abs=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (32, 37), (1, 1)])
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+def test_bitmap_round_trip_is_exact(shape, density):
+    weight = torch.randn(shape)
+    mask = torch.rand(shape) < density
+    packed, values = bitmap.encode(weight, mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-weight.numel() // 8)
+    assert torch.equal(bitmap.unpack_bits(packed, weight.numel()).view(shape), mask)
+    assert torch.equal(bitmap.decode(packed, values, shape), weight * mask)
+
+
+def _salr_layer(rank: int = 4) -> tuple[torch.nn.Linear, SALRLinear]:
+    torch.manual_seed(0)
+    base = torch.nn.Linear(37, 32)
+    layer = SALRLinear(base, SALRConfig(svd_rank=rank, lora_r=3))
+    with torch.no_grad():
+        layer.lora_b.normal_()  # B = 0 at init would make the LoRA half of the check vacuous
+    return base, layer
+
+
+def test_salr_fused_gemm_equals_unfused():
+    _, layer = _salr_layer()
+    x = torch.randn(2, 5, 37)
+    torch.testing.assert_close(layer(x), layer.unfused_forward(x), atol=1e-5, rtol=1e-5)
+
+
+def test_salr_svd_init_reduces_residual_error():
+    base, layer = _salr_layer(rank=8)
+    sparse = layer.base_weight()
+    assert int((sparse == 0).sum()) == round(0.5 * sparse.numel())
+    residual = base.weight - sparse
+    b, a = svd_factors(residual, 8)
+    assert torch.linalg.norm(residual - b @ a) < 0.9 * torch.linalg.norm(residual)
+    torch.testing.assert_close(layer.svd_b @ layer.svd_a, b @ a)
+
+
+def test_salr_sparsity_exact_after_steps_and_storage_smaller():
+    model = tiny_model("llama")
+    dense_bytes = salr_storage_bytes(model)
+    method = make_method("salr")
+    model = method.prepare(model, SALRConfig(svd_rank=2, lora_r=2))
+    stored = {n: m.values.clone() for n, m in model.named_modules() if isinstance(m, SALRLinear)}
+    run_steps(method, model, batches("llama"))
+    for n, m in model.named_modules():
+        if isinstance(m, SALRLinear):
+            assert torch.equal(m.values, stored[n])
+            assert int((m.base_weight() == 0).sum()) == round(0.5 * m.in_features * m.out_features)
+    assert salr_storage_bytes(model) < dense_bytes
+
+
+def _assert_two_of_four(weight: torch.Tensor) -> None:
+    kept = (weight != 0).reshape(-1, 4).sum(1)
+    assert torch.equal(kept, torch.full_like(kept, 2))
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_maskllm_masks_are_valid_two_of_four(arch):
+    model = tiny_model(arch)
+    method = make_method("maskllm")
+    model = run_steps(method, method.prepare(model), batches(arch, 3))
+    layers = [m for m in model.modules() if isinstance(m, MaskLLMLinear)]
+    assert layers and all(m.base_layer.in_features % 4 == 0 for m in layers)  # 37-wide inputs are skipped
+    for layer in layers:
+        _assert_two_of_four(layer.mask())
+        assert layer.temperature == pytest.approx(0.05) and layer.scale == pytest.approx(500.0)
+    removed = method.removed_parameters(model)
+    model = method.finalize(model)
+    for name in method.names:
+        _assert_two_of_four(model.get_submodule(name).weight)
+    assert method.removed_parameters(model) == removed > 0
+
+
+def test_lora_merge_equals_unmerged_outputs():
+    model = tiny_model("bert")
+    method = make_method("lora")
+    model = method.prepare(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    ids = batches("bert")[0]["input_ids"]
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        merged_model = method.finalize(model)
+        assert not any("lora" in n for n, _ in merged_model.named_parameters())
+        torch.testing.assert_close(merged_model(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["weight", "activation"])
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("target", [0.2, 0.4])
+def test_magnitude_pruning_hits_its_target(arch, score, target):
+    model = tiny_model(arch)
+    method = make_method("magnitude")
+    model = method.prepare(model, MagnitudeConfig(target_sparsity=target, score=score), batches(arch))
+    report = sparsity_report(model)
+    assert target <= report.removed_fraction <= target + 0.01
+    for layer in gated_layers(model).values():
+        for gate in layer.gates().values():
+            assert set(gate.deterministic().unique().tolist()) <= {0.0, 1.0}
+    model.train()  # frozen gates do not sample: training-mode values are the 0/1 eval values
+    for layer in gated_layers(model).values():
+        for gate in layer.gates().values():
+            assert torch.equal(gate.value(), gate.deterministic()) and not gate.theta.requires_grad
+
+
+def test_magnitude_with_lora_recovery_keeps_the_budget():
+    model = tiny_model("llama")
+    method = make_method("magnitude+lora")
+    model = method.prepare(model, MagnitudeConfig(target_sparsity=0.3, recovery=True, compact=False))
+    run_steps(method, model, batches("llama"))
+    removed = method.removed_parameters(model)
+    merged = method.finalize(model)
+    assert isinstance(next(iter(gated_layers(merged).values())), GatedLinear)
+    assert 0.3 <= sparsity_report(merged).removed_fraction <= 0.31
+    assert method.removed_parameters(merged) == removed
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_finegates_compaction_removes_what_the_report_counts(arch):
+    model = tiny_model(arch)
+    teacher = copy.deepcopy(model)
+    method = make_method("finegates+kd")
+    model = run_steps(method, method.prepare(model, FineGatesMethodConfig(gates={"target_sparsity": 0.3})),
+                      batches(arch), teacher)
+    finalize_gates(model)
+    counted = method.removed_parameters(model)
+    batch = batches(arch)[0]
+    with torch.no_grad():
+        gated = model(**batch).logits
+        small = method.finalize(model)
+        torch.testing.assert_close(small(**batch).logits, gated, atol=1e-5, rtol=1e-5)
+    assert not gated_layers(small) and method.removed_parameters(small) == counted > 0
+
+
+def test_configs_round_trip_and_reject_unknown_keys():
+    cfg = SquareHeadConfig(sparsity=0.7, pruning="gradual")
+    assert SquareHeadConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="Unknown"):
+        SquareHeadConfig.from_dict({"sparsty": 0.5})

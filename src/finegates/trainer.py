@@ -60,10 +60,14 @@ class FineGatesTrainer(Trainer):
         result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         task_loss, outputs = result
         if model.training:
-            penalty = sparsity_loss(self.accelerator.unwrap_model(model), step=self.state.global_step)
+            penalty = sparsity_loss(self.accelerator.unwrap_model(model), step=self.sparsity_step())
             self._sparsity_term = float(penalty.detach())
             task_loss = task_loss + penalty
         return (task_loss, outputs) if return_outputs else task_loss
+
+    def sparsity_step(self) -> int:
+        """The step the target warm-up counts from (the global step unless a subclass delays the gates)."""
+        return self.state.global_step
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -72,7 +76,7 @@ class FineGatesTrainer(Trainer):
             with torch.no_grad():
                 logs["sparsity_expected"] = float(expected_sparsity(model))
             logs["sparsity_removed"] = sparsity_report(model).removed_fraction
-            logs["sparsity_target"] = ctrl.target(cfg.target_sparsity, cfg.warmup_steps, self.state.global_step)
+            logs["sparsity_target"] = ctrl.target(cfg.target_sparsity, cfg.warmup_steps, max(self.sparsity_step(), 0))
             logs["sparsity_term"] = self._sparsity_term
             logs["lambda1"], logs["lambda2"] = ctrl.lambda1.item(), ctrl.lambda2.item()
         super().log(logs, start_time)

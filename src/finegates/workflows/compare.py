@@ -1,0 +1,225 @@
+"""`finegates compare`: every method on the same model, data, seed and budget; one table, one Pareto plot.
+
+Each (method, sparsity) run happens in its own process, so its peak memory is its own, and writes
+`results/<method>@<sparsity>.json`; a re-run skips the results already on disk. Methods whose size
+does not depend on the budget (full, lora, and maskllm's fixed 2:4 pattern) run once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_model
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from finegates.io_utils import atomic_write_text
+from finegates.workflows.run_config import dataclass_from_dict, write_run_config
+
+logger = logging.getLogger(__name__)
+
+ALL_METHODS = ("full", "lora", "magnitude", "magnitude+lora", "squarehead", "salr", "maskllm", "finegates", "finegates+kd")
+BUDGET_FREE = ("full", "lora", "maskllm")
+TEACHER = "teacher"
+
+
+@dataclass
+class CompareConfig:
+    """What to compare and on how much data."""
+
+    model: str = field(default="minilm", metadata={"help": "Embedded name, hub id or local folder."})
+    task: str = field(default="reuters8", metadata={"help": "Embedded task or a local data file."})
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS), metadata={"help": "Methods to run."})
+    sparsity: list[float] = field(default_factory=lambda: [0.2, 0.4], metadata={"help": "Budgets (fraction removed)."})
+    text_column: str = field(default="text", metadata={"help": "Text column of a local data file."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column (sentence pairs)."})
+    label_column: str = field(default="label", metadata={"help": "Label column of a local data file."})
+    max_train_samples: int = field(default=1000, metadata={"help": "Training rows (seeded subset)."})
+    max_test_samples: int = field(default=1000, metadata={"help": "Test rows (seeded subset)."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per example."})
+    batch_size: int = field(default=16, metadata={"help": "Training batch size."})
+    epochs: int = field(default=2, metadata={"help": "Training epochs of every method."})
+    output_dir: str = field(default="runs/compare", metadata={"help": "Run folder."})
+    seed: int = field(default=0, metadata={"help": "Seed of data subset, order and initialisation."})
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(ALL_METHODS))
+        if unknown:
+            raise ValueError(f"Unknown methods {unknown}; choose from {list(ALL_METHODS)}.")
+        if not self.sparsity or not all(0 < s < 1 for s in self.sparsity):
+            raise ValueError(f"sparsity must be fractions in (0, 1), got {self.sparsity}.")
+
+
+def _runs(cfg: CompareConfig) -> list[tuple[str, float | None]]:
+    return [(m, None) if m in BUDGET_FREE else (m, s) for m in cfg.methods for s in cfg.sparsity
+            if m not in BUDGET_FREE or s == cfg.sparsity[0]]
+
+
+def _key(method: str, sparsity: float | None) -> str:
+    return f"{method}@{'-' if sparsity is None else sparsity}"
+
+
+def _method_config(method: str, sparsity: float | None):
+    from finegates.baselines.registry import METHODS
+
+    cls = METHODS[method].config_class
+    if sparsity is None:
+        return cls()
+    if method in ("finegates", "finegates+kd"):
+        return cls(gates={"target_sparsity": sparsity})
+    key = "target_sparsity" if method.startswith("magnitude") else "sparsity"
+    return cls(**{key: sparsity})
+
+
+def _batches(cfg: CompareConfig):
+    from finegates.data.hub import Columns
+    from finegates.data.registry import load_classification
+    from finegates.workflows.encoding import EncodedSplit
+    from finegates.workflows.models import load_classifier
+
+    columns = Columns(text=cfg.text_column, label=cfg.label_column, text_pair=cfg.text_pair_column)
+    data = load_classification(cfg.task, columns, seed=cfg.seed)
+    train, _ = data.train.sample(cfg.max_train_samples, cfg.seed)
+    test, _ = data.test.sample(cfg.max_test_samples, cfg.seed)
+    _, tokenizer = load_classifier(cfg.model, data.num_labels)
+    collate = DataCollatorWithPadding(tokenizer)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(EncodedSplit(train, tokenizer, cfg.max_length), cfg.batch_size, shuffle=True,
+                        collate_fn=collate, generator=gen)
+    test_loader = DataLoader(EncodedSplit(test, tokenizer, cfg.max_length), 64, collate_fn=collate)
+    return data, list(loader), list(test_loader)
+
+
+@torch.no_grad()
+def _accuracy(model, test_batches) -> dict[str, float]:
+    correct = total = 0
+    for batch in test_batches:
+        labels = batch.pop("labels")
+        predictions = model(**batch).logits.argmax(-1)
+        batch["labels"] = labels
+        correct, total = correct + int((predictions == labels).sum()), total + len(labels)
+    return {"accuracy": correct / total}
+
+
+def _size_on_disk(result) -> int:
+    if result.name == "salr":
+        from finegates.baselines.salr import salr_storage_bytes
+
+        return salr_storage_bytes(result.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(result.model, f"{tmp}/model.safetensors")
+        return Path(f"{tmp}/model.safetensors").stat().st_size
+
+
+def _latencies(model, cfg: CompareConfig, vocab: int) -> dict[str, float]:
+    from finegates.workflows.encoding import benchmark_batch
+    from finegates.workflows.evaluation import measure_latency
+
+    return {f"latency_b{b}_s": measure_latency(model, benchmark_batch(b, cfg.max_length, vocab)).median_s for b in (1, 32)}
+
+
+def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str, Any]:
+    """Train, finalize and measure one method (called in a fresh process by `compare`)."""
+    from finegates.baselines.loop import train_method
+    from finegates.workflows.models import load_classifier
+
+    data, train, test = _batches(cfg)
+    torch.manual_seed(cfg.seed)
+    model, _ = load_classifier(cfg.model, data.num_labels)
+    teacher = None
+    teacher_path = Path(cfg.output_dir) / TEACHER
+    if method in ("squarehead", "finegates+kd"):
+        teacher, _ = load_classifier(str(teacher_path), data.num_labels)
+    name = "full" if method == TEACHER else method
+    result = train_method(name, model, train, lambda m: _accuracy(m, test), config=_method_config(name, sparsity),
+                          teacher=teacher, epochs=cfg.epochs)
+    if method == TEACHER:
+        result.model.save_pretrained(teacher_path)
+    row = {"method": method, "sparsity": sparsity, **result.metrics, "trainable_params": result.trainable_parameters,
+           "removed_params": result.removed_parameters, "kind_of_sparsity": result.kind_of_sparsity,
+           "size_bytes": _size_on_disk(result), "step_s": result.step_seconds,
+           **_latencies(result.model, cfg, model.config.vocab_size),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return row
+
+
+def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
+    """Run every (method, budget) not already on disk, then write `comparison.md` and `pareto.png`."""
+    out = Path(cfg.output_dir)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    write_run_config(out, {"compare": cfg})
+    runs = _runs(cfg)
+    if any(m in ("squarehead", "finegates+kd") for m, _ in runs):
+        runs = [(TEACHER, None), *runs]
+    for method, sparsity in runs:
+        path = out / "results" / f"{_key(method, sparsity)}.json"
+        if path.is_file():
+            logger.info("%s: done already, skipped", path.name)
+            continue
+        cmd = [sys.executable, "-m", "finegates.workflows.compare", str(out / "run_config.json"), method, str(sparsity)]
+        subprocess.run(cmd, check=True)
+    rows = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
+    rows = [r for r in rows if r["method"] != TEACHER]
+    atomic_write_text(out / "comparison.md", comparison_table(rows))
+    plot_pareto(rows, out / "pareto.png")
+    return rows
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    dense = next((r for r in rows if r["method"] == "full"), None)
+    head = ("| method | budget | accuracy | trainable params | removed params (kind) | size (MB) | latency b1 (ms) | "
+            "latency b32 (ms) | speedup b1 / b32 vs full | step (s) | peak RSS (MB) |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        speed = (f"{dense['latency_b1_s'] / r['latency_b1_s']:.2f}x / {dense['latency_b32_s'] / r['latency_b32_s']:.2f}x"
+                 if dense else "n/a")
+        lines.append(
+            f"| {r['method']} | {r['sparsity'] if r['sparsity'] is not None else '-'} | {r['accuracy']:.4f} | "
+            f"{r['trainable_params']:,d} | {r['removed_params']:,d} ({r['kind_of_sparsity']}) | "
+            f"{r['size_bytes'] / 2**20:.1f} | {r['latency_b1_s'] * 1e3:.1f} | {r['latency_b32_s'] * 1e3:.0f} | {speed} | "
+            f"{r['step_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    note = ("\nCPU only: maskllm's 2:4 pattern and squarehead/salr's unstructured sparsity have no CPU kernel here, "
+            "so their latency is that of their dense-shaped (or decoded) weights.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        axis.scatter(r["latency_b32_s"] * 1e3, r["accuracy"], label=f"{r['method']} {r['sparsity'] or ''}".strip())
+    axis.set(xlabel="CPU latency, batch 32 (ms)", ylabel="test accuracy", title="Accuracy vs latency")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _main(argv: list[str]) -> None:
+    config_path, method, sparsity = argv
+    cfg = dataclass_from_dict(CompareConfig, json.loads(Path(config_path).read_text())["compare"], config_path)
+    value = None if sparsity == "None" else float(sparsity)
+    row = run_one(cfg, method, value)
+    target = Path(cfg.output_dir) / "results" / f"{_key(method, value)}.json"
+    atomic_write_text(target, json.dumps(row, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    _main(sys.argv[1:])
+

@@ -1,0 +1,57 @@
+"""`compare` runs every method on the same tiny data, writes one table and plot, and resumes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from finegates.workflows.compare import CompareConfig, compare
+
+WORDS = ["oil", "stock", "price", "market", "barrel", "share", "crude", "bank", "rate", "trade"]
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    model_dir = root / "model"
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(model_dir)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                        vocab_size=len(WORDS) + 5, max_position_embeddings=32)
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    rng = random.Random(0)
+    rows = [(rng.choice(["oil", "stock"]), rng.choices(WORDS, k=5)) for _ in range(60)]
+    (root / "data.csv").write_text("sentence,topic\n" + "".join(f"{' '.join(w)} {y},{y}\n" for y, w in rows))
+    return model_dir, root / "data.csv"
+
+
+def test_compare_methods_then_resume(tiny_task, tmp_path):
+    """Three methods (one needing the dense teacher); every method's training is tested in test_baselines."""
+    model_dir, csv = tiny_task
+    methods = ["full", "finegates", "squarehead"]
+    cfg = CompareConfig(model=str(model_dir), task=str(csv), text_column="sentence", label_column="topic",
+                        methods=methods,
+                        sparsity=[0.3], max_train_samples=32, max_test_samples=16, max_length=12, batch_size=8,
+                        epochs=1, output_dir=str(tmp_path))
+    rows = compare(cfg)
+    assert {r["method"] for r in rows} == set(methods)
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["full"]["removed_params"] == 0
+    assert by_method["finegates"]["kind_of_sparsity"] == "structured"
+    assert by_method["finegates"]["trainable_params"] < by_method["full"]["trainable_params"]
+    table = (tmp_path / "comparison.md").read_text()
+    assert all(f"| {m} |" in table for m in methods)
+    assert (tmp_path / "teacher" / "config.json").is_file()
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.json")}
+    compare(cfg)  # everything is on disk: nothing reruns
+    assert stamp == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.json")}
+
+
+def test_compare_rejects_unknown_methods_and_budgets():
+    with pytest.raises(ValueError, match="Unknown methods"):
+        CompareConfig(methods=["adapters"])
+    with pytest.raises(ValueError, match="sparsity"):
+        CompareConfig(sparsity=[1.5])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import random
 
 import pytest
+import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from finegates.cli import build_parser, main
@@ -35,20 +38,36 @@ def test_help_lists_every_config_field(capsys):
 
 
 def test_run_and_gate_options_do_not_collide():
-    assert not {f.name for f in dataclasses.fields(GatesConfig)} & {f.name for f in dataclasses.fields(FinetuneConfig)}
+    assert not {f.name for f in dataclasses.fields(GatesConfig)} & {
+        f.name for f in dataclasses.fields(FinetuneConfig)
+    }
 
 
 def test_flags_reach_the_configs():
     configs = _configs(
-        ["--target-sparsity", "0.4", "--target-modules", "query", "value", "--max-train-samples", "100",
-         "--no-benchmark", "--gate-lr", "0.05", "--text-pair-column", "none"]
+        [
+            "--target-sparsity",
+            "0.4",
+            "--target-modules",
+            "query",
+            "value",
+            "--max-train-samples",
+            "100",
+            "--no-benchmark",
+            "--gate-lr",
+            "0.05",
+            "--text-pair-column",
+            "none",
+        ]
     )
     run, gates = configs["finetune"], configs["gates"]
     assert (gates.target_sparsity, gates.target_modules, gates.gate_lr) == (0.4, ["query", "value"], 0.05)
     assert (run.max_train_samples, run.benchmark, run.text_pair_column, run.epochs) == (100, False, None, 3.0)
 
 
-@pytest.mark.parametrize("words, expected", [(["all-linear"], "all-linear"), ([r".*\.query"], r".*\.query"), (["none"], None)])
+@pytest.mark.parametrize(
+    "words, expected", [(["all-linear"], "all-linear"), ([r".*\.query"], r".*\.query"), (["none"], None)]
+)
 def test_single_word_module_selections(words, expected):
     assert _configs(["--target-modules", *words])["gates"].target_modules == expected
 
@@ -59,7 +78,11 @@ def test_config_file_then_flags(tmp_path, suffix):
     data = {"finetune": {"epochs": 1, "task": "boolq"}, "gates": {"target_sparsity": 0.2}}
     path.write_text(json.dumps(data))  # JSON is valid YAML
     configs = _configs(["--config", str(path), "--epochs", "2"])
-    assert (configs["finetune"].epochs, configs["finetune"].task, configs["gates"].target_sparsity) == (2, "boolq", 0.2)
+    assert (configs["finetune"].epochs, configs["finetune"].task, configs["gates"].target_sparsity) == (
+        2,
+        "boolq",
+        0.2,
+    )
 
 
 def test_flat_config_file(tmp_path):
@@ -100,24 +123,45 @@ def tiny_run_inputs(tmp_path_factory):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
     model_dir = root / "model"
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                        vocab_size=len(WORDS) + 5, max_position_embeddings=32)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=len(WORDS) + 5,
+        max_position_embeddings=32,
+    )
     BertForSequenceClassification(config).save_pretrained(model_dir)
     rng = random.Random(0)
     rows = [(rng.choice(["oil", "stock"]), rng.choices(WORDS, k=5)) for _ in range(80)]
-    (root / "train.csv").write_text("sentence,topic\n" + "".join(f"{' '.join(ws)} {y},{y}\n" for y, ws in rows))
+    (root / "train.csv").write_text(
+        "sentence,topic\n" + "".join(f"{' '.join(ws)} {y},{y}\n" for y, ws in rows)
+    )
     return model_dir, root / "train.csv"
 
 
-def test_tiny_finetune_writes_config_metrics_report(tiny_run_inputs, tmp_path, capsys):
-    model_dir, csv = tiny_run_inputs
-    out = tmp_path / "run"
-    argv = ["finetune", "--model", str(model_dir), "--task", str(csv), "--text-column", "sentence",
-            "--label-column", "topic", "--output-dir", str(out), "--epochs", "2", "--max-length", "12",
-            "--batch-size", "8", "--validation-size", "8", "--bench-batch-size", "2", "--bench-repeats", "1",
-            "--logging-steps", "2", "--target-sparsity", "0.3", "--warmup-steps", "4", "--quiet"]
-    assert main(argv) == 0
-    assert f"Report: {out / 'report.md'}" in capsys.readouterr().out
+def _tiny_argv(model_dir, csv) -> list[str]:
+    return [
+        "finetune", "--model", str(model_dir), "--task", str(csv), "--text-column", "sentence",
+        *["--label-column", "topic", "--max-length", "12", "--batch-size", "8", "--quiet"],
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_run_inputs, tmp_path_factory):
+    """A finished tiny finetune run: (output folder, what it printed)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    options = "--epochs 2 --validation-size 8 --bench-batch-size 2 --bench-repeats 1 --logging-steps 2 "
+    options += "--target-sparsity 0.3 --warmup-steps 4"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*_tiny_argv(*tiny_run_inputs), "--output-dir", str(out), *options.split()]) == 0
+    return out, printed.getvalue()
+
+
+def test_tiny_finetune_writes_config_metrics_report(tiny_run):
+    out, printed = tiny_run
+    assert f"Report: {out / 'report.md'}" in printed
     saved = json.loads((out / "run_config.json").read_text())
     assert FinetuneConfig(**saved["finetune"]).max_length == 12
     assert GatesConfig.from_dict(saved["gates"]).target_sparsity == 0.3
@@ -127,12 +171,57 @@ def test_tiny_finetune_writes_config_metrics_report(tiny_run_inputs, tmp_path, c
     report = (out / "report.md").read_text()
     for heading in ("Test accuracy", "Parameters removed", "Trainable parameters", "Latency", "Kept widths"):
         assert heading in report
-    for name in ("training_curves.png", "kept_widths.png", "gates/finegates_adapter.safetensors", "log_history.json"):
+    for name in (
+        "training_curves.png",
+        "kept_widths.png",
+        "gates/finegates_adapter.safetensors",
+        "log_history.json",
+    ):
         assert (out / name).is_file(), name
     assert main(["report", str(out)]) == 0
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.md").is_file()
 
     if importlib.util.find_spec("finegates.compress") is None:
         pytest.skip("finegates.compress is not importable yet: compaction step not checked")
-    assert metrics["accuracy"]["compacted"] == pytest.approx(metrics["accuracy"]["gated"])  # compaction is exact
-    assert metrics["parameters"]["compacted_model"] == metrics["parameters"]["dense_model"] - metrics["sparsity"]["model_removed"]
+    assert metrics["accuracy"]["compacted"] == pytest.approx(metrics["accuracy"]["gated"])  # exact compaction
+    assert (
+        metrics["parameters"]["compacted_model"]
+        == metrics["parameters"]["dense_model"] - metrics["sparsity"]["model_removed"]
+    )
     assert (out / "compressed" / "config.json").is_file() and "Speedup" in report
+
+
+def test_resume_ends_with_the_same_gates(tiny_run_inputs, tmp_path):
+    """A run stopped after epoch 1 and resumed to epoch 2 ends like an uninterrupted 2-epoch run."""
+    from safetensors.torch import load_file
+
+    model_dir, csv = tiny_run_inputs
+    common = [
+        *_tiny_argv(model_dir, csv),
+        *["--validation-size", "0", "--no-benchmark", "--warmup-steps", "4"],
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main([*common, "--output-dir", str(straight), "--epochs", "2"]) == 0
+    assert main([*common, "--output-dir", str(resumed), "--epochs", "1"]) == 0
+    assert main([*common, "--output-dir", str(resumed), "--epochs", "2", "--resume"]) == 0
+    a = load_file(straight / "gates" / "finegates_adapter.safetensors")
+    b = load_file(resumed / "gates" / "finegates_adapter.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("folder", ["gates", "compressed"])
+def test_evaluate_reloads_the_run(tiny_run, tiny_run_inputs, capsys, folder):
+    """`finegates evaluate` on the saved gate adapter and on the compacted model gives the run's accuracy."""
+    out, _ = tiny_run
+    if not (out / folder).is_dir():
+        pytest.skip(f"{folder}/ was not written (finegates.compress not importable yet)")
+    _, csv = tiny_run_inputs
+    result = out / f"eval-{folder}.json"
+    argv = ["evaluate", "--model", str(out / folder), "--task", str(csv), "--text-column", "sentence"]
+    assert main([*argv, *f"--label-column topic --max-length 12 --quiet --output-file {result}".split()]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads(result.read_text())["test_accuracy"] == pytest.approx(metrics["accuracy"]["gated"])
+    assert "accuracy" in capsys.readouterr().out

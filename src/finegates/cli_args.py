@@ -80,7 +80,9 @@ def _cli_values(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
         if field.name in given:
             kinds, _ = _unwrap(hints[field.name])
             value = given[field.name]
-            out[field.name] = _list_value(value, kinds) if list in kinds and isinstance(value, list) else value
+            out[field.name] = (
+                _list_value(value, kinds) if list in kinds and isinstance(value, list) else value
+            )
     return out
 
 

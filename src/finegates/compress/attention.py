@@ -7,6 +7,8 @@ accepts a value head size different from the query/key head size. Query heads ma
 when every kept KV head still has the same number of query heads the kernel's own grouped-query path
 is used (`group_size`), otherwise K/V heads are expanded through `kv_index`. The KV cache stores the
 compact K/V heads. The softmax scale is the stock module's (1 / sqrt(original head size)).
+Where a layer keeps more v dims than q/k dims (or fewer), the kernel gets q/k (or v) zero-padded to
+one size: on CPU only equal sizes reach the fused (flash) kernel, and the math fallback is ~3x slower.
 
 One class per attention signature: LLaMA-family (RoPE), BERT/RoBERTa self-attention, GPT-2.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
@@ -54,24 +57,49 @@ class CompactAttention(nn.Module):
         """(batch, seq, heads * dim) -> (batch, heads, seq, dim)."""
         return x.view(*x.shape[:-1], -1, dim).transpose(1, 2)
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
-        """RoPE on kept dims: `dims` lists kept units u then u + d/2, so rotate_half pairs them as before."""
-        cos, sin = cos[..., dims].transpose(1, 2), sin[..., dims].transpose(1, 2)
-        return x * cos + rotate_half(x) * sin
+    def rotate(self, q: torch.Tensor, k: torch.Tensor,
+               position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on kept dims: `rope_dims` lists kept units u then u + d/2, so rotate_half pairs them as before.
+
+        The (batch, seq, head_dim) cos and sin tables are gathered at the kept dims of every query and KV
+        head in one `index_select` over dim 1 of a 2-D view, which leaves them in the memory order of q and
+        k ((batch, seq, heads, dims), seen transposed), so the products below run over matching strides.
+        """
+        cos, sin = position_embeddings
+        batch, seq, d = cos.shape
+        flat = torch.cat([self.rope_dims.index_select(0, self.kv_index).flatten(), self.rope_dims.flatten()])
+        rows = torch.stack([cos, sin]).reshape(-1, d).index_select(1, flat)
+        tables = rows.view(2, batch, seq, -1, self.spec.qk_dim).transpose(2, 3)  # (2, batch, heads, seq, n)
+        h = self.spec.num_heads
+        (cos_q, sin_q), (cos_k, sin_k) = tables[:, :, :h], tables[:, :, h:]
+        return q * cos_q + rotate_half(q) * sin_q, k * cos_k + rotate_half(k) * sin_k
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                cache, dropout: float, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cache update, kernel call; returns (batch, seq, heads * v_dim) and the weights if any."""
+        implementation = self.config._attn_implementation
+        v_dim = v.shape[-1]
+        if implementation != "eager" and q.shape[-1] != v_dim:  # before caching: the cache holds padded K/V
+            q, k, v = _equal_head_dims(q, k, v)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if self.spec.group_size == 0:
             k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
-        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         out, weights = interface(self, q, k, v, mask, dropout=dropout if self.training else 0.0,
                                  scaling=self.scaling, **kwargs)
-        return out.reshape(*out.shape[:2], -1), weights
+        return out[..., :v_dim].reshape(*out.shape[:2], -1), weights
+
+
+def _equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Zero-pad q/k or v to one head size: fused kernels (flash on CPU) need it, the math fallback is ~3x slower.
+
+    Zero q/k dims add nothing to the scores; zero v dims give output dims that are sliced off.
+    """
+    pad = v.shape[-1] - q.shape[-1]
+    if pad > 0:
+        return F.pad(q, (0, pad)), F.pad(k, (0, pad)), v
+    return q, k, F.pad(v, (0, -pad))
 
 
 class CompactRopeAttention(CompactAttention):
@@ -90,9 +118,7 @@ class CompactRopeAttention(CompactAttention):
         q = self.split_heads(self.q_proj(hidden_states), s.qk_dim)
         k = self.split_heads(self.k_proj(hidden_states), s.qk_dim)
         v = self.split_heads(self.v_proj(hidden_states), s.v_dim)
-        cos, sin = position_embeddings
-        q = self.rotate(q, cos, sin, self.rope_dims[self.kv_index])
-        k = self.rotate(k, cos, sin, self.rope_dims)
+        q, k = self.rotate(q, k, position_embeddings)
         out, weights = self.attend(q, k, v, attention_mask, past_key_values, self.dropout,
                                    sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(out), weights

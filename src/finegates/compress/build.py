@@ -20,12 +20,14 @@ from finegates.plan import AttentionPlan, CompactionPlan, ModulePlan, compaction
 logger = logging.getLogger(__name__)
 
 
-def compress(model: PreTrainedModel, quantize: str | None = None) -> PreTrainedModel:
+def compress(model: PreTrainedModel, quantize: str | None = None, uniform: bool = False) -> PreTrainedModel:
     """A new model without the rows, columns, channels and heads that the eval-mode gates close.
 
     The gate values are folded into the kept weights, so the result computes what the gated model
     computes in eval mode; `model` is not changed. `quantize="int8"` then applies torch's dynamic int8
     quantization to every linear layer (CPU inference; save the float model, quantize after loading).
+    `uniform=True` returns a stock-class model instead, every layer cut to the same widths (see
+    `finegates.compress.uniform`): loadable without finegates, exact, but it removes less.
 
     >>> small = compress(gated_model)  # doctest: +SKIP
     >>> small.save_pretrained("small/")  # doctest: +SKIP
@@ -33,6 +35,11 @@ def compress(model: PreTrainedModel, quantize: str | None = None) -> PreTrainedM
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}.")
     gates_config(model)
+    if uniform:
+        from finegates.compress.uniform import export_uniform  # imports this module
+
+        small = export_uniform(model)
+        return quantize_linears(small) if quantize else small
     compact_class = compact_class_for(model)
     arch = architecture_for(model.config.model_type)
     if getattr(model.config, "is_decoder", False) and arch.roles.get("q", "").startswith("attention."):

@@ -61,7 +61,7 @@ def _model_class(path: Path) -> type[PreTrainedModel]:
         )
     try:
         CompactSpec.from_dict(config.finegates_compact)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise CompressedCheckpointError(f"{path}: config.json finegates_compact is invalid: {err}") from err
     names = list(getattr(config, "architectures", None) or [])
     if not names or names[0] not in COMPACT_BY_NAME:

@@ -10,7 +10,6 @@ import warnings
 
 import torch
 from torch import nn
-
 from transformers.pytorch_utils import Conv1D
 
 from finegates.layer import GatedLinear

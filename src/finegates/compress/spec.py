@@ -54,7 +54,7 @@ class CompactSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompactSpec:
-        """Parse and validate; a damaged config fails here with the offending entry named."""
+        """Parse and validate; a damaged config fails here (ValueError / TypeError) naming the entry."""
         _check_keys("finegates_compact", data, {f.name for f in dataclasses.fields(cls)})
         if data.get("version") != SPEC_VERSION:
             raise ValueError(f"finegates_compact version {data.get('version')!r} is not {SPEC_VERSION}.")
@@ -70,13 +70,15 @@ class CompactSpec:
 
 def _check_keys(where: str, data: Any, known: set[str], required: set[str] | None = None) -> None:
     if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}.")
+        raise TypeError(f"{where} must be a JSON object, got {type(data).__name__}.")
     unknown, missing = set(data) - known, (required or set()) - set(data)
     if unknown or missing:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}.")
 
 
 def _parse(kind: type, entries: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(entries, dict):
+        raise TypeError(f"finegates_compact {kind.__name__} entries must be a JSON object.")
     fields = dataclasses.fields(kind)
     required = {f.name for f in fields if f.default is dataclasses.MISSING}
     parsed = {}

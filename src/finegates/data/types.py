@@ -17,7 +17,9 @@ class ClassificationSplit:
     pairs: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.texts) != len(self.labels) or (self.pairs is not None and len(self.pairs) != len(self.texts)):
+        if len(self.texts) != len(self.labels) or (
+            self.pairs is not None and len(self.pairs) != len(self.texts)
+        ):
             raise ValueError("texts, pairs and labels must have the same length.")
 
     def __len__(self) -> int:

@@ -52,11 +52,23 @@ class CompareConfig:
     seed: int = field(default=0, metadata={"help": "Seed of data subset, order and initialisation."})
 
     def __post_init__(self) -> None:
+        # The command line gives "full,lora" or "full lora"; both mean the same list.
+        self.methods = _split(self.methods)
+        try:
+            self.sparsity = [float(s) for s in _split(self.sparsity)]
+        except ValueError as err:
+            raise ValueError(f"sparsity must be numbers, got {self.sparsity}.") from err
         unknown = sorted(set(self.methods) - set(ALL_METHODS))
         if unknown:
             raise ValueError(f"Unknown methods {unknown}; choose from {list(ALL_METHODS)}.")
         if not self.sparsity or not all(0 < s < 1 for s in self.sparsity):
             raise ValueError(f"sparsity must be fractions in (0, 1), got {self.sparsity}.")
+
+
+def _split(values: list | str) -> list:
+    values = [values] if isinstance(values, str | float | int) else values
+    return [part.strip() if isinstance(part, str) else part for v in values
+            for part in (v.split(",") if isinstance(v, str) else [v]) if part != ""]
 
 
 def _runs(cfg: CompareConfig) -> list[tuple[str, float | None]]:

@@ -45,7 +45,10 @@ def measure_latency(model: nn.Module, batch: dict[str, torch.Tensor], repeats: i
     model.eval()
     threads = torch.get_num_threads()
     timer = benchmark.Timer(
-        stmt="model(**batch)", globals={"model": model, "batch": batch}, num_threads=threads, label=type(model).__name__
+        stmt="model(**batch)",
+        globals={"model": model, "batch": batch},
+        num_threads=threads,
+        label=type(model).__name__,
     )
     with torch.inference_mode():
         model(**batch)

@@ -41,38 +41,89 @@ class FinetuneConfig:
     16
     """
 
-    model: str = field(default="minilm", metadata={"help": "'minilm' (packaged), a hub id or a local model folder."})
+    model: str = field(
+        default="minilm", metadata={"help": "'minilm' (packaged), a hub id or a local model folder."}
+    )
     task: str = field(
         default="reuters8",
-        metadata={"help": "reuters8, reuters52, 20newsgroups, boolq, a local csv/tsv/json/jsonl/parquet file or folder, or a hub data set id."},
+        metadata={
+            "help": "reuters8, reuters52, 20newsgroups, boolq, a local csv/tsv/json/jsonl/parquet file or folder, or a hub data set id."
+        },
     )
-    output_dir: str = field(default="runs/finetune", metadata={"help": "Folder for config, gates, compacted model, metrics, report."})
+    output_dir: str = field(
+        default="runs/finetune",
+        metadata={"help": "Folder for config, gates, compacted model, metrics, report."},
+    )
     text_column: str = field(default="text", metadata={"help": "Text column of a `datasets` source."})
-    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column (sentence-pair tasks)."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Second text column (sentence-pair tasks)."}
+    )
     label_column: str = field(default="label", metadata={"help": "Label column of a `datasets` source."})
-    test_file: str | None = field(default=None, metadata={"help": "Test file for a local train file (else 'test'/'validation' split, else a held-out part)."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Fraction of train held out as test when there is no test split."})
+    test_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Test file for a local train file (else 'test'/'validation' split, else a held-out part)."
+        },
+    )
+    test_fraction: float = field(
+        default=0.2, metadata={"help": "Fraction of train held out as test when there is no test split."}
+    )
     epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
     batch_size: int = field(default=16, metadata={"help": "Training batch size per process."})
     eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
-    max_length: int = field(default=128, metadata={"help": "Tokens kept per example (truncation); also the benchmark length."})
-    learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of head and biases (default: the gate config's head_lr)."})
+    max_length: int = field(
+        default=128, metadata={"help": "Tokens kept per example (truncation); also the benchmark length."}
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of head and biases (default: the gate config's head_lr)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of sampling, initialisation and training."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random subset of this many examples."})
-    validation_size: int = field(default=256, metadata={"help": "Train examples held out for the per-epoch evaluation (0: none)."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Evaluate on a seeded random subset of the test split."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a seeded random subset of this many examples."}
+    )
+    validation_size: int = field(
+        default=256, metadata={"help": "Train examples held out for the per-epoch evaluation (0: none)."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on a seeded random subset of the test split."}
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log loss and sparsity every this many steps."})
-    dense_baseline: bool = field(default=False, metadata={"help": "Also fully finetune the dense model for the accuracy table."})
-    dense_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the dense baseline."})
+    dense_baseline: bool = field(
+        default=False, metadata={"help": "Also fully finetune the dense model for the accuracy table."}
+    )
+    dense_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Learning rate of the dense baseline."}
+    )
     benchmark: bool = field(default=True, metadata={"help": "Measure dense vs compacted latency."})
-    bench_batch_size: int = field(default=32, metadata={"help": "Benchmark batch size (x max_length tokens)."})
-    bench_repeats: int = field(default=3, metadata={"help": "Timed forward passes per model in the benchmark."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir/checkpoints."})
+    bench_batch_size: int = field(
+        default=32, metadata={"help": "Benchmark batch size (x max_length tokens)."}
+    )
+    bench_repeats: int = field(
+        default=3, metadata={"help": "Timed forward passes per model in the benchmark."}
+    )
+    num_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads for torch (default: torch's choice; 1 can be faster on a busy machine)."},
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Resume from the last checkpoint in output_dir/checkpoints."}
+    )
     quiet: bool = field(default=False, metadata={"help": "No progress bars; warnings and errors only."})
-    report_to: str = field(default="none", metadata={"help": "Trainer integrations to log to, e.g. 'tensorboard' (as in transformers)."})
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Trainer integrations to log to, e.g. 'tensorboard' (as in transformers)."},
+    )
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size", "max_length", "logging_steps", "bench_batch_size", "bench_repeats"):
+        for name in (
+            "batch_size",
+            "eval_batch_size",
+            "max_length",
+            "logging_steps",
+            "bench_batch_size",
+            "bench_repeats",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.epochs <= 0:
@@ -99,17 +150,23 @@ def finetune(cfg: FinetuneConfig, gates: GatesConfig | None = None) -> dict[str,
     out = Path(cfg.output_dir)
     write_run_config(out, {"finetune": cfg, "gates": gates})
     set_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     data = _load_data(cfg)
     model, tokenizer = load_classifier(cfg.model, data.num_labels, data.label_names)
     splits = _encode(data, tokenizer, cfg)
     bench = benchmark_batch(cfg.bench_batch_size, cfg.max_length, model.config.vocab_size, cfg.seed)
     metrics: dict[str, Any] = {"task": data.summary(), "model": cfg.model, "timings_s": {}}
-    metrics["latency"] = {"dense": measure_latency(model, bench, cfg.bench_repeats).to_dict()} if cfg.benchmark else {}
+    metrics["latency"] = (
+        {"dense": measure_latency(model, bench, cfg.bench_repeats).to_dict()} if cfg.benchmark else {}
+    )
     dense_acc = _dense_baseline(model, tokenizer, splits, cfg, out) if cfg.dense_baseline else None
     model = get_gated_model(model, gates)
     full = sparsity_report(model)
     trainer = _train(model, tokenizer, splits, cfg, out, metrics["timings_s"])
     gated_acc = trainer.evaluate(splits.test, metric_key_prefix="test")["test_accuracy"]
+    if not trainer.is_world_process_zero():  # under torchrun / accelerate only rank 0 compacts and writes
+        return metrics
     save_gates(model, out / "gates")
     tokenizer.save_pretrained(out / "gates")
     report = sparsity_report(model)
@@ -124,7 +181,9 @@ def finetune(cfg: FinetuneConfig, gates: GatesConfig | None = None) -> dict[str,
 def _load_data(cfg: FinetuneConfig) -> ClassificationData:
     columns = Columns(text=cfg.text_column, label=cfg.label_column, text_pair=cfg.text_pair_column)
     data = load_classification(cfg.task, columns, cfg.test_file, cfg.test_fraction, cfg.seed)
-    logger.info("Task %s: %d train, %d test, %d labels", data.name, len(data.train), len(data.test), data.num_labels)
+    logger.info(
+        "Task %s: %d train, %d test, %d labels", data.name, len(data.train), len(data.test), data.num_labels
+    )
     return data
 
 
@@ -134,7 +193,9 @@ def _encode(data: ClassificationData, tokenizer, cfg: FinetuneConfig) -> Splits:
     validation, remainder = data.train.sample(n_val, cfg.seed)
     train, _ = remainder.sample(cfg.max_train_samples, cfg.seed)
     test, _ = data.test.sample(cfg.max_test_samples, cfg.seed)
-    logger.info("Training on %d examples, validating on %d, testing on %d", len(train), len(validation), len(test))
+    logger.info(
+        "Training on %d examples, validating on %d, testing on %d", len(train), len(validation), len(test)
+    )
     return Splits(
         train=EncodedSplit(train, tokenizer, cfg.max_length),
         validation=EncodedSplit(validation, tokenizer, cfg.max_length) if len(validation) else None,
@@ -142,7 +203,9 @@ def _encode(data: ClassificationData, tokenizer, cfg: FinetuneConfig) -> Splits:
     )
 
 
-def training_arguments(cfg: FinetuneConfig, output_dir: Path, learning_rate: float, has_validation: bool) -> TrainingArguments:
+def training_arguments(
+    cfg: FinetuneConfig, output_dir: Path, learning_rate: float, has_validation: bool
+) -> TrainingArguments:
     """TrainingArguments of a run: constant lr as in the reference, eval and a checkpoint every epoch."""
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -165,9 +228,13 @@ def training_arguments(cfg: FinetuneConfig, output_dir: Path, learning_rate: flo
     )
 
 
-def _train(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path, timings: dict[str, float]) -> TaskLossTrainer:
+def _train(
+    model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path, timings: dict[str, float]
+) -> TaskLossTrainer:
     gates = model.finegates_config
-    args = training_arguments(cfg, out / "checkpoints", cfg.learning_rate or gates.head_lr, splits.validation is not None)
+    args = training_arguments(
+        cfg, out / "checkpoints", cfg.learning_rate or gates.head_lr, splits.validation is not None
+    )
     trainer = TaskLossTrainer(
         model=model,
         args=args,
@@ -177,8 +244,7 @@ def _train(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path, tim
         processing_class=tokenizer,
         compute_metrics=classification_metrics,
     )
-    if cfg.quiet:
-        trainer.remove_callback(PrinterCallback)
+    silence_printer(trainer, cfg.quiet)
     resume = get_last_checkpoint(args.output_dir) if cfg.resume and Path(args.output_dir).is_dir() else None
     if cfg.resume and resume is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", args.output_dir)
@@ -188,24 +254,38 @@ def _train(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path, tim
     return trainer
 
 
+def silence_printer(trainer: Trainer, quiet: bool) -> Trainer:
+    """Without progress bars the Trainer prints every log dict; quiet runs drop that printer."""
+    if quiet:
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def _dense_baseline(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path) -> float:
     """Test accuracy of full finetuning (every weight trains) on the same data and epochs."""
     dense = copy.deepcopy(model)
-    args = training_arguments(cfg, out / "dense-baseline", cfg.dense_learning_rate, splits.validation is not None)
+    args = training_arguments(
+        cfg, out / "dense-baseline", cfg.dense_learning_rate, splits.validation is not None
+    )
     args.save_strategy = "no"
-    trainer = Trainer(
-        model=dense,
-        args=args,
-        train_dataset=splits.train,
-        eval_dataset=splits.validation,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=classification_metrics,
+    trainer = silence_printer(
+        Trainer(
+            model=dense,
+            args=args,
+            train_dataset=splits.train,
+            eval_dataset=splits.validation,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=classification_metrics,
+        ),
+        cfg.quiet,
     )
     trainer.train()
     return trainer.evaluate(splits.test, metric_key_prefix="test")["test_accuracy"]
 
 
-def _compress_and_evaluate(model, tokenizer, test: EncodedSplit, cfg: FinetuneConfig, out: Path, bench) -> dict[str, Any]:
+def _compress_and_evaluate(
+    model, tokenizer, test: EncodedSplit, cfg: FinetuneConfig, out: Path, bench
+) -> dict[str, Any]:
     """Compact the gated model, save it, and measure its accuracy, size and latency."""
     try:
         from finegates.compress import compress
@@ -218,7 +298,13 @@ def _compress_and_evaluate(model, tokenizer, test: EncodedSplit, cfg: FinetuneCo
     small.save_pretrained(out / "compressed")
     tokenizer.save_pretrained(out / "compressed")
     args = training_arguments(cfg, out / "checkpoints", 0.0, False)
-    evaluator = Trainer(model=small, args=args, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=classification_metrics)
+    evaluator = Trainer(
+        model=small,
+        args=args,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=classification_metrics,
+    )
+    silence_printer(evaluator, cfg.quiet)
     result: dict[str, Any] = {
         "accuracy": evaluator.evaluate(test, metric_key_prefix="test")["test_accuracy"],
         "params": sum(p.numel() for p in small.parameters()),
@@ -229,7 +315,9 @@ def _compress_and_evaluate(model, tokenizer, test: EncodedSplit, cfg: FinetuneCo
     return result
 
 
-def _summary(model, full: SparsityReport, report: SparsityReport, trainer, dense_acc, gated_acc, compacted) -> dict[str, Any]:
+def _summary(
+    model, full: SparsityReport, report: SparsityReport, trainer, dense_acc, gated_acc, compacted
+) -> dict[str, Any]:
     trainable, total = count_parameters(model)
     evals = [row for row in trainer.state.log_history if "eval_accuracy" in row]
     return {
@@ -246,4 +334,3 @@ def _summary(model, full: SparsityReport, report: SparsityReport, trainer, dense
         "layers": [{**vars(row), "removed": row.removed} for row in report.layers],
         "compress": {"seconds": compacted.get("seconds"), "error": compacted.get("error")},
     }
-

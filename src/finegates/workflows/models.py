@@ -33,7 +33,8 @@ def load_classifier(name: str, num_labels: int, label_names: list[str] | None = 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model(name)
-    kwargs = {"num_labels": num_labels}
+    # A checkpoint whose head has another number of labels gets a new head (the size mismatch is expected).
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     if label_names:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {label: i for i, label in enumerate(label_names)}

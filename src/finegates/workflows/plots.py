@@ -8,10 +8,15 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-WIDTHS = (("heads", "heads"), ("qk_dims", "q/k dims"), ("vo_dims", "v dims"), ("ffn_channels", "FFN channels"))
+WIDTHS = (
+    ("heads", "heads"),
+    ("qk_dims", "q/k dims"),
+    ("vo_dims", "v dims"),
+    ("ffn_channels", "FFN channels"),
+)
 
 
 def _series(log_history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -19,24 +24,44 @@ def _series(log_history: list[dict[str, Any]], key: str) -> tuple[list[float], l
     return [row["step"] for row in rows], [row[key] for row in rows]
 
 
-def plot_training_curves(log_history: list[dict[str, Any]], path: Path, final_removed: float | None = None) -> Path:
-    """Left: task loss (and total loss, validation loss); right: achieved vs target sparsity per step.
+def plot_training_curves(
+    log_history: list[dict[str, Any]], path: Path, final_removed: float | None = None
+) -> Path:
+    """Left: task loss (train and validation); right: achieved vs target sparsity per step.
+
+    The total loss is not drawn: its Lagrangian term is signed, so it says little about the task.
 
     `final_removed` (the fraction after `finalize_gates`) is drawn as a star at the last step.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("task_loss", "task loss (train)"), ("loss", "total loss (train)"), ("eval_loss", "task loss (validation)")):
+    for key, label in (
+        ("task_loss", "task loss (train)"),
+        ("eval_loss", "task loss (validation)"),
+    ):
         steps, values = _series(log_history, key)
         if steps:
             left.plot(steps, values, marker="o" if key == "eval_loss" else ".", label=label)
     left.set(xlabel="step", ylabel="loss", title="Loss", yscale="log")
-    for key, label in (("sparsity_removed", "removed (exact plan)"), ("sparsity_expected", "expected"), ("sparsity_target", "target")):
+    for key, label in (
+        ("sparsity_removed", "removed (exact plan)"),
+        ("sparsity_expected", "expected"),
+        ("sparsity_target", "target"),
+    ):
         steps, values = _series(log_history, key)
         if steps:
-            right.plot(steps, values, linestyle="--" if key == "sparsity_target" else "-", marker=".", label=label)
+            right.plot(
+                steps, values, linestyle="--" if key == "sparsity_target" else "-", marker=".", label=label
+            )
     last_step = max((row["step"] for row in log_history if "step" in row), default=0)
     if final_removed is not None:
-        right.plot([last_step], [final_removed], marker="*", markersize=12, linestyle="", label="removed after finalize")
+        right.plot(
+            [last_step],
+            [final_removed],
+            marker="*",
+            markersize=12,
+            linestyle="",
+            label="removed after finalize",
+        )
     right.set(xlabel="step", ylabel="fraction of gated params removed", title="Sparsity")
     for axis in (left, right):
         axis.grid(alpha=0.3)
@@ -49,11 +74,21 @@ def plot_kept_widths(metrics: dict[str, Any], path: Path) -> Path:
     """Heatmaps: kept fraction of heads / head dims / FFN channels per block, and of rows / cols per layer."""
     blocks, full = metrics["sparsity"]["blocks"], metrics["full_widths"]
     layers = metrics["layers"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(3.0, 0.28 * len(layers) + 1)), width_ratios=(1, 1))
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(12, max(3.0, 0.28 * len(layers) + 1)), width_ratios=(1, 1)
+    )
     block_grid = np.array([[_fraction(b[key], f[key]) for key, _ in WIDTHS] for b, f in zip(blocks, full)])
     _heatmap(left, block_grid, [b["name"] for b in blocks], [label for _, label in WIDTHS], "Kept per block")
-    layer_grid = np.array([[r["kept_shape"][0] / r["shape"][0], r["kept_shape"][1] / r["shape"][1]] for r in layers])
-    _heatmap(right, layer_grid, [r["name"] for r in layers], ["rows (out)", "cols (in)"], "Kept per layer (cols of readers = residual dims)")
+    layer_grid = np.array(
+        [[r["kept_shape"][0] / r["shape"][0], r["kept_shape"][1] / r["shape"][1]] for r in layers]
+    )
+    _heatmap(
+        right,
+        layer_grid,
+        [r["name"] for r in layers],
+        ["rows (out)", "cols (in)"],
+        "Kept per layer (cols of readers = residual dims)",
+    )
     return _save(fig, path)
 
 
@@ -62,13 +97,23 @@ def _fraction(kept: int | None, total: int | None) -> float:
 
 
 def _heatmap(axis, grid: np.ndarray, rows: list[str], cols: list[str], title: str) -> None:
-    image = axis.imshow(grid if grid.size else np.zeros((1, len(cols))), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    image = axis.imshow(
+        grid if grid.size else np.zeros((1, len(cols))), vmin=0, vmax=1, cmap="viridis", aspect="auto"
+    )
     axis.set_xticks(range(len(cols)), cols, rotation=20)
     axis.set_yticks(range(len(rows)), rows, fontsize=7)
     axis.set_title(title)
     for (i, j), value in np.ndenumerate(grid):
         if not np.isnan(value):
-            axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+            axis.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value < 0.6 else "black",
+            )
     axis.figure.colorbar(image, ax=axis, fraction=0.04)
 
 

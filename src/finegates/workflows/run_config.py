@@ -37,7 +37,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if data is None:
         raise ValueError(f"Config file {path} is empty.")
     if not isinstance(data, dict):
-        raise ValueError(f"Config file {path} must hold a mapping of option names to values.")
+        raise TypeError(f"Config file {path} must hold a mapping of option names to values.")
     return data
 
 

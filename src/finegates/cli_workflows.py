@@ -1,0 +1,74 @@
+"""Subcommands for the causal-LM workflows and the method comparison: posttrain, pretrain, compare.
+
+finegates posttrain --model smollm2-135m --target-sparsity 0.3 --max-steps 100
+finegates pretrain --max-steps 300 --gate-start-step 100 --target-sparsity 0.4
+finegates compare --model minilm --task reuters8 --methods full,lora,finegates --sparsity 0.2,0.4
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from finegates.cli_args import add_dataclass_arguments, build_configs
+from finegates.config import GatesConfig
+
+
+def _parser(subparsers, name: str, help_text: str, sections: dict[str, type], handler: Callable) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options.")
+    for section, cls in sections.items():
+        add_dataclass_arguments(parser.add_argument_group(f"{section} options ({cls.__name__})"), cls)
+    parser.set_defaults(handler=handler)
+
+
+def _lm_sections(kind: str) -> dict[str, type]:
+    if kind == "posttrain":
+        from finegates.workflows.posttrain import PosttrainConfig as cls
+    else:
+        from finegates.workflows.pretrain import PretrainConfig as cls
+    return {kind: cls, "gates": GatesConfig}
+
+
+def _run_posttrain(args: argparse.Namespace) -> int:
+    from finegates.workflows.posttrain import default_posttrain_gates, posttrain
+
+    configs = build_configs(args, _lm_sections("posttrain"), defaults={"gates": default_posttrain_gates().to_dict()})
+    metrics = posttrain(configs["posttrain"], configs["gates"])
+    s = metrics["sparsity"]
+    print(f"perplexity: dense {metrics['dense']['perplexity']:.2f}, compacted {metrics['compressed']['perplexity']:.2f}; "
+          f"removed {s['removed_fraction']:.2%} of gated-layer parameters; prefill speedup {metrics['prefill_speedup']:.2f}x")
+    print(f"Report: {configs['posttrain'].output_dir}/report.md")
+    return 0
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from finegates.workflows.pretrain import default_pretrain_gates, pretrain
+
+    configs = build_configs(args, _lm_sections("pretrain"), defaults={"gates": default_pretrain_gates().to_dict()})
+    metrics = pretrain(configs["pretrain"], configs["gates"])
+    print(f"held-out perplexity: dense {metrics['dense']['perplexity']:.3f}, gated {metrics['gated']['perplexity']:.3f}; "
+          f"removed {metrics['sparsity']['removed_fraction']:.2%} of gated-layer parameters")
+    print(f"Report: {configs['pretrain'].output_dir}/report.md")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from finegates.workflows.compare import CompareConfig, compare
+
+    cfg = build_configs(args, {"compare": CompareConfig})["compare"]
+    compare(cfg)
+    print(f"Table: {cfg.output_dir}/comparison.md  Plot: {cfg.output_dir}/pareto.png")
+    return 0
+
+
+def add_workflow_commands(subparsers) -> None:
+    _parser(subparsers, "posttrain", "Task-agnostic sparsification of a LLaMA-family causal LM (gates only, LM loss), "
+            "perplexity and zero-shot accuracy before/after, compaction.", _lm_sections("posttrain"), _run_posttrain)
+    _parser(subparsers, "pretrain", "Train a LLaMA from scratch with weights and gates, against the same run without "
+            "gates at equal steps.", _lm_sections("pretrain"), _run_pretrain)
+    from finegates.workflows.compare import CompareConfig
+
+    _parser(subparsers, "compare", "Run full, lora, magnitude, squarehead, salr, maskllm, finegates, finegates+kd on "
+            "the same model, data, seed and budget; write one table and one Pareto plot.",
+            {"compare": CompareConfig}, _run_compare)

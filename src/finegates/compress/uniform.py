@@ -1,0 +1,138 @@
+"""Uniform-width export: every layer cut to the same widths, loadable by the stock class without finegates.
+
+Serving engines load stock architectures only, and a stock config has one FFN width and one head
+layout for all layers. Every layer therefore keeps the widest layer's count: a layer that keeps
+fewer is padded with its own closed channels / dead heads, whose folded weights make them contribute
+exactly zero. The export is thus exact (no accuracy cost); its cost is size: it removes less than
+`compress` (compare parameter counts). What a stock config can express:
+- FFN channels (all families): one `intermediate_size` (`n_inner` for GPT-2);
+- whole attention heads, for the LLaMA family only (its config carries `head_dim`): the same number
+  of KV heads per layer and of query heads per KV head. BERT and GPT-2 derive the head size from the
+  hidden size, RoPE derives its frequencies from the head size, and no stock class gathers residual
+  dims, so head sizes and the residual width stay full.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from finegates.architectures import architecture_for
+from finegates.compress.build import _load, family
+from finegates.compress.slicing import folded_linear, keep_cols, keep_rows
+from finegates.coupling import Block, find_blocks, full_shape
+from finegates.model import CONTROLLER_ATTR, gated_layers, gates_config
+from finegates.plan import CompactionPlan, compaction_plan
+
+logger = logging.getLogger(__name__)
+
+FFN_CONFIG_KEYS = ("intermediate_size", "n_inner")  # LLaMA/BERT name, GPT-2 name
+
+
+def _pad(kept: torch.Tensor, universe: int, width: int) -> torch.Tensor:
+    """`kept` plus the first indices not in it, up to `width` in all, sorted."""
+    kept_set = set(kept.tolist())
+    extra = [i for i in range(universe) if i not in kept_set][: max(width - len(kept), 0)]
+    return torch.sort(torch.cat([kept.long(), torch.tensor(extra, dtype=torch.long)])).values
+
+
+def _head_widths(plan: CompactionPlan) -> tuple[int, int]:
+    """(KV heads, query heads per KV head) that every layer keeps: the widest layer's."""
+    kv = max(len(a.kv_heads) for a in plan.attention.values())
+    group = max(int(torch.bincount(a.kv_index).max()) for a in plan.attention.values())
+    return kv, group
+
+
+def _head_rows(block: Block, plan: CompactionPlan, kv_width: int, group_width: int) -> dict[str, torch.Tensor]:
+    """Kept rows of q, k, v and columns of o: whole heads, padded with dead heads of the same groups."""
+    a, s = plan.attention[block.name], block.shape
+    kv_heads = _pad(a.kv_heads, s.num_kv_heads, kv_width)
+    queries = [_pad(a.heads[a.heads // s.group_size == kv] - kv * s.group_size, s.group_size, group_width)
+               + kv * s.group_size for kv in kv_heads.tolist()]
+    q_heads = torch.cat(queries)
+    d = s.head_dim
+    q, kv = (q_heads[:, None] * d + torch.arange(d)).flatten(), (kv_heads[:, None] * d + torch.arange(d)).flatten()
+    return {"q": q, "k": kv, "v": kv, "o": q}
+
+
+def _block_slices(block: Block, plan: CompactionPlan, widths: dict[str, int]) -> dict[str, tuple]:
+    """Module name -> (rows or None, cols or None) to keep in this block."""
+    slices = {}
+    if block.name in plan.ffn and "ffn" in widths:
+        channels = _pad(plan.ffn[block.name], full_shape(block.modules["down"][1])[1], widths["ffn"])
+        slices.update({block.modules[r][0]: (channels, None) for r in ("up", "gate") if block.has(r)})
+        slices[block.modules["down"][0]] = (None, channels)
+    if block.name in plan.attention and "kv_heads" in widths:
+        rows = _head_rows(block, plan, widths["kv_heads"], widths["group"])
+        slices.update({block.modules[r][0]: (rows[r], None) for r in ("q", "k", "v")})
+        slices[block.modules["o"][0]] = (None, rows["o"])
+    return slices
+
+
+def _state_dict(model: PreTrainedModel, slices: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """Stock names and orientation (Conv1D keeps its in x out weight), gates folded in."""
+    gated = gated_layers(model)
+    replaced = tuple(f"{name}." for name in gated) + (f"{CONTROLLER_ATTR}.",)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(replaced)}
+    for name, module in gated.items():
+        rows, cols = slices.get(name, (None, None))
+        linear = folded_linear(module)
+        linear = keep_rows(linear, rows) if rows is not None else linear
+        linear = keep_cols(linear, cols) if cols is not None else linear
+        conv = isinstance(module.base_layer, Conv1D)
+        state[f"{name}.weight"] = linear.weight.t().contiguous() if conv else linear.weight
+        if linear.bias is not None:
+            state[f"{name}.bias"] = linear.bias
+    for name, (rows, cols) in slices.items():  # role modules without gates are sliced too
+        if name not in gated:
+            module = model.get_submodule(name)
+            linear = folded_linear(module)
+            linear = keep_rows(linear, rows) if rows is not None else linear
+            linear = keep_cols(linear, cols) if cols is not None else linear
+            conv = isinstance(module, Conv1D)
+            state[f"{name}.weight"] = linear.weight.t().contiguous() if conv else linear.weight
+            if linear.bias is not None:
+                state[f"{name}.bias"] = linear.bias
+    return state
+
+
+def export_uniform(model: PreTrainedModel) -> PreTrainedModel:
+    """A stock transformers model (same class as the gated model's) with uniform, exactly removable widths.
+
+    >>> stock = export_uniform(gated_model)  # doctest: +SKIP
+    >>> stock.save_pretrained("stock/")  # loads with plain transformers, no finegates needed  # doctest: +SKIP
+    """
+    gates_config(model)
+    arch = architecture_for(model.config.model_type)
+    plan = compaction_plan(model)
+    widths: dict[str, int] = {}
+    if plan.ffn:
+        widths["ffn"] = max(len(c) for c in plan.ffn.values())
+    if plan.attention and family(arch) == "rope":
+        widths["kv_heads"], widths["group"] = _head_widths(plan)
+    slices = {}
+    for block in find_blocks(model):
+        slices.update(_block_slices(block, plan, widths))
+    config = _uniform_config(model, widths)
+    with torch.device("meta"):
+        stock = type(model)(config)
+    _load(stock, _state_dict(model, slices), model)
+    logger.info("Uniform export widths %s", widths)
+    return stock.eval()
+
+
+def _uniform_config(model: PreTrainedModel, widths: dict[str, int]):
+    config = type(model.config).from_dict(model.config.to_dict())
+    if "ffn" in widths:
+        key = next(k for k in FFN_CONFIG_KEYS if hasattr(config, k))
+        setattr(config, key, widths["ffn"])
+    if "kv_heads" in widths:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        config.head_dim = head_dim
+        config.num_key_value_heads = widths["kv_heads"]
+        config.num_attention_heads = widths["kv_heads"] * widths["group"]
+    return config
+

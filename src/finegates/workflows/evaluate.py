@@ -1,0 +1,139 @@
+"""`evaluate`: test accuracy of any classification checkpoint: dense, gated (adapter folder) or compacted.
+
+CLI:  finegates evaluate --model runs/minilm-reuters8/compressed --task reuters8
+      finegates evaluate --model runs/minilm-reuters8/gates --task reuters8   # base model from run_config.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    set_seed,
+)
+
+from finegates.adapter import WEIGHTS_NAME, load_gates
+from finegates.data import ClassificationData, Columns, load_classification
+from finegates.io_utils import atomic_write_text
+from finegates.workflows.encoding import EncodedSplit
+from finegates.workflows.evaluation import classification_metrics
+from finegates.workflows.finetune import FinetuneConfig, silence_printer, training_arguments
+from finegates.workflows.models import load_classifier
+from finegates.workflows.run_config import RUN_CONFIG_NAME
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateConfig:
+    """Options of `evaluate`.
+
+    >>> EvaluateConfig(model="runs/x/compressed").task
+    'reuters8'
+    """
+
+    model: str = field(
+        default="minilm",
+        metadata={"help": "A model folder (dense or compacted), a gate adapter folder, or a hub id."},
+    )
+    task: str = field(default="reuters8", metadata={"help": "Task name or data source, as for `finetune`."})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Base model of a gate adapter (default: from the run's run_config.json)."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Text column of a `datasets` source."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Second text column (sentence-pair tasks)."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Label column of a `datasets` source."})
+    test_file: str | None = field(default=None, metadata={"help": "Test file for a local train file."})
+    test_fraction: float = field(
+        default=0.2, metadata={"help": "Held-out fraction when there is no test split."}
+    )
+    max_length: int = field(default=128, metadata={"help": "Tokens kept per example."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on a seeded random subset of the test split."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the test subset."})
+    output_file: str | None = field(default=None, metadata={"help": "Write the metrics as JSON here."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bars; warnings and errors only."})
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Test metrics (accuracy, macro F1, loss) of the checkpoint `cfg.model` on `cfg.task`.
+
+    >>> evaluate(EvaluateConfig(model="runs/minilm-reuters8/compressed"))["test_accuracy"]  # doctest: +SKIP
+    """
+    set_seed(cfg.seed)
+    columns = Columns(text=cfg.text_column, label=cfg.label_column, text_pair=cfg.text_pair_column)
+    data = load_classification(cfg.task, columns, cfg.test_file, cfg.test_fraction, cfg.seed)
+    model, tokenizer = load_for_evaluation(cfg, data)
+    test, _ = data.test.sample(cfg.max_test_samples, cfg.seed)
+    run = FinetuneConfig(eval_batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = training_arguments(run, Path(scratch), 0.0, False)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=classification_metrics,
+        )
+        silence_printer(trainer, cfg.quiet)
+        metrics = trainer.evaluate(EncodedSplit(test, tokenizer, cfg.max_length), metric_key_prefix="test")
+    metrics.update(model=cfg.model, task=data.name, test_rows=len(test))
+    if cfg.output_file:
+        atomic_write_text(Path(cfg.output_file), json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+def load_for_evaluation(cfg: EvaluateConfig, data: ClassificationData):
+    """(model, tokenizer): a gate adapter on its base model, or any sequence-classification folder / id."""
+    import finegates.compress  # noqa: F401  (registers the compacted classes with the Auto classes)
+
+    path = Path(cfg.model)
+    if (path / WEIGHTS_NAME).is_file():
+        base = cfg.base_model or _base_from_run(path)
+        model, tokenizer = load_classifier(base, data.num_labels, data.label_names)
+        return load_gates(model, path).eval(), tokenizer
+    model, tokenizer = (
+        load_classifier(cfg.model, data.num_labels, data.label_names)
+        if not path.is_dir()
+        else _load_folder(path)
+    )
+    _check_labels(model, data)
+    return model.eval(), tokenizer
+
+
+def _load_folder(path: Path):
+    return AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def _base_from_run(adapter: Path) -> str:
+    run_config = adapter.parent / RUN_CONFIG_NAME
+    if not run_config.is_file():
+        raise ValueError(
+            f"{adapter} is a gate adapter; pass --base-model (no {RUN_CONFIG_NAME} next to it to read it from)."
+        )
+    return json.loads(run_config.read_text())["finetune"]["model"]
+
+
+def _check_labels(model, data: ClassificationData) -> None:
+    if model.config.num_labels != data.num_labels:
+        raise ValueError(
+            f"The model predicts {model.config.num_labels} labels but task {data.name!r} has {data.num_labels}."
+        )
+    names = [model.config.id2label.get(i, "") for i in range(data.num_labels)]
+    if not all(name.startswith("LABEL_") for name in names) and names != data.label_names:
+        raise ValueError(
+            f"The model's labels {names} differ from the task's {data.label_names}: was it trained on this task?"
+        )

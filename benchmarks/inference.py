@@ -14,6 +14,7 @@ save_pretrained format). SmolLM2 needs `pip install gguf` once, to dequantize it
 
     python benchmarks/inference.py                                   # all (~15 min on 2 cores)
     python benchmarks/inference.py --models minilm --fractions 0.4 --min-run-time 1
+    python benchmarks/inference.py --models --accuracy runs/minilm-reuters8/compressed --max-length 64
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
+    parser.add_argument("--models", nargs="*", default=["minilm", "smollm2"], choices=["minilm", "smollm2"],
+                        help="models to time (none: only --accuracy)")
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the variants")
@@ -243,6 +245,7 @@ def main() -> None:
                         help="a compacted MiniLM Reuters-R8 classifier folder (with its tokenizer): report its "
                              "test accuracy in float32 and int8")
     parser.add_argument("--eval-docs", type=int, default=2189, help="test documents for --accuracy")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per document for --accuracy")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     if args.threads:
@@ -253,7 +256,7 @@ def main() -> None:
     print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, load average at the end {load:.1f}")
     print(table(results))
-    scores = accuracy(args.accuracy, args.eval_docs, 256) if args.accuracy else []
+    scores = accuracy(args.accuracy, args.eval_docs, args.max_length) if args.accuracy else []
     for row in scores:
         print(f"Reuters-R8 accuracy, {row['variant']}: {row['accuracy']:.4f} ({row['docs']} test docs)")
     if args.out:

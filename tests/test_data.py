@@ -17,7 +17,7 @@ from finegates.data import (
     load_text_corpus,
 )
 from finegates.data.orange import read_tab
-from finegates.workflows.models import resolve_model
+from finegates.workflows.models import load_classifier, resolve_model
 
 # name -> (train rows, test rows, labels, sentence pair); counts from shared/OFFLINE.md
 PACKAGED = {
@@ -171,3 +171,5 @@ def test_sample_is_seeded_and_disjoint():
 def test_model_names():
     assert (Path(resolve_model("minilm")) / "config.json").is_file()
     assert resolve_model("some-org/some-model") == "some-org/some-model"
+    with pytest.raises(ValueError, match="Could not load model '/nonexistent/model'.*embedded name"):
+        load_classifier("/nonexistent/model", num_labels=2)

@@ -40,20 +40,36 @@ class Latency:
         return asdict(self)
 
 
-def measure_latency(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 3) -> Latency:
-    """Forward-pass latency of `model` in eval mode on `batch` (one warm-up call, then `repeats` timed)."""
-    model.eval()
-    threads = torch.get_num_threads()
-    timer = benchmark.Timer(
+def measure_latency(
+    models: dict[str, nn.Module], batch: dict[str, torch.Tensor], repeats: int = 3
+) -> dict[str, Latency]:
+    """Forward-pass latency of each model (eval mode) on `batch`.
+
+    One warm-up call each, then `repeats` rounds that time every model once in turn, so a change in
+    the machine's load during the measurement affects all models alike.
+    """
+    timers = {name: _timer(model, batch) for name, model in models.items()}
+    runs: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for name, model in models.items():
+            model.eval()(**batch)
+        for _ in range(repeats):
+            for name, timer in timers.items():
+                runs[name].append(timer.timeit(1).median)
+    size, length = batch["input_ids"].shape
+    return {name: _summarise(times, size, length) for name, times in runs.items()}
+
+
+def _timer(model: nn.Module, batch: dict[str, torch.Tensor]) -> benchmark.Timer:
+    return benchmark.Timer(
         stmt="model(**batch)",
         globals={"model": model, "batch": batch},
-        num_threads=threads,
+        num_threads=torch.get_num_threads(),
         label=type(model).__name__,
     )
-    with torch.inference_mode():
-        model(**batch)
-        runs = [timer.timeit(1).median for _ in range(repeats)]
-    runs_array = np.array(runs)
-    iqr = float(np.percentile(runs_array, 75) - np.percentile(runs_array, 25))
-    size, length = batch["input_ids"].shape
-    return Latency(float(np.median(runs_array)), iqr, repeats, size, length, threads)
+
+
+def _summarise(times: list[float], batch_size: int, length: int) -> Latency:
+    array = np.array(times)
+    iqr = float(np.percentile(array, 75) - np.percentile(array, 25))
+    return Latency(float(np.median(array)), iqr, len(times), batch_size, length, torch.get_num_threads())

@@ -4,6 +4,9 @@ finegates finetune --model minilm --task reuters8 --target-sparsity 0.3 --output
 finegates finetune --config run.yaml --epochs 2        # file values, overridden by flags
 finegates evaluate --model runs/minilm-reuters8/compressed --task reuters8 --max-length 64
 finegates report runs/minilm-reuters8                   # re-render report.md and plots
+finegates posttrain --model smollm2-135m --target-sparsity 0.3 --max-steps 100
+finegates pretrain --max-steps 300 --gate-start-step 100
+finegates compare --model minilm --task reuters8 --methods full,lora,finegates --sparsity 0.2,0.4
 accelerate launch -m finegates.cli finetune ...         # many processes (or torchrun -m finegates.cli)
 """
 
@@ -16,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from finegates.cli_args import add_dataclass_arguments, build_configs
+from finegates.cli_workflows import add_workflow_commands
 from finegates.config import GatesConfig
 from finegates.data.packaged import MissingPackageError
 
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(subparsers)
     _add_evaluate(subparsers)
     _add_report(subparsers)
+    add_workflow_commands(subparsers)
     return parser
 
 

@@ -86,12 +86,17 @@ def _cli_values(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
     return out
 
 
-def build_configs(namespace: argparse.Namespace, sections: dict[str, type]) -> dict[str, Any]:
-    """Config objects per section from defaults, the optional `--config` file, and the given flags."""
+def build_configs(
+    namespace: argparse.Namespace, sections: dict[str, type], defaults: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Config objects per section from `defaults` (else the dataclass defaults), the optional `--config`
+    file, and the given flags, each overriding the one before."""
     config_file = getattr(namespace, "config", None)
-    values = {name: {} for name in sections}
+    values = {name: dict((defaults or {}).get(name, {})) for name in sections}
     if config_file:
-        values = split_sections(read_config_file(config_file), sections, str(config_file))
+        from_file = split_sections(read_config_file(config_file), sections, str(config_file))
+        for name in sections:
+            values[name].update(from_file[name])
     configs = {}
     for name, cls in sections.items():
         values[name].update(_cli_values(namespace, cls))

@@ -1,0 +1,51 @@
+"""posttrain / pretrain / compare subcommands: options reach the configs, workflow defaults apply."""
+
+from __future__ import annotations
+
+import pytest
+
+from finegates import cli
+from finegates.workflows import compare, posttrain, pretrain
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    seen = {}
+
+    def fake(name, result):
+        def run(*configs):
+            seen[name] = configs
+            return result
+        return run
+
+    lm = {"dense": {"perplexity": 2.0}, "compressed": {"perplexity": 2.5}, "gated": {"perplexity": 2.5},
+          "sparsity": {"removed_fraction": 0.3}, "prefill_speedup": 1.2}
+    monkeypatch.setattr(posttrain, "posttrain", fake("posttrain", lm))
+    monkeypatch.setattr(pretrain, "pretrain", fake("pretrain", lm))
+    monkeypatch.setattr(compare, "compare", fake("compare", []))
+    return seen
+
+
+def test_posttrain_uses_its_gate_defaults_and_flags_override(captured):
+    assert cli.main(["posttrain", "--max-steps", "7", "--target-sparsity", "0.2"]) == 0
+    run, gates = captured["posttrain"]
+    assert run.max_steps == 7 and gates.target_sparsity == 0.2
+    assert gates.bias == "none" and gates.modules_to_save == [] and gates.gate_lr == 0.01
+
+
+def test_pretrain_options(captured):
+    assert cli.main(["pretrain", "--max-steps", "50", "--gate-start-step", "10"]) == 0
+    run, gates = captured["pretrain"]
+    assert (run.max_steps, run.gate_start_step, gates.target_sparsity) == (50, 10, 0.4)
+
+
+def test_compare_takes_comma_lists(captured):
+    argv = ["compare", "--methods", "full,lora,finegates", "--sparsity", "0.2,0.4", "--task", "reuters8"]
+    assert cli.main(argv) == 0
+    (cfg,) = captured["compare"]
+    assert cfg.methods == ["full", "lora", "finegates"] and cfg.sparsity == [0.2, 0.4]
+
+
+def test_compare_rejects_an_unknown_method(capsys):
+    assert cli.main(["compare", "--methods", "full,adapters"]) == 2
+    assert "Unknown methods ['adapters']" in capsys.readouterr().err

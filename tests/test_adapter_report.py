@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
-from conftest import logits, tiny_inputs, tiny_model
 
 import finegates
+from conftest import logits, tiny_inputs, tiny_model
 from finegates import GatesConfig, get_gated_model, load_gates, save_gates, sparsity_report
 from finegates.adapter import WEIGHTS_NAME
 

@@ -17,7 +17,7 @@ def _train(launcher: list[str], out: Path, per_device_batch: int) -> None:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [*launcher, str(SCRIPT), str(out), str(per_device_batch)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

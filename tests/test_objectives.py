@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import is_causal, tiny_inputs, tiny_model
 
 import finegates
+from conftest import is_causal, tiny_inputs, tiny_model
 from finegates import GatesConfig, get_gated_model, optimizer_param_groups, sparsity_loss, sparsity_report
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
 
+from conftest import tiny_model
 from finegates.config import GatesConfig
 from finegates.data.types import MultipleChoiceItem
 from finegates.workflows import posttrain as workflow

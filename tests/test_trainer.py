@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_model
 from transformers import TrainingArguments
 
 import finegates
+from conftest import tiny_model
 from finegates import GatesConfig, get_gated_model
 from finegates.adapter import WEIGHTS_NAME
 from finegates.trainer import FineGatesTrainer

@@ -7,6 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from finegates.config import GatesConfig
+from finegates.gated_fn import GatedLinearFunction
 from finegates.gates import Gate, make_gate
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -52,6 +53,10 @@ class GatedLinear(nn.Module):
         if not self.enabled:
             return self.base_layer(x)
         g_col, g_row = self.col_gate.value().to(x.dtype), self.row_gate.value().to(x.dtype)
+        if torch.is_grad_enabled() and self.training:
+            weight = self.base_layer.weight
+            weight = weight.t() if isinstance(self.base_layer, Conv1D) else weight
+            return GatedLinearFunction.apply(x, g_col, g_row, weight, self.base_layer.bias)
         return self.base_layer(x * g_col) * g_row
 
     def gates(self) -> dict[str, Gate]:

@@ -76,9 +76,11 @@ class SparsityReport:
 
     def __str__(self) -> str:
         lines = [
-            f"target sparsity {self.target:.1%} | removed {self.removed_fraction:.2%} of gated-layer params "
-            f"({self.gated_removed:,d} / {self.gated_params:,d}) | whole model: {self.model_removed:,d} / "
-            f"{self.model_params:,d} ({self.model_removed_fraction:.2%})",
+            (
+                f"target sparsity {self.target:.1%} | removed {self.removed_fraction:.2%} of gated-layer params "
+                f"({self.gated_removed:,d} / {self.gated_params:,d}) | whole model: {self.model_removed:,d} / "
+                f"{self.model_params:,d} ({self.model_removed_fraction:.2%})"
+            ),
             f"{'layer':<56} {'shape':>12} {'kept':>12} {'removed':>8}",
         ]
         for r in self.layers:

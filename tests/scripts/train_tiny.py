@@ -36,7 +36,7 @@ def main(out: str, per_device_batch: int) -> None:
                              optim="sgd")  # Adam would magnify float rounding in near-zero gradients
     trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, finalize=False)
     trainer.train()
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     state = {k: v.contiguous() for k, v in trainable_state_dict(trainer.model).items()}
     save_file(state, os.path.join(out, f"rank{rank}.safetensors"))
 

@@ -139,10 +139,14 @@ def posttrain_report(m: dict[str, Any]) -> str:
     lines += [f"| {name} | " + " | ".join(f"{v.get(k, float('nan')):.4g}" for k in keys) + " |" for name, v in rows]
     lines += [
         "",
-        f"Removed {s['removed_fraction']:.2%} of gated-layer parameters ({s['gated_removed']:,d} of "
-        f"{s['gated_params']:,d}); {s['model_removed_fraction']:.2%} of the whole model.",
-        f"Prefill 1 x seq_len: dense {m['dense']['prefill_s'] * 1e3:.1f} ms, compacted "
-        f"{m['compressed']['prefill_s'] * 1e3:.1f} ms, speedup {m['prefill_speedup']:.2f}x.",
+        (
+            f"Removed {s['removed_fraction']:.2%} of gated-layer parameters ({s['gated_removed']:,d} of "
+            f"{s['gated_params']:,d}); {s['model_removed_fraction']:.2%} of the whole model."
+        ),
+        (
+            f"Prefill 1 x seq_len: dense {m['dense']['prefill_s'] * 1e3:.1f} ms, compacted "
+            f"{m['compressed']['prefill_s'] * 1e3:.1f} ms, speedup {m['prefill_speedup']:.2f}x."
+        ),
         f"Trainable parameters (gates): {m['trainable_params']:,d} of {m['model_params']:,d}; training {m['train_s']:.0f} s.",
     ]
     return "\n".join(lines) + "\n"

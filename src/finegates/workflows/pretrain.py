@@ -148,6 +148,10 @@ def _report(m: dict[str, Any]) -> str:
         "| run | held-out perplexity (bytes) | bits per byte | train time (s) |", "|---|---|---|---|",
         *(f"| {k} | {m[k]['perplexity']:.3f} | {m['bits_per_byte'][k]:.3f} | {m[k]['train_s']:.0f} |"
           for k in ("dense", "gated")),
-        "", f"The gated run removes {s['removed_fraction']:.2%} of gated-layer parameters "
-        f"({s['model_removed_fraction']:.2%} of the model).", "",
+        "",
+        (
+            f"The gated run removes {s['removed_fraction']:.2%} of gated-layer parameters "
+            f"({s['model_removed_fraction']:.2%} of the model)."
+        ),
+        "",
     ])

@@ -53,7 +53,9 @@ class GatedLinear(nn.Module):
         if not self.enabled:
             return self.base_layer(x)
         g_col, g_row = self.col_gate.value().to(x.dtype), self.row_gate.value().to(x.dtype)
-        if torch.is_grad_enabled() and self.training:
+        # The fused function reads the weight directly, so a wrapped base (e.g. a peft LoRA layer) keeps
+        # its own forward.
+        if torch.is_grad_enabled() and self.training and isinstance(self.base_layer, LINEAR_TYPES):
             weight = self.base_layer.weight
             weight = weight.t() if isinstance(self.base_layer, Conv1D) else weight
             return GatedLinearFunction.apply(x, g_col, g_row, weight, self.base_layer.bias)

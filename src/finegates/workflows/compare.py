@@ -136,7 +136,10 @@ def _latencies(model, cfg: CompareConfig, vocab: int) -> dict[str, float]:
     from finegates.workflows.encoding import benchmark_batch
     from finegates.workflows.evaluation import measure_latency
 
-    return {f"latency_b{b}_s": measure_latency(model, benchmark_batch(b, cfg.max_length, vocab)).median_s for b in (1, 32)}
+    return {
+        f"latency_b{b}_s": measure_latency({"m": model}, benchmark_batch(b, cfg.max_length, vocab))["m"].median_s
+        for b in (1, 32)
+    }
 
 
 def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str, Any]:

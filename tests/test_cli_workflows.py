@@ -49,3 +49,32 @@ def test_compare_takes_comma_lists(captured):
 def test_compare_rejects_an_unknown_method(capsys):
     assert cli.main(["compare", "--methods", "full,adapters"]) == 2
     assert "Unknown methods ['adapters']" in capsys.readouterr().err
+
+
+def test_compress_command_compacts_a_saved_adapter(tmp_path):
+    import json
+
+    import torch
+    from conftest import tiny_inputs, tiny_model
+    from transformers import AutoModelForSequenceClassification, BertTokenizerFast
+
+    import finegates
+
+    base_dir = tmp_path / "base"
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(base_dir)
+    tiny_model("bert").save_pretrained(base_dir)
+    gated = finegates.get_gated_model(AutoModelForSequenceClassification.from_pretrained(base_dir))
+    with torch.no_grad():
+        gated.bert.encoder.layer[0].intermediate.dense.row_gate.theta[:20] = -3.0
+        gated.classifier.weight.add_(0.5)
+    run = tmp_path / "run"
+    finegates.save_gates(gated.eval(), run / "gates")
+    (run / "run_config.json").write_text(json.dumps({"finetune": {"model": str(base_dir)}}))
+    assert cli.main(["compress", "--gates", str(run / "gates"), "--output-dir", str(tmp_path / "small")]) == 0
+    small = AutoModelForSequenceClassification.from_pretrained(tmp_path / "small").eval()
+    ids = tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).logits, gated(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in tiny_model("bert").parameters())
+    assert cli.main(["compress", "--gates", str(tmp_path), "--output-dir", str(tmp_path / "x")]) == 2

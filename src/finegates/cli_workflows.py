@@ -2,6 +2,7 @@
 
 finegates posttrain --model smollm2-135m --target-sparsity 0.3 --max-steps 100
 finegates pretrain --max-steps 300 --gate-start-step 100 --target-sparsity 0.4
+finegates compress --gates runs/r8/gates --output-dir small/
 finegates compare --model minilm --task reuters8 --methods full,lora,finegates --sparsity 0.2,0.4
 """
 
@@ -62,7 +63,20 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_compress(args: argparse.Namespace) -> int:
+    from finegates.workflows.export import CompressConfig, export_compressed
+
+    cfg = build_configs(args, {"compress": CompressConfig})["compress"]
+    print(f"Compacted model: {export_compressed(cfg)}")
+    return 0
+
+
 def add_workflow_commands(subparsers) -> None:
+    from finegates.workflows.export import CompressConfig
+
+    _parser(subparsers, "compress", "Compact a gate adapter (its base model from --base-model or the run's "
+            "run_config.json) into a smaller model folder that from_pretrained loads.",
+            {"compress": CompressConfig}, _run_compress)
     _parser(subparsers, "posttrain", "Task-agnostic sparsification of a LLaMA-family causal LM (gates only, LM loss), "
             "perplexity and zero-shot accuracy before/after, compaction.", _lm_sections("posttrain"), _run_posttrain)
     _parser(subparsers, "pretrain", "Train a LLaMA from scratch with weights and gates, against the same run without "

@@ -1,0 +1,74 @@
+"""`finegates compress`: a saved gate adapter on its base model -> a compacted model folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+
+from finegates.adapter import WEIGHTS_NAME, load_gates
+from finegates.workflows.run_config import RUN_CONFIG_NAME
+
+_HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
+
+
+@dataclass
+class CompressConfig:
+    """Which adapter to compact and where to write the compacted model."""
+
+    gates: str = field(default="", metadata={"help": "A gate adapter folder (written by save_gates or a run)."})
+    output_dir: str = field(default="", metadata={"help": "Folder for the compacted model."})
+    base_model: str | None = field(default=None, metadata={"help": "Base model (default: the run's run_config.json)."})
+    uniform: bool = field(default=False, metadata={"help": "Cut every layer to the same widths (stock classes load it)."})
+
+    def __post_init__(self) -> None:
+        if not self.gates or not self.output_dir:
+            raise ValueError("compress needs --gates (an adapter folder) and --output-dir.")
+
+
+def _base_model(adapter: Path, given: str | None) -> str:
+    if given:
+        return given
+    run_config = adapter.parent / RUN_CONFIG_NAME
+    if not run_config.is_file():
+        raise ValueError(f"No {RUN_CONFIG_NAME} next to {adapter}: pass --base-model.")
+    sections = json.loads(run_config.read_text())
+    return next(section["model"] for section in sections.values() if isinstance(section, dict) and "model" in section)
+
+
+def _num_labels(adapter: Path) -> int | None:
+    with safe_open(str(adapter / WEIGHTS_NAME), "pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if key.endswith(_HEADS):
+                return handle.get_slice(key).get_shape()[0]
+    return None
+
+
+def _load_base(name: str, num_labels: int | None):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from finegates.workflows.causal_lm import resolve_causal_lm
+    from finegates.workflows.models import resolve_model
+
+    if num_labels is None:
+        path = resolve_causal_lm(name)
+        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    path = resolve_model(name)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def export_compressed(cfg: CompressConfig) -> Path:
+    """Load the adapter on its base model, compact it and save it with its tokenizer."""
+    from finegates.compress import compress
+
+    adapter = Path(cfg.gates)
+    if not (adapter / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{adapter} holds no {WEIGHTS_NAME}: not a gate adapter folder.")
+    model, tokenizer = _load_base(_base_model(adapter, cfg.base_model), _num_labels(adapter))
+    small = compress(load_gates(model, adapter).eval(), uniform=cfg.uniform)
+    small.save_pretrained(cfg.output_dir)
+    tokenizer.save_pretrained(cfg.output_dir)
+    return Path(cfg.output_dir)

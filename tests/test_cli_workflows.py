@@ -55,13 +55,13 @@ def test_compress_command_compacts_a_saved_adapter(tmp_path):
     import json
 
     import torch
-    from conftest import tiny_inputs, tiny_model
     from transformers import AutoModelForSequenceClassification, BertTokenizerFast
 
     import finegates
+    from conftest import tiny_inputs, tiny_model
 
     base_dir = tmp_path / "base"
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nb")
     BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(base_dir)
     tiny_model("bert").save_pretrained(base_dir)
     gated = finegates.get_gated_model(AutoModelForSequenceClassification.from_pretrained(base_dir))

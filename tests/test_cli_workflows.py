@@ -78,3 +78,16 @@ def test_compress_command_compacts_a_saved_adapter(tmp_path):
         torch.testing.assert_close(small(input_ids=ids).logits, gated(input_ids=ids).logits, atol=1e-5, rtol=0)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in tiny_model("bert").parameters())
     assert cli.main(["compress", "--gates", str(tmp_path), "--output-dir", str(tmp_path / "x")]) == 2
+
+
+def test_bench_times_a_checkpoint_against_its_base(tmp_path, capsys):
+    from conftest import tiny_model
+
+    tiny_model("bert").save_pretrained(tmp_path / "a")
+    tiny_model("bert", seed=1).save_pretrained(tmp_path / "b")
+    argv = ["bench", "--model", str(tmp_path / "b"), "--base-model", str(tmp_path / "a"), "--batch-size", "2",
+            "--length", "8", "--repeats", "2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "dense" in out and "checkpoint" in out
+    assert cli.main(["bench", "--model", str(tmp_path / "b")]) == 2

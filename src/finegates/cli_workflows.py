@@ -3,6 +3,7 @@
 finegates posttrain --model smollm2-135m --target-sparsity 0.3 --max-steps 100
 finegates pretrain --max-steps 300 --gate-start-step 100 --target-sparsity 0.4
 finegates compress --gates runs/r8/gates --output-dir small/
+finegates bench --model small/ --base-model minilm --batch-size 32 --length 128
 finegates compare --model minilm --task reuters8 --methods full,lora,finegates --sparsity 0.2,0.4
 """
 
@@ -71,8 +72,24 @@ def _run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from finegates.workflows.bench import BenchConfig, bench
+
+    cfg = build_configs(args, {"bench": BenchConfig})["bench"]
+    result = bench(cfg)
+    for name in ("dense", "checkpoint"):
+        r = result[name]
+        print(f"{name:<10} {r['params']:>12,d} params  {r['ms']:9.1f} ms  {r['tokens_per_s']:10.0f} tokens/s")
+    print(f"speedup {result['speedup']:.2f}x (batch {cfg.batch_size} x {cfg.length}, timed in turns)")
+    return 0
+
+
 def add_workflow_commands(subparsers) -> None:
+    from finegates.workflows.bench import BenchConfig
     from finegates.workflows.export import CompressConfig
+
+    _parser(subparsers, "bench", "Latency and throughput of a checkpoint vs its dense base (same batch, timed in turns).",
+            {"bench": BenchConfig}, _run_bench)
 
     _parser(subparsers, "compress", "Compact a gate adapter (its base model from --base-model or the run's "
             "run_config.json) into a smaller model folder that from_pretrained loads.",

@@ -1,0 +1,61 @@
+"""`finegates bench`: forward latency and throughput of a checkpoint against its dense base, timed in turns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class BenchConfig:
+    """The two models and the batch shape to time."""
+
+    model: str = field(default="", metadata={"help": "Checkpoint folder (compacted or dense)."})
+    base_model: str = field(default="", metadata={"help": "Dense base to compare with (embedded name, hub id, folder)."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences per forward pass."})
+    length: int = field(default=128, metadata={"help": "Tokens per sequence."})
+    repeats: int = field(default=5, metadata={"help": "Timed rounds (each model once per round)."})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's)."})
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.base_model:
+            raise ValueError("bench needs --model (the checkpoint) and --base-model (its dense base).")
+
+
+def _load(name: str):
+    from transformers import AutoModel
+
+    import finegates.compress  # noqa: F401  (registers the compacted classes)
+    from finegates.workflows.causal_lm import SMOLLM2, resolve_causal_lm
+    from finegates.workflows.models import resolve_model
+
+    path = resolve_causal_lm(name) if name == SMOLLM2 else resolve_model(name)
+    try:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        for auto in (AutoModelForSequenceClassification, AutoModelForCausalLM, AutoModel):
+            try:
+                return auto.from_pretrained(path).eval()
+            except ValueError:
+                continue
+    except OSError as err:
+        raise ValueError(f"Could not load {name!r} ({err}).") from err
+    raise ValueError(f"{name!r} is not a sequence-classification or causal-LM checkpoint.")
+
+
+def bench(cfg: BenchConfig) -> dict[str, Any]:
+    from finegates.workflows.encoding import benchmark_batch
+    from finegates.workflows.evaluation import measure_latency
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    models = {"dense": _load(cfg.base_model), "checkpoint": _load(cfg.model)}
+    batch = benchmark_batch(cfg.batch_size, cfg.length, models["dense"].config.vocab_size)
+    latency = measure_latency(models, batch, cfg.repeats)
+    tokens = cfg.batch_size * cfg.length
+    out = {name: {"ms": lat.median_s * 1e3, "tokens_per_s": tokens / lat.median_s,
+                  "params": sum(p.numel() for p in models[name].parameters())} for name, lat in latency.items()}
+    out["speedup"] = latency["dense"].median_s / latency["checkpoint"].median_s
+    return out

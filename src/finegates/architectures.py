@@ -69,11 +69,12 @@ _GPT2 = Architecture(
     head_modules=("score", "lm_head"),
 )
 
+# Not qwen3: its per-head q/k RMSNorm rescales by the norm over all head dims, so closing a q/k dim
+# there changes the other dims' values and the dim is not removable.
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,

@@ -29,9 +29,8 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     rank0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
     rank1 = load_file(str(tmp_path / "two" / "rank1.safetensors"))
     assert one.keys() == rank0.keys() == rank1.keys()
-    moved = 0
     for name in one:
         torch.testing.assert_close(rank0[name], rank1[name], atol=0, rtol=0, msg=f"ranks differ: {name}")
         torch.testing.assert_close(rank0[name], one[name], atol=1e-5, rtol=1e-5, msg=f"1 vs 2 processes: {name}")
-        moved += int(name.endswith("theta") and not torch.equal(one[name], torch.zeros_like(one[name])))
-    assert moved > 0
+    # the sparsity term took part: below its target, the multiplier lambda2 has risen from 0
+    assert one["finegates_controller.lambda2"].item() > 0

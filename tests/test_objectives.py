@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import finegates
-from conftest import is_causal, tiny_inputs, tiny_model
+from conftest import is_causal, tiny_model
 from finegates import GatesConfig, get_gated_model, optimizer_param_groups, sparsity_loss, sparsity_report
 
 
@@ -109,6 +109,3 @@ def test_expected_sparsity_equals_the_exact_fraction_for_binary_gates():
     value.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
-
-def test_inputs_fixture_is_stable():
-    assert torch.equal(tiny_inputs(), tiny_inputs())

@@ -20,6 +20,8 @@ from finegates.config import GatesConfig
 _GAUSSIAN_THRESHOLD = math.atanh(-0.5)
 # Hard-concrete stretch interval and temperature (Louizos et al., 2018).
 _HC_LEFT, _HC_RIGHT, _HC_BETA = -0.1, 1.1, 2.0 / 3.0
+# sigmoid(a) * (r - l) + l <= 0  <=>  a <= logit(-l / (r - l))
+_HC_CLOSED_LOG_ALPHA = math.log(-_HC_LEFT / (_HC_RIGHT - _HC_LEFT)) - math.log1p(_HC_LEFT / (_HC_RIGHT - _HC_LEFT))
 
 
 class Gate(nn.Module):
@@ -123,6 +125,3 @@ def force_gates(gate: Gate, close: torch.Tensor, reopen: torch.Tensor) -> None:
     else:
         _force(gate.log_alpha, margin, _HC_CLOSED_LOG_ALPHA - 1.0, 3.0, close, reopen)
 
-
-# sigmoid(a) * (r - l) + l <= 0  <=>  a <= logit(-l / (r - l))
-_HC_CLOSED_LOG_ALPHA = math.log(-_HC_LEFT / (_HC_RIGHT - _HC_LEFT)) - math.log1p(_HC_LEFT / (_HC_RIGHT - _HC_LEFT))

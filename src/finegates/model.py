@@ -8,6 +8,7 @@ from torch import nn
 
 from finegates.config import GatesConfig
 from finegates.controller import SparsityController
+from finegates.gates import Gate
 from finegates.layer import GatedLinear
 from finegates.targets import default_modules_to_save, resolve_targets
 
@@ -56,6 +57,15 @@ def is_gated(model: nn.Module) -> bool:
 
 def gated_layers(model: nn.Module) -> dict[str, GatedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, GatedLinear)}
+
+
+def all_gates(model: nn.Module) -> list[Gate]:
+    """Every row and column gate of the model's gated layers."""
+    return [gate for layer in gated_layers(model).values() for gate in layer.gates().values()]
+
+
+def gate_parameter_ids(model: nn.Module) -> set[int]:
+    return {id(p) for gate in all_gates(model) for p in gate.parameters()}
 
 
 def gates_config(model: nn.Module) -> GatesConfig:

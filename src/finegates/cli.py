@@ -4,6 +4,7 @@ finegates finetune --model minilm --task reuters8 --target-sparsity 0.3 --output
 finegates finetune --config run.yaml --epochs 2        # file values, overridden by flags
 finegates evaluate --model runs/minilm-reuters8/compressed --task reuters8 --max-length 64
 finegates report runs/minilm-reuters8                   # re-render report.md and plots
+finegates report runs/t20 runs/t40 runs/t60             # and the sparsity trade-off of several runs
 finegates posttrain --model smollm2-135m --target-sparsity 0.3 --max-steps 100
 finegates pretrain --max-steps 300 --gate-start-step 100
 finegates compare --model minilm --task reuters8 --methods full,lora,finegates --sparsity 0.2,0.4
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,8 +67,11 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _add_report(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="Re-render report.md and plots of a finished run folder.")
-    parser.add_argument("run_dir", help="A folder written by `finegates finetune`.")
+    parser = subparsers.add_parser(
+        "report", help="Re-render report.md and plots of finished run folders; with several, the trade-off plot.")
+    parser.add_argument("run_dir", nargs="+", help="Folders written by `finegates finetune` or `finegates posttrain`.")
+    parser.add_argument("--tradeoff-dir", metavar="DIR",
+                        help="Where tradeoff.md/.png go when several runs are given (default: their common parent).")
     parser.set_defaults(handler=_run_report)
 
 
@@ -98,9 +103,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from finegates.workflows.run_report import render_report
+    from finegates.workflows.run_report import render_report, render_tradeoff
 
-    print(f"Report: {render_report(Path(args.run_dir))}")
+    for run_dir in args.run_dir:
+        print(f"Report: {render_report(Path(run_dir))}")
+    if len(args.run_dir) > 1:
+        parent = Path(os.path.commonpath([Path(d).resolve() for d in args.run_dir]))
+        print(f"Trade-off: {render_tradeoff(args.run_dir, args.tradeoff_dir or parent)}")
     return 0
 
 

@@ -25,3 +25,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def cache_dir() -> Path:
+    """Where converted models and fetched corpora are kept: $FINEGATES_CACHE, else ~/.cache/finegates."""
+    root = os.environ.get("FINEGATES_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finegates"
+    return Path(root)

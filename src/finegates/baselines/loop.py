@@ -77,19 +77,43 @@ def train_method(
     method = make_method(name)
     calibration = list(calibration_batches) if calibration_batches is not None else list(train_batches[:8])
     model = method.prepare(model, config, calibration)
+    trainable = method.trainable_parameters(model)
+    losses, step, seconds = fit_method(method, model, train_batches, teacher=teacher, epochs=epochs, lr=lr,
+                                       scheduler=scheduler, warmup_ratio=warmup_ratio, progress=progress)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    model = method.finalize(model).eval()
+    removed = method.removed_parameters(model)  # after finalize: FineGates lands on its budget there
+    metrics = eval_fn(model) if eval_fn is not None else {}
+    logger.info("%s: %d steps, %.3fs/step, trainable %d, removed %d (%s), %s", name, step, seconds, trainable,
+                removed, method.kind_of_sparsity, metrics)
+    return MethodResult(name, model, metrics, trainable, removed, method.kind_of_sparsity, step, seconds, peak, losses)
+
+
+def fit_method(
+    method: Method,
+    model: nn.Module,
+    train_batches: Sequence[Batch],
+    *,
+    teacher: nn.Module | None = None,
+    epochs: int = 1,
+    lr: float | None = None,
+    scheduler: str = "linear",
+    warmup_ratio: float = 0.0,
+    progress: bool = False,
+) -> tuple[list[float], int, float]:
+    """Train a prepared model in place; returns (losses, steps, mean seconds per step)."""
     method.total_steps = total = epochs * len(train_batches)
     lr = method.default_lr if lr is None else lr
     optimizer = torch.optim.AdamW(method.param_groups(model, lr), weight_decay=0.0)
     schedule = get_scheduler(scheduler, optimizer, int(warmup_ratio * total), total)
     if teacher is not None:
         teacher.eval()
-    trainable = method.trainable_parameters(model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model.train()
     losses, start, step = [], time.perf_counter(), 0
     for _ in range(epochs):
-        for batch in tqdm(train_batches, disable=not progress, desc=name):
+        for batch in tqdm(train_batches, disable=not progress, desc=method.name):
             loss = _step(model, method, batch, teacher)
             loss.backward()
             optimizer.step()
@@ -98,11 +122,4 @@ def train_method(
             step += 1
             method.after_step(model, step)
             losses.append(float(loss.detach()))
-    seconds = (time.perf_counter() - start) / max(step, 1)
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    model = method.finalize(model).eval()
-    removed = method.removed_parameters(model)  # after finalize: FineGates lands on its budget there
-    metrics = eval_fn(model) if eval_fn is not None else {}
-    logger.info("%s: %d steps, %.3fs/step, trainable %d, removed %d (%s), %s", name, step, seconds, trainable,
-                removed, method.kind_of_sparsity, metrics)
-    return MethodResult(name, model, metrics, trainable, removed, method.kind_of_sparsity, step, seconds, peak, losses)
+    return losses, step, (time.perf_counter() - start) / max(step, 1)

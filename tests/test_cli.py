@@ -18,6 +18,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from finegates.cli import build_parser, main
 from finegates.cli_args import build_configs, flag_name
 from finegates.config import GatesConfig
+from finegates.workflows.evaluate import EvaluateConfig
 from finegates.workflows.finetune import FinetuneConfig
 from finegates.workflows.run_report import render_tradeoff
 
@@ -261,3 +262,33 @@ def test_evaluate_reloads_the_run(tiny_run, tiny_run_inputs, capsys, folder):
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(result.read_text())["test_accuracy"] == pytest.approx(metrics["accuracy"]["gated"])
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_int8_quantized_compacted_model(tiny_run, tiny_run_inputs, tmp_path):
+    """--quantize int8 evaluates torch's dynamically quantized copy: a close but not identical loss."""
+    out, _ = tiny_run
+    _, csv = tiny_run_inputs
+    argv = ["evaluate", "--model", str(out / "compressed"), "--task", str(csv), "--text-column", "sentence",
+            *["--label-column", "topic", "--max-length", "12", "--quiet"]]
+    results = {}
+    for name, extra in (("float", []), ("int8", ["--quantize", "int8"])):
+        assert main([*argv, *extra, "--output-file", str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["int8"]["quantize"] == "int8" and results["float"]["quantize"] is None
+    assert results["int8"]["test_loss"] != results["float"]["test_loss"]
+    assert results["int8"]["test_loss"] == pytest.approx(results["float"]["test_loss"], abs=0.05)
+    with pytest.raises(ValueError, match="quantize"):
+        EvaluateConfig(quantize="int4")
+
+
+def test_dense_baseline_is_saved_and_reloads(tiny_run_inputs, tmp_path):
+    model_dir, csv = tiny_run_inputs
+    out = tmp_path / "run"
+    argv = [*_tiny_argv(model_dir, csv), "--output-dir", str(out), "--epochs", "1", "--validation-size", "0",
+            "--no-benchmark", "--dense-baseline"]
+    assert main(argv) == 0
+    dense = json.loads((out / "metrics.json").read_text())["accuracy"]["dense_baseline"]
+    result = tmp_path / "dense.json"
+    assert main(["evaluate", "--model", str(out / "dense"), "--task", str(csv), "--text-column", "sentence",
+                 *f"--label-column topic --max-length 12 --quiet --output-file {result}".split()]) == 0
+    assert json.loads(result.read_text())["test_accuracy"] == pytest.approx(dense)

@@ -65,8 +65,16 @@ class EvaluateConfig:
         default=None, metadata={"help": "Evaluate on a seeded random subset of the test split."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the test subset."})
+    quantize: str | None = field(
+        default=None,
+        metadata={"help": "'int8': evaluate after torch's dynamic int8 quantization of the linear layers (CPU)."},
+    )
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics as JSON here."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars; warnings and errors only."})
+
+    def __post_init__(self) -> None:
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be 'int8' or left out, got {self.quantize!r}.")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -78,6 +86,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     columns = Columns(text=cfg.text_column, label=cfg.label_column, text_pair=cfg.text_pair_column)
     data = load_classification(cfg.task, columns, cfg.test_file, cfg.test_fraction, cfg.seed)
     model, tokenizer = load_for_evaluation(cfg, data)
+    if cfg.quantize == "int8":
+        from finegates.compress.quantize import quantize_linears
+
+        model = quantize_linears(model)
     test, _ = data.test.sample(cfg.max_test_samples, cfg.seed)
     run = FinetuneConfig(eval_batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
     with tempfile.TemporaryDirectory() as scratch:
@@ -90,7 +102,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         )
         silence_printer(trainer, cfg.quiet)
         metrics = trainer.evaluate(EncodedSplit(test, tokenizer, cfg.max_length), metric_key_prefix="test")
-    metrics.update(model=cfg.model, task=data.name, test_rows=len(test))
+    metrics.update(model=cfg.model, task=data.name, test_rows=len(test), quantize=cfg.quantize)
     if cfg.output_file:
         atomic_write_text(Path(cfg.output_file), json.dumps(metrics, indent=2, sort_keys=True))
     return metrics

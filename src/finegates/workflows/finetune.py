@@ -260,7 +260,8 @@ def silence_printer(trainer: Trainer, quiet: bool) -> Trainer:
 
 
 def _dense_baseline(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path) -> float:
-    """Test accuracy of full finetuning (every weight trains) on the same data and epochs."""
+    """Test accuracy of full finetuning (every weight trains) on the same data and epochs; the model is
+    saved in `out/dense` (to evaluate, benchmark or quantize it beside the compacted one)."""
     dense = copy.deepcopy(model)
     args = training_arguments(
         cfg, out / "dense-baseline", cfg.dense_learning_rate, splits.validation is not None
@@ -278,6 +279,8 @@ def _dense_baseline(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: 
         cfg.quiet,
     )
     trainer.train()
+    dense.save_pretrained(out / "dense")
+    tokenizer.save_pretrained(out / "dense")
     return trainer.evaluate(splits.test, metric_key_prefix="test")["test_accuracy"]
 
 

@@ -292,3 +292,19 @@ def test_dense_baseline_is_saved_and_reloads(tiny_run_inputs, tmp_path):
     assert main(["evaluate", "--model", str(out / "dense"), "--task", str(csv), "--text-column", "sentence",
                  *f"--label-column topic --max-length 12 --quiet --output-file {result}".split()]) == 0
     assert json.loads(result.read_text())["test_accuracy"] == pytest.approx(dense)
+
+
+def test_report_to_tensorboard_logs_the_sparsity_curves(tiny_run_inputs, tmp_path):
+    """`--report-to tensorboard` goes to transformers' TensorBoard callback, sparsity scalars included."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = [*_tiny_argv(*tiny_run_inputs), "--output-dir", str(out), "--epochs", "1", "--validation-size", "0",
+            "--no-benchmark", "--logging-steps", "2", "--report-to", "tensorboard"]
+    assert main(argv) == 0
+    (folder,) = {path.parent for path in out.glob("checkpoints/runs/*/events.out.tfevents.*")}
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/sparsity_removed", "train/sparsity_target", "test/accuracy"} <= scalars

@@ -191,6 +191,22 @@ def test_compacted_model_equals_gated_model(arch, pattern):
     assert n_params(small) == report.model_params - report.model_removed
 
 
+def test_output_attentions_are_those_of_the_kept_heads(arch):
+    """With eager attention, `output_attentions=True` returns the compact weights: the gated model's, minus
+    the heads that left (head 1 of the first layer; the second layer keeps all four)."""
+    model = patterned(arch, whole_heads_closed)
+    small = compress(model)
+    for m in (model, small):
+        m.set_attn_implementation("eager")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        compact = small(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(compact) == len(reference) == 2
+    torch.testing.assert_close(compact[0], reference[0][:, [0, 2, 3]], atol=ATOL, rtol=0)
+    torch.testing.assert_close(compact[1], reference[1], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("pattern", ["random", "irregular_groups", "kv_group_closed", "rope_pairs_half_closed"])
 @pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if is_causal(a)])
 def test_greedy_generation_is_identical(arch, pattern):

@@ -20,8 +20,9 @@ from transformers import (
     AutoModelForSequenceClassification,
     PreTrainedModel,
 )
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
 
-from finegates.compress.attention import ATTENTION_CLASSES
+from finegates.compress.attention import ATTENTION_CLASSES, CompactAttention
 from finegates.compress.linear import build_linear
 from finegates.compress.spec import CompactSpec
 
@@ -58,6 +59,30 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+_RECORDING: dict[type, type] = {}  # stock base-model class -> subclass that also records compact attention
+
+
+def _record_compact_attention(model: PreTrainedModel, base: PreTrainedModel) -> None:
+    """Make `output_attentions=True` return the compact attention weights.
+
+    transformers collects attention weights with forward hooks on the classes that a base model's
+    `_can_record_outputs` lists, looked up by the model's class; the compact attention is not one of
+    them. A base model inside a task model gets its own class (a subclass of the stock one, same
+    name), so the added entry never reaches stock models; a compact base model has its own already.
+    """
+    stock = type(base)
+    if base is not model:
+        if stock not in _RECORDING:
+            _RECORDING[stock] = type(stock.__name__, (stock,), {"__module__": stock.__module__})
+        base.__class__ = _RECORDING[stock]
+    can_record = dict(getattr(stock, "_can_record_outputs", None) or {})
+    if "attentions" in can_record:
+        entries = can_record["attentions"]
+        entries = entries if isinstance(entries, list) else [entries]
+        can_record["attentions"] = [*entries, OutputRecorder(CompactAttention, index=1)]
+    _CAN_RECORD_REGISTRY[base] = can_record
+
+
 def apply_spec(model: PreTrainedModel, spec: CompactSpec) -> None:
     """Replace the stock modules of `model` (in place) by empty compact ones of the spec's shapes."""
     base = model.base_model
@@ -71,6 +96,7 @@ def apply_spec(model: PreTrainedModel, spec: CompactSpec) -> None:
     if model is not base:
         for name, s in spec.head_linears.items():
             _set_module(model, name, build_linear(s))
+    _record_compact_attention(model, base)
 
 
 def _compact_config_class(model_type: str, stock: type) -> type:

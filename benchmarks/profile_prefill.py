@@ -1,0 +1,64 @@
+"""Where the time of a SmolLM2-135M prefill goes, dense vs compacted: torch.profiler, per operator.
+
+The compacted model uses the magnitude gate pattern of `benchmarks/inference.py` at `--fraction`.
+Prints, per model, the operators with the most self CPU time over `--passes` prefills of 1 x 256
+tokens, then the dense/compacted ratio of the main groups (matmuls, attention kernel, the gather,
+scatter and index operators that compaction adds).
+
+    python benchmarks/profile_prefill.py --fraction 0.4 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from inference import load_smollm2, prune
+from torch.profiler import ProfilerActivity, profile
+
+import finegates
+
+GROUPS = {
+    "matmul (aten::mm, addmm)": ("aten::mm", "aten::addmm"),
+    "attention kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
+    "gather / scatter / fill": ("aten::index_select", "aten::scatter_", "aten::fill_", "aten::copy_"),
+}
+
+
+def self_times(model: torch.nn.Module, ids: torch.Tensor, passes: int) -> tuple[dict[str, float], str]:
+    def run():
+        return model(input_ids=ids, logits_to_keep=1, use_cache=False)
+
+    with torch.inference_mode():
+        run()
+        run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(passes):
+                run()
+    events = prof.key_averages()
+    times = {e.key: e.self_cpu_time_total / 1e3 / passes for e in events}  # ms per prefill
+    return times, events.table(sort_by="self_cpu_time_total", row_limit=12)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--passes", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dense = load_smollm2().eval()
+    small = finegates.compress(prune(dense, args.fraction)).eval()
+    ids = torch.randint(100, 40000, (1, 256), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for name, model in (("dense", dense), ("compacted", small)):
+        results[name], table = self_times(model, ids, args.passes)
+        print(f"\n{name}, ms per prefill over {args.passes} passes, {args.threads} thread(s)\n{table}")
+    print("| operators | dense (ms) | compacted (ms) | dense / compacted |\n|---|---|---|---|")
+    for label, keys in {**GROUPS, "total": None}.items():
+        d, c = ((sum(r.values()) if keys is None else sum(r.get(k, 0.0) for k in keys)) for r in results.values())
+        print(f"| {label} | {d:.0f} | {c:.0f} | {d / c:.2f}x |" if c else f"| {label} | {d:.0f} | {c:.0f} | - |")
+
+
+if __name__ == "__main__":
+    main()

@@ -224,7 +224,8 @@ def test_tradeoff_refuses_runs_of_different_kinds(tiny_run, tmp_path):
     other.mkdir()
     sparsity = json.loads((out / "metrics.json").read_text())["sparsity"]
     (other / "metrics.json").write_text(json.dumps(
-        {"sparsity": sparsity, "dense": {"perplexity": 20.0}, "compressed": {"perplexity": 25.0}}))
+        {"sparsity": sparsity, "dense": {"perplexity": 20.0}, "compressed": {"perplexity": 25.0},
+         "prefill_speedup": 1.2, "decode_speedup": 1.1}))
     with pytest.raises(ValueError, match="measure different things"):
         render_tradeoff([out, other], tmp_path)
 

@@ -13,6 +13,7 @@ from finegates.config import GatesConfig
 from finegates.data.types import MultipleChoiceItem
 from finegates.workflows import posttrain as workflow
 from finegates.workflows.causal_lm import choice_logprob, perplexity, text_blocks
+from finegates.workflows.run_report import render_tradeoff
 
 
 class _CharTokenizer:
@@ -71,6 +72,9 @@ def test_posttrain_runs_end_to_end(tmp_path, monkeypatch):
                  "compressed/config.json"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "run_config.json").read_text())["gates"]["target_sparsity"] == 0.3
+    table = render_tradeoff([tmp_path], tmp_path / "tradeoff").read_text()
+    assert "| finegates |" in table and "piqa_accuracy (compacted / dense)" in table
+    assert f"{metrics['prefill_speedup']:.2f}x / {metrics['decode_speedup']:.2f}x" in table
 
 
 @pytest.mark.parametrize("method", ["magnitude", "magnitude+lora"])

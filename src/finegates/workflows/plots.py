@@ -120,8 +120,9 @@ def _heatmap(axis, grid: np.ndarray, rows: list[str], cols: list[str], title: st
 def plot_tradeoff(points: list[dict[str, Any]], path: Path) -> Path:
     """The metric of the compacted model (and of its dense baseline, where known) against the removed fraction."""
     fig, axis = plt.subplots(figsize=(6, 4))
-    removed = [100 * p["removed"] for p in points]
-    axis.plot(removed, [p["value"] for p in points], "o-", label="FineGates, compacted")
+    for method in dict.fromkeys(p["method"] for p in points):
+        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["removed"])
+        axis.plot([100 * p["removed"] for p in mine], [p["value"] for p in mine], "o-", label=f"{method}, compacted")
     dense = [p["dense"] for p in points if p["dense"] is not None]
     if dense:
         axis.axhline(float(np.mean(dense)), color="gray", ls="--", label="dense")

@@ -51,29 +51,38 @@ def render_report(directory: str | Path) -> Path:
 
 
 def _tradeoff_point(directory: Path) -> dict[str, Any]:
+    """One run's row: removed fractions, its main metric (compacted and dense), and what else it measured."""
     path = directory / METRICS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: is {directory} a finished finegates run?")
     m = json.loads(path.read_text())
     s = m["sparsity"]
     point = {"run": str(directory), "target": s.get("target"), "removed": s["removed_fraction"],
-             "model_removed": s["model_removed_fraction"]}
+             "model_removed": s["model_removed_fraction"], "method": m.get("method", "finegates")}
     if "compressed" in m:  # posttrain: perplexity, lower is better
-        return {**point, "metric": "held-out perplexity", "value": m["compressed"]["perplexity"],
-                "dense": m["dense"]["perplexity"], "train_s": m.get("train_s")}
-    acc = m["accuracy"]
+        dense, small = m["dense"], m["compressed"]
+        extras = {f"{k} (compacted / dense)": f"{small[k]:.4f} / {dense[k]:.4f}" for k in small
+                  if k.endswith("_accuracy")}
+        extras["prefill / decode speedup"] = f"{m['prefill_speedup']:.2f}x / {m.get('decode_speedup', float('nan')):.2f}x"
+        return {**point, "metric": "held-out perplexity", "value": small["perplexity"], "dense": dense["perplexity"],
+                "train_s": m.get("train_s"), "extras": extras}
+    acc, latency = m["accuracy"], m.get("latency") or {}
     value = acc["compacted"] if acc.get("compacted") is not None else acc["gated"]
+    extras = {}
+    if "dense" in latency and "compacted" in latency:
+        extras["speedup"] = f"{latency['dense']['median_s'] / latency['compacted']['median_s']:.2f}x"
     return {**point, "metric": "test accuracy", "value": value, "dense": acc.get("dense_baseline"),
-            "train_s": m.get("timings_s", {}).get("train")}
+            "train_s": m.get("timings_s", {}).get("train"), "extras": extras}
 
 
 def render_tradeoff(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
-    """`tradeoff.md` and `tradeoff.png` in `output_dir`: the metric of each run against its removed fraction.
+    """`tradeoff.md` and `tradeoff.png` in `output_dir`: the metric of each run against its removed fraction,
+    one line per method (posttrain runs may use `magnitude` or `magnitude+lora`).
 
     >>> render_tradeoff(["runs/t20", "runs/t40"], "runs")  # doctest: +SKIP
     PosixPath('runs/tradeoff.md')
     """
-    points = sorted((_tradeoff_point(Path(d)) for d in run_dirs), key=lambda p: p["removed"])
+    points = sorted((_tradeoff_point(Path(d)) for d in run_dirs), key=lambda p: (p["method"], p["removed"]))
     metrics = {p["metric"] for p in points}
     if len(metrics) > 1:
         raise ValueError(f"The runs measure different things ({sorted(metrics)}): give only finetune runs of one "
@@ -81,11 +90,13 @@ def render_tradeoff(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     metric = points[0]["metric"]
-    rows = [[p["run"], _pct(p["target"]) if p["target"] is not None else "-", _pct(p["removed"]),
+    extra_columns = list(dict.fromkeys(k for p in points for k in p["extras"]))
+    rows = [[p["run"], p["method"], _pct(p["target"]) if p["target"] is not None else "-", _pct(p["removed"]),
              _pct(p["model_removed"]), f"{p['value']:.4f}", "-" if p["dense"] is None else f"{p['dense']:.4f}",
+             *(p["extras"].get(k, "-") for k in extra_columns),
              "-" if p["train_s"] is None else f"{p['train_s']:.0f}"] for p in points]
-    table = _table(["run", "target", "removed (gated layers)", "removed (model)", f"{metric} (compacted)",
-                    f"{metric} (dense)", "training (s)"], rows)
+    table = _table(["run", "method", "target", "removed (gated layers)", "removed (model)", f"{metric} (compacted)",
+                    f"{metric} (dense)", *extra_columns, "training (s)"], rows)
     plot_tradeoff(points, out / "tradeoff.png")
     return atomic_write_text(out / "tradeoff.md", f"# Sparsity-{metric} trade-off\n\n{table}\n\n![](tradeoff.png)\n")
 

@@ -43,6 +43,8 @@ def test_compare_methods_then_resume(tiny_task, tmp_path):
     assert by_method["finegates"]["trainable_params"] < by_method["full"]["trainable_params"]
     table = (tmp_path / "comparison.md").read_text()
     assert all(f"| {m} |" in table for m in methods)
+    csr = by_method["squarehead"]["csr_b32"]  # its unstructured layers timed through torch's CSR matmul
+    assert 0.25 < csr["layer_sparsity"] < 0.35 and csr["csr_ms"] > 0 and "CSR matmul" in table
     assert (tmp_path / "teacher" / "config.json").is_file()
     assert not (tmp_path / "results" / "teacher@-.json").exists()  # the full run is the teacher: trained once
     assert all(r["wall_s"] > 0 for r in rows)

@@ -143,6 +143,17 @@ def _latencies(model, cfg: CompareConfig, vocab: int) -> dict[str, float]:
     }
 
 
+def _csr_timing(model, cfg: CompareConfig, vocab: int) -> dict[str, float]:
+    """SquareHead's unstructured layers through torch's CSR matmul vs dense-shaped, batch 32 (CPU)."""
+    from finegates.baselines.masks import target_linears
+    from finegates.baselines.sparse_inference import measure_cpu_inference
+    from finegates.workflows.encoding import benchmark_batch
+
+    timing = measure_cpu_inference(model, list(target_linears(model, None)), benchmark_batch(32, cfg.max_length, vocab),
+                                   min_run_time=0.5)
+    return {"dense_ms": timing.dense_ms, "csr_ms": timing.sparse_ms, "layer_sparsity": timing.sparsity}
+
+
 def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str, Any]:
     """Train, finalize and measure one method (called in a fresh process by `compare`)."""
     from finegates.baselines.loop import train_method
@@ -168,6 +179,8 @@ def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str
            "size_bytes": _size_on_disk(result), "step_s": result.step_seconds,
            **_latencies(result.model, cfg, model.config.vocab_size),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if name == "squarehead":
+        row["csr_b32"] = _csr_timing(result.model, cfg, model.config.vocab_size)
     return row
 
 
@@ -209,7 +222,10 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
             f"{r['step_s']:.2f} | {r.get('wall_s', float('nan')):.0f} | {r['peak_rss_mb']:.0f} |")
     note = ("\nCPU only: maskllm's 2:4 pattern and squarehead/salr's unstructured sparsity have no CPU kernel here, "
             "so their latency is that of their dense-shaped (or decoded) weights.\n")
-    return "\n".join(lines) + "\n" + note
+    csr = [f"- squarehead at {r['sparsity']}: its layers ({r['csr_b32']['layer_sparsity']:.1%} zeros) through torch's "
+           f"CSR matmul take {r['csr_b32']['csr_ms']:.0f} ms at batch 32 vs {r['csr_b32']['dense_ms']:.0f} ms dense-shaped "
+           f"({r['csr_b32']['dense_ms'] / r['csr_b32']['csr_ms']:.2f}x)" for r in rows if "csr_b32" in r]
+    return "\n".join(lines) + "\n" + note + ("\n" + "\n".join(csr) + "\n" if csr else "")
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:

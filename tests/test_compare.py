@@ -47,7 +47,7 @@ def test_compare_methods_then_resume(tiny_task, tmp_path):
     assert 0.25 < csr["layer_sparsity"] < 0.35 and csr["csr_ms"] > 0 and "CSR matmul" in table
     assert (tmp_path / "teacher" / "config.json").is_file()
     assert not (tmp_path / "results" / "teacher@-.json").exists()  # the full run is the teacher: trained once
-    assert all(r["wall_s"] > 0 for r in rows)
+    assert all(r["wall_s"] > 0 and r["dense_latency_b32_s"] > 0 for r in rows)  # dense timed beside each method
     assert (tmp_path / "pareto.png").stat().st_size > 0
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.json")}
     compare(cfg)  # everything is on disk: nothing reruns

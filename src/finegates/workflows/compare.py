@@ -133,14 +133,17 @@ def _size_on_disk(result) -> int:
         return Path(f"{tmp}/model.safetensors").stat().st_size
 
 
-def _latencies(model, cfg: CompareConfig, vocab: int) -> dict[str, float]:
+def _latencies(model, reference, cfg: CompareConfig, vocab: int) -> dict[str, float]:
+    """Median latency at batch 1 and 32 of the method's model and of the dense base model, timed in turns
+    in this process, so that each row's speedup is a side-by-side ratio, whatever else the machine runs."""
     from finegates.workflows.encoding import benchmark_batch
     from finegates.workflows.evaluation import measure_latency
 
-    return {
-        f"latency_b{b}_s": measure_latency({"m": model}, benchmark_batch(b, cfg.max_length, vocab))["m"].median_s
-        for b in (1, 32)
-    }
+    row = {}
+    for b in (1, 32):
+        timed = measure_latency({"m": model, "dense": reference}, benchmark_batch(b, cfg.max_length, vocab), repeats=5)
+        row[f"latency_b{b}_s"], row[f"dense_latency_b{b}_s"] = timed["m"].median_s, timed["dense"].median_s
+    return row
 
 
 def _csr_timing(model, cfg: CompareConfig, vocab: int) -> dict[str, float]:
@@ -177,7 +180,7 @@ def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str
            "trainable_params": result.trainable_parameters,
            "removed_params": result.removed_parameters, "kind_of_sparsity": result.kind_of_sparsity,
            "size_bytes": _size_on_disk(result), "step_s": result.step_seconds,
-           **_latencies(result.model, cfg, model.config.vocab_size),
+           **_latencies(result.model, load_classifier(cfg.model, data.num_labels)[0], cfg, model.config.vocab_size),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if name == "squarehead":
         row["csr_b32"] = _csr_timing(result.model, cfg, model.config.vocab_size)
@@ -207,20 +210,32 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def _speedups(row: dict[str, Any], full: dict[str, Any] | None) -> str:
+    """Batch-1 / batch-32 speedup over the dense model timed beside it (older rows: over the `full` row)."""
+    if "dense_latency_b1_s" in row:
+        reference = row["dense_latency_b1_s"], row["dense_latency_b32_s"]
+    elif full is not None:
+        reference = full["latency_b1_s"], full["latency_b32_s"]
+    else:
+        return "n/a"
+    return f"{reference[0] / row['latency_b1_s']:.2f}x / {reference[1] / row['latency_b32_s']:.2f}x"
+
+
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     dense = next((r for r in rows if r["method"] == "full"), None)
     head = ("| method | budget | accuracy | trainable params | removed params (kind) | size (MB) | latency b1 (ms) | "
-            "latency b32 (ms) | speedup b1 / b32 vs full | step (s) | train wall (s) | peak RSS (MB) |")
+            "latency b32 (ms) | speedup b1 / b32 vs dense | step (s) | train wall (s) | peak RSS (MB) |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        speed = (f"{dense['latency_b1_s'] / r['latency_b1_s']:.2f}x / {dense['latency_b32_s'] / r['latency_b32_s']:.2f}x"
-                 if dense else "n/a")
+        speed = _speedups(r, dense)
         lines.append(
             f"| {r['method']} | {r['sparsity'] if r['sparsity'] is not None else '-'} | {r['accuracy']:.4f} | "
             f"{r['trainable_params']:,d} | {r['removed_params']:,d} ({r['kind_of_sparsity']}) | "
             f"{r['size_bytes'] / 2**20:.1f} | {r['latency_b1_s'] * 1e3:.1f} | {r['latency_b32_s'] * 1e3:.0f} | {speed} | "
             f"{r['step_s']:.2f} | {r.get('wall_s', float('nan')):.0f} | {r['peak_rss_mb']:.0f} |")
-    note = ("\nCPU only: maskllm's 2:4 pattern and squarehead/salr's unstructured sparsity have no CPU kernel here, "
+    note = ("\nSpeedups: the dense base model timed in turns with each method's model in the same process (rows "
+            "without that timing: against the `full` row).\n"
+            "CPU only: maskllm's 2:4 pattern and squarehead/salr's unstructured sparsity have no CPU kernel here, "
             "so their latency is that of their dense-shaped (or decoded) weights.\n")
     csr = [f"- squarehead at {r['sparsity']}: its layers ({r['csr_b32']['layer_sparsity']:.1%} zeros) through torch's "
            f"CSR matmul take {r['csr_b32']['csr_ms']:.0f} ms at batch 32 vs {r['csr_b32']['dense_ms']:.0f} ms dense-shaped "

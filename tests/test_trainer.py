@@ -69,3 +69,17 @@ def test_finalize_lands_on_the_target(tmp_path):
     trainer.train()
     removed = finegates.sparsity_report(trainer.model.eval()).removed_fraction
     assert 0.3 <= removed <= 0.31
+
+
+def test_training_leaves_the_kv_cache_setting_of_a_causal_lm(tmp_path):
+    """Trainer turns config.use_cache off for training; the trained and the compacted model get it back."""
+    model = get_gated_model(tiny_model("llama"), GatesConfig(target_sparsity=0.3, warmup_steps=2))
+    assert model.config.use_cache is True
+    ids = torch.randint(2, 99, (16, 10), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no")
+    trainer = FineGatesTrainer(model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids])
+    assert model.config.use_cache is False  # as transformers' Trainer sets it for training
+    trainer.train()
+    assert model.config.use_cache is True
+    assert finegates.compress(model.eval()).config.use_cache is True

@@ -38,6 +38,11 @@ class FineGatesTrainer(Trainer):
     """
 
     def __init__(self, *args, finalize: bool = True, **kwargs) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        # Trainer sets config.use_cache to args.use_cache (False by default) for training; the trained
+        # model, and the compacted model built from its config, get the model's own setting back, or
+        # `generate` would run without its KV cache.
+        self._use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         super().__init__(*args, **kwargs)
         self.finalize = finalize
         gates_config(self.model)  # fail early on a model without gates
@@ -84,6 +89,8 @@ class FineGatesTrainer(Trainer):
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
+        if self._use_cache is not None:
+            model.config.use_cache = self._use_cache
         if self.finalize and gates_config(model).objective == "budget":
             finalize_gates(model)
         return output

@@ -1,6 +1,7 @@
 """Where the time of a SmolLM2-135M prefill goes, dense vs compacted: torch.profiler, per operator.
 
-The compacted model uses the magnitude gate pattern of `benchmarks/inference.py` at `--fraction`.
+The compacted model uses the magnitude gate pattern of `benchmarks/inference.py` at `--fraction`, or
+is a saved compacted folder (`--compacted`, e.g. the output of `finegates posttrain`).
 Prints, per model, the operators with the most self CPU time over `--passes` prefills of 1 x 256
 tokens, then the dense/compacted ratio of the main groups (matmuls, attention kernel, the gather,
 scatter and index operators that compaction adds).
@@ -43,12 +44,19 @@ def self_times(model: torch.nn.Module, ids: torch.Tensor, passes: int) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
+    parser.add_argument("--compacted", default=None,
+                        help="a saved compacted SmolLM2 folder (e.g. runs/post/compressed) instead of the magnitude pattern")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dense = load_smollm2().eval()
-    small = finegates.compress(prune(dense, args.fraction)).eval()
+    if args.compacted:
+        from transformers import AutoModelForCausalLM
+
+        small = AutoModelForCausalLM.from_pretrained(args.compacted).eval()
+    else:
+        small = finegates.compress(prune(dense, args.fraction)).eval()
     ids = torch.randint(100, 40000, (1, 256), generator=torch.Generator().manual_seed(0))
     results = {}
     for name, model in (("dense", dense), ("compacted", small)):

@@ -91,3 +91,28 @@ def test_bench_times_a_checkpoint_against_its_base(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "speedup" in out and "dense" in out and "checkpoint" in out
     assert cli.main(["bench", "--model", str(tmp_path / "b")]) == 2
+
+
+def test_bench_decodes_causal_lms_with_the_kv_cache(tmp_path, capsys):
+    """A causal LM is benchmarked as a causal LM (not given a classification head), decode included."""
+    import finegates
+    from conftest import tiny_model
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    gated = finegates.get_gated_model(tiny_model("llama"), finegates.GatesConfig(target_sparsity=0.3))
+    finegates.finalize_gates(gated)
+    small = finegates.compress(gated.eval())
+    small.config.use_cache = False  # as a Trainer-trained config may say: decode still uses the cache
+    small.save_pretrained(tmp_path / "small")
+    argv = ["bench", "--model", str(tmp_path / "small"), "--base-model", str(tmp_path / "dense"), "--batch-size", "1",
+            "--length", "8", "--repeats", "1", "--decode-tokens", "4"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "decode 4 tokens (KV cache)" in out
+    from finegates.workflows.bench import _load
+
+    assert type(_load(str(tmp_path / "small"))).__name__ == "CompactLlamaForCausalLM"
+    tiny_model("bert").save_pretrained(tmp_path / "bert")
+    assert cli.main(["bench", "--model", str(tmp_path / "bert"), "--base-model", str(tmp_path / "bert"),
+                     "--decode-tokens", "4"]) == 2  # an encoder cannot generate: a clear error

@@ -4,6 +4,7 @@ finegates posttrain --model smollm2-135m --target-sparsity 0.3 --max-steps 100
 finegates pretrain --max-steps 300 --gate-start-step 100 --target-sparsity 0.4
 finegates compress --gates runs/r8/gates --output-dir small/
 finegates bench --model small/ --base-model minilm --batch-size 32 --length 128
+finegates bench --model runs/post/compressed --base-model smollm2-135m --batch-size 1 --length 256 --decode-tokens 32
 finegates compare --model minilm --task reuters8 --methods full,lora,finegates --sparsity 0.2,0.4
 """
 
@@ -81,6 +82,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         r = result[name]
         print(f"{name:<10} {r['params']:>12,d} params  {r['ms']:9.1f} ms  {r['tokens_per_s']:10.0f} tokens/s")
     print(f"speedup {result['speedup']:.2f}x (batch {cfg.batch_size} x {cfg.length}, timed in turns)")
+    if "decode_speedup" in result:
+        rates = " vs ".join(f"{name} {result[name]['decode_tokens_per_s']:.1f}" for name in ("dense", "checkpoint"))
+        print(f"decode {cfg.decode_tokens} tokens (KV cache): {rates} tokens/s, speedup {result['decode_speedup']:.2f}x")
     return 0
 
 

@@ -18,6 +18,9 @@ class BenchConfig:
     length: int = field(default=128, metadata={"help": "Tokens per sequence."})
     repeats: int = field(default=5, metadata={"help": "Timed rounds (each model once per round)."})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's)."})
+    decode_tokens: int = field(
+        default=0, metadata={"help": "Causal LMs: also time greedy decoding of this many tokens (KV cache)."}
+    )
 
     def __post_init__(self) -> None:
         if not self.model or not self.base_model:
@@ -25,7 +28,8 @@ class BenchConfig:
 
 
 def _load(name: str):
-    from transformers import AutoModel
+    """The checkpoint with the head its config names (a causal LM stays a causal LM)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import finegates.compress  # noqa: F401  (registers the compacted classes)
     from finegates.workflows.causal_lm import SMOLLM2, resolve_causal_lm
@@ -33,21 +37,21 @@ def _load(name: str):
 
     path = resolve_causal_lm(name) if name == SMOLLM2 else resolve_model(name)
     try:
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        for auto in (AutoModelForSequenceClassification, AutoModelForCausalLM, AutoModel):
-            try:
-                return auto.from_pretrained(path).eval()
-            except ValueError:
-                continue
-    except OSError as err:
-        raise ValueError(f"Could not load {name!r} ({err}).") from err
-    raise ValueError(f"{name!r} is not a sequence-classification or causal-LM checkpoint.")
+        architecture = (AutoConfig.from_pretrained(path).architectures or [""])[0]
+        if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+            auto = AutoModelForCausalLM
+        elif architecture.endswith("ForSequenceClassification"):
+            auto = AutoModelForSequenceClassification
+        else:
+            auto = AutoModel
+        return auto.from_pretrained(path).eval()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Could not load {name!r} as a transformers model ({err}).") from err
 
 
 def bench(cfg: BenchConfig) -> dict[str, Any]:
     from finegates.workflows.encoding import benchmark_batch
-    from finegates.workflows.evaluation import measure_latency
+    from finegates.workflows.evaluation import measure_decode, measure_latency
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -58,4 +62,11 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     out = {name: {"ms": lat.median_s * 1e3, "tokens_per_s": tokens / lat.median_s,
                   "params": sum(p.numel() for p in models[name].parameters())} for name, lat in latency.items()}
     out["speedup"] = latency["dense"].median_s / latency["checkpoint"].median_s
+    if cfg.decode_tokens:
+        if not all(hasattr(m, "generate") and m.can_generate() for m in models.values()):
+            raise ValueError("--decode-tokens needs two causal LMs (models that can generate).")
+        decode = measure_decode(models, cfg.decode_tokens, repeats=cfg.repeats)
+        for name, rate in decode.items():
+            out[name]["decode_tokens_per_s"] = rate
+        out["decode_speedup"] = decode["checkpoint"] / decode["dense"]
     return out

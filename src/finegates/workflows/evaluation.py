@@ -76,6 +76,25 @@ def time_in_turns(calls: dict[str, Callable[[], object]], repeats: int = 3) -> d
     return {name: float(np.median(times)) for name, times in runs.items()}
 
 
+def measure_decode(models: dict[str, nn.Module], tokens: int = 32, prompt_length: int = 16,
+                   repeats: int = 3) -> dict[str, float]:
+    """Greedy decoding speed of each causal LM with its KV cache, in tokens per second.
+
+    Each model generates `tokens` + 1 and 1 new tokens from the same random prompt (timed in turns);
+    the difference is the time of `tokens` decoding steps, without the prompt's prefill.
+    """
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(0))
+
+    def generate(model: nn.Module, n: int) -> Callable[[], object]:
+        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0, use_cache=True)
+
+    calls = {(name, n): generate(model.eval(), n) for name, model in models.items() for n in (1, tokens + 1)}
+    seconds = time_in_turns(calls, repeats)
+    return {name: tokens / max(seconds[name, tokens + 1] - seconds[name, 1], 1e-9) for name in models}
+
+
 def _timer(model: nn.Module, batch: dict[str, torch.Tensor]) -> benchmark.Timer:
     return benchmark.Timer(
         stmt="model(**batch)",

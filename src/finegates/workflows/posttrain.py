@@ -25,7 +25,7 @@ from finegates.model import count_parameters, get_gated_model
 from finegates.report import sparsity_report
 from finegates.trainer import FineGatesTrainer
 from finegates.workflows.causal_lm import SMOLLM2, load_causal_lm, perplexity, text_blocks, zero_shot_accuracy
-from finegates.workflows.evaluation import measure_latency, time_in_turns
+from finegates.workflows.evaluation import measure_decode, measure_latency
 from finegates.workflows.run_config import write_run_config
 
 logger = logging.getLogger(__name__)
@@ -128,28 +128,11 @@ def _train(model, train: torch.Tensor, cfg: PosttrainConfig, out: Path) -> FineG
     return trainer
 
 
-DECODE_PROMPT, DECODE_TOKENS = 16, 32
-
-
 def _prefill_latency(models: dict, cfg: PosttrainConfig) -> dict[str, float]:
     """Prefill seconds of each model, timed in turns so load changes hit all alike."""
     vocab = next(iter(models.values())).config.vocab_size
     batch = {"input_ids": torch.randint(0, vocab, (1, cfg.seq_len)), "use_cache": False}
     return {name: lat.median_s for name, lat in measure_latency(models, batch).items()}
-
-
-def _decode_tokens_per_s(models: dict) -> dict[str, float]:
-    """Greedy decoding with the KV cache: DECODE_TOKENS more tokens than a 1-token generate, per second."""
-    vocab = next(iter(models.values())).config.vocab_size
-    prompt = torch.randint(0, vocab, (1, DECODE_PROMPT), generator=torch.Generator().manual_seed(0))
-
-    def generate(model, n: int):
-        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-    calls = {(name, n): generate(model.eval(), n) for name, model in models.items() for n in (1, DECODE_TOKENS + 1)}
-    seconds = time_in_turns(calls)
-    return {name: DECODE_TOKENS / max(seconds[name, DECODE_TOKENS + 1] - seconds[name, 1], 1e-9) for name in models}
 
 
 def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[str, Any]:
@@ -176,7 +159,7 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
     tokenizer.save_pretrained(out / "compressed")
     metrics["compressed"] = evaluate_lm(small, tokenizer, heldout, cfg)
     latency = _prefill_latency({"dense": dense, "compressed": small}, cfg)
-    decode = _decode_tokens_per_s({"dense": dense, "compressed": small})
+    decode = measure_decode({"dense": dense, "compressed": small})
     for name in latency:
         metrics[name]["prefill_s"], metrics[name]["decode_tokens_per_s"] = latency[name], decode[name]
     metrics["prefill_speedup"] = metrics["dense"]["prefill_s"] / metrics["compressed"]["prefill_s"]

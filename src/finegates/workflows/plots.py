@@ -128,6 +128,8 @@ def plot_tradeoff(points: list[dict[str, Any]], path: Path) -> Path:
         axis.axhline(float(np.mean(dense)), color="gray", ls="--", label="dense")
     axis.set(xlabel="parameters removed from the gated layers (%)", ylabel=points[0]["metric"],
              title="Sparsity trade-off")
+    if "perplexity" in points[0]["metric"]:
+        axis.set_yscale("log")  # perplexities of pruned LMs span orders of magnitude
     axis.grid(alpha=0.3)
     axis.legend()
     return _save(fig, path)

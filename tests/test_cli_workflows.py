@@ -111,8 +111,15 @@ def test_bench_decodes_causal_lms_with_the_kv_cache(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "decode 4 tokens (KV cache)" in out
     from finegates.workflows.bench import _load
+    from finegates.workflows.evaluation import measure_decode
 
     assert type(_load(str(tmp_path / "small"))).__name__ == "CompactLlamaForCausalLM"
+    steps = []  # tokens each forward pass embeds: 1 per decoding step when the KV cache is used
+    small.model.embed_tokens.register_forward_pre_hook(lambda module, args: steps.append(args[0].shape[-1]))
+    measure_decode({"small": small}, tokens=4, repeats=1)
+    # 4 generates (warm-up and one round, of 1 and 5 new tokens): each embeds the 16-token prompt once, then
+    # one token per decoding step; without the cache the later steps would embed 17, 18, ... tokens
+    assert steps.count(16) == 4 and steps.count(1) == 2 * 4 and set(steps) == {1, 16}
     tiny_model("bert").save_pretrained(tmp_path / "bert")
     assert cli.main(["bench", "--model", str(tmp_path / "bert"), "--base-model", str(tmp_path / "bert"),
                      "--decode-tokens", "4"]) == 2  # an encoder cannot generate: a clear error

@@ -195,7 +195,8 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     runs = _runs(cfg)
     if any(m in ("squarehead", "finegates+kd") for m, _ in runs):
         # The teacher is the full finetuning run: run it first, or on its own when `full` is not compared.
-        runs = [("full", None)] + [r for r in runs if r[0] != "full"] if "full" in cfg.methods else [(TEACHER, None), *runs]
+        first = ("full", None) if "full" in cfg.methods else (TEACHER, None)
+        runs = [first, *(r for r in runs if r != first)]
     for method, sparsity in runs:
         path = out / "results" / f"{_key(method, sparsity)}.json"
         if path.is_file():

@@ -1,17 +1,17 @@
-"""Accuracy (scikit-learn) and latency (torch.utils.benchmark) of classification models."""
+"""Accuracy (scikit-learn) of classification models; latency and decoding speed timed in turns."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
-from torch.utils import benchmark
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +50,18 @@ def measure_latency(
     One warm-up call each, then `repeats` rounds that time every model once in turn, so a change in
     the machine's load during the measurement affects all models alike.
     """
-    timers = {name: _timer(model, batch) for name, model in models.items()}
-    runs: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for name, model in models.items():
-            model.eval()(**batch)
-        for _ in range(repeats):
-            for name, timer in timers.items():
-                runs[name].append(timer.timeit(1).median)
+    runs = _rounds({name: partial(model.eval(), **batch) for name, model in models.items()}, repeats)
     size, length = batch["input_ids"].shape
     return {name: _summarise(times, size, length) for name, times in runs.items()}
 
 
-def time_in_turns(calls: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
+def time_in_turns(calls: dict[Hashable, Callable[[], object]], repeats: int = 3) -> dict[Hashable, float]:
     """Median seconds of each call: one warm-up each, then `repeats` rounds calling each once in turn."""
-    runs: dict[str, list[float]] = {name: [] for name in calls}
+    return {name: float(np.median(times)) for name, times in _rounds(calls, repeats).items()}
+
+
+def _rounds(calls: dict[Hashable, Callable[[], object]], repeats: int) -> dict[Hashable, list[float]]:
+    runs: dict[Hashable, list[float]] = {name: [] for name in calls}
     with torch.inference_mode():
         for call in calls.values():
             call()
@@ -73,7 +70,7 @@ def time_in_turns(calls: dict[str, Callable[[], object]], repeats: int = 3) -> d
                 begin = time.perf_counter()
                 call()
                 runs[name].append(time.perf_counter() - begin)
-    return {name: float(np.median(times)) for name, times in runs.items()}
+    return runs
 
 
 def measure_decode(models: dict[str, nn.Module], tokens: int = 32, prompt_length: int = 16,
@@ -93,15 +90,6 @@ def measure_decode(models: dict[str, nn.Module], tokens: int = 32, prompt_length
     calls = {(name, n): generate(model.eval(), n) for name, model in models.items() for n in (1, tokens + 1)}
     seconds = time_in_turns(calls, repeats)
     return {name: tokens / max(seconds[name, tokens + 1] - seconds[name, 1], 1e-9) for name in models}
-
-
-def _timer(model: nn.Module, batch: dict[str, torch.Tensor]) -> benchmark.Timer:
-    return benchmark.Timer(
-        stmt="model(**batch)",
-        globals={"model": model, "batch": batch},
-        num_threads=torch.get_num_threads(),
-        label=type(model).__name__,
-    )
 
 
 def _summarise(times: list[float], batch_size: int, length: int) -> Latency:

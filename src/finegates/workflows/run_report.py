@@ -31,10 +31,7 @@ def render_report(directory: str | Path) -> Path:
     PosixPath('runs/minilm-reuters8/report.md')
     """
     directory = Path(directory)
-    metrics_path = directory / METRICS_NAME
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} is missing: is {directory} a finished finegates run?")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = _read_metrics(directory)
     if "compressed" in metrics:  # a `finegates posttrain` run
         from finegates.workflows.posttrain import posttrain_report
 
@@ -50,12 +47,16 @@ def render_report(directory: str | Path) -> Path:
     return path
 
 
-def _tradeoff_point(directory: Path) -> dict[str, Any]:
-    """One run's row: removed fractions, its main metric (compacted and dense), and what else it measured."""
+def _read_metrics(directory: Path) -> dict[str, Any]:
     path = directory / METRICS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: is {directory} a finished finegates run?")
-    m = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def _tradeoff_point(directory: Path) -> dict[str, Any]:
+    """One run's row: removed fractions, its main metric (compacted and dense), and what else it measured."""
+    m = _read_metrics(directory)
     s = m["sparsity"]
     point = {"run": str(directory), "target": s.get("target"), "removed": s["removed_fraction"],
              "model_removed": s["model_removed_fraction"], "method": m.get("method", "finegates")}

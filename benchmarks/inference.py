@@ -9,7 +9,7 @@ models of trained gate adapters ("compacted, trained gates"). "uniform (stock cl
 `compress(..., uniform=True)`: every layer as wide as the widest, loadable without finegates.
 
 For each row: measured speedup (fastest block of `torch.utils.benchmark.Timer.blocked_autorange`), ideal speedup (dense
-FLOPs / compacted FLOPs, `torch.utils.flop_counter.FlopCounterMode`), their ratio, the in-memory
+FLOPs / compacted FLOPs, `torch.utils.flop_counter.FlopCounterMode`, attention included: see `flops`), their ratio, the in-memory
 weight size and the saved file size (int8: `torch.save` of the state dict; it is not a
 save_pretrained format). SmolLM2 needs `pip install gguf` once, to dequantize its packaged GGUF file.
 
@@ -90,9 +90,21 @@ def seconds(fn: Callable[[], object], min_run_time: float) -> float:
     return min(timer.blocked_autorange(min_run_time=min_run_time).times)
 
 
-def flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
+def flops(fn: Callable[[], object], model: torch.nn.Module) -> int:
+    """FLOPs of one call, attention included: counted with the model switched to eager attention.
+
+    FlopCounterMode has no formula for the CPU flash-attention kernel, so under SDPA a CPU run counts
+    the linear layers only; eager attention is two batched matmuls it does count, at the head sizes of
+    the plan (SDPA runs of compact layers also zero-pad q/k or v to one head size; that layout work is
+    not counted). Both count full (non-causal) score matrices.
+    """
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        model.set_attn_implementation(implementation)
     return counter.get_total_flops()
 
 
@@ -165,9 +177,9 @@ def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: 
             row.update(model=name, weights_mb=weight_mb(model), file_mb=file_mb(model),
                        params=sum(p.numel() for p in model.parameters()), module=model, scenarios={})
             for scenario, (run, base) in scenarios(name).items():
-                counted = None if "int8" in row["variant"] else flops(partial(run, model))
+                counted = None if "int8" in row["variant"] else flops(partial(run, model), model)
                 if counted is not None and base is not None:
-                    counted -= flops(partial(base, model))
+                    counted -= flops(partial(base, model), model)
                 row["scenarios"][scenario] = {"seconds": float("inf"), "flops": counted}
         for _ in range(rounds):
             for scenario, (run, base) in scenarios(name).items():

@@ -295,11 +295,16 @@ def test_dense_baseline_is_saved_and_reloads(tiny_run_inputs, tmp_path):
     assert json.loads(result.read_text())["test_accuracy"] == pytest.approx(dense)
 
 
-def test_report_to_tensorboard_logs_the_sparsity_curves(tiny_run_inputs, tmp_path):
-    """`--report-to tensorboard` goes to transformers' TensorBoard callback, sparsity scalars included."""
+def test_report_to_tensorboard_logs_the_sparsity_curves(tiny_run_inputs, tmp_path, monkeypatch):
+    """`--report-to tensorboard` goes to transformers' TensorBoard callback, sparsity scalars included;
+    nothing is logged outside the run folder."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     out = tmp_path / "run"
     argv = [*_tiny_argv(*tiny_run_inputs), "--output-dir", str(out), "--epochs", "1", "--validation-size", "0",
             "--no-benchmark", "--logging-steps", "2", "--report-to", "tensorboard"]
@@ -309,3 +314,4 @@ def test_report_to_tensorboard_logs_the_sparsity_curves(tiny_run_inputs, tmp_pat
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/sparsity_removed", "train/sparsity_target", "test/accuracy"} <= scalars
+    assert list(cwd.iterdir()) == []

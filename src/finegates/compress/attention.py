@@ -61,18 +61,32 @@ class CompactAttention(nn.Module):
                position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE on kept dims: `rope_dims` lists kept units u then u + d/2, so rotate_half pairs them as before.
 
-        The (batch, seq, head_dim) cos and sin tables are gathered at the kept dims of every query and KV
-        head in one `index_select` over dim 1 of a 2-D view, which leaves them in the memory order of q and
-        k ((batch, seq, heads, dims), seen transposed), so the products below run over matching strides.
+        A layer whose heads keep every q/k dim (qk_dim == head_dim, so `rope_dims` is 0..d-1 in every
+        head) rotates as the stock module does, the (batch, seq, d) tables broadcast over the heads.
+        Otherwise the cos and sin tables are gathered at the kept dims of every query and KV head in one
+        `index_select` over dim 1 of a 2-D view, which leaves them in the memory order of q and k
+        ((batch, seq, heads, dims), seen transposed), so the products below run over matching strides.
         """
         cos, sin = position_embeddings
+        if self.spec.qk_dim == self.spec.head_dim:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         batch, seq, d = cos.shape
-        flat = torch.cat([self.rope_dims.index_select(0, self.kv_index).flatten(), self.rope_dims.flatten()])
-        rows = torch.stack([cos, sin]).reshape(-1, d).index_select(1, flat)
+        rows = torch.stack([cos, sin]).reshape(-1, d).index_select(1, self._rope_columns())
         tables = rows.view(2, batch, seq, -1, self.spec.qk_dim).transpose(2, 3)  # (2, batch, heads, seq, n)
         h = self.spec.num_heads
         (cos_q, sin_q), (cos_k, sin_k) = tables[:, :, :h], tables[:, :, h:]
         return q * cos_q + rotate_half(q) * sin_q, k * cos_k + rotate_half(k) * sin_k
+
+    def _rope_columns(self) -> torch.Tensor:
+        """Table columns of the kept dims of every query head, then every KV head (cached: decode calls
+        this once per token and layer, and it depends only on the two index buffers)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.rope_dims, self.kv_index))
+        if getattr(self, "_rope_key", None) != key:
+            self._rope_cols = torch.cat([self.rope_dims.index_select(0, self.kv_index).flatten(),
+                                         self.rope_dims.flatten()])
+            self._rope_key = key
+        return self._rope_cols
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                cache, dropout: float, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:

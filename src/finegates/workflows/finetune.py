@@ -299,6 +299,9 @@ def _compress_and_evaluate(
     small.save_pretrained(out / "compressed")
     tokenizer.save_pretrained(out / "compressed")
     args = training_arguments(cfg, out / "checkpoints", 0.0, False)
+    # No loggers: an evaluation-only Trainer never calls on_train_begin, where transformers' TensorBoard
+    # callback picks its folder, so it would write into ./runs of the working directory.
+    args.report_to = []
     evaluator = Trainer(
         model=small,
         args=args,

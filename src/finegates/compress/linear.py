@@ -19,6 +19,18 @@ ALIGN = 16  # elements: output rows start on 64-byte boundaries (float32)
 MIN_ROWS = 16  # below this many rows (e.g. decoding) the GEMM is a GEMV and alignment does not pay
 
 
+def aligned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear of a 2-D input, writing rows of an aligned stride where that pays (see AlignedLinear)."""
+    rows, n = x.shape[0], weight.shape[0]
+    if rows < MIN_ROWS or n % ALIGN == 0 or x.device.type != "cpu" or (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return F.linear(x, weight, bias)
+    out = x.new_empty(rows, -(-n // ALIGN) * ALIGN)[:, :n]
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 class AlignedLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) whose output rows have an aligned stride.
 
@@ -28,19 +40,9 @@ class AlignedLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.out_features
-        padded = -(-n // ALIGN) * ALIGN
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        rows = x.numel() // max(x.shape[-1], 1)
-        if padded == n or grad or x.device.type != "cpu" or rows < MIN_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, x.shape[-1])
-        out = flat.new_empty(flat.shape[0], padded)[:, :n]
-        if self.bias is None:
-            torch.mm(flat, self.weight.t(), out=out)
-        else:
-            torch.addmm(self.bias, flat, self.weight.t(), out=out)
-        return out.view(*x.shape[:-1], n)
+        lead = x.shape[:-1]
+        y = aligned_linear(x.reshape(lead.numel(), x.shape[-1]), self.weight, self.bias)
+        return y.view(*lead, y.shape[-1])
 
 
 class ResidualLinear(nn.Module):
@@ -68,7 +70,10 @@ class ResidualLinear(nn.Module):
         x = x.reshape(lead.numel(), x.shape[-1])
         if self.cols is not None:
             x = x.index_select(1, self.cols)
-        y = self.linear(x)
+        linear = self.linear
+        # A direct call: at one token per step (decoding) the Python of a nested module call costs about
+        # what the gather saves. Other linears (e.g. int8 dynamic quantized ones) are called as modules.
+        y = aligned_linear(x, linear.weight, linear.bias) if type(linear) is AlignedLinear else linear(x)
         if self.rows is not None:
             y = y.new_zeros(y.shape[0], self.out_full).scatter_(1, self.rows.expand(y.shape[0], -1), y)
         return y.view(*lead, y.shape[-1])

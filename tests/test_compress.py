@@ -7,6 +7,7 @@ process, and clear errors for damaged folders.
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -189,6 +190,33 @@ def test_compacted_model_equals_gated_model(arch, pattern):
     assert not finegates.is_gated(small)
     report = sparsity_report(model)
     assert n_params(small) == report.model_params - report.model_removed
+
+
+def test_rope_table_columns_follow_the_index_buffers():
+    """The RoPE table columns are cached per layer; changing the kept dims in place (as load_state_dict
+    does) must not leave the model rotating at the old ones."""
+    from finegates.compress.attention import CompactAttention
+
+    def one_pair_per_kv_head(model):  # KV head 0 loses pair 0, KV head 1 pair 1: both keep 3 of 4 pairs
+        for block in find_blocks(model):
+            half = block.shape.head_dim // 2
+            theta(block, "k", "row")[head_dims(block, [0], [0, half]) + head_dims(block, [1], [1, half + 1])] = CLOSED
+
+    model = patterned("llama", one_pair_per_kv_head)
+    small = compress(model)
+    assert_exact(model, small)
+    ids, mask = padded_batch()
+    before, _ = outputs(small, ids, mask)  # fills the caches
+    attention = next(m for m in small.modules() if isinstance(m, CompactAttention))
+    assert attention.spec.qk_dim < attention.spec.head_dim  # the gathered-table path
+    dims = attention.rope_dims.clone()
+    assert not torch.equal(dims[0], dims[1])
+    with torch.no_grad():
+        attention.rope_dims.copy_(dims.flip(0))  # KV heads swap their kept dims
+    fresh = copy.deepcopy(small)  # new tensors: computes its columns from scratch
+    after, _ = outputs(small, ids, mask)
+    torch.testing.assert_close(after, outputs(fresh, ids, mask)[0], atol=0, rtol=0)
+    assert not torch.allclose(after, before, atol=1e-4)
 
 
 def test_output_attentions_are_those_of_the_kept_heads(arch):

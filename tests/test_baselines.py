@@ -20,7 +20,7 @@ from finegates.baselines import (
 )
 from finegates.baselines.finegates_kd import FineGatesMethodConfig
 from finegates.baselines.magnitude import MagnitudeConfig
-from finegates.baselines.maskllm import MaskLLMLinear
+from finegates.baselines.maskllm import MaskLLMLinear, semi_structured
 from finegates.baselines.salr import SALRConfig, SALRLinear, salr_storage_bytes, svd_factors
 from finegates.baselines.sparse_inference import measure_cpu_inference, to_csr
 from finegates.baselines.squarehead import SquareHeadConfig
@@ -212,6 +212,37 @@ def test_maskllm_masks_are_valid_two_of_four(arch):
     for name in method.names:
         _assert_two_of_four(model.get_submodule(name).weight)
     assert method.removed_parameters(model) == removed > 0
+
+
+def _two_of_four_linear(rows: int, cols: int, **kwargs) -> torch.nn.Linear:
+    layer = torch.nn.Linear(cols, rows, bias=False, **kwargs)
+    with torch.no_grad():
+        keep = torch.zeros(rows * cols // 4, 4, dtype=torch.bool, device=layer.weight.device)
+        keep[:, :2] = True  # the first two of every group of four
+        layer.weight.mul_(keep.reshape(rows, cols))
+    return layer
+
+
+def test_maskllm_keeps_its_two_of_four_weights_dense_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = torch.nn.Sequential(_two_of_four_linear(8, 8))
+    before = model[0].weight.detach().clone()
+    assert semi_structured(model, ["0"]) == 0
+    assert type(model[0].weight.data) is torch.Tensor and torch.equal(model[0].weight, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the 2:4 kernel (torch.sparse.to_sparse_semi_structured) needs CUDA")
+def test_maskllm_two_of_four_layers_run_on_the_cuda_kernel():
+    from torch.sparse import SparseSemiStructuredTensor
+
+    model = torch.nn.Sequential(_two_of_four_linear(128, 128, device="cuda", dtype=torch.float16))
+    x = torch.randn(64, 128, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        expected = model(x)
+        assert semi_structured(model, ["0"]) == 1
+        assert isinstance(model[0].weight, SparseSemiStructuredTensor)
+        torch.testing.assert_close(model(x), expected, atol=1e-2, rtol=1e-2)
 
 
 def test_lora_merge_equals_unmerged_outputs():

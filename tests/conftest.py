@@ -15,6 +15,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
@@ -38,6 +40,7 @@ def _make(name: str) -> torch.nn.Module:
         "llama": lambda: LlamaForCausalLM(LlamaConfig(**_DECODER)),
         "mistral": lambda: MistralForCausalLM(MistralConfig(**_DECODER)),
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_DECODER)),
+        "qwen3": lambda: _with_qk_norm_weights(Qwen3ForCausalLM(Qwen3Config(**_DECODER, head_dim=8))),
         "gpt2": lambda: GPT2LMHeadModel(
             GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
         ),
@@ -45,7 +48,16 @@ def _make(name: str) -> torch.nn.Module:
     return builders[name]()
 
 
-ARCHITECTURES = ["bert", "roberta", "llama", "mistral", "qwen2", "gpt2"]
+def _with_qk_norm_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Random per-dim q/k norm weights (initialised to ones), so that compaction must keep them aligned."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+ARCHITECTURES = ["bert", "roberta", "llama", "mistral", "qwen2", "qwen3", "gpt2"]
 
 
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -64,7 +76,7 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def is_causal(name: str) -> bool:
-    return name in ("llama", "mistral", "qwen2", "gpt2")
+    return name in ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 
 @pytest.fixture(params=ARCHITECTURES)

@@ -192,6 +192,34 @@ def test_compacted_model_equals_gated_model(arch, pattern):
     assert n_params(small) == report.model_params - report.model_removed
 
 
+def qk_pair_closed_per_group(model):
+    """KV group 0 closes RoPE pair 0 in k and in both of its query heads, group 1 pair 1; the heads
+    also close one more dim each on one side only (kept as zero rows under a per-head q/k norm)."""
+    for block in find_blocks(model):
+        half = block.shape.head_dim // 2
+        group = block.shape.group_size
+        for kv, pair in ((0, 0), (1, 1)):
+            queries = list(range(kv * group, (kv + 1) * group))
+            theta(block, "k", "row")[head_dims(block, [kv], [pair, pair + half])] = CLOSED
+            theta(block, "q", "row")[head_dims(block, queries, [pair, pair + half])] = CLOSED
+            theta(block, "q", "row")[head_dims(block, queries[:1], [2 + kv])] = CLOSED
+            theta(block, "k", "row")[head_dims(block, [kv], [3 - kv])] = CLOSED
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen3"])
+def test_qk_dims_closed_in_whole_groups_leave(arch_name):
+    """Pairs closed in k and in every query head of the group leave (also under Qwen3's per-head q/k
+    norm, whose mean keeps dividing by the full head size); the model stays exact."""
+    model = patterned(arch_name, qk_pair_closed_per_group)
+    small = compress(model)
+    assert_exact(model, small)
+    assert_same_generation(model, small)
+    report = sparsity_report(model)
+    assert n_params(small) == report.model_params - report.model_removed
+    for block in report.blocks:
+        assert block.qk_dims == 6  # 8 - one pair, in every KV group
+
+
 def test_rope_table_columns_follow_the_index_buffers():
     """The RoPE table columns are cached per layer; changing the kept dims in place (as load_state_dict
     does) must not leave the model rotating at the old ones."""

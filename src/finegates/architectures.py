@@ -6,6 +6,7 @@ and compaction all read this table.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -22,6 +23,7 @@ class Architecture:
     roles: dict[str, str]  # role -> module path relative to the block
     default_targets: tuple[str, ...]
     rope: bool = False  # rotary embeddings: head dims i and i + head_dim/2 rotate together
+    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3): a q/k dim counts in its own head's norm
     head_modules: tuple[str, ...] = field(default=("classifier", "score"))
 
 
@@ -69,12 +71,15 @@ _GPT2 = Architecture(
     head_modules=("score", "lm_head"),
 )
 
-# Not qwen3: its per-head q/k RMSNorm rescales by the norm over all head dims, so closing a q/k dim
-# there changes the other dims' values and the dim is not removable.
+# Qwen3 normalises every q and k head over all its dims before RoPE, so a q/k dim leaves only when it
+# is closed in k and in every live query head of its group (see `coupling.BlockGates.qk_units`).
+_QWEN3 = dataclasses.replace(_LLAMA, qk_norm=True)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _QWEN3,
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,

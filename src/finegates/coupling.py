@@ -29,6 +29,7 @@ class Block:
     modules: dict[str, tuple[str, nn.Module]]
     shape: AttentionShape
     rope: bool
+    qk_norm: bool = False
 
     def has(self, role: str) -> bool:
         return role in self.modules
@@ -52,7 +53,7 @@ def find_blocks(model: nn.Module) -> list[Block]:
             except AttributeError:
                 continue
         if any(isinstance(m, GatedLinear) for _, m in roles.values()):
-            blocks.append(Block(name=name, modules=roles, shape=shape, rope=arch.rope))
+            blocks.append(Block(name=name, modules=roles, shape=shape, rope=arch.rope, qk_norm=arch.qk_norm))
     return blocks
 
 
@@ -94,14 +95,22 @@ class BlockGates:
         return self.block.has("qkv") or all(self.block.has(r) for r in ("q", "k", "v", "o"))
 
     def qk_units(self, head_alive: torch.Tensor | None = None) -> torch.Tensor:
-        """(kv_heads, d / unit): a unit survives if open in k and in some live query head of its group."""
+        """(kv_heads, d / unit): a unit survives if open in k and in some live query head of its group.
+
+        With a per-head q/k norm (Qwen3) every open dim of a head counts in that head's norm, so a unit
+        survives if open in k or in some live query head of its group; where it is closed on one side,
+        that side keeps it as zero rows (nothing added to its norm or to the scores).
+        """
         s = self.block.shape
         q = self._heads(self.rows("q"), s.num_heads)
         if head_alive is not None:
             q = q * head_alive[:, None, None]
         q = q.view(s.num_kv_heads, s.group_size, self.unit, -1)
         k = self._heads(self.rows("k"), s.num_kv_heads)
-        return any_open(k, 1) * any_open(q, (1, 2))
+        k_open, q_open = any_open(k, 1), any_open(q, (1, 2))
+        if self.block.qk_norm:
+            return 1 - (1 - k_open) * (1 - q_open)
+        return k_open * q_open
 
     def vo_units(self, head_alive: torch.Tensor | None = None) -> torch.Tensor:
         """(kv_heads, d): a v dim survives if its v row and the o column of some live head are open."""

@@ -116,8 +116,31 @@ def _equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     return q, k, F.pad(v, (0, -pad))
 
 
+class CompactHeadNorm(nn.Module):
+    """Per-head RMSNorm (Qwen3's q_norm / k_norm) over the kept dims of each head.
+
+    Closed dims were zero in the gated model, so they added nothing to a head's sum of squares; the
+    mean still divides by the original head size. `weight` is the stock (head_dim,) vector; each head
+    takes it at its kept dims.
+    """
+
+    def __init__(self, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, dims: torch.Tensor | None) -> torch.Tensor:
+        """x: (batch, heads, seq, n); dims: (heads, n) kept dims per head, None when all are kept."""
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / self.weight.shape[0] + self.eps)
+        weight = self.weight if dims is None else self.weight[dims][:, None, :]
+        return weight * h.to(dtype)
+
+
 class CompactRopeAttention(CompactAttention):
-    """LLaMA, Mistral, Qwen2 self-attention (RoPE, grouped-query attention, optional q/k/v biases)."""
+    """LLaMA, Mistral, Qwen2, Qwen3 self-attention (RoPE, grouped-query attention, optional q/k/v biases,
+    optional per-head q/k norm)."""
 
     projections = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -125,12 +148,19 @@ class CompactRopeAttention(CompactAttention):
         super().__init__(stock, spec, projections)
         self.dropout = getattr(stock, "attention_dropout", 0.0)
         self.sliding_window = getattr(stock, "sliding_window", getattr(stock.config, "sliding_window", None))
+        if spec.qk_norm:
+            self.q_norm = CompactHeadNorm(spec.head_dim, stock.q_norm.variance_epsilon)
+            self.k_norm = CompactHeadNorm(spec.head_dim, stock.k_norm.variance_epsilon)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
         s = self.spec
         q = self.split_heads(self.q_proj(hidden_states), s.qk_dim)
         k = self.split_heads(self.k_proj(hidden_states), s.qk_dim)
+        if s.qk_norm:
+            all_kept = s.qk_dim == s.head_dim
+            q = self.q_norm(q, None if all_kept else self.rope_dims.index_select(0, self.kv_index))
+            k = self.k_norm(k, None if all_kept else self.rope_dims)
         v = self.split_heads(self.v_proj(hidden_states), s.v_dim)
         q, k = self.rotate(q, k, position_embeddings)
         out, weights = self.attend(q, k, v, attention_mask, past_key_values, self.dropout,

@@ -80,12 +80,12 @@ def _linear_spec(module: nn.Module, mp: ModulePlan) -> LinearSpec:
                       gather_from=mp.in_features if mp.gather_cols else None)
 
 
-def _attention_spec(a: AttentionPlan, rope: bool) -> AttentionSpec:
+def _attention_spec(a: AttentionPlan, arch: Architecture) -> AttentionSpec:
     counts = torch.bincount(a.kv_index, minlength=len(a.kv_heads))
     regular = bool((counts == counts[0]).all())
     return AttentionSpec(num_heads=len(a.heads), num_kv_heads=len(a.kv_heads), qk_dim=a.qk_dims.shape[1],
                          v_dim=a.vo_dims.shape[1], head_dim=a.head_dim,
-                         group_size=int(counts[0]) if regular else 0, rope=rope)
+                         group_size=int(counts[0]) if regular else 0, rope=arch.rope, qk_norm=arch.qk_norm)
 
 
 def build_spec(model: PreTrainedModel, plan: CompactionPlan, arch: Architecture) -> CompactSpec:
@@ -96,7 +96,7 @@ def build_spec(model: PreTrainedModel, plan: CompactionPlan, arch: Architecture)
         (spec.linears if in_base else spec.head_linears)[relative] = _linear_spec(model.get_submodule(name), mp)
     for block, a in plan.attention.items():
         relative, _ = _relative(model, f"{block}.{attention_path(arch)}")
-        spec.attention[relative] = _attention_spec(a, arch.rope)
+        spec.attention[relative] = _attention_spec(a, arch)
     return spec
 
 

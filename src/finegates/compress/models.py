@@ -43,6 +43,8 @@ _STOCK: dict[str, tuple[str, dict[str, str]]] = {
                                   "AutoModelForSequenceClassification": "MistralForSequenceClassification"}),
     "qwen2": ("Qwen2Config", {"AutoModel": "Qwen2Model", "AutoModelForCausalLM": "Qwen2ForCausalLM",
                               "AutoModelForSequenceClassification": "Qwen2ForSequenceClassification"}),
+    "qwen3": ("Qwen3Config", {"AutoModel": "Qwen3Model", "AutoModelForCausalLM": "Qwen3ForCausalLM",
+                              "AutoModelForSequenceClassification": "Qwen3ForSequenceClassification"}),
     "bert": ("BertConfig", {"AutoModel": "BertModel", "AutoModelForMaskedLM": "BertForMaskedLM",
                             "AutoModelForSequenceClassification": "BertForSequenceClassification"}),
     "roberta": ("RobertaConfig", {"AutoModel": "RobertaModel", "AutoModelForMaskedLM": "RobertaForMaskedLM",

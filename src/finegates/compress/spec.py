@@ -39,6 +39,7 @@ class AttentionSpec:
     head_dim: int  # original head size: the softmax scale stays 1 / sqrt(head_dim)
     group_size: int  # query heads per KV head when groups are regular; 0: map heads through kv_index
     rope: bool
+    qk_norm: bool = False  # per-head RMSNorm of q and k over the original head_dim (Qwen3)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from finegates.workflows.compare import CompareConfig, compare
@@ -48,6 +49,7 @@ def test_compare_methods_then_resume(tiny_task, tmp_path):
     assert (tmp_path / "teacher" / "config.json").is_file()
     assert not (tmp_path / "results" / "teacher@-.json").exists()  # the full run is the teacher: trained once
     assert all(r["wall_s"] > 0 and r["dense_latency_b32_s"] > 0 for r in rows)  # dense timed beside each method
+    assert all(f"{r['speedup_b32']:.2f}x |" in table for r in rows)  # the paired ratio is what the table shows
     assert (tmp_path / "pareto.png").stat().st_size > 0
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.json")}
     compare(cfg)  # everything is on disk: nothing reruns
@@ -59,3 +61,25 @@ def test_compare_rejects_unknown_methods_and_budgets():
         CompareConfig(methods=["adapters"])
     with pytest.raises(ValueError, match="sparsity"):
         CompareConfig(sparsity=[1.5])
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    """A model that does twice the work of its reference reads about 0.5x, whatever the other load."""
+    from finegates.workflows.evaluation import paired_speedup
+
+    class Work(torch.nn.Module):
+        def __init__(self, repeats: int) -> None:
+            super().__init__()
+            self.repeats = repeats
+            self.weight = torch.randn(256, 256)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            x = input_ids.float() @ self.weight
+            for _ in range(self.repeats * 40):
+                x = torch.tanh(x @ self.weight)
+            return x
+
+    batch = {"input_ids": torch.randn(64, 256)}
+    model_s, reference_s, speedup = paired_speedup(Work(2), Work(1), batch, repeats=5)
+    assert model_s > reference_s > 0
+    assert 0.35 < speedup < 0.7

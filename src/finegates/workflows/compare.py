@@ -135,14 +135,15 @@ def _size_on_disk(result) -> int:
 
 def _latencies(model, reference, cfg: CompareConfig, vocab: int) -> dict[str, float]:
     """Median latency at batch 1 and 32 of the method's model and of the dense base model, timed in turns
-    in this process, so that each row's speedup is a side-by-side ratio, whatever else the machine runs."""
+    in this process, and the speedup as the median of the per-round ratios: a side-by-side figure,
+    whatever else the machine runs."""
     from finegates.workflows.encoding import benchmark_batch
-    from finegates.workflows.evaluation import measure_latency
+    from finegates.workflows.evaluation import paired_speedup
 
     row = {}
     for b in (1, 32):
-        timed = measure_latency({"m": model, "dense": reference}, benchmark_batch(b, cfg.max_length, vocab), repeats=5)
-        row[f"latency_b{b}_s"], row[f"dense_latency_b{b}_s"] = timed["m"].median_s, timed["dense"].median_s
+        m, dense, speedup = paired_speedup(model, reference, benchmark_batch(b, cfg.max_length, vocab))
+        row.update({f"latency_b{b}_s": m, f"dense_latency_b{b}_s": dense, f"speedup_b{b}": speedup})
     return row
 
 
@@ -213,6 +214,8 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
 
 def _speedups(row: dict[str, Any], full: dict[str, Any] | None) -> str:
     """Batch-1 / batch-32 speedup over the dense model timed beside it (older rows: over the `full` row)."""
+    if "speedup_b1" in row:
+        return f"{row['speedup_b1']:.2f}x / {row['speedup_b32']:.2f}x"
     if "dense_latency_b1_s" in row:
         reference = row["dense_latency_b1_s"], row["dense_latency_b32_s"]
     elif full is not None:
@@ -234,8 +237,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
             f"{r['trainable_params']:,d} | {r['removed_params']:,d} ({r['kind_of_sparsity']}) | "
             f"{r['size_bytes'] / 2**20:.1f} | {r['latency_b1_s'] * 1e3:.1f} | {r['latency_b32_s'] * 1e3:.0f} | {speed} | "
             f"{r['step_s']:.2f} | {r.get('wall_s', float('nan')):.0f} | {r['peak_rss_mb']:.0f} |")
-    note = ("\nSpeedups: the dense base model timed in turns with each method's model in the same process (rows "
-            "without that timing: against the `full` row).\n"
+    note = ("\nSpeedups: the dense base model timed in turns with each method's model in the same process, median "
+            "of the per-round ratios (older rows: ratio of the medians, or against the `full` row).\n"
             "CPU only: maskllm's 2:4 pattern and squarehead/salr's unstructured sparsity have no CPU kernel here, "
             "so their latency is that of their dense-shaped (or decoded) weights.\n")
     csr = [f"- squarehead at {r['sparsity']}: its layers ({r['csr_b32']['layer_sparsity']:.1%} zeros) through torch's "

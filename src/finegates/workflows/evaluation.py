@@ -55,6 +55,19 @@ def measure_latency(
     return {name: _summarise(times, size, length) for name, times in runs.items()}
 
 
+def paired_speedup(model: nn.Module, reference: nn.Module, batch: dict[str, torch.Tensor],
+                   repeats: int = 7) -> tuple[float, float, float]:
+    """(median seconds of `model`, of `reference`, median over rounds of reference / model time).
+
+    Both run once per round, back to back, so each round's ratio sees nearly the same machine load; the
+    median of those ratios is steadier on a shared machine than the ratio of the two medians.
+    """
+    runs = _rounds({"model": partial(model.eval(), **batch), "reference": partial(reference.eval(), **batch)},
+                   repeats)
+    ratios = [r / m for m, r in zip(runs["model"], runs["reference"])]
+    return float(np.median(runs["model"])), float(np.median(runs["reference"])), float(np.median(ratios))
+
+
 def time_in_turns(calls: dict[Hashable, Callable[[], object]], repeats: int = 3) -> dict[Hashable, float]:
     """Median seconds of each call: one warm-up each, then `repeats` rounds calling each once in turn."""
     return {name: float(np.median(times)) for name, times in _rounds(calls, repeats).items()}

@@ -81,7 +81,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     for name in ("dense", "checkpoint"):
         r = result[name]
         print(f"{name:<10} {r['params']:>12,d} params  {r['ms']:9.1f} ms  {r['tokens_per_s']:10.0f} tokens/s")
-    print(f"speedup {result['speedup']:.2f}x (batch {cfg.batch_size} x {cfg.length}, timed in turns)")
+    print(f"speedup {result['speedup']:.2f}x (batch {cfg.batch_size} x {cfg.length}, median of per-round ratios, timed in turns)")
     if "decode_speedup" in result:
         rates = " vs ".join(f"{name} {result[name]['decode_tokens_per_s']:.1f}" for name in ("dense", "checkpoint"))
         print(f"decode {cfg.decode_tokens} tokens (KV cache): {rates} tokens/s, speedup {result['decode_speedup']:.2f}x")

@@ -68,25 +68,31 @@ class CompactAttention(nn.Module):
         ((batch, seq, heads, dims), seen transposed), so the products below run over matching strides.
         """
         cos, sin = position_embeddings
-        if self.spec.qk_dim == self.spec.head_dim:
+        if self.all_qk_kept:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         batch, seq, d = cos.shape
-        rows = torch.stack([cos, sin]).reshape(-1, d).index_select(1, self._rope_columns())
+        rows = torch.stack([cos, sin]).reshape(-1, d).index_select(1, self._kept_dims()[1])
         tables = rows.view(2, batch, seq, -1, self.spec.qk_dim).transpose(2, 3)  # (2, batch, heads, seq, n)
         h = self.spec.num_heads
         (cos_q, sin_q), (cos_k, sin_k) = tables[:, :, :h], tables[:, :, h:]
         return q * cos_q + rotate_half(q) * sin_q, k * cos_k + rotate_half(k) * sin_k
 
-    def _rope_columns(self) -> torch.Tensor:
-        """Table columns of the kept dims of every query head, then every KV head (cached: decode calls
-        this once per token and layer, and it depends only on the two index buffers)."""
+    @property
+    def all_qk_kept(self) -> bool:
+        """Every head keeps every q/k dim (then `rope_dims` is 0..d-1 in every head)."""
+        return self.spec.qk_dim == self.spec.head_dim
+
+    def _kept_dims(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept q/k dims of every query head: (heads, n); those of every query head then every KV head,
+        flat: the RoPE table columns). Cached: decode needs them once per token and layer, and they
+        depend only on the two index buffers."""
         key = tuple((t.data_ptr(), t._version) for t in (self.rope_dims, self.kv_index))
-        if getattr(self, "_rope_key", None) != key:
-            self._rope_cols = torch.cat([self.rope_dims.index_select(0, self.kv_index).flatten(),
-                                         self.rope_dims.flatten()])
-            self._rope_key = key
-        return self._rope_cols
+        if getattr(self, "_kept_key", None) != key:
+            query_dims = self.rope_dims.index_select(0, self.kv_index)
+            self._kept = query_dims, torch.cat([query_dims.flatten(), self.rope_dims.flatten()])
+            self._kept_key = key
+        return self._kept
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                cache, dropout: float, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -158,9 +164,8 @@ class CompactRopeAttention(CompactAttention):
         q = self.split_heads(self.q_proj(hidden_states), s.qk_dim)
         k = self.split_heads(self.k_proj(hidden_states), s.qk_dim)
         if s.qk_norm:
-            all_kept = s.qk_dim == s.head_dim
-            q = self.q_norm(q, None if all_kept else self.rope_dims.index_select(0, self.kv_index))
-            k = self.k_norm(k, None if all_kept else self.rope_dims)
+            q = self.q_norm(q, None if self.all_qk_kept else self._kept_dims()[0])
+            k = self.k_norm(k, None if self.all_qk_kept else self.rope_dims)
         v = self.split_heads(self.v_proj(hidden_states), s.v_dim)
         q, k = self.rotate(q, k, position_embeddings)
         out, weights = self.attend(q, k, v, attention_mask, past_key_values, self.dropout,

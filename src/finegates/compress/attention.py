@@ -111,6 +111,11 @@ class CompactAttention(nn.Module):
         return out[..., :v_dim].reshape(*out.shape[:2], -1), weights
 
 
+def _kv_cache(cache, past_key_values):
+    """The KV cache by either name: recent transformers releases pass `cache`, earlier 5.x ones `past_key_values`."""
+    return cache if cache is not None else past_key_values
+
+
 def _equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Zero-pad q/k or v to one head size: fused kernels (flash on CPU) need it, the math fallback is ~3x slower.
 
@@ -159,7 +164,7 @@ class CompactRopeAttention(CompactAttention):
             self.k_norm = CompactHeadNorm(spec.head_dim, stock.k_norm.variance_epsilon)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
+                attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
         s = self.spec
         q = self.split_heads(self.q_proj(hidden_states), s.qk_dim)
         k = self.split_heads(self.k_proj(hidden_states), s.qk_dim)
@@ -168,7 +173,7 @@ class CompactRopeAttention(CompactAttention):
             k = self.k_norm(k, None if self.all_qk_kept else self.rope_dims)
         v = self.split_heads(self.v_proj(hidden_states), s.v_dim)
         q, k = self.rotate(q, k, position_embeddings)
-        out, weights = self.attend(q, k, v, attention_mask, past_key_values, self.dropout,
+        out, weights = self.attend(q, k, v, attention_mask, _kv_cache(cache, past_key_values), self.dropout,
                                    sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(out), weights
 
@@ -183,14 +188,14 @@ class CompactBertSelfAttention(CompactAttention):
         self.dropout = stock.dropout.p
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values=None, encoder_hidden_states: torch.Tensor | None = None, **kwargs):
+                cache=None, past_key_values=None, encoder_hidden_states: torch.Tensor | None = None, **kwargs):
         if encoder_hidden_states is not None:
             raise NotImplementedError("Compacted BERT models support encoder self-attention only.")
         s = self.spec
         q = self.split_heads(self.query(hidden_states), s.qk_dim)
         k = self.split_heads(self.key(hidden_states), s.qk_dim)
         v = self.split_heads(self.value(hidden_states), s.v_dim)
-        return self.attend(q, k, v, attention_mask, past_key_values, self.dropout, **kwargs)
+        return self.attend(q, k, v, attention_mask, _kv_cache(cache, past_key_values), self.dropout, **kwargs)
 
 
 class CompactGPT2Attention(CompactAttention):
@@ -204,15 +209,15 @@ class CompactGPT2Attention(CompactAttention):
         self.resid_dropout = stock.resid_dropout
         self.sizes = [spec.num_heads * spec.qk_dim, spec.num_kv_heads * spec.qk_dim, spec.num_kv_heads * spec.v_dim]
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values=None, attention_mask: torch.Tensor | None = None,
+    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask=None,
-                output_attentions: bool | None = False, **kwargs):
+                output_attentions: bool | None = False, past_key_values=None, **kwargs):
         if encoder_hidden_states is not None:
             raise NotImplementedError("Compacted GPT-2 models support self-attention only.")
         q, k, v = self.c_attn(hidden_states).split(self.sizes, dim=-1)
         s = self.spec
         q, k, v = self.split_heads(q, s.qk_dim), self.split_heads(k, s.qk_dim), self.split_heads(v, s.v_dim)
-        out, weights = self.attend(q, k, v, attention_mask, past_key_values, self.dropout, **kwargs)
+        out, weights = self.attend(q, k, v, attention_mask, _kv_cache(cache, past_key_values), self.dropout, **kwargs)
         return self.resid_dropout(self.c_proj(out)), weights
 
 

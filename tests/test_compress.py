@@ -270,6 +270,30 @@ def test_greedy_generation_is_identical(arch, pattern):
     assert_same_generation(model, compress(model))
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if is_causal(a)])
+def test_kv_cache_is_taken_by_either_keyword(arch):
+    """transformers passes the KV cache as `cache` in recent releases and as `past_key_values` in
+    earlier 5.x ones: the compact attention fills it under either name."""
+    from transformers import DynamicCache
+
+    from finegates.compress.attention import CompactAttention
+
+    small = compress(patterned(arch, PATTERNS["random"]))
+    attention = next(m for m in small.modules() if isinstance(m, CompactAttention))
+    hidden = torch.randn(1, 5, small.config.hidden_size)
+    extra = {}
+    if attention.spec.rope:
+        extra["position_embeddings"] = small.model.rotary_emb(hidden, torch.arange(5)[None])
+    filled = []
+    for keyword in ("cache", "past_key_values"):
+        kv = DynamicCache(config=small.config)
+        with torch.no_grad():
+            attention(hidden, **extra, **{keyword: kv})
+        assert kv.get_seq_length(attention.layer_idx) == 5
+        filled.append(kv.layers[attention.layer_idx].keys)
+    torch.testing.assert_close(filled[0], filled[1], atol=0, rtol=0)
+
+
 @settings(max_examples=12, deadline=None)
 @given(arch=st.sampled_from(ARCHITECTURES), seed=st.integers(0, 10_000),
        p_closed=st.floats(0.0, 0.9), p_fractional=st.floats(0.0, 0.1))

@@ -8,7 +8,8 @@ target fraction, and the gates left open are set fully open; `--trained-gates` a
 models of trained gate adapters ("compacted, trained gates"). "uniform (stock class)" is
 `compress(..., uniform=True)`: every layer as wide as the widest, loadable without finegates.
 
-For each row: measured speedup (fastest block of `torch.utils.benchmark.Timer.blocked_autorange`), ideal speedup (dense
+For each row: time (fastest block of `torch.utils.benchmark.Timer.blocked_autorange`), measured speedup
+(median over rounds of paired ratios to the dense model timed just before and after: see `bench_model`), ideal speedup (dense
 FLOPs / compacted FLOPs, `torch.utils.flop_counter.FlopCounterMode`, attention included: see `flops`), their ratio, the in-memory
 weight size and the saved file size (int8: `torch.save` of the state dict; it is not a
 save_pretrained format). SmolLM2 needs `pip install gguf` once, to dequantize its packaged GGUF file.
@@ -27,6 +28,7 @@ import io
 import json
 import os
 import platform
+import statistics
 import tempfile
 from collections.abc import Callable
 from functools import partial
@@ -166,10 +168,24 @@ def variants(name: str, fractions: list[float], trained: list[Path] = ()) -> lis
     return rows
 
 
+def _timed(row: dict, scenario: str, calls: tuple[Callable, Callable | None], min_run_time: float) -> float:
+    """Seconds of one scenario on the row's model (less the baseline call, if any); keeps the fastest."""
+    run, base = calls
+    t = seconds(partial(run, row["module"]), min_run_time)
+    if base is not None:
+        t -= seconds(partial(base, row["module"]), min_run_time)
+    entry = row["scenarios"][scenario]
+    entry["seconds"] = min(entry["seconds"], t)
+    return t
+
+
 def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: int,
                 trained: list[Path] = ()) -> list[dict]:
-    """Every variant timed round-robin, `rounds` times, keeping each one's fastest: load on a shared
-    machine drifts over minutes, and interleaving exposes all variants to the same drift."""
+    """Every variant timed against the dense model in `rounds` passes: each pass times dense, then every
+    other variant followed by dense again, so that each variant has a dense measurement just before and
+    just after it. Its speedup is the median over passes of (mean of those two dense times) / its time:
+    on a shared machine the load drifts over minutes and a ratio of the fastest times seen minutes apart
+    swings by 10-20%; paired ratios see nearly the same load. The time column is each variant's fastest."""
     rows = variants(name, fractions, trained)
     with torch.inference_mode():
         for row in rows:
@@ -180,17 +196,20 @@ def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: 
                 counted = None if "int8" in row["variant"] else flops(partial(run, model), model)
                 if counted is not None and base is not None:
                     counted -= flops(partial(base, model), model)
-                row["scenarios"][scenario] = {"seconds": float("inf"), "flops": counted}
+                row["scenarios"][scenario] = {"seconds": float("inf"), "flops": counted, "ratios": []}
+        dense = rows[0]
         for _ in range(rounds):
-            for scenario, (run, base) in scenarios(name).items():
-                for row in rows:
-                    t = seconds(partial(run, row["module"]), min_run_time)
-                    if base is not None:
-                        t -= seconds(partial(base, row["module"]), min_run_time)
-                    entry = row["scenarios"][scenario]
-                    entry["seconds"] = min(entry["seconds"], t)
+            for scenario, calls in scenarios(name).items():
+                before = _timed(dense, scenario, calls, min_run_time)
+                for row in rows[1:]:
+                    t = _timed(row, scenario, calls, min_run_time)
+                    after = _timed(dense, scenario, calls, min_run_time)
+                    row["scenarios"][scenario]["ratios"].append((before + after) / 2 / t)
+                    before = after
     for row in rows:
         del row["module"]
+        for entry in row["scenarios"].values():
+            entry["speedup"] = statistics.median(entry.pop("ratios")) if row is not rows[0] else 1.0
         print(json.dumps(row), flush=True)
     return rows
 
@@ -230,7 +249,7 @@ HEADER = ("| removed | variant | params (M) | time (ms) | measured speedup | ide
 
 def _row(r: dict, base: dict, scenario: str) -> str:
     s = r["scenarios"][scenario]
-    speedup = base["seconds"] / s["seconds"]
+    speedup = s["speedup"]
     ideal = base["flops"] / s["flops"] if s["flops"] else None
     ideal_txt, ratio_txt = (f"{ideal:.2f}x", f"{speedup / ideal:.2f}") if ideal else ("-", "-")
     time_txt = f"{1e3 * s['seconds']:.1f}"

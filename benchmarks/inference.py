@@ -209,7 +209,7 @@ def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: 
     for row in rows:
         del row["module"]
         for entry in row["scenarios"].values():
-            entry["speedup"] = statistics.median(entry.pop("ratios")) if row is not rows[0] else 1.0
+            entry["speedup"] = statistics.median(entry["ratios"]) if entry["ratios"] else 1.0
         print(json.dumps(row), flush=True)
     return rows
 
@@ -243,20 +243,21 @@ def accuracy(folders: list[Path], docs: int, max_length: int) -> list[dict]:
     return rows
 
 
-HEADER = ("| removed | variant | params (M) | time (ms) | measured speedup | ideal speedup | measured / ideal | "
+HEADER = ("| removed | variant | params (M) | time (ms) | measured speedup (range) | ideal speedup | measured / ideal | "
           "weights (MB) | file (MB) |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(r: dict, base: dict, scenario: str) -> str:
     s = r["scenarios"][scenario]
     speedup = s["speedup"]
+    spread = f" ({min(s['ratios']):.2f}-{max(s['ratios']):.2f})" if len(s.get("ratios", ())) > 1 else ""
     ideal = base["flops"] / s["flops"] if s["flops"] else None
     ideal_txt, ratio_txt = (f"{ideal:.2f}x", f"{speedup / ideal:.2f}") if ideal else ("-", "-")
     time_txt = f"{1e3 * s['seconds']:.1f}"
     if scenario.startswith("decode"):
         time_txt += f" ({DECODE_TOKENS / s['seconds']:.1f} tok/s)"
     params = "-" if "int8" in r["variant"] else f"{r['params'] / 1e6:.2f}"
-    return (f"| {r['removed']:.1%} | {r['variant']} | {params} | {time_txt} | {speedup:.2f}x | {ideal_txt} | "
+    return (f"| {r['removed']:.1%} | {r['variant']} | {params} | {time_txt} | {speedup:.2f}x{spread} | {ideal_txt} | "
             f"{ratio_txt} | {r['weights_mb']:.1f} | {r['file_mb']:.1f} |")
 
 

@@ -180,26 +180,27 @@ def _timed(row: dict, scenario: str, calls: tuple[Callable, Callable | None], mi
 
 
 def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: int,
-                trained: list[Path] = ()) -> list[dict]:
+                trained: list[Path] = (), only: list[str] = ()) -> list[dict]:
     """Every variant timed against the dense model in `rounds` passes: each pass times dense, then every
     other variant followed by dense again, so that each variant has a dense measurement just before and
     just after it. Its speedup is the median over passes of (mean of those two dense times) / its time:
     on a shared machine the load drifts over minutes and a ratio of the fastest times seen minutes apart
     swings by 10-20%; paired ratios see nearly the same load. The time column is each variant's fastest."""
     rows = variants(name, fractions, trained)
+    chosen = {k: v for k, v in scenarios(name).items() if not only or any(word in k for word in only)}
     with torch.inference_mode():
         for row in rows:
             model = row.pop("model")
             row.update(model=name, weights_mb=weight_mb(model), file_mb=file_mb(model),
                        params=sum(p.numel() for p in model.parameters()), module=model, scenarios={})
-            for scenario, (run, base) in scenarios(name).items():
+            for scenario, (run, base) in chosen.items():
                 counted = None if "int8" in row["variant"] else flops(partial(run, model), model)
                 if counted is not None and base is not None:
                     counted -= flops(partial(base, model), model)
                 row["scenarios"][scenario] = {"seconds": float("inf"), "flops": counted, "ratios": []}
         dense = rows[0]
         for _ in range(rounds):
-            for scenario, calls in scenarios(name).items():
+            for scenario, calls in chosen.items():
                 before = _timed(dense, scenario, calls, min_run_time)
                 for row in rows[1:]:
                     t = _timed(row, scenario, calls, min_run_time)
@@ -275,10 +276,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["minilm", "smollm2"], choices=["minilm", "smollm2"],
                         help="models to time (none: only --accuracy)")
-    parser.add_argument("--fractions", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--fractions", nargs="*", type=float, default=[0.2, 0.3, 0.4, 0.5],
+                        help="magnitude-pattern fractions to time (none: only dense and --trained-gates)")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the variants")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--scenarios", nargs="+", default=[], metavar="WORD",
+                        help="time only the scenarios whose name contains one of these words (e.g. prefill, 32x128)")
     parser.add_argument("--out", type=Path, default=None, help="also write the raw results as JSON")
     parser.add_argument("--accuracy", type=Path, nargs="+", default=[],
                         help="MiniLM Reuters-R8 classifier folders, dense or compacted (with their tokenizer): "
@@ -300,7 +304,8 @@ def main() -> None:
             parser.error(f"--trained-gates takes MODEL=DIR with MODEL minilm or smollm2, got {item!r}")
         trained.setdefault(name, []).append(Path(folder))
     results = [r for name in args.models
-               for r in bench_model(name, args.fractions, args.min_run_time, args.rounds, trained.get(name, []))]
+               for r in bench_model(name, args.fractions, args.min_run_time, args.rounds, trained.get(name, []),
+                                     args.scenarios)]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, load average at the end {load:.1f}")

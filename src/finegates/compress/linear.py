@@ -20,9 +20,13 @@ MIN_ROWS = 16  # below this many rows (e.g. decoding) the GEMM is a GEMV and ali
 
 
 def aligned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear of a 2-D input, writing rows of an aligned stride where that pays (see AlignedLinear)."""
+    """F.linear of a 2-D input, writing rows of an aligned stride where that pays (see AlignedLinear).
+
+    Under torch.compile it is plain F.linear: dynamo cannot trace a non-contiguous `out=`, and a graph
+    break per layer would make it recompile for every layer's shapes.
+    """
     rows, n = x.shape[0], weight.shape[0]
-    if rows < MIN_ROWS or n % ALIGN == 0 or x.device.type != "cpu" or (
+    if rows < MIN_ROWS or n % ALIGN == 0 or x.device.type != "cpu" or torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, bias)
     out = x.new_empty(rows, -(-n // ALIGN) * ALIGN)[:, :n]

@@ -87,6 +87,9 @@ class CompactAttention(nn.Module):
         """(kept q/k dims of every query head: (heads, n); those of every query head then every KV head,
         flat: the RoPE table columns). Cached: decode needs them once per token and layer, and they
         depend only on the two index buffers."""
+        if torch.compiler.is_compiling():  # traced into the graph: no Python-side cache
+            query_dims = self.rope_dims.index_select(0, self.kv_index)
+            return query_dims, torch.cat([query_dims.flatten(), self.rope_dims.flatten()])
         key = tuple((t.data_ptr(), t._version) for t in (self.rope_dims, self.kv_index))
         if getattr(self, "_kept_key", None) != key:
             query_dims = self.rope_dims.index_select(0, self.kv_index)

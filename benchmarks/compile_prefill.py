@@ -51,11 +51,10 @@ def main() -> None:
     print("| model | median time (ms) | speedup over dense eager | speedup over dense of the same mode |")
     print("|---|---|---|---|")
     for name, ts in times.items():
-        same = times["dense, compiled" if "compiled" in name else "dense"]
-        over_eager = statistics.median(d / t for d, t in zip(times["dense"], ts))
-        over_same = statistics.median(d / t for d, t in zip(same, ts))
-        print(f"| {name} | {1e3 * statistics.median(ts):.0f} | {over_eager:.2f}x (range {min(d / t for d, t in zip(times['dense'], ts)):.2f}-"
-              f"{max(d / t for d, t in zip(times['dense'], ts)):.2f}) | {over_same:.2f}x |")
+        over_eager = [d / t for d, t in zip(times["dense"], ts)]
+        over_same = [d / t for d, t in zip(times["dense, compiled" if "compiled" in name else "dense"], ts)]
+        print(f"| {name} | {1e3 * statistics.median(ts):.0f} | {statistics.median(over_eager):.2f}x (range "
+              f"{min(over_eager):.2f}-{max(over_eager):.2f}) | {statistics.median(over_same):.2f}x |")
 
 
 if __name__ == "__main__":

@@ -251,7 +251,7 @@ HEADER = ("| removed | variant | params (M) | time (ms) | measured speedup (rang
 def _row(r: dict, base: dict, scenario: str) -> str:
     s = r["scenarios"][scenario]
     speedup = s["speedup"]
-    spread = f" ({min(s['ratios']):.2f}-{max(s['ratios']):.2f})" if len(s.get("ratios", ())) > 1 else ""
+    spread = f" ({min(s['ratios']):.2f}-{max(s['ratios']):.2f})" if len(s["ratios"]) > 1 else ""
     ideal = base["flops"] / s["flops"] if s["flops"] else None
     ideal_txt, ratio_txt = (f"{ideal:.2f}x", f"{speedup / ideal:.2f}") if ideal else ("-", "-")
     time_txt = f"{1e3 * s['seconds']:.1f}"
@@ -279,7 +279,7 @@ def main() -> None:
     parser.add_argument("--fractions", nargs="*", type=float, default=[0.2, 0.3, 0.4, 0.5],
                         help="magnitude-pattern fractions to time (none: only dense and --trained-gates)")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the variants")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over the variants, each timed between two dense timings")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--scenarios", nargs="+", default=[], metavar="WORD",
                         help="time only the scenarios whose name contains one of these words (e.g. prefill, 32x128)")

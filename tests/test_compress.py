@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 import finegates
 from conftest import ARCHITECTURES, is_causal, tiny_inputs, tiny_model
 from finegates import GatesConfig, compress, get_gated_model, load_compressed, sparsity_report
+from finegates.architectures import architecture_for
 from finegates.compress import CompressedCheckpointError
 from finegates.compress.uniform import export_uniform
 from finegates.coupling import READERS, WRITERS, Block, find_blocks
@@ -298,7 +299,7 @@ def test_kv_cache_is_taken_by_either_keyword(arch):
 def test_compacted_model_traces_as_one_graph(arch):
     """torch.compile sees the whole compacted forward as one graph: no graph breaks (which would split it
     per layer and hit dynamo's recompile limit on per-layer shapes). 24 tokens reach the aligned-GEMM path."""
-    rope = arch in ("llama", "mistral", "qwen2", "qwen3")  # whole RoPE pairs leave: the gathered-table path
+    rope = architecture_for(arch).rope  # whole RoPE pairs leave: the gathered-table path
     small = compress(patterned(arch, qk_pair_closed_per_group if rope else PATTERNS["random"]))
     ids = tiny_inputs(batch=1, length=24)
     torch._dynamo.reset()

@@ -88,14 +88,15 @@ class CompactAttention(nn.Module):
         flat: the RoPE table columns). Cached: decode needs them once per token and layer, and they
         depend only on the two index buffers."""
         if torch.compiler.is_compiling():  # traced into the graph: no Python-side cache
-            query_dims = self.rope_dims.index_select(0, self.kv_index)
-            return query_dims, torch.cat([query_dims.flatten(), self.rope_dims.flatten()])
+            return self._compute_kept_dims()
         key = tuple((t.data_ptr(), t._version) for t in (self.rope_dims, self.kv_index))
         if getattr(self, "_kept_key", None) != key:
-            query_dims = self.rope_dims.index_select(0, self.kv_index)
-            self._kept = query_dims, torch.cat([query_dims.flatten(), self.rope_dims.flatten()])
-            self._kept_key = key
+            self._kept, self._kept_key = self._compute_kept_dims(), key
         return self._kept
+
+    def _compute_kept_dims(self) -> tuple[torch.Tensor, torch.Tensor]:
+        query_dims = self.rope_dims.index_select(0, self.kv_index)
+        return query_dims, torch.cat([query_dims.flatten(), self.rope_dims.flatten()])
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                cache, dropout: float, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -9,10 +9,14 @@ models of trained gate adapters ("compacted, trained gates"). "uniform (stock cl
 `compress(..., uniform=True)`: every layer as wide as the widest, loadable without finegates.
 
 For each row: time (fastest block of `torch.utils.benchmark.Timer.blocked_autorange`), measured speedup
-(median over rounds of paired ratios to the dense model timed just before and after: see `bench_model`), ideal speedup (dense
-FLOPs / compacted FLOPs, `torch.utils.flop_counter.FlopCounterMode`, attention included: see `flops`), their ratio, the in-memory
-weight size and the saved file size (int8: `torch.save` of the state dict; it is not a
-save_pretrained format). SmolLM2 needs `pip install gguf` once, to dequantize its packaged GGUF file.
+over the stock dense model (median over rounds of paired ratios to the dense model timed just before
+and after: see `bench_model`), speedup over the dense model with the same GEMM route (compacted models
+run their linears through `CompactLinear`, which on x86 uses oneDNN; "dense, compact GEMMs" is the
+dense model with those linears, so this column is what compaction alone gains), ideal speedup (dense
+FLOPs / compacted FLOPs, `torch.utils.flop_counter.FlopCounterMode`, attention included: see `flops`),
+the ratio of the same-GEMM speedup to the ideal, the in-memory weight size and the saved file size
+(int8: `torch.save` of the state dict; it is not a save_pretrained format). SmolLM2 needs
+`pip install gguf` once, to dequantize its packaged GGUF file.
 
     python benchmarks/inference.py                                   # all (~15 min on 2 cores)
     python benchmarks/inference.py --models minilm --fractions 0.4 --min-run-time 1
@@ -40,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging as hf_logging
 
 import finegates
+from finegates.compress.linear import CompactLinear, use_compact_linears
 from finegates.compress.quantize import quantize_linears
 from finegates.gates import _GAUSSIAN_THRESHOLD
 
@@ -110,6 +115,12 @@ def flops(fn: Callable[[], object], model: torch.nn.Module) -> int:
     return counter.get_total_flops()
 
 
+def gemm_route(model: torch.nn.Module) -> str | None:
+    """"compact" when the model's linears are CompactLinear, "stock" for nn.Linear, None for int8 ones."""
+    kinds = {type(m) for m in model.modules()}
+    return "compact" if CompactLinear in kinds else ("stock" if torch.nn.Linear in kinds else None)
+
+
 def weight_mb(model: torch.nn.Module) -> float:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -143,12 +154,14 @@ def scenarios(name: str) -> dict[str, tuple[Callable, Callable | None]]:
 
 
 def variants(name: str, fractions: list[float], trained: list[Path] = ()) -> list[dict]:
-    """Dense, dense + int8, and per fraction: compacted, the uniform-width stock export, compacted + int8;
+    """Dense (stock nn.Linear), dense with the compacted models' GEMM routes (`use_compact_linears`),
+    dense + int8, and per fraction: compacted, the uniform-width stock export, compacted + int8;
     then, per trained gate adapter of this model, its compacted model ("compacted, trained gates").
 
     All are kept in memory, so that they can be timed round-robin."""
     dense = (load_minilm if name == "minilm" else load_smollm2)().eval()
     rows = [{"variant": "dense", "removed": 0.0, "model": dense},
+            {"variant": "dense, compact GEMMs", "removed": 0.0, "model": use_compact_linears(copy.deepcopy(dense))},
             {"variant": "dense + int8", "removed": 0.0, "model": quantize_linears(copy.deepcopy(dense))}]
     for folder in trained:
         gated = finegates.load_gates(copy.deepcopy(dense), folder).eval()
@@ -191,7 +204,7 @@ def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: 
     with torch.inference_mode():
         for row in rows:
             model = row.pop("model")
-            row.update(model=name, weights_mb=weight_mb(model), file_mb=file_mb(model),
+            row.update(model=name, weights_mb=weight_mb(model), file_mb=file_mb(model), gemm=gemm_route(model),
                        params=sum(p.numel() for p in model.parameters()), module=model, scenarios={})
             for scenario, (run, base) in chosen.items():
                 counted = None if "int8" in row["variant"] else flops(partial(run, model), model)
@@ -244,31 +257,38 @@ def accuracy(folders: list[Path], docs: int, max_length: int) -> list[dict]:
     return rows
 
 
-HEADER = ("| removed | variant | params (M) | time (ms) | measured speedup (range) | ideal speedup | measured / ideal | "
-          "weights (MB) | file (MB) |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| removed | variant | params (M) | time (ms) | speedup over dense (range) | speedup over same-GEMM dense | "
+          "ideal speedup | same-GEMM / ideal | weights (MB) | file (MB) |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
-def _row(r: dict, base: dict, scenario: str) -> str:
+def _row(r: dict, base: dict, scenario: str, same_gemm: dict[str, float]) -> str:
+    """`same_gemm`: the speedup of the dense model with each GEMM route over the stock dense model; a
+    row's speedup over the dense model of its own route isolates what compaction gains."""
     s = r["scenarios"][scenario]
     speedup = s["speedup"]
     spread = f" ({min(s['ratios']):.2f}-{max(s['ratios']):.2f})" if len(s["ratios"]) > 1 else ""
+    own = speedup / same_gemm[r["gemm"]] if r.get("gemm") in same_gemm else None
     ideal = base["flops"] / s["flops"] if s["flops"] else None
-    ideal_txt, ratio_txt = (f"{ideal:.2f}x", f"{speedup / ideal:.2f}") if ideal else ("-", "-")
+    own_txt = f"{own:.2f}x" if own else "-"
+    ideal_txt, ratio_txt = (f"{ideal:.2f}x", f"{own / ideal:.2f}") if ideal and own else ("-", "-")
     time_txt = f"{1e3 * s['seconds']:.1f}"
     if scenario.startswith("decode"):
         time_txt += f" ({DECODE_TOKENS / s['seconds']:.1f} tok/s)"
     params = "-" if "int8" in r["variant"] else f"{r['params'] / 1e6:.2f}"
-    return (f"| {r['removed']:.1%} | {r['variant']} | {params} | {time_txt} | {speedup:.2f}x{spread} | {ideal_txt} | "
-            f"{ratio_txt} | {r['weights_mb']:.1f} | {r['file_mb']:.1f} |")
+    return (f"| {r['removed']:.1%} | {r['variant']} | {params} | {time_txt} | {speedup:.2f}x{spread} | {own_txt} | "
+            f"{ideal_txt} | {ratio_txt} | {r['weights_mb']:.1f} | {r['file_mb']:.1f} |")
 
 
 def table(results: list[dict]) -> str:
-    """One markdown table per model and scenario; speedups are relative to the dense float32 row."""
+    """One markdown table per model and scenario; speedups are relative to the dense float32 row, and to
+    the dense row with the same GEMM route (stock nn.Linear or CompactLinear)."""
     lines = []
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         for scenario, base in rows[0]["scenarios"].items():
-            lines += [f"\n{model}, {scenario}\n", HEADER] + [_row(r, base, scenario) for r in rows]
+            same_gemm = {r["gemm"]: r["scenarios"][scenario]["speedup"] for r in rows
+                         if r["removed"] == 0 and r.get("gemm") and "int8" not in r["variant"]}
+            lines += [f"\n{model}, {scenario}\n", HEADER] + [_row(r, base, scenario, same_gemm) for r in rows]
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 The compacted model uses the magnitude gate pattern of `benchmarks/inference.py` at `--fraction`, or
 is a saved compacted folder (`--compacted`, e.g. the output of `finegates posttrain`).
 Prints, per model, the operators with the most self CPU time over `--passes` prefills of 1 x 256
-tokens, then the dense/compacted ratio of the main groups (matmuls, attention kernel, the gather,
+tokens, then the ratio of the main groups between the dense model with the compacted model's GEMM routes
+("dense, compact GEMMs", `use_compact_linears`) and the compacted model (matmuls, attention kernel, the gather,
 scatter and index operators that compaction adds).
 
     python benchmarks/profile_prefill.py --fraction 0.4 --threads 1
@@ -12,15 +13,17 @@ scatter and index operators that compaction adds).
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 from inference import load_smollm2, prune
 from torch.profiler import ProfilerActivity, profile
 
 import finegates
+from finegates.compress.linear import use_compact_linears
 
 GROUPS = {
-    "matmul (aten::mm, addmm)": ("aten::mm", "aten::addmm"),
+    "matmul (aten::mm, addmm, oneDNN linear)": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"),
     "attention kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
     "gather / scatter / fill": ("aten::index_select", "aten::scatter_", "aten::fill_", "aten::copy_"),
 }
@@ -59,13 +62,15 @@ def main() -> None:
         small = finegates.compress(prune(dense, args.fraction)).eval()
     ids = torch.randint(100, 40000, (1, 256), generator=torch.Generator().manual_seed(0))
     results = {}
-    for name, model in (("dense", dense), ("compacted", small)):
+    same_gemm = use_compact_linears(copy.deepcopy(dense))
+    for name, model in (("dense", dense), ("dense, compact GEMMs", same_gemm), ("compacted", small)):
         results[name], table = self_times(model, ids, args.passes)
         print(f"\n{name}, ms per prefill over {args.passes} passes, {args.threads} thread(s)\n{table}")
-    print("| operators | dense (ms) | compacted (ms) | dense / compacted |\n|---|---|---|---|")
+    print("| operators | dense (ms) | dense, compact GEMMs (ms) | compacted (ms) | same-GEMM dense / compacted |\n"
+          "|---|---|---|---|---|")
     for label, keys in {**GROUPS, "total": None}.items():
-        d, c = ((sum(r.values()) if keys is None else sum(r.get(k, 0.0) for k in keys)) for r in results.values())
-        print(f"| {label} | {d:.0f} | {c:.0f} | {d / c:.2f}x |" if c else f"| {label} | {d:.0f} | {c:.0f} | - |")
+        d, g, c = ((sum(r.values()) if keys is None else sum(r.get(k, 0.0) for k in keys)) for r in results.values())
+        print(f"| {label} | {d:.0f} | {g:.0f} | {c:.0f} | " + (f"{g / c:.2f}x |" if c else "- |"))
 
 
 if __name__ == "__main__":

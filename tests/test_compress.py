@@ -26,6 +26,7 @@ from conftest import ARCHITECTURES, is_causal, tiny_inputs, tiny_model
 from finegates import GatesConfig, compress, get_gated_model, load_compressed, sparsity_report
 from finegates.architectures import architecture_for
 from finegates.compress import CompressedCheckpointError
+from finegates.compress.linear import ONEDNN_MIN_ROWS
 from finegates.compress.uniform import export_uniform
 from finegates.coupling import READERS, WRITERS, Block, find_blocks
 
@@ -191,6 +192,14 @@ def test_compacted_model_equals_gated_model(arch, pattern):
     assert not finegates.is_gated(small)
     report = sparsity_report(model)
     assert n_params(small) == report.model_params - report.model_removed
+
+
+def test_batches_of_many_rows_compact_exactly(arch):
+    """Enough tokens per batch (5 x 32 rows) that every linear takes the large-GEMM route (oneDNN on x86)."""
+    model = patterned(arch, PATTERNS["random"])
+    ids = tiny_inputs(seed=4, batch=5, length=32)
+    assert ids.numel() >= ONEDNN_MIN_ROWS
+    assert_exact(model, compress(model), ids, torch.ones_like(ids))
 
 
 def qk_pair_closed_per_group(model):

@@ -5,10 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 from finegates import GatedLinear, GatesConfig
-from finegates.compress.linear import AlignedLinear, ResidualLinear, build_linear
+from finegates.compress.linear import (
+    MIN_ROWS,
+    ONEDNN,
+    ONEDNN_MIN_ROWS,
+    CompactLinear,
+    ResidualLinear,
+    build_linear,
+    use_compact_linears,
+)
 from finegates.compress.slicing import folded_linear, keep_cols, keep_rows
 from finegates.compress.spec import LinearSpec
 
@@ -79,18 +88,48 @@ def test_build_linear_shapes():
     assert wrapped.linear.weight.shape == (3, 4) and wrapped(torch.randn(2, 9)).shape == (2, 8)
 
 
+def _compact_copy(linear: nn.Linear) -> CompactLinear:
+    compact = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    compact.load_state_dict(linear.state_dict())
+    return use_compact_linears(compact)
+
+
 @pytest.mark.parametrize("bias", [True, False])
-def test_aligned_linear_computes_what_linear_computes(bias):
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's, from mkldnn.flags
+def test_compact_linear_computes_what_linear_computes_on_every_route(bias):
     torch.manual_seed(1)
     linear = nn.Linear(7, 23, bias=bias)
-    aligned = nn.Linear(7, 23, bias=bias)
-    aligned.load_state_dict(linear.state_dict())
-    aligned.__class__ = AlignedLinear
-    x = torch.randn(4, 9, 7)
+    compact = _compact_copy(linear)
+    assert type(compact) is CompactLinear
     with torch.no_grad():
-        out = aligned(x)
-    assert out.shape == (4, 9, 23) and out.stride()[-2] == 32  # rows written at an aligned stride
-    torch.testing.assert_close(out, linear(x), atol=1e-6, rtol=0)
-    torch.testing.assert_close(aligned(x[:1, :1]), linear(x[:1, :1]), atol=1e-6, rtol=0)  # decoding: plain GEMV
-    aligned(x).sum().backward()  # with autograd it is plain F.linear
-    assert aligned.weight.grad.shape == (23, 7)
+        for rows in (1, MIN_ROWS + 4, ONEDNN_MIN_ROWS + 3):  # GEMV, aligned rows, oneDNN (where available)
+            x = torch.randn(rows, 7)
+            torch.testing.assert_close(compact(x), linear(x), atol=1e-5, rtol=0)
+        x = torch.randn(2, MIN_ROWS, 7)  # leading dims are flattened into rows and restored
+        out = compact(x)
+        torch.testing.assert_close(out, linear(x), atol=1e-5, rtol=0)
+        assert out.shape == (2, MIN_ROWS, 23) and out.stride()[-2] == 32  # rows written at an aligned stride
+        with torch.backends.mkldnn.flags(enabled=False):  # torch's switch turns the oneDNN route off
+            assert compact(torch.randn(ONEDNN_MIN_ROWS, 7)).stride()[-2] == 32
+    compact(x).sum().backward()  # with autograd it is plain F.linear
+    assert compact.weight.grad.shape == (23, 7)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="the oneDNN route is taken on x86 CPUs with oneDNN only")
+def test_onednn_route_is_taken_and_stays_visible_to_flop_counting():
+    torch.manual_seed(2)
+    compact = _compact_copy(nn.Linear(64, 40))
+    x = torch.randn(ONEDNN_MIN_ROWS, 64)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        compact(x)
+    assert "mkldnn::_linear_pointwise" in {e.key for e in prof.key_averages()}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # a dispatch mode sees an aten GEMM
+        compact(x)
+    assert counter.get_total_flops() == 2 * ONEDNN_MIN_ROWS * 64 * 40
+
+
+def test_use_compact_linears_switches_plain_linears_only():
+    model = nn.Sequential(nn.Linear(4, 4), ResidualLinear(nn.Linear(4, 2), None, torch.tensor([0, 2]), out_full=3))
+    use_compact_linears(model)
+    assert type(model[0]) is CompactLinear and type(model[1].linear) is CompactLinear
+    assert type(model[1]) is ResidualLinear

@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import nn
 
-from finegates.compress.linear import AlignedLinear
+from finegates.compress.linear import CompactLinear
 
 QUANTIZE_CHOICES = (None, "int8")
 
@@ -21,7 +21,7 @@ def quantize_linears(model: nn.Module) -> nn.Module:
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("int8 dynamic quantization runs on CPU: move the model to CPU first.")
     for module in model.modules():
-        if isinstance(module, AlignedLinear):
+        if isinstance(module, CompactLinear):
             module.__class__ = nn.Linear  # the quantizer matches exact types; the state is the same
     qconfig = torch.ao.quantization.default_dynamic_qconfig
     spec = {name: qconfig for name, m in model.named_modules() if type(m) is nn.Linear and m.weight.numel() > 0}

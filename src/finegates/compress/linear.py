@@ -21,8 +21,21 @@ from finegates.compress.spec import LinearSpec
 ALIGN = 16  # elements: output rows start on 64-byte boundaries (float32)
 MIN_ROWS = 16  # below this many rows (e.g. decoding) the GEMM is a GEMV and alignment does not pay
 ONEDNN_MIN_ROWS = 128  # from this many rows on, float32 GEMMs on x86 CPUs run through oneDNN (see CompactLinear)
-ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _onednn_linear_works() -> bool:
+    """oneDNN's linear op is in this torch build, on an x86 CPU, and computes F.linear (checked once on
+    a tiny input, so that a torch release that changes the op's signature falls back to BLAS)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w, b = torch.ones(2, 3), torch.arange(12.0).view(4, 3), torch.arange(4.0)
+        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), F.linear(x, w, b))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+ONEDNN = _onednn_linear_works()
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -35,16 +48,17 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def compact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear of a 2-D input through the fastest CPU route measured for its shape (see CompactLinear).
 
-    With autograd, off the CPU and under torch.compile it is plain F.linear: dynamo cannot trace a
-    non-contiguous `out=`, and a graph break per layer would make it recompile for every layer's shapes.
+    Below MIN_ROWS rows, with autograd, off the CPU and under torch.compile it is plain F.linear: dynamo
+    cannot trace a non-contiguous `out=`, and a graph break per layer would make it recompile for every
+    layer's shapes.
     """
     rows, n = x.shape[0], weight.shape[0]
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or (
+    if rows < MIN_ROWS or x.device.type != "cpu" or torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)  # decoding takes the first test: a GEMV is fastest as it is
     if _onednn(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    if rows < MIN_ROWS or n % ALIGN == 0:
+    if n % ALIGN == 0:
         return F.linear(x, weight, bias)
     out = x.new_empty(rows, -(-n // ALIGN) * ALIGN)[:, :n]
     if bias is None:
@@ -57,16 +71,18 @@ class CompactLinear(nn.Linear):
 
     Kept widths are arbitrary (e.g. 923 FFN channels by 531 inputs), and the BLAS GEMM behind F.linear
     runs such shapes well below its rate at round ones. Measured on an x86 CPU (AMD EPYC, AVX-512,
-    1 thread, 256 rows): oneDNN's matmul took 1.03-1.5x less time than F.linear on the compact shapes
-    and 1.1-1.3x less on the dense ones, so float32 inputs of at least ONEDNN_MIN_ROWS rows go through
-    oneDNN (`torch.backends.mkldnn.flags(enabled=False)` turns it off). Fewer rows, down to MIN_ROWS,
-    are written into a buffer whose rows have a stride rounded up to ALIGN (about 25% faster than rows
-    of an odd width) and returned as a view; a GEMV (decoding) is plain F.linear, which was faster
-    there. Autograd uses F.linear. `use_compact_linears` gives a dense model the same GEMMs, for
-    like-for-like speed comparisons.
+    1 thread, 256 rows): oneDNN's matmul ran 1.03-1.5x faster than F.linear on the compact shapes of
+    SmolLM2-135M and 1.1-1.3x faster on its dense ones, so float32 inputs of at least ONEDNN_MIN_ROWS
+    rows go through oneDNN (`torch.backends.mkldnn.flags(enabled=False)` turns it off). Fewer rows,
+    down to MIN_ROWS, are written into a buffer whose rows have a stride rounded up to ALIGN (about 25%
+    faster than rows of an odd width) and returned as a view; a GEMV (decoding) is plain F.linear,
+    which was faster there. Autograd uses F.linear. `use_compact_linears` gives a dense model the same
+    GEMMs, for like-for-like speed comparisons.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < MIN_ROWS * self.in_features:  # a GEMV (decoding): no reshaping, ~3 us less per call
+            return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         y = compact_linear(x.reshape(lead.numel(), x.shape[-1]), self.weight, self.bias)
         return y.view(*lead, y.shape[-1])

@@ -1,7 +1,8 @@
 """Compaction: a gated model becomes a physically smaller, exact transformers model.
 
 - `slicing`: pure functions keeping rows / columns of a linear layer (gates folded in first);
-- `linear`, `attention`: the compact modules (residual gather/scatter, kept heads and head dims);
+- `linear`, `attention`: the compact modules (GEMM routes for arbitrary widths, residual gather/scatter,
+  kept heads and head dims);
 - `spec`: the per-layer shapes recorded in config.json; `models`: compact classes + Auto registration;
 - `build`: `compress`; `io`: `load_compressed`; `quantize`: int8 dynamic quantization;
 - `uniform`: the uniform-width export that stock classes load without finegates.

@@ -1,0 +1,84 @@
+"""GEMM time of SmolLM2-135M's linear layers, dense vs compacted, per role and per CPU GEMM route.
+
+For every linear layer of the dense model and of the compacted one (magnitude gate pattern of
+`benchmarks/inference.py` at `--fraction`), times one `--rows` x in_features GEMM of its shape
+alone, through each route `CompactLinear` can take at that many rows: BLAS (`torch.mm`, rows written
+at an aligned stride; `torch.backends.mkldnn` disabled) and oneDNN (x86 only). Prints, per role (q/k/v/o/gate/up/down), the dense and compacted times, their
+ratio, the FLOP ratio and their quotient: the GEMM efficiency of the compact shapes relative to the
+dense ones (1.0 = a compact GEMM runs at the dense FLOP rate).
+
+    python benchmarks/gemm_routes.py --fraction 0.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections import defaultdict
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from inference import load_smollm2, prune
+from torch.utils.benchmark import Timer
+
+import finegates
+from finegates.compress.linear import ONEDNN, compact_linear
+
+
+def role_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, int]]]:
+    """(role, (out, in)) of every linear layer in the decoder blocks."""
+    shapes = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            parts = name.split(".")
+            shapes.append((parts[-2] if parts[-1] == "linear" else parts[-1], tuple(module.weight.shape)))
+    return shapes
+
+
+def microseconds(fn, min_run_time: float) -> float:
+    return min(Timer("fn()", globals={"fn": fn}, num_threads=1).blocked_autorange(min_run_time=min_run_time).times) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
+    parser.add_argument("--rows", type=int, default=256, help="rows of the GEMM input (tokens)")
+    parser.add_argument("--min-run-time", type=float, default=0.05, help="seconds of timing per shape and route")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # torch's, from mkldnn.flags
+    dense = load_smollm2().eval()
+    small = finegates.compress(prune(dense, args.fraction)).eval()
+    times: dict[tuple[str, str, str], float] = defaultdict(float)  # (route, model, role) -> us
+    flops: dict[tuple[str, str], int] = defaultdict(int)
+    source = torch.randn(args.rows, 4096)
+    routes = {"BLAS (aligned rows)": False, **({"oneDNN": True} if ONEDNN else {})}  # name -> mkldnn enabled
+    with torch.inference_mode():
+        for label, model in (("dense", dense), ("compacted", small)):
+            for role, (n, k) in role_shapes(model):
+                x, w = source[:, :k].contiguous(), torch.randn(n, k)
+                flops[label, role] += 2 * args.rows * n * k
+                for route, enabled in routes.items():
+                    with torch.backends.mkldnn.flags(enabled=enabled):
+                        torch.testing.assert_close(compact_linear(x, w, None), F.linear(x, w), atol=1e-3, rtol=1e-4)
+                        times[route, label, role] += microseconds(partial(compact_linear, x, w, None), args.min_run_time)
+    roles = list(dict.fromkeys(r for _, _, r in times))
+    print(f"SmolLM2-135M, {args.fraction:.0%} removed (magnitude pattern), {args.rows} rows, 1 thread; ms summed over layers")
+    for route in routes:
+        print(f"\n{route}\n\n| role | dense (ms) | compacted (ms) | time ratio | FLOP ratio | efficiency |\n|---|---|---|---|---|---|")
+        for role in [*roles, "all"]:
+            pick = roles if role == "all" else [role]
+            d = sum(times[route, "dense", r] for r in pick) / 1e3
+            c = sum(times[route, "compacted", r] for r in pick) / 1e3
+            fr = sum(flops["dense", r] for r in pick) / sum(flops["compacted", r] for r in pick)
+            print(f"| {role} | {d:.1f} | {c:.1f} | {d / c:.2f}x | {fr:.2f}x | {d / c / fr:.2f} |")
+    if len(routes) > 1:
+        a, b = list(routes)
+        for label in ("dense", "compacted"):
+            ta, tb = (sum(times[r, label, role] for role in roles) for r in (a, b))
+            print(f"\n{label}: {b} {tb / 1e3:.1f} ms vs {a} {ta / 1e3:.1f} ms: {ta / tb:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -69,10 +69,10 @@ def compact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 class CompactLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) with an inference forward for arbitrary widths.
 
-    Kept widths are arbitrary (e.g. 923 FFN channels by 531 inputs), and the BLAS GEMM behind F.linear
-    runs such shapes well below its rate at round ones. Measured on an x86 CPU (AMD EPYC, AVX-512,
-    1 thread, 256 rows): oneDNN's matmul ran 1.03-1.5x faster than F.linear on the compact shapes of
-    SmolLM2-135M and 1.1-1.3x faster on its dense ones, so float32 inputs of at least ONEDNN_MIN_ROWS
+    Kept widths are arbitrary (e.g. 923 FFN channels by 531 inputs). Measured on an x86 CPU (AMD EPYC,
+    AVX-512, 1 thread, 256 rows, `benchmarks/gemm_routes.py`): oneDNN's matmul ran the compact shapes of
+    SmolLM2-135M 1.03-1.5x faster than the BLAS (MKL) GEMM behind F.linear, and its dense ones 1.1-1.3x
+    faster; at 16-128 rows neither route won throughout. So float32 inputs of at least ONEDNN_MIN_ROWS
     rows go through oneDNN (`torch.backends.mkldnn.flags(enabled=False)` turns it off). Fewer rows,
     down to MIN_ROWS, are written into a buffer whose rows have a stride rounded up to ALIGN (about 25%
     faster than rows of an odd width) and returned as a view; a GEMV (decoding) is plain F.linear,

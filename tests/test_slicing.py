@@ -105,6 +105,8 @@ def test_compact_linear_computes_what_linear_computes_on_every_route(bias):
         for rows in (1, MIN_ROWS + 4, ONEDNN_MIN_ROWS + 3):  # GEMV, aligned rows, oneDNN (where available)
             x = torch.randn(rows, 7)
             torch.testing.assert_close(compact(x), linear(x), atol=1e-5, rtol=0)
+            x = torch.randn(rows, 12)[:, 3:10]  # rows of a wider tensor: a strided input
+            torch.testing.assert_close(compact(x), linear(x), atol=1e-5, rtol=0)
         x = torch.randn(2, MIN_ROWS, 7)  # leading dims are flattened into rows and restored
         out = compact(x)
         torch.testing.assert_close(out, linear(x), atol=1e-5, rtol=0)

@@ -18,7 +18,7 @@ the ratio of the same-GEMM speedup to the ideal, the in-memory weight size and t
 (int8: `torch.save` of the state dict; it is not a save_pretrained format). SmolLM2 needs
 `pip install gguf` once, to dequantize its packaged GGUF file.
 
-    python benchmarks/inference.py                                   # all (~15 min on 2 cores)
+    python benchmarks/inference.py --threads 1 --rounds 4 --min-run-time 0.5   # all (~35 min on 2 cores)
     python benchmarks/inference.py --models minilm --fractions 0.4 --min-run-time 1
     python benchmarks/inference.py --models --accuracy runs/r8/dense runs/r8/compressed --max-length 64
     python benchmarks/inference.py --models smollm2 --fractions 0.3 --trained-gates smollm2=runs/post/gates

@@ -2,10 +2,11 @@
 
 For every linear layer of the dense model and of the compacted one (magnitude gate pattern of
 `benchmarks/inference.py` at `--fraction`), times one `--rows` x in_features GEMM of its shape
-alone, through each route `CompactLinear` can take at that many rows: BLAS (`torch.mm`, rows written
-at an aligned stride; `torch.backends.mkldnn` disabled) and oneDNN (x86 only). Prints, per role (q/k/v/o/gate/up/down), the dense and compacted times, their
-ratio, the FLOP ratio and their quotient: the GEMM efficiency of the compact shapes relative to the
-dense ones (1.0 = a compact GEMM runs at the dense FLOP rate).
+alone, through both CPU routes of `CompactLinear`, whatever `--rows`: BLAS (`compact_linear` with
+`torch.backends.mkldnn` disabled: rows written at an aligned stride, plain F.linear below 16 rows) and
+oneDNN (`onednn_linear`, x86 only), so that the row threshold of the oneDNN route can be checked. Prints, per role (q/k/v/o/gate/up/down), the dense and compacted
+times, their ratio, the FLOP ratio and their quotient: the GEMM efficiency of the compact shapes
+relative to the dense ones (1.0 = a compact GEMM runs at the dense FLOP rate).
 
     python benchmarks/gemm_routes.py --fraction 0.4
 """
@@ -19,11 +20,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from inference import load_smollm2, prune
-from torch.utils.benchmark import Timer
+from inference import load_smollm2, prune, seconds
 
 import finegates
-from finegates.compress.linear import ONEDNN, compact_linear
+from finegates.compress.linear import ONEDNN, compact_linear, onednn_linear
 
 
 def role_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, int]]]:
@@ -34,10 +34,6 @@ def role_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, int]]]:
             parts = name.split(".")
             shapes.append((parts[-2] if parts[-1] == "linear" else parts[-1], tuple(module.weight.shape)))
     return shapes
-
-
-def microseconds(fn, min_run_time: float) -> float:
-    return min(Timer("fn()", globals={"fn": fn}, num_threads=1).blocked_autorange(min_run_time=min_run_time).times) * 1e6
 
 
 def main() -> None:
@@ -53,16 +49,16 @@ def main() -> None:
     times: dict[tuple[str, str, str], float] = defaultdict(float)  # (route, model, role) -> us
     flops: dict[tuple[str, str], int] = defaultdict(int)
     source = torch.randn(args.rows, 4096)
-    routes = {"BLAS (aligned rows)": False, **({"oneDNN": True} if ONEDNN else {})}  # name -> mkldnn enabled
-    with torch.inference_mode():
+    # compact_linear takes the BLAS route while mkldnn is disabled; onednn_linear calls oneDNN regardless
+    routes = {"BLAS (aligned rows)": compact_linear, **({"oneDNN": onednn_linear} if ONEDNN else {})}
+    with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False):
         for label, model in (("dense", dense), ("compacted", small)):
             for role, (n, k) in role_shapes(model):
                 x, w = source[:, :k].contiguous(), torch.randn(n, k)
                 flops[label, role] += 2 * args.rows * n * k
-                for route, enabled in routes.items():
-                    with torch.backends.mkldnn.flags(enabled=enabled):
-                        torch.testing.assert_close(compact_linear(x, w, None), F.linear(x, w), atol=1e-3, rtol=1e-4)
-                        times[route, label, role] += microseconds(partial(compact_linear, x, w, None), args.min_run_time)
+                for route, linear in routes.items():
+                    torch.testing.assert_close(linear(x, w, None), F.linear(x, w), atol=1e-3, rtol=1e-4)
+                    times[route, label, role] += seconds(partial(linear, x, w, None), args.min_run_time) * 1e6
     roles = list(dict.fromkeys(r for _, _, r in times))
     print(f"SmolLM2-135M, {args.fraction:.0%} removed (magnitude pattern), {args.rows} rows, 1 thread; ms summed over layers")
     for route in routes:

@@ -267,7 +267,7 @@ def _row(r: dict, base: dict, scenario: str, same_gemm: dict[str, float]) -> str
     s = r["scenarios"][scenario]
     speedup = s["speedup"]
     spread = f" ({min(s['ratios']):.2f}-{max(s['ratios']):.2f})" if len(s["ratios"]) > 1 else ""
-    own = speedup / same_gemm[r["gemm"]] if r.get("gemm") in same_gemm else None
+    own = speedup / same_gemm[r["gemm"]] if r["gemm"] in same_gemm else None
     ideal = base["flops"] / s["flops"] if s["flops"] else None
     own_txt = f"{own:.2f}x" if own else "-"
     ideal_txt, ratio_txt = (f"{ideal:.2f}x", f"{own / ideal:.2f}") if ideal and own else ("-", "-")
@@ -287,7 +287,7 @@ def table(results: list[dict]) -> str:
         rows = [r for r in results if r["model"] == model]
         for scenario, base in rows[0]["scenarios"].items():
             same_gemm = {r["gemm"]: r["scenarios"][scenario]["speedup"] for r in rows
-                         if r["removed"] == 0 and r.get("gemm") and "int8" not in r["variant"]}
+                         if r["removed"] == 0 and r["gemm"]}  # int8 rows have no GEMM route
             lines += [f"\n{model}, {scenario}\n", HEADER] + [_row(r, base, scenario, same_gemm) for r in rows]
     return "\n".join(lines)
 

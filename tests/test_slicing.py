@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -89,9 +91,7 @@ def test_build_linear_shapes():
 
 
 def _compact_copy(linear: nn.Linear) -> CompactLinear:
-    compact = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-    compact.load_state_dict(linear.state_dict())
-    return use_compact_linears(compact)
+    return use_compact_linears(copy.deepcopy(linear))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -131,7 +131,9 @@ def test_onednn_route_is_taken_and_stays_visible_to_flop_counting():
 
 
 def test_use_compact_linears_switches_plain_linears_only():
-    model = nn.Sequential(nn.Linear(4, 4), ResidualLinear(nn.Linear(4, 2), None, torch.tensor([0, 2]), out_full=3))
+    special = nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4)  # an nn.Linear subclass with its own role
+    model = nn.Sequential(nn.Linear(4, 4), ResidualLinear(nn.Linear(4, 2), None, torch.tensor([0, 2]), out_full=3),
+                          special)
     use_compact_linears(model)
     assert type(model[0]) is CompactLinear and type(model[1].linear) is CompactLinear
-    assert type(model[1]) is ResidualLinear
+    assert type(model[2]) is nn.modules.linear.NonDynamicallyQuantizableLinear

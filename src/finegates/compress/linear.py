@@ -23,6 +23,11 @@ MIN_ROWS = 16  # below this many rows (e.g. decoding) the GEMM is a GEMV and ali
 ONEDNN_MIN_ROWS = 128  # from this many rows on, float32 GEMMs on x86 CPUs run through oneDNN (see CompactLinear)
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear through oneDNN's matmul (x86 builds with oneDNN: see ONEDNN); no autograd."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def _onednn_linear_works() -> bool:
     """oneDNN's linear op is in this torch build, on an x86 CPU, and computes F.linear (checked once on
     a tiny input, so that a torch release that changes the op's signature falls back to BLAS)."""
@@ -30,7 +35,7 @@ def _onednn_linear_works() -> bool:
         return False
     try:
         x, w, b = torch.ones(2, 3), torch.arange(12.0).view(4, 3), torch.arange(4.0)
-        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), F.linear(x, w, b))
+        return torch.equal(onednn_linear(x, w, b), F.linear(x, w, b))
     except (AttributeError, RuntimeError, TypeError):
         return False
 
@@ -57,7 +62,7 @@ def compact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, bias)  # decoding takes the first test: a GEMV is fastest as it is
     if _onednn(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
     if n % ALIGN == 0:
         return F.linear(x, weight, bias)
     out = x.new_empty(rows, -(-n // ALIGN) * ALIGN)[:, :n]
@@ -70,9 +75,10 @@ class CompactLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) with an inference forward for arbitrary widths.
 
     Kept widths are arbitrary (e.g. 923 FFN channels by 531 inputs). Measured on an x86 CPU (AMD EPYC,
-    AVX-512, 1 thread, 256 rows, `benchmarks/gemm_routes.py`): oneDNN's matmul ran the compact shapes of
-    SmolLM2-135M 1.03-1.5x faster than the BLAS (MKL) GEMM behind F.linear, and its dense ones 1.1-1.3x
-    faster; at 16-128 rows neither route won throughout. So float32 inputs of at least ONEDNN_MIN_ROWS
+    AVX-512, 1 thread, `benchmarks/gemm_routes.py --rows N`, SmolLM2-135M layer shapes summed, compact /
+    dense): oneDNN's matmul ran 1.11x / 1.10x faster than the BLAS (MKL) GEMM behind F.linear at 256
+    rows, 1.16x / 1.14x at 128, 1.09x / 1.06x at 64 and 1.03x / 1.03x at 32; single small shapes
+    timed alone at 16-64 rows (e.g. 192 x 531, 241 x 317) ran 0.7-1.2x. So float32 inputs of at least ONEDNN_MIN_ROWS
     rows go through oneDNN (`torch.backends.mkldnn.flags(enabled=False)` turns it off). Fewer rows,
     down to MIN_ROWS, are written into a buffer whose rows have a stride rounded up to ALIGN (about 25%
     faster than rows of an odd width) and returned as a view; a GEMV (decoding) is plain F.linear,

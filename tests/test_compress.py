@@ -26,6 +26,7 @@ from conftest import ARCHITECTURES, is_causal, tiny_inputs, tiny_model
 from finegates import GatesConfig, compress, get_gated_model, load_compressed, sparsity_report
 from finegates.architectures import architecture_for
 from finegates.compress import CompressedCheckpointError
+from finegates.compress.attention import _pad_head_dims, kernel_head_size
 from finegates.compress.linear import ONEDNN_MIN_ROWS
 from finegates.compress.uniform import export_uniform
 from finegates.coupling import READERS, WRITERS, Block, find_blocks
@@ -228,6 +229,22 @@ def test_qk_dims_closed_in_whole_groups_leave(arch_name):
     assert n_params(small) == report.model_params - report.model_removed
     for block in report.blocks:
         assert block.qk_dims == 6  # 8 - one pair, in every KV group
+
+
+@pytest.mark.parametrize(("size", "kernel"), [(8, 8), (9, 9), (10, 10), (11, 16), (12, 16), (15, 16), (61, 64), (57, 57)])
+def test_fused_kernels_get_head_sizes_rounded_to_multiples_of_8(size, kernel):
+    assert kernel_head_size(size) == kernel
+
+
+def test_heads_padded_for_the_fused_kernel_attend_exactly():
+    """q/k keep 6 dims, v 5: both are zero-padded to 8 for SDPA, and the output is sliced back to 5."""
+    q, k, v = torch.randn(2, 4, 7, 6), torch.randn(2, 4, 7, 6), torch.randn(2, 4, 7, 5)
+    padded = _pad_head_dims(q, k, v, kernel_head_size(6))
+    assert [t.shape[-1] for t in padded] == [8, 8, 8]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = torch.nn.functional.scaled_dot_product_attention(*padded, is_causal=True, scale=6 ** -0.5)
+    torch.testing.assert_close(out[..., :5], expected, atol=ATOL, rtol=0)
+    assert out[..., 5:].abs().max() == 0
 
 
 def test_rope_table_columns_follow_the_index_buffers():

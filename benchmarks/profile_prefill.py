@@ -5,7 +5,11 @@ is a saved compacted folder (`--compacted`, e.g. the output of `finegates posttr
 Prints, per model, the operators with the most self CPU time over `--passes` prefills of 1 x 256
 tokens, then the ratio of the main groups between the dense model with the compacted model's GEMM routes
 ("dense, compact GEMMs", `use_compact_linears`) and the compacted model (matmuls, attention kernel, the gather,
-scatter and index operators that compaction adds).
+scatter and index operators that compaction adds). For the prefill it also prints a bound: the
+speedup over the same-GEMM dense model if the decoder GEMMs and the attention kernel shrank by their FLOP
+ratios (linear and attention FLOPs counted apart, `FlopCounterMode`) and every other operator (norms,
+residual adds, RoPE, activations, the last-token logits GEMV, timed apart) took its dense time; the FLOP ideal of
+`benchmarks/inference.py` assumes those shrink too.
 
     python benchmarks/profile_prefill.py --fraction 0.4 --threads 1
     python benchmarks/profile_prefill.py --fraction 0.4 --threads 1 --decode   # ms per generated token
@@ -16,10 +20,12 @@ from __future__ import annotations
 import argparse
 import copy
 from collections.abc import Callable
+from functools import partial
 
 import torch
-from inference import load_smollm2, prune
+from inference import load_smollm2, prune, seconds
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 import finegates
 from finegates.compress.linear import use_compact_linears
@@ -56,6 +62,37 @@ def self_times(run: Callable[[], object], passes: int, per: int) -> tuple[dict[s
     return times, events.table(sort_by="self_cpu_time_total", row_limit=12)
 
 
+def group_flops(run: Callable[[], object], model: torch.nn.Module) -> tuple[int, int]:
+    """(linear, attention) FLOPs of one call, counted under eager attention: linears are aten mm/addmm,
+    attention is the two batched matmuls (bmm) of the eager kernel."""
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            run()
+    finally:
+        model.set_attn_implementation(implementation)
+    ops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return ops.get("aten.mm", 0) + ops.get("aten.addmm", 0), ops.get("aten.bmm", 0)
+
+
+def print_bound(same_gemm: dict[str, float], compacted: dict[str, float], flops: dict[str, tuple[int, int]],
+                logits_ms: float) -> None:
+    """The bound of the module docstring next to the FLOP ideal and the profiled speedup; `logits_ms`
+    is the time of the last-token logits GEMV, which the matmul group holds but which does not shrink."""
+    (dense_linear, dense_attention), (small_linear, small_attention) = flops["dense, compact GEMMs"], flops["compacted"]
+    gemm, attention = (sum(same_gemm.get(k, 0.0) for k in GROUPS[g]) for g in list(GROUPS)[:2])
+    gemm -= logits_ms
+    total = sum(same_gemm.values())
+    bound_ms = gemm * small_linear / dense_linear + attention * small_attention / dense_attention + total - gemm - attention
+    ideal = (dense_linear + dense_attention) / (small_linear + small_attention)
+    bound, measured = total / bound_ms, total / sum(compacted.values())
+    print(f"\nFLOP ratios: linears {dense_linear / small_linear:.2f}x, attention {dense_attention / small_attention:.2f}x, "
+          f"all (the ideal) {ideal:.2f}x; logits GEMV {logits_ms:.1f} ms")
+    print(f"bound with the other operators at their dense time: {bound:.2f}x ({bound / ideal:.2f} of the ideal)")
+    print(f"profiled: {measured:.2f}x ({measured / ideal:.2f} of the ideal, {measured / bound:.2f} of the bound)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
@@ -78,7 +115,8 @@ def main() -> None:
     results = {}
     same_gemm = use_compact_linears(copy.deepcopy(dense))
     unit = "token" if args.decode else "prefill"
-    for name, model in (("dense", dense), ("dense, compact GEMMs", same_gemm), ("compacted", small)):
+    models = (("dense", dense), ("dense, compact GEMMs", same_gemm), ("compacted", small))
+    for name, model in models:
         results[name], table = self_times(runner(model, args.decode), args.passes, DECODE_TOKENS if args.decode else 1)
         print(f"\n{name}, ms per {unit} over {args.passes} passes, {args.threads} thread(s)\n{table}")
     print("| operators | dense (ms) | dense, compact GEMMs (ms) | compacted (ms) | same-GEMM dense / compacted |\n"
@@ -86,6 +124,11 @@ def main() -> None:
     for label, keys in {**GROUPS, "total": None}.items():
         d, g, c = ((sum(r.values()) if keys is None else sum(r.get(k, 0.0) for k in keys)) for r in results.values())
         print(f"| {label} | {d:.0f} | {g:.0f} | {c:.0f} | " + (f"{g / c:.2f}x |" if c else "- |"))
+    if not args.decode:
+        with torch.inference_mode():
+            logits_ms = 1e3 * seconds(partial(same_gemm.lm_head, torch.randn(1, 1, same_gemm.config.hidden_size)), 0.5)
+        print_bound(results["dense, compact GEMMs"], results["compacted"],
+                    {name: group_flops(runner(model, False), model) for name, model in models[1:]}, logits_ms)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,11 @@ def flops(fn: Callable[[], object], model: torch.nn.Module) -> int:
     the plan (SDPA runs of compact layers also zero-pad q/k or v to one head size; that layout work is
     not counted). Both count full (non-causal) score matrices.
     """
+    return flop_counter(fn, model).get_total_flops()
+
+
+def flop_counter(fn: Callable[[], object], model: torch.nn.Module) -> FlopCounterMode:
+    """The FlopCounterMode of one call of `fn` with `model` switched to eager attention (see `flops`)."""
     implementation = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -112,7 +117,7 @@ def flops(fn: Callable[[], object], model: torch.nn.Module) -> int:
             fn()
     finally:
         model.set_attn_implementation(implementation)
-    return counter.get_total_flops()
+    return counter
 
 
 def gemm_route(model: torch.nn.Module) -> str | None:

@@ -23,9 +23,8 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from inference import load_smollm2, prune, seconds
+from inference import flop_counter, load_smollm2, prune, seconds
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 import finegates
 from finegates.compress.linear import use_compact_linears
@@ -65,14 +64,9 @@ def self_times(run: Callable[[], object], passes: int, per: int) -> tuple[dict[s
 def group_flops(run: Callable[[], object], model: torch.nn.Module) -> tuple[int, int]:
     """(linear, attention) FLOPs of one call, counted under eager attention: linears are aten mm/addmm,
     attention is the two batched matmuls (bmm) of the eager kernel."""
-    implementation = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            run()
-    finally:
-        model.set_attn_implementation(implementation)
-    ops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    with torch.inference_mode():
+        counts = flop_counter(run, model).get_flop_counts()["Global"]
+    ops = {str(op): n for op, n in counts.items()}
     return ops.get("aten.mm", 0) + ops.get("aten.addmm", 0), ops.get("aten.bmm", 0)
 
 

@@ -231,7 +231,8 @@ def test_qk_dims_closed_in_whole_groups_leave(arch_name):
         assert block.qk_dims == 6  # 8 - one pair, in every KV group
 
 
-@pytest.mark.parametrize(("size", "kernel"), [(8, 8), (9, 9), (10, 10), (11, 16), (12, 16), (15, 16), (61, 64), (57, 57)])
+@pytest.mark.parametrize(("size", "kernel"), [(8, 8), (9, 9), (10, 10), (11, 16), (15, 16), (33, 33), (34, 34), (35, 40),
+                                                 (42, 42), (52, 56), (57, 57), (61, 64), (64, 64)])
 def test_fused_kernels_get_head_sizes_rounded_to_multiples_of_8(size, kernel):
     assert kernel_head_size(size) == kernel
 

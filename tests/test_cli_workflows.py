@@ -30,7 +30,10 @@ def test_posttrain_uses_its_gate_defaults_and_flags_override(captured):
     assert cli.main(["posttrain", "--max-steps", "7", "--target-sparsity", "0.2"]) == 0
     run, gates = captured["posttrain"]
     assert run.max_steps == 7 and gates.target_sparsity == 0.2
-    assert gates.bias == "none" and gates.modules_to_save == [] and gates.gate_lr == 0.01
+    # warm-up and gate lr follow the run's length (set by the trainer), unless a flag names them
+    assert gates.bias == "none" and gates.modules_to_save == [] and gates.gate_lr is None and gates.warmup_steps is None
+    assert cli.main(["posttrain", "--gate-lr", "0.05", "--warmup-steps", "3"]) == 0
+    assert (captured["posttrain"][1].gate_lr, captured["posttrain"][1].warmup_steps) == (0.05, 3)
 
 
 def test_pretrain_options(captured):

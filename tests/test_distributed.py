@@ -32,5 +32,5 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     for name in one:
         torch.testing.assert_close(rank0[name], rank1[name], atol=0, rtol=0, msg=f"ranks differ: {name}")
         torch.testing.assert_close(rank0[name], one[name], atol=1e-5, rtol=1e-5, msg=f"1 vs 2 processes: {name}")
-    # the sparsity term took part: below its target, the multiplier lambda2 has risen from 0
-    assert one["finegates_controller.lambda2"].item() > 0
+    # the budget took part on every rank alike: the projection closed gates (the counters are compared above)
+    assert one["finegates_controller.projected_closed"].item() > 0

@@ -68,7 +68,7 @@ def test_finalize_lands_on_the_target(tmp_path):
     trainer.finalize = True
     trainer.train()
     removed = finegates.sparsity_report(trainer.model.eval()).removed_fraction
-    assert 0.3 <= removed <= 0.31
+    assert 0.3 <= removed <= 0.32  # at hidden size 32 one gate can carry more than 1% of the parameters
 
 
 def test_training_leaves_the_kv_cache_setting_of_a_causal_lm(tmp_path):
@@ -83,3 +83,40 @@ def test_training_leaves_the_kv_cache_setting_of_a_causal_lm(tmp_path):
     trainer.train()
     assert model.config.use_cache is True
     assert finegates.compress(model.eval()).config.use_cache is True
+
+
+def test_a_run_that_misses_its_target_says_so(tmp_path, caplog):
+    """Without the projection and with gates too slow to close, training removes far less than the target:
+    the outcome records both fractions and the trainer warns."""
+    model = get_gated_model(tiny_model("bert"), GatesConfig(target_sparsity=0.3, warmup_steps=2, gate_lr=1e-4,
+                                                            budget_tolerance=None))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no")
+    trainer = FineGatesTrainer(model=model, args=args, train_dataset=_dataset())
+    with caplog.at_level("WARNING", logger="finegates.trainer"):
+        trainer.train()
+    assert trainer.budget.removed_by_training < 0.05 and 0.3 <= trainer.budget.removed_after_finalize < 0.35
+    assert "training removed" in caplog.text and "30.0%" in trainer.budget.warning()
+
+
+def test_gates_keep_a_constant_lr_while_the_head_follows_its_schedule(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=6, lr_scheduler_type="linear")
+    trainer.train()
+    lrs = {group.get("finegates", "head"): group["lr"] for group in trainer.optimizer.param_groups}
+    assert lrs["gates"] == 0.05 and lrs["multipliers"] == 0.05 * trainer.model.finegates_config.lagrangian_lr_scale
+    assert lrs["head"] < 1e-3  # linear decay to 0 over the run
+
+
+def test_the_trainer_keeps_the_removed_fraction_near_the_target(tmp_path):
+    model = get_gated_model(tiny_model("bert"), GatesConfig(target_sparsity=0.4))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1)
+    trainer = FineGatesTrainer(model=model, args=args, train_dataset=_dataset())
+    trainer.train()
+    cfg = trainer.model.finegates_config
+    assert cfg.warmup_steps == 12 and cfg.gate_lr is not None  # resolved from the run's 40 steps
+    rows = [row for row in trainer.state.log_history if "sparsity_removed" in row]
+    assert len(rows) == 40
+    assert all(row["sparsity_removed"] <= row["sparsity_target"] + 0.02 for row in rows)
+    assert all(abs(row["sparsity_removed"] - 0.4) <= 0.02 for row in rows if row["step"] >= 12)
+    assert abs(trainer.budget.removed_after_finalize - trainer.budget.removed_by_training) <= 0.01

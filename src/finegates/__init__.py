@@ -5,6 +5,7 @@
 """
 
 from finegates.adapter import load_gates, save_gates
+from finegates.budget import budget_step, project_budget, set_training_steps
 from finegates.compress import compress, load_compressed
 from finegates.config import GatesConfig
 from finegates.layer import GatedLinear
@@ -17,6 +18,7 @@ from finegates.report import sparsity_report
 __all__ = [
     "GatedLinear",
     "GatesConfig",
+    "budget_step",
     "compaction_plan",
     "compress",
     "expected_sparsity",
@@ -28,7 +30,9 @@ __all__ = [
     "load_gates",
     "optimizer_param_groups",
     "print_trainable_parameters",
+    "project_budget",
     "save_gates",
+    "set_training_steps",
     "sparsity_loss",
     "sparsity_report",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,15 +59,30 @@ class GatesConfig:
     lambda_sparsity: float = field(
         default=50.0, metadata={"help": "Weight of the 'paper' objective (the reference uses 50)."}
     )
-    init_mean: float = field(default=1.0, metadata={"help": "Gaussian gates: mean of the initial theta."})
-    init_std: float = field(default=0.1, metadata={"help": "Gaussian gates: std of the initial theta."})
+    init_mean: float | None = field(
+        default=None,
+        metadata={"help": "Gaussian gates: mean of the initial theta (None: the top of the bounded range, "
+                  "param_bound x atanh(0.5), fully open; the reference uses 1.0)."},
+    )
+    init_std: float = field(
+        default=0.0, metadata={"help": "Gaussian gates: std of the initial theta (the reference uses 0.1)."}
+    )
+    param_bound: float | None = field(
+        default=1.5,
+        metadata={
+            "help": "Gate parameters stay within +-param_bound x the point where a gate is fully open (and "
+            "mirrored, closed), so no gate is ever more than a fixed distance from closing or reopening. "
+            "None: unbounded (the reference)."
+        },
+    )
     noise_std: float = field(default=0.1, metadata={"help": "Gaussian gates: std of the training noise."})
     paper_prob_scale: float = field(
         default=0.5, metadata={"help": "Gaussian gates: s in the reference's P = Phi((mu + 0.5) / s)."}
     )
     budget_temperature: float = field(
         default=0.25,
-        metadata={"help": "Gaussian gates: temperature of the open probability used by the budget objective."},
+        metadata={"help": "Unbounded Gaussian gates: temperature of the open probability the budget objective "
+                  "uses (bounded gates use a probability linear over their range)."},
     )
     budget_estimator: str = field(
         default="ste",
@@ -75,17 +91,36 @@ class GatesConfig:
             "their open probability; 'expected': the expected size under independent open probabilities."
         },
     )
-    hc_init_log_alpha: float = field(
-        default=3.0, metadata={"help": "Hard-concrete gates: initial log alpha (gates start open)."}
+    hc_init_log_alpha: float | None = field(
+        default=None,
+        metadata={"help": "Hard-concrete gates: initial log alpha (None: the top of the bounded range, "
+                  "fully open; 3.0 when unbounded)."},
     )
-    warmup_steps: int = field(
-        default=100, metadata={"help": "Steps over which the budget target ramps linearly from 0."}
+    warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": "Steps over which the budget target ramps linearly from 0 (None: 30% of the run)."},
+    )
+    budget_tolerance: float | None = field(
+        default=0.01,
+        metadata={
+            "help": "Budget objective: after every optimizer step the removed fraction is kept within this "
+            "distance of the warmed-up target by moving the gates nearest their closing point (None: the "
+            "Lagrangian alone)."
+        },
     )
     lagrangian_lr_scale: float = field(
         default=10.0,
         metadata={"help": "Multiplier of the gate lr for the Lagrange multipliers' gradient ascent."},
     )
-    gate_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the gates."})
+    projection_margin: float = field(
+        default=0.1,
+        metadata={"help": "Gates the budget projection moves land this far (x the distance from the centre to "
+                  "the closing point) past their closing point, so they do not cross straight back."},
+    )
+    gate_lr: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the gates, constant (None: a pushed gate closes in half the warm-up)."},
+    )
     head_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the head, biases, modules_to_save."})
     residual_min_removed: int = field(
         default=1,
@@ -105,8 +140,28 @@ class GatesConfig:
         for name in ("noise_std", "paper_prob_scale", "budget_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (or None for 30% of the run), got {self.warmup_steps}.")
+        for name in ("gate_lr", "budget_tolerance"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= (0 if name == "budget_tolerance" else 1e-12)):
+                raise ValueError(f"{name} must be a positive number (or None), got {value}.")
+        if self.param_bound is not None and not (math.isfinite(self.param_bound) and self.param_bound >= 1.0):
+            raise ValueError(
+                f"param_bound must be >= 1 (gates must be able to open fully) or None, got {self.param_bound}."
+            )
+
+    @classmethod
+    def reference(cls, **overrides: Any) -> GatesConfig:
+        """The reference code's gates and loss: theta ~ N(1, 0.1), unbounded, the soft per-layer loss
+        (`objective="paper"`, lambda 50), gate lr 1e-3, no projection onto the budget.
+
+        >>> GatesConfig.reference().objective
+        'paper'
+        """
+        values = {"init_mean": 1.0, "init_std": 0.1, "param_bound": None, "objective": "paper", "gate_lr": 1e-3,
+                      "budget_tolerance": None, "warmup_steps": 0}
+        return cls(**{**values, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

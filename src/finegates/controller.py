@@ -29,15 +29,24 @@ class SparsityController(nn.Module):
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # Gates the budget projection moved over the run (see optim.budget_step): the share of the cut
+        # that the Lagrangian did not make by itself.
+        self.register_buffer("projected_closed", torch.zeros((), dtype=torch.long))
+        self.register_buffer("projected_reopened", torch.zeros((), dtype=torch.long))
 
     def target(self, final_target: float, warmup_steps: int, step: int | None = None) -> float:
+        """The target at `step` (default: the count of training-mode sparsity_loss calls)."""
         step = int(self.step) if step is None else step
         if warmup_steps <= 0:
             return final_target
         return final_target * min(1.0, step / warmup_steps)
 
-    def penalty(self, sparsity: torch.Tensor, target: float) -> torch.Tensor:
+    def penalty(self, sparsity: torch.Tensor, target: float, deadband: float = 0.0) -> torch.Tensor:
+        """lambda1 gap + lambda2 gap^2, with gap = 0 (no pressure, multipliers hold) while |gap| <= deadband:
+        inside the band the task loss alone moves the gates, and the multipliers cannot wind up there."""
         gap = sparsity - target
+        if deadband > 0:
+            gap = gap * (gap.detach().abs() > deadband)
         lambda1 = _ReverseGrad.apply(self.lambda1)
         lambda2 = _ReverseGrad.apply(self.lambda2)
         return lambda1 * gap + lambda2 * gap * gap

@@ -16,16 +16,45 @@ from torch import nn
 
 from finegates.config import GatesConfig
 
-# Gaussian gates close when tanh(theta) + 0.5 <= 0, i.e. theta <= atanh(-0.5).
+# Gaussian gates close when tanh(theta) + 0.5 <= 0, i.e. theta <= atanh(-0.5), and are fully open
+# (eval value 1) when theta >= atanh(0.5): the two points are symmetric around 0.
 _GAUSSIAN_THRESHOLD = math.atanh(-0.5)
 # Hard-concrete stretch interval and temperature (Louizos et al., 2018).
 _HC_LEFT, _HC_RIGHT, _HC_BETA = -0.1, 1.1, 2.0 / 3.0
-# sigmoid(a) * (r - l) + l <= 0  <=>  a <= logit(-l / (r - l))
+# sigmoid(a) * (r - l) + l <= 0  <=>  a <= logit(-l / (r - l)) = -log(11); fully open from +log(11).
 _HC_CLOSED_LOG_ALPHA = math.log(-_HC_LEFT / (_HC_RIGHT - _HC_LEFT)) - math.log1p(_HC_LEFT / (_HC_RIGHT - _HC_LEFT))
+# The parameter value a gate starts at when the config names none and its parameters are unbounded.
+_UNBOUNDED_INIT = {"gaussian": 1.0, "hard_concrete": 3.0}
 
 
 class Gate(nn.Module):
-    """Base class: one learnable gate per row or column of a linear layer."""
+    """Base class: one learnable gate per row or column of a linear layer.
+
+    Every family has one parameter per gate whose eval value is exactly 0 at or below `-edge` and
+    exactly 1 at or above `+edge`; in between the gate scales its row or column.
+    """
+
+    edge: float
+
+    @property
+    def param(self) -> nn.Parameter:
+        raise NotImplementedError
+
+    def _ramp(self) -> torch.Tensor | None:
+        """Open probability linear over the bounded range (None when unbounded): every gate in the range
+        feels the same budget gradient, wherever it sits, instead of a sigmoid's that vanishes far from
+        closing and grows 60-fold near it (which made whole groups of gates collapse together)."""
+        if self.bound is None:
+            return None
+        half = self.bound * self.edge
+        return ((self.param + half) / (2 * half)).clamp(0.0, 1.0)
+
+    def clamp_(self, bound: float | None) -> None:
+        """Keep the parameters within +-bound x edge (no-op for None), so a gate is never further
+        from closing, or from fully open, than a fixed distance."""
+        if bound is not None:
+            with torch.no_grad():
+                self.param.clamp_(-bound * self.edge, bound * self.edge)
 
     def deterministic(self) -> torch.Tensor:
         raise NotImplementedError
@@ -47,12 +76,19 @@ class Gate(nn.Module):
 class GaussianGate(Gate):
     """The paper's gates: g = clamp(tanh(theta) + eps + 0.5, 0, 1), eps ~ N(0, noise_std^2)."""
 
+    edge = -_GAUSSIAN_THRESHOLD
+
     def __init__(self, size: int, cfg: GatesConfig) -> None:
         super().__init__()
-        self.theta = nn.Parameter(torch.randn(size) * cfg.init_std + cfg.init_mean)
+        self.theta = nn.Parameter(torch.randn(size) * cfg.init_std + initial_value(cfg))
+        self.bound = cfg.param_bound
         self.noise_std = cfg.noise_std
         self.paper_scale = cfg.paper_prob_scale
         self.temperature = cfg.budget_temperature
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.theta
 
     def forward(self) -> torch.Tensor:
         mu = torch.tanh(self.theta)
@@ -64,8 +100,11 @@ class GaussianGate(Gate):
         return torch.clamp(torch.tanh(self.theta) + 0.5, 0.0, 1.0)
 
     def prob_open(self) -> torch.Tensor:
-        # Logistic in theta around the closing threshold: unlike the reference's P it reaches 0 for
-        # closed gates, so the expected size can match what compaction removes.
+        ramp = self._ramp()
+        if ramp is not None:
+            return ramp
+        # Unbounded: logistic in theta around the closing threshold; unlike the reference's P it reaches 0
+        # for closed gates, so the expected size can match what compaction removes.
         return torch.sigmoid((self.theta - _GAUSSIAN_THRESHOLD) / self.temperature)
 
     def paper_prob(self) -> torch.Tensor:
@@ -76,9 +115,16 @@ class GaussianGate(Gate):
 class HardConcreteGate(Gate):
     """L0 gates: a stretched, clamped binary-concrete sample per gate."""
 
+    edge = -_HC_CLOSED_LOG_ALPHA
+
     def __init__(self, size: int, cfg: GatesConfig) -> None:
         super().__init__()
-        self.log_alpha = nn.Parameter(torch.full((size,), cfg.hc_init_log_alpha))
+        self.log_alpha = nn.Parameter(torch.full((size,), initial_value(cfg)))
+        self.bound = cfg.param_bound
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.log_alpha
 
     def forward(self) -> torch.Tensor:
         if not self.training:
@@ -91,6 +137,9 @@ class HardConcreteGate(Gate):
         return torch.clamp(torch.sigmoid(self.log_alpha) * (_HC_RIGHT - _HC_LEFT) + _HC_LEFT, 0.0, 1.0)
 
     def prob_open(self) -> torch.Tensor:
+        ramp = self._ramp()
+        if ramp is not None:
+            return ramp
         return torch.sigmoid(self.log_alpha - _HC_BETA * math.log(-_HC_LEFT / _HC_RIGHT))
 
 
@@ -99,6 +148,22 @@ GATE_CLASSES: dict[str, type[Gate]] = {"gaussian": GaussianGate, "hard_concrete"
 
 def make_gate(size: int, cfg: GatesConfig) -> Gate:
     return GATE_CLASSES[cfg.gate_family](size, cfg)
+
+
+def initial_value(cfg: GatesConfig) -> float:
+    """The parameter value gates start at: the config's, else the top of the bounded range (fully open
+    and as near closing as that allows), else the unbounded default."""
+    given = cfg.init_mean if cfg.gate_family == "gaussian" else cfg.hc_init_log_alpha
+    if given is not None:
+        return given
+    if cfg.param_bound is None:
+        return _UNBOUNDED_INIT[cfg.gate_family]
+    return cfg.param_bound * GATE_CLASSES[cfg.gate_family].edge
+
+
+def travel_to_close(cfg: GatesConfig) -> float:
+    """Parameter distance from the initial value to the closing point."""
+    return initial_value(cfg) + GATE_CLASSES[cfg.gate_family].edge
 
 
 def _force(param: torch.Tensor, margin: torch.Tensor, closed_value: float, open_value: float,

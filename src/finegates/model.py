@@ -15,6 +15,9 @@ from finegates.targets import default_modules_to_save, resolve_targets
 logger = logging.getLogger(__name__)
 
 CONTROLLER_ATTR = "finegates_controller"
+CONTROLLER_STATE = ("lambda1", "lambda2", "step", "projected_closed", "projected_reopened")
+# Controller entries that adapters saved before they existed may lack.
+OPTIONAL_STATE = tuple(f"{CONTROLLER_ATTR}.{n}" for n in ("projected_closed", "projected_reopened"))
 
 
 def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.Module:
@@ -45,7 +48,7 @@ def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.M
     # The multipliers live outside forward() and get the same gradient on every rank (the gates are
     # in sync), so DistributedDataParallel must not manage them.
     ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", [])
-    model._ddp_params_and_buffers_to_ignore = [*ignored, *(f"{CONTROLLER_ATTR}.{n}" for n in ("lambda1", "lambda2", "step"))]
+    model._ddp_params_and_buffers_to_ignore = [*ignored, *(f"{CONTROLLER_ATTR}.{n}" for n in CONTROLLER_STATE)]
     _set_trainable(model, config)
     logger.info("Gated %d linear layers of %s", len(names), type(model).__name__)
     return model

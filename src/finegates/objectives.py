@@ -55,6 +55,15 @@ def expected_sparsity(model: nn.Module) -> torch.Tensor:
     return hard + soft - soft.detach()
 
 
+def warmup_steps(cfg) -> int:
+    if cfg.warmup_steps is None:
+        raise ValueError(
+            "warmup_steps is None (a share of the run): call finegates.set_training_steps(model, total_steps) "
+            "before training, or give GatesConfig(warmup_steps=N)."
+        )
+    return cfg.warmup_steps
+
+
 def paper_loss(model: nn.Module) -> torch.Tensor:
     """The reference loss: mean over layers of mean(|mean P_rows - keep|, |mean P_cols - keep|)."""
     cfg = gates_config(model)
@@ -79,7 +88,9 @@ def sparsity_loss(model: nn.Module, step: int | None = None) -> torch.Tensor:
     if cfg.objective == "paper":
         return paper_loss(model)
     ctrl = controller(model)
-    target = ctrl.target(cfg.target_sparsity, cfg.warmup_steps, step)
+    target = ctrl.target(cfg.target_sparsity, warmup_steps(cfg), step)
     if step is None and model.training:
         ctrl.step += 1
-    return ctrl.penalty(expected_sparsity(model), target)
+    # Half the projection's band: the Lagrangian pushes before the projection (optim.budget_step) must.
+    deadband = cfg.budget_tolerance / 2 if cfg.budget_tolerance else 0.0
+    return ctrl.penalty(expected_sparsity(model), target, deadband)

@@ -1,4 +1,5 @@
-"""Optimizer parameter groups for FineGates, and the final step that lands exactly on the budget."""
+"""Optimizer parameter groups for FineGates, the gates' own lr schedule, and the final step that lands
+exactly on the budget."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import logging
 import torch
 from torch import nn
 
-from finegates.gates import force_gates, gate_margin
-from finegates.model import CONTROLLER_ATTR, all_gates, gate_parameter_ids, gates_config
+from finegates.budget import auto_gate_lr, project_budget
+from finegates.model import CONTROLLER_ATTR, gate_parameter_ids, gates_config
 from finegates.report import sparsity_report
 
 logger = logging.getLogger(__name__)
@@ -19,10 +20,12 @@ def optimizer_param_groups(
 ) -> list[dict]:
     """Gates, Lagrange multipliers (ascent through reversed gradients) and the rest, each with its lr.
 
+    A hand-written loop calls `budget_step(model)` after every `optimizer.step()` (FineGatesTrainer does).
+
     >>> opt = torch.optim.AdamW(optimizer_param_groups(model))  # doctest: +SKIP
     """
     cfg = gates_config(model)
-    gate_lr = cfg.gate_lr if gate_lr is None else gate_lr
+    gate_lr = gate_lr if gate_lr is not None else cfg.gate_lr if cfg.gate_lr is not None else auto_gate_lr(cfg)
     head_lr = cfg.head_lr if head_lr is None else head_lr
     gate_ids = gate_parameter_ids(model)
     gates, multipliers, rest = [], [], []
@@ -36,45 +39,38 @@ def optimizer_param_groups(
         else:
             rest.append(param)
     groups = [
-        {"params": gates, "lr": gate_lr, "weight_decay": 0.0},
-        {"params": multipliers, "lr": gate_lr * cfg.lagrangian_lr_scale, "weight_decay": 0.0},
+        {"params": gates, "lr": gate_lr, "weight_decay": 0.0, "finegates": "gates"},
+        {"params": multipliers, "lr": gate_lr * cfg.lagrangian_lr_scale, "weight_decay": 0.0, "finegates": "multipliers"},
     ]
     if rest:
         groups.append({"params": rest, "lr": head_lr, "weight_decay": weight_decay})
     return groups
 
 
-def finalize_gates(model: nn.Module, target: float | None = None, tolerance: float = 0.0) -> float:
-    """Move the gates nearest their closing point so that the removable fraction reaches `target`.
+def _constant(_: int) -> float:
+    return 1.0
 
-    Gates are ranked by their distance from closing; a single threshold on that distance decides
-    which are closed. Returns the removed fraction the report then measures. Training with the budget
-    objective lands near the target already, so this changes only the few gates at the margin.
+
+def keep_gate_lr_constant(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Take the gate and multiplier groups out of a LambdaLR schedule (transformers' `get_scheduler`):
+    how fast a gate can close must not depend on the head's warm-up or decay."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise TypeError(f"Expected a LambdaLR schedule (transformers.get_scheduler), got {type(scheduler).__name__}.")
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        if group.get("finegates") in ("gates", "multipliers"):
+            scheduler.lr_lambdas[i] = _constant
+            group["lr"] = scheduler.base_lrs[i]
+
+
+def finalize_gates(model: nn.Module, target: float | None = None, tolerance: float = 0.0) -> float:
+    """Move the gates nearest their closing point so that the removable fraction lands in
+    [target, target + tolerance] (at least the target); returns the fraction the report then measures.
+
+    After training with the budget objective the fraction is already within `budget_tolerance` of the
+    target, so this moves only the few gates at the margin.
     """
     target = gates_config(model).target_sparsity if target is None else target
-    gates = all_gates(model)
-    current = sparsity_report(model).removed_fraction
-    if current >= target and current - target <= tolerance:
-        return current
-    originals = [{n: p.detach().clone() for n, p in g.named_parameters()} for g in gates]
-    margins = torch.cat([gate_margin(g) for g in gates]).sort().values
-    low, high = 0, len(margins)  # find the fewest closed gates whose removal reaches the target
-
-    def removed_with(k: int) -> float:
-        threshold = margins[k - 1] if k > 0 else margins[0] - 1
-        for gate, saved in zip(gates, originals):
-            for n, p in gate.named_parameters():
-                p.data.copy_(saved[n])
-            margin = gate_margin(gate)
-            force_gates(gate, close=margin <= threshold, reopen=margin > threshold)
-        return sparsity_report(model).removed_fraction
-
-    while low < high:
-        mid = (low + high) // 2
-        if removed_with(mid) >= target:
-            high = mid
-        else:
-            low = mid + 1
-    achieved = removed_with(low)
-    logger.info("finalize_gates: removed fraction %.4f -> %.4f (target %.4f)", current, achieved, target)
+    before = sparsity_report(model).removed_fraction
+    achieved = project_budget(model, target, target + tolerance).removed
+    logger.info("finalize_gates: removed fraction %.4f -> %.4f (target %.4f)", before, achieved, target)
     return achieved

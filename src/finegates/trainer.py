@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 from transformers import Trainer
 
 from finegates.adapter import WEIGHTS_NAME, save_gates
+from finegates.budget import BudgetOutcome, budget_outcome, budget_step, set_training_steps
+from finegates.distill import DistillConfig, distill_loss, teacher_outputs
 from finegates.model import controller, gates_config
 from finegates.objectives import expected_sparsity, sparsity_loss
-from finegates.optim import finalize_gates, optimizer_param_groups
+from finegates.optim import finalize_gates, keep_gate_lr_constant, optimizer_param_groups
 from finegates.report import sparsity_report
 
 logger = logging.getLogger(__name__)
@@ -32,12 +34,14 @@ def _sums_token_losses(model) -> bool:
 class FineGatesTrainer(Trainer):
     """A Trainer for a model returned by `get_gated_model`.
 
-    The task head, biases and `modules_to_save` train at `args.learning_rate`; the gates at the
-    config's `gate_lr`. With `finalize=True` (default) training ends with `finalize_gates`, so the
-    saved gates remove at least the target fraction.
+    The task head, biases and `modules_to_save` train at `args.learning_rate` on the args' schedule;
+    the gates at the config's constant `gate_lr` (derived from the run's length when None, see
+    `set_training_steps`). After every optimizer step `budget_step` keeps the removed fraction within
+    `budget_tolerance` of the warmed-up target. With `finalize=True` (default) training ends with
+    `finalize_gates`, so the saved gates remove at least the target fraction.
     """
 
-    def __init__(self, *args, finalize: bool = True, **kwargs) -> None:
+    def __init__(self, *args, finalize: bool = True, distill: DistillConfig | None = None, **kwargs) -> None:
         model = kwargs.get("model", args[0] if args else None)
         # Trainer sets config.use_cache to args.use_cache (False by default) for training; the trained
         # model, and the compacted model built from its config, get the model's own setting back, or
@@ -45,6 +49,8 @@ class FineGatesTrainer(Trainer):
         self._use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         super().__init__(*args, **kwargs)
         self.finalize = finalize
+        self.distill = distill if distill is not None and distill.distill else None
+        self._distill_term = 0.0
         gates_config(self.model)  # fail early on a model without gates
         if not _sums_token_losses(self.accelerator.unwrap_model(self.model)):
             # Trainer scales the loss by the number of processes for models that take loss kwargs,
@@ -52,22 +58,50 @@ class FineGatesTrainer(Trainer):
             # average per process instead, so the scaling would double their gradient on 2 ranks.
             self.model_accepts_loss_kwargs = False
         self._sparsity_term = 0.0
+        self.budget: BudgetOutcome | None = None  # set by train(): removed by training vs after finalize
+
+    def gate_steps(self, num_training_steps: int) -> int:
+        """Steps during which the gates train (all of them unless a subclass delays the gates)."""
+        return num_training_steps
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             model = self.model if model is None else model
+            if self.state.max_steps > 0:  # inside train(): the run's length is known
+                set_training_steps(self.accelerator.unwrap_model(model), self.gate_steps(self.state.max_steps))
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             groups = optimizer_param_groups(model, head_lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
             self.optimizer = cls(groups, **kwargs)
+            self.optimizer.register_step_post_hook(lambda *_: self._budget_step())
         return self.optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The args' schedule for the head; the gates and multipliers keep their constant lr."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        keep_gate_lr_constant(scheduler)
+        return scheduler
+
+    def _budget_step(self) -> None:
+        step = self.sparsity_step() + 1  # the step the next forward pass trains at
+        if step > 0:
+            budget_step(self.accelerator.unwrap_model(self.model), step)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        distill = self.distill if model.training else None
+        if distill is not None:
+            teacher = teacher_outputs(self.accelerator.unwrap_model(model), inputs, distill)
+            if distill.distill_hidden_weight > 0:
+                inputs = {**inputs, "output_hidden_states": True}
         result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         task_loss, outputs = result
         if model.training:
             penalty = sparsity_loss(self.accelerator.unwrap_model(model), step=self.sparsity_step())
             self._sparsity_term = float(penalty.detach())
             task_loss = task_loss + penalty
+        if distill is not None:
+            extra = distill_loss(outputs, teacher, inputs.get("attention_mask"), distill)
+            self._distill_term = float(extra.detach())
+            task_loss = task_loss + extra
         return (task_loss, outputs) if return_outputs else task_loss
 
     def sparsity_step(self) -> int:
@@ -83,7 +117,10 @@ class FineGatesTrainer(Trainer):
             logs["sparsity_removed"] = sparsity_report(model).removed_fraction
             logs["sparsity_target"] = ctrl.target(cfg.target_sparsity, cfg.warmup_steps, max(self.sparsity_step(), 0))
             logs["sparsity_term"] = self._sparsity_term
+            if self.distill is not None:
+                logs["distill_term"] = self._distill_term
             logs["lambda1"], logs["lambda2"] = ctrl.lambda1.item(), ctrl.lambda2.item()
+            logs["projected_closed"], logs["projected_reopened"] = int(ctrl.projected_closed), int(ctrl.projected_reopened)
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):
@@ -91,8 +128,13 @@ class FineGatesTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if self._use_cache is not None:
             model.config.use_cache = self._use_cache
-        if self.finalize and gates_config(model).objective == "budget":
-            finalize_gates(model)
+        if gates_config(model).objective == "budget":
+            trained = sparsity_report(model).removed_fraction
+            if self.finalize:
+                finalize_gates(model)
+            self.budget = budget_outcome(model, trained)
+            if self.budget.warning():
+                logger.warning("FineGates budget: %s", self.budget.warning())
         return output
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -9,11 +9,11 @@ finegates+kd. Each module holds one method; `base.py` the shared interface; `loo
 """
 
 from finegates.baselines.base import KINDS_OF_SPARSITY, BaseMethod, Method, MethodConfig
-from finegates.baselines.distill import squarehead_loss
 from finegates.baselines.loop import MethodResult, train_method
 from finegates.baselines.registry import METHODS, make_method
 from finegates.baselines.salr import salr_storage_bytes
 from finegates.baselines.sparse_inference import measure_cpu_inference
+from finegates.distill import squarehead_loss
 
 __all__ = [
     "KINDS_OF_SPARSITY",

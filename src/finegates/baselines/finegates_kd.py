@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from finegates.baselines.base import BaseMethod, Batch, MethodConfig
-from finegates.baselines.distill import squarehead_loss
 from finegates.baselines.structured import compact, structured_removed
+from finegates.budget import budget_step, set_training_steps
 from finegates.config import GatesConfig
+from finegates.distill import squarehead_loss
 from finegates.model import count_parameters, get_gated_model
 from finegates.objectives import sparsity_loss
 from finegates.optim import finalize_gates, optimizer_param_groups
@@ -49,7 +50,11 @@ class FineGatesMethod(BaseMethod):
         return sparsity_loss(model)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        set_training_steps(model, self.total_steps)
         return optimizer_param_groups(model, head_lr=lr)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        budget_step(model)
 
     def finalize(self, model: nn.Module) -> nn.Module:
         finalize_gates(model)

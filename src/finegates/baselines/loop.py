@@ -19,6 +19,7 @@ from transformers import get_scheduler
 
 from finegates.baselines.base import Batch, Method
 from finegates.baselines.registry import make_method
+from finegates.optim import keep_gate_lr_constant
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def fit_method(
     lr = method.default_lr if lr is None else lr
     optimizer = torch.optim.AdamW(method.param_groups(model, lr), weight_decay=0.0)
     schedule = get_scheduler(scheduler, optimizer, int(warmup_ratio * total), total)
+    if any("finegates" in group for group in optimizer.param_groups):
+        keep_gate_lr_constant(schedule)
     if teacher is not None:
         teacher.eval()
     if torch.cuda.is_available():

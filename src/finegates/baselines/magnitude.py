@@ -1,7 +1,11 @@
-"""`magnitude`: one-shot structured pruning at the FineGates budget, with or without LoRA recovery.
+"""`magnitude` and `importance`: one-shot structured pruning at the FineGates budget, with or without
+LoRA recovery.
 
-Rows and columns are scored by weight norm (or, given calibration batches, by activation-weighted
-norm as in Wanda), the scores become the gates' distances from closing, and `finalize_gates` closes
+Rows and columns are scored by weight norm, or, given calibration batches, by activation-weighted norm
+(as in Wanda), or by mean activation magnitude (`importance`, Minitron-style: a column by the mean
+|input| of its feature, so residual channels by the normalised hidden state and FFN channels by the
+activation that down reads; a row by the mean |output|, so heads' dims by what they write). The scores
+become the gates' distances from closing, and `finalize_gates` closes
 the lowest-scored gates until the exact removable fraction (coupling included) reaches the target.
 The result is an ordinary gated model, so reporting and compaction are those of FineGates.
 """
@@ -32,11 +36,16 @@ logger = logging.getLogger(__name__)
 _OPEN_MARGIN, _FROZEN_MARGIN = 5.0, 20.0
 
 
+SCORES = ("weight", "activation", "mean_activation")
+
+
 @dataclass
 class MagnitudeConfig(MethodConfig):
     target_sparsity: float = field(default=0.3, metadata={"help": "Fraction of gated-layer parameters removed."})
     score: str = field(
-        default="weight", metadata={"help": "'weight' (row/column L2 norms) or 'activation' (needs calibration)."}
+        default="weight",
+        metadata={"help": "'weight' (row/column L2 norms), 'activation' (activation-weighted norms) or "
+                  "'mean_activation' (Minitron-style mean |activation|); the last two need calibration."},
     )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Layers to prune; None: FineGates' defaults for the model type."}
@@ -47,8 +56,8 @@ class MagnitudeConfig(MethodConfig):
     compact: bool = field(default=True, metadata={"help": "Physically compact the model in `finalize`."})
 
     def __post_init__(self) -> None:
-        if self.score not in ("weight", "activation"):
-            raise ValueError(f"score must be 'weight' or 'activation', got {self.score!r}.")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {list(SCORES)}, got {self.score!r}.")
 
 
 def input_norms(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, torch.Tensor]:
@@ -72,6 +81,29 @@ def input_norms(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, tor
     return {name: total.sqrt() for name, total in sums.items()}
 
 
+def mean_activations(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per gated layer, (mean |output| per row, mean |input| per column) over the calibration tokens."""
+    sums: dict[str, list] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            y = output.detach().reshape(-1, output.shape[-1]).float()
+            total = sums.setdefault(name, [0, 0, 0])
+            total[0], total[1], total[2] = total[0] + y.abs().sum(0), total[1] + x.abs().sum(0), total[2] + len(x)
+        return record
+
+    handles = [layer.register_forward_hook(hook(n)) for n, layer in gated_layers(model).items()]
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (rows / count, cols / count) for name, (rows, cols, count) in sums.items()}
+
+
 def row_col_scores(layer: GatedLinear, act: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Row score ||W_i * a||, column score ||W_:j|| a_j (a = 1 without calibration), each / its layer mean.
 
@@ -91,10 +123,19 @@ def set_margin(gate: Gate, margin: torch.Tensor) -> None:
             param.add_(margin.to(param.dtype) - gate_margin(gate))
 
 
-def prune_to_budget(model: nn.Module, target: float, act: dict[str, torch.Tensor] | None = None) -> float:
-    """Close the lowest-scored rows/columns of a gated model until `target` is removed; returns the fraction."""
+def prune_to_budget(
+    model: nn.Module, target: float, act: dict[str, torch.Tensor] | None = None,
+    means: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> float:
+    """Close the lowest-scored rows/columns of a gated model until `target` is removed; returns the fraction.
+
+    Scores: `means` (mean activations per row and column) when given, else weight norms weighted by `act`.
+    """
     for name, layer in gated_layers(model).items():
-        rows, cols = row_col_scores(layer, None if act is None else act.get(name))
+        if means is not None:
+            rows, cols = (m / m.mean().clamp_min(1e-12) for m in means[name])
+        else:
+            rows, cols = row_col_scores(layer, None if act is None else act.get(name))
         set_margin(layer.row_gate, _OPEN_MARGIN + rows)
         set_margin(layer.col_gate, _OPEN_MARGIN + cols)
     return finalize_gates(model, target)
@@ -129,12 +170,14 @@ class MagnitudePruning(BaseMethod):
         get_gated_model(model, GatesConfig(target_sparsity=cfg.target_sparsity, target_modules=cfg.target_modules))
         was_training = model.training
         model.eval()  # calibration sees deterministic, fully open gates
-        act = None
+        act = means = None
+        if cfg.score != "weight" and calibration is None:
+            raise ValueError(f"score={cfg.score!r} needs calibration batches.")
         if cfg.score == "activation":
-            if calibration is None:
-                raise ValueError("score='activation' needs calibration batches.")
             act = input_norms(model, calibration)
-        achieved = prune_to_budget(model, cfg.target_sparsity, act)
+        elif cfg.score == "mean_activation":
+            means = mean_activations(model, calibration)
+        achieved = prune_to_budget(model, cfg.target_sparsity, act, means)
         logger.info("magnitude pruning (%s scores): removed %.4f (target %.4f)", cfg.score, achieved,
                     cfg.target_sparsity)
         freeze_gates(model)
@@ -175,3 +218,28 @@ class MagnitudeLoRA(MagnitudePruning):
     name = "magnitude+lora"
     default_lr = 5e-4
     config_class = MagnitudeLoRAConfig
+
+
+@dataclass
+class ImportanceConfig(MagnitudeConfig):
+    score: str = field(default="mean_activation", metadata={"help": "Scores: 'mean_activation' (Minitron-style)."})
+
+
+@dataclass
+class ImportanceLoRAConfig(ImportanceConfig):
+    recovery: bool = field(default=True, metadata={"help": "Train a LoRA adapter after pruning."})
+
+
+class ActivationImportance(MagnitudePruning):
+    """`importance`: rows and columns ranked by mean activation magnitude on calibration batches
+    (Minitron-style), cut to the budget with FineGates' coupling and compaction."""
+
+    name = "importance"
+    config_class = ImportanceConfig
+
+
+class ActivationImportanceLoRA(MagnitudeLoRA):
+    """`importance+lora`: the same cut followed by a LoRA recovery, merged before compaction."""
+
+    name = "importance+lora"
+    config_class = ImportanceLoRAConfig

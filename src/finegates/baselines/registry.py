@@ -6,7 +6,12 @@ from finegates.baselines.base import Method
 from finegates.baselines.finegates_kd import FineGatesKD, FineGatesMethod
 from finegates.baselines.full import FullFinetuning
 from finegates.baselines.lora import LoRAMethod
-from finegates.baselines.magnitude import MagnitudeLoRA, MagnitudePruning
+from finegates.baselines.magnitude import (
+    ActivationImportance,
+    ActivationImportanceLoRA,
+    MagnitudeLoRA,
+    MagnitudePruning,
+)
 from finegates.baselines.maskllm import MaskLLM
 from finegates.baselines.salr import SALR
 from finegates.baselines.squarehead import SquareHead
@@ -18,6 +23,8 @@ METHODS: dict[str, type] = {
         LoRAMethod,
         MagnitudePruning,
         MagnitudeLoRA,
+        ActivationImportance,
+        ActivationImportanceLoRA,
         SquareHead,
         SALR,
         MaskLLM,

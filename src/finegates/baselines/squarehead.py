@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from finegates.baselines.base import BaseMethod, Batch, MethodConfig
-from finegates.baselines.distill import squarehead_loss
 from finegates.baselines.masks import apply_mask, cubic_sparsity, magnitude_mask, target_linears
+from finegates.distill import squarehead_loss
 
 logger = logging.getLogger(__name__)
 

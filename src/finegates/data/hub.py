@@ -70,6 +70,19 @@ def _load(source: str, test_file: str | None):
         ) from err
 
 
+def load_table(source: str, split: str = "train"):
+    """One split of a local csv/tsv/json/jsonl/parquet file or folder, or of a hub data set."""
+    looks_like_hub_id = "/" in source and not source.startswith((".", "/"))
+    if not Path(source).exists() and not looks_like_hub_id:
+        raise ValueError(
+            f"{source} does not exist: give an embedded name, a local file or folder, or a hub data set id (owner/name)."
+        )
+    splits = _load(source, None)
+    if split not in splits:
+        raise ValueError(f"{source}: no {split!r} split; splits are {list(splits)}.")
+    return splits[split]
+
+
 def _split_rows(
     table, columns: Columns, where: str, class_names: list[str] | None
 ) -> tuple[list[str], list[str] | None, list[object]]:

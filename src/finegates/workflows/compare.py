@@ -28,7 +28,8 @@ from finegates.workflows.run_config import dataclass_from_dict, write_run_config
 
 logger = logging.getLogger(__name__)
 
-ALL_METHODS = ("full", "lora", "magnitude", "magnitude+lora", "squarehead", "salr", "maskllm", "finegates", "finegates+kd")
+ALL_METHODS = ("full", "lora", "magnitude", "magnitude+lora", "importance", "importance+lora", "squarehead", "salr",
+               "maskllm", "finegates", "finegates+kd")
 BUDGET_FREE = ("full", "lora", "maskllm")
 TEACHER = "teacher"
 
@@ -89,7 +90,7 @@ def _method_config(method: str, sparsity: float | None):
         return cls()
     if method in ("finegates", "finegates+kd"):
         return cls(gates={"target_sparsity": sparsity})
-    key = "target_sparsity" if method.startswith("magnitude") else "sparsity"
+    key = "target_sparsity" if method.startswith(("magnitude", "importance")) else "sparsity"
     return cls(**{key: sparsity})
 
 

@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from finegates.adapter import save_gates
 from finegates.config import GatesConfig
 from finegates.data import ClassificationData, Columns, load_classification
+from finegates.distill import DistillConfig
 from finegates.model import count_parameters, get_gated_model
 from finegates.report import SparsityReport, sparsity_report
 from finegates.workflows.encoding import EncodedSplit, benchmark_batch
@@ -28,13 +29,13 @@ from finegates.workflows.evaluation import classification_metrics, measure_laten
 from finegates.workflows.models import load_classifier
 from finegates.workflows.run_config import write_run_config
 from finegates.workflows.run_report import write_run_outputs
-from finegates.workflows.tracking import TaskLossTrainer
+from finegates.workflows.tracking import TaskLossTrainer, budget_metrics
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(DistillConfig):
     """Run options of `finetune` (the gate options live in `GatesConfig`).
 
     >>> FinetuneConfig(task="boolq", epochs=1).batch_size
@@ -118,6 +119,7 @@ class FinetuneConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in (
             "batch_size",
             "eval_batch_size",
@@ -241,6 +243,7 @@ def _train(
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=classification_metrics,
+        distill=cfg,
     )
     silence_printer(trainer, cfg.quiet)
     resume = get_last_checkpoint(args.output_dir) if cfg.resume and Path(args.output_dir).is_dir() else None
@@ -344,4 +347,5 @@ def _summary(
         "full_widths": [vars(block) for block in full.blocks],
         "layers": [{**vars(row), "removed": row.removed} for row in report.layers],
         "compress": {"seconds": compacted.get("seconds"), "error": compacted.get("error")},
+        "budget": budget_metrics(trainer),
     }

@@ -25,13 +25,15 @@ def _series(log_history: list[dict[str, Any]], key: str) -> tuple[list[float], l
 
 
 def plot_training_curves(
-    log_history: list[dict[str, Any]], path: Path, final_removed: float | None = None
+    log_history: list[dict[str, Any]], path: Path, final_removed: float | None = None,
+    trained_removed: float | None = None,
 ) -> Path:
     """Left: task loss (train and validation); right: achieved vs target sparsity per step.
 
     The total loss is not drawn: its Lagrangian term is signed, so it says little about the task.
 
-    `final_removed` (the fraction after `finalize_gates`) is drawn as a star at the last step.
+    `trained_removed` (the exact fraction when training ended) and `final_removed` (after
+    `finalize_gates`) are drawn at the last step.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (
@@ -53,6 +55,9 @@ def plot_training_curves(
                 steps, values, linestyle="--" if key == "sparsity_target" else "-", marker=".", label=label
             )
     last_step = max((row["step"] for row in log_history if "step" in row), default=0)
+    if trained_removed is not None:
+        right.plot([last_step], [trained_removed], marker="o", markersize=9, linestyle="", fillstyle="none",
+                   label=f"removed by training ({trained_removed:.1%})")
     if final_removed is not None:
         right.plot(
             [last_step],
@@ -60,7 +65,7 @@ def plot_training_curves(
             marker="*",
             markersize=12,
             linestyle="",
-            label="removed after finalize",
+            label=f"after finalize ({final_removed:.1%})",
         )
     right.set(xlabel="step", ylabel="fraction of gated params removed", title="Sparsity")
     for axis in (left, right):

@@ -20,6 +20,9 @@ from transformers import TrainingArguments
 from finegates.adapter import save_gates
 from finegates.config import GatesConfig
 from finegates.data.registry import load_multiple_choice, load_text_corpus
+from finegates.data.types import MultipleChoiceItem
+from finegates.data.user_text import ChoiceFields
+from finegates.distill import DistillConfig
 from finegates.io_utils import atomic_write_text
 from finegates.model import count_parameters, get_gated_model
 from finegates.report import sparsity_report
@@ -27,26 +30,45 @@ from finegates.trainer import FineGatesTrainer
 from finegates.workflows.causal_lm import SMOLLM2, load_causal_lm, perplexity, text_blocks, zero_shot_accuracy
 from finegates.workflows.evaluation import measure_decode, measure_latency
 from finegates.workflows.run_config import write_run_config
+from finegates.workflows.run_report import budget_section
+from finegates.workflows.tracking import budget_metrics
 
 logger = logging.getLogger(__name__)
 
 
-POSTTRAIN_METHODS = ("finegates", "magnitude", "magnitude+lora")
+POSTTRAIN_METHODS = ("finegates", "magnitude", "magnitude+lora", "importance", "importance+lora")
 
 
 @dataclass
-class PosttrainConfig:
+class PosttrainConfig(DistillConfig):
     """Options of a post-training run (the gate options live in GatesConfig)."""
 
     model: str = field(default=SMOLLM2, metadata={"help": "'smollm2-135m', a hub id or a local folder."})
     method: str = field(
         default="finegates",
-        metadata={"help": "'finegates' (learned gates), or the one-shot structured baselines 'magnitude' and "
-                  "'magnitude+lora' (activation-weighted norms at the same budget, coupling and compaction)."},
+        metadata={"help": "'finegates' (learned gates), or the one-shot structured baselines at the same budget, "
+                  "coupling and compaction: 'magnitude' (activation-weighted norms), 'importance' (mean activation "
+                  "magnitude, Minitron-style), each also '+lora' (LoRA recovery for max_steps)."},
     )
-    text: str = field(default="book-excerpts", metadata={"help": "Training text: an embedded corpus name."})
+    text: str = field(
+        default="book-excerpts",
+        metadata={"help": "Training text: an embedded corpus ('book-excerpts', 'brown'), a .txt file (documents "
+                  "separated by blank lines), a folder of .txt files, a csv/json/jsonl/parquet file or folder, or "
+                  "a hub data set id."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column of the text in a table or hub data set."})
     heldout_fraction: float = field(default=0.1, metadata={"help": "Share of documents held out for perplexity."})
-    zero_shot: str | None = field(default="piqa", metadata={"help": "Zero-shot multiple-choice task, or none."})
+    zero_shot: str | None = field(
+        default="piqa",
+        metadata={"help": "Zero-shot multiple-choice task: 'piqa', a local .jsonl file (one item per line), or none."},
+    )
+    zero_shot_question_field: str = field(default="question", metadata={"help": "Zero-shot jsonl: question field."})
+    zero_shot_choices_field: str = field(
+        default="choices", metadata={"help": "Zero-shot jsonl: field holding the list of candidate answers."}
+    )
+    zero_shot_answer_field: str = field(
+        default="answer", metadata={"help": "Zero-shot jsonl: the right answer, as an index or a choice's text."}
+    )
     zero_shot_items: int = field(default=200, metadata={"help": "Items of the zero-shot task to score."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per training block."})
     batch_size: int = field(default=4, metadata={"help": "Blocks per step."})
@@ -58,6 +80,12 @@ class PosttrainConfig:
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trainer loggers, e.g. tensorboard."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.distill and self.method != "finegates":
+            raise ValueError(
+                f"--distill needs gates to bypass (the teacher is the gated model with its gates off); method "
+                f"{self.method!r} has none. Use --method finegates, or drop --distill."
+            )
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}.")
         if self.max_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
@@ -66,15 +94,37 @@ class PosttrainConfig:
             raise ValueError(f"Unknown method {self.method!r}; choose one of {list(POSTTRAIN_METHODS)}.")
 
 
+def choice_fields(cfg: PosttrainConfig) -> ChoiceFields:
+    return ChoiceFields(cfg.zero_shot_question_field, cfg.zero_shot_choices_field, cfg.zero_shot_answer_field)
+
+
 def default_posttrain_gates() -> GatesConfig:
-    """The reference's post-training setting: every linear gated, gates only, lr 0.01, target 0.3."""
-    return GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[], gate_lr=0.01, warmup_steps=30)
+    """The reference's post-training setting: every linear gated, gates only, target 0.3; warm-up and
+    gate lr follow the run's length (GatesConfig defaults)."""
+    return GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[])
 
 
-def _split_text(cfg: PosttrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class EvalData:
+    """The user's data of a run, read (and checked) before anything is written: documents and zero-shot items."""
+
+    docs: list[str]
+    items: list[MultipleChoiceItem]
+    zero_shot_name: str | None
+
+
+def read_data(cfg: PosttrainConfig) -> EvalData:
+    docs = load_text_corpus(cfg.text, cfg.text_column)
+    if not cfg.zero_shot:
+        return EvalData(docs, [], None)
+    items = load_multiple_choice(cfg.zero_shot, choice_fields(cfg))[: cfg.zero_shot_items]
+    name = Path(cfg.zero_shot).stem if cfg.zero_shot.endswith(".jsonl") else cfg.zero_shot
+    return EvalData(docs, items, name)
+
+
+def _split_text(cfg: PosttrainConfig, tokenizer, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out blocks from disjoint documents; the held-out documents are a fixed random
     sample (the same for every seed and method), so corpora stored by genre are held out across genres."""
-    docs = load_text_corpus(cfg.text)
     held = max(1, int(len(docs) * cfg.heldout_fraction))
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()
     heldout_docs, train_docs = [docs[i] for i in sorted(order[:held])], [docs[i] for i in sorted(order[held:])]
@@ -82,17 +132,17 @@ def _split_text(cfg: PosttrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Te
     return train, heldout[: cfg.eval_blocks] if cfg.eval_blocks else heldout
 
 
-def evaluate_lm(model, tokenizer, heldout: torch.Tensor, cfg: PosttrainConfig) -> dict[str, float]:
+def evaluate_lm(model, tokenizer, heldout: torch.Tensor, cfg: PosttrainConfig, data: EvalData) -> dict[str, float]:
     """Perplexity on held-out text and zero-shot accuracy, the same way for every model of a run."""
     metrics = {"perplexity": perplexity(model, heldout, quiet=cfg.quiet)}
-    if cfg.zero_shot:
-        items = load_multiple_choice(cfg.zero_shot)[: cfg.zero_shot_items]
-        metrics[f"{cfg.zero_shot}_accuracy"] = zero_shot_accuracy(model, tokenizer, items, quiet=cfg.quiet)
+    if data.items:
+        metrics[f"{data.zero_shot_name}_accuracy"] = zero_shot_accuracy(model, tokenizer, data.items, quiet=cfg.quiet)
     return metrics
 
 
 def _one_shot(model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConfig) -> tuple[Any, dict, int, float]:
-    """The `magnitude` baselines: prune at the gates' budget; `magnitude+lora` then trains LoRA for max_steps.
+    """The one-shot baselines: prune at the gates' budget (`magnitude`: activation-weighted norms; `importance`:
+    mean activation magnitude, Minitron-style); `+lora` then trains LoRA for max_steps.
 
     Returns the compacted model, the sparsity report, the trainable parameters and the training seconds.
     """
@@ -104,7 +154,8 @@ def _one_shot(model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConf
     batches = [{"input_ids": blocks[i % len(blocks)], "labels": blocks[i % len(blocks)]} for i in range(cfg.max_steps)]
     method = make_method(cfg.method)
     config = MagnitudeConfig(target_sparsity=gates.target_sparsity, target_modules=gates.target_modules,
-                             score="activation", recovery=cfg.method == "magnitude+lora")
+                             score="mean_activation" if cfg.method.startswith("importance") else "activation",
+                             recovery=cfg.method.endswith("+lora"))
     model = method.prepare(model, config, batches[:8])
     report = method.report.to_dict()
     begin = time.perf_counter()
@@ -118,12 +169,12 @@ def _one_shot(model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConf
 def _train(model, train: torch.Tensor, cfg: PosttrainConfig, out: Path) -> FineGatesTrainer:
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=model.finegates_config.gate_lr, lr_scheduler_type="cosine", weight_decay=0.0,
+        learning_rate=model.finegates_config.head_lr, lr_scheduler_type="cosine", weight_decay=0.0,
         logging_steps=max(1, cfg.max_steps // 20), save_steps=max(1, cfg.max_steps // 4), save_total_limit=1,
         seed=cfg.seed, report_to=cfg.report_to, disable_tqdm=cfg.quiet, use_cpu=not torch.cuda.is_available(),
     )
     data = [{"input_ids": block, "labels": block} for block in train]
-    trainer = FineGatesTrainer(model=model, args=args, train_dataset=data)
+    trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, distill=cfg)
     trainer.train()
     return trainer
 
@@ -141,23 +192,24 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
     >>> posttrain(PosttrainConfig(max_steps=50), GatesConfig(target_sparsity=0.2))  # doctest: +SKIP
     """
     gates = gates or default_posttrain_gates()
+    data = read_data(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out, {"posttrain": cfg, "gates": gates})
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_causal_lm(cfg.model)
-    train, heldout = _split_text(cfg, tokenizer)
-    metrics: dict[str, Any] = {"method": cfg.method, "dense": evaluate_lm(model, tokenizer, heldout, cfg)}
+    train, heldout = _split_text(cfg, tokenizer, data.docs)
+    metrics: dict[str, Any] = {"method": cfg.method, "dense": evaluate_lm(model, tokenizer, heldout, cfg, data)}
     dense = copy.deepcopy(model)  # timed side by side with the compacted model at the end
     metrics["model_params"] = count_parameters(model)[1]
     log_history: list = []
     if cfg.method == "finegates":
-        small, log_history = _gates(model, train, heldout, tokenizer, cfg, gates, out, metrics)
+        small, log_history = _gates(model, train, heldout, tokenizer, cfg, gates, out, metrics, data)
     else:
         small, metrics["sparsity"], metrics["trainable_params"], metrics["train_s"] = _one_shot(model, train, cfg, gates)
     small.save_pretrained(out / "compressed")
     tokenizer.save_pretrained(out / "compressed")
-    metrics["compressed"] = evaluate_lm(small, tokenizer, heldout, cfg)
+    metrics["compressed"] = evaluate_lm(small, tokenizer, heldout, cfg, data)
     latency = _prefill_latency({"dense": dense, "compressed": small}, cfg)
     decode = measure_decode({"dense": dense, "compressed": small})
     for name in latency:
@@ -171,7 +223,8 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
     return metrics
 
 
-def _gates(model, train, heldout, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, out: Path, metrics: dict):
+def _gates(model, train, heldout, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, out: Path, metrics: dict,
+           data: EvalData):
     """FineGates: gate, train the gates, evaluate the gated model; fills `metrics`, returns the compacted
     model and the training log."""
     from finegates.compress import compress
@@ -184,7 +237,8 @@ def _gates(model, train, heldout, tokenizer, cfg: PosttrainConfig, gates: GatesC
     model.eval()
     save_gates(model, out / "gates")
     metrics["sparsity"] = sparsity_report(model).to_dict()
-    metrics["gated"] = evaluate_lm(model, tokenizer, heldout, cfg)
+    metrics["budget"] = budget_metrics(trainer)
+    metrics["gated"] = evaluate_lm(model, tokenizer, heldout, cfg, data)
     return compress(model), trainer.state.log_history
 
 
@@ -213,4 +267,5 @@ def posttrain_report(m: dict[str, Any]) -> str:
         ),
         f"Trainable parameters: {m['trainable_params']:,d} of {m['model_params']:,d}; training {m['train_s']:.0f} s.",
     ]
-    return "\n".join(lines) + "\n"
+    budget = budget_section(m)
+    return "\n".join(lines) + ("\n\n" + budget if budget else "") + "\n"

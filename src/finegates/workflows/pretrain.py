@@ -59,7 +59,7 @@ class PretrainConfig:
 
 
 def default_pretrain_gates() -> GatesConfig:
-    return GatesConfig(target_sparsity=0.4, bias="none", modules_to_save=[], gate_lr=0.02, warmup_steps=50)
+    return GatesConfig(target_sparsity=0.4, bias="none", modules_to_save=[])
 
 
 def byte_blocks(documents: list[str], length: int) -> torch.Tensor:
@@ -90,6 +90,9 @@ class GateSwitchTrainer(FineGatesTrainer):
 
     def sparsity_step(self) -> int:
         return self.state.global_step - self.gate_start_step
+
+    def gate_steps(self, num_training_steps: int) -> int:
+        return max(1, num_training_steps - self.gate_start_step)
 
 
 def _model(cfg: PretrainConfig) -> LlamaForCausalLM:

@@ -38,8 +38,10 @@ def render_report(directory: str | Path) -> Path:
         return atomic_write_text(directory / REPORT_NAME, posttrain_report(metrics))
     history_path = directory / HISTORY_NAME
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    budget = metrics.get("budget") or {}
     plot_training_curves(
-        history, directory / "training_curves.png", final_removed=metrics["sparsity"]["removed_fraction"]
+        history, directory / "training_curves.png", final_removed=metrics["sparsity"]["removed_fraction"],
+        trained_removed=budget.get("removed_by_training"),
     )
     plot_kept_widths(metrics, directory / "kept_widths.png")
     path = atomic_write_text(directory / REPORT_NAME, report_markdown(metrics))
@@ -102,9 +104,29 @@ def render_tradeoff(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
     return atomic_write_text(out / "tradeoff.md", f"# Sparsity-{metric} trade-off\n\n{table}\n\n![](tradeoff.png)\n")
 
 
+def budget_section(m: dict[str, Any]) -> str:
+    """Removed by training beside after finalize, and who made the cut; a warning line when the gates
+    did not reach the target themselves."""
+    b = m.get("budget")
+    if not b:
+        return ""
+    text = (
+        "## Budget\n\n"
+        + _table(
+            ["target", "removed by training", "after finalize", "gates closed", "closings / reopenings by the projection"],
+            [[_pct(b["target"]), _pct(b["removed_by_training"]), _pct(b["removed_after_finalize"]),
+              f"{b['closed_gates']:,d}", f"{b['projected_closed']:,d} / {b['projected_reopened']:,d}"]],
+        )
+    )
+    if b.get("warning"):
+        text += f"\n\n**Warning: {b['warning']}**"
+    return text
+
+
 def report_markdown(metrics: dict[str, Any]) -> str:
     sections = [
         _header(metrics),
+        budget_section(metrics),
         _accuracy(metrics),
         _parameters(metrics),
         _latency(metrics),

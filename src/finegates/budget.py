@@ -1,0 +1,210 @@
+"""Keeping the removed fraction on its budget while training: the schedule a run's length implies, and
+the projection after every optimizer step that holds the exact removed fraction near the warmed-up target.
+
+The Lagrangian (objectives.sparsity_loss) decides which gates drift towards closing; `budget_step` bounds
+the gate parameters and, when the exact fraction leaves the band `target +- budget_tolerance`, moves the
+gates nearest their closing point, in the order of their own values, back to the middle of the band.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from finegates.gates import Gate, gate_margin, travel_to_close
+from finegates.model import all_gates, controller, gates_config
+from finegates.objectives import warmup_steps
+from finegates.report import sparsity_report
+
+logger = logging.getLogger(__name__)
+
+# Share of the training steps the target warms up over when the config names no warm-up.
+DEFAULT_WARMUP_FRACTION = 0.3
+# Gates moved by `finalize_gates` sit this far (x the family's edge) past their closing point: the
+# smallest move. During training they are moved further (`GatesConfig.projection_margin`), so that the
+# next optimizer step does not carry them straight back across.
+FINAL_MARGIN = 1e-3
+
+
+def set_training_steps(model: nn.Module, total_steps: int) -> None:
+    """Fix the schedule a run of `total_steps` needs where the config leaves it open (None).
+
+    Warm-up: 30% of the steps. Gate lr: a gate that the budget pushes every step travels from its initial
+    value to its closing point in half the warm-up (at least 10 steps), so gates can close in time in a
+    run of 60 steps and move no faster than needed in one of 10,000. `FineGatesTrainer` calls this.
+
+    >>> set_training_steps(model, 1000)  # doctest: +SKIP
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+    cfg = gates_config(model)
+    if cfg.warmup_steps is None:
+        cfg.warmup_steps = max(1, round(DEFAULT_WARMUP_FRACTION * total_steps))
+    elif cfg.warmup_steps > total_steps:
+        raise ValueError(
+            f"warmup_steps ({cfg.warmup_steps}) is longer than the run ({total_steps} steps): the target would "
+            "never be reached. Give a shorter warm-up or more steps."
+        )
+    if cfg.gate_lr is None:
+        cfg.gate_lr = auto_gate_lr(cfg)
+
+
+def auto_gate_lr(cfg) -> float:
+    """Gate lr for which a steadily pushed gate closes in half the warm-up (at least 10 steps)."""
+    if cfg.warmup_steps is None:
+        raise ValueError("gate_lr is derived from warmup_steps: set one of them, or call set_training_steps.")
+    return travel_to_close(cfg) / max(10.0, cfg.warmup_steps / 2)
+
+
+@dataclass
+class Projection:
+    """What one projection did: gates it closed or reopened, and the removed fraction after it."""
+
+    closed: int
+    reopened: int
+    removed: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Ranked:
+    """Candidate gates of one direction in the order they are moved, and a way to apply the first k."""
+
+    def __init__(self, gates: list[Gate], closing: bool, margin: float) -> None:
+        self.gates, self.closing, self.margin = gates, closing, margin
+        self.originals = [gate.param.detach().clone() for gate in gates]
+        margins = [gate_margin(gate) for gate in gates]
+        flat = torch.cat(margins)
+        candidate = flat > 0 if closing else flat <= 0
+        # closing: open gates nearest their closing point first; reopening: closed gates nearest it first
+        key = torch.where(candidate, flat if closing else -flat, torch.full_like(flat, float("inf")))
+        order = key.argsort(stable=True)
+        ranks = torch.empty_like(order)
+        ranks[order] = torch.arange(len(order))
+        self.count = int(candidate.sum())
+        self.ranks = list(torch.split(torch.where(candidate, ranks, len(order)), [len(m) for m in margins]))
+
+    def apply(self, k: int) -> None:
+        with torch.no_grad():
+            for gate, original, rank in zip(self.gates, self.originals, self.ranks):
+                step = self.margin * gate.edge
+                moved = torch.clamp(original, max=-gate.edge - step) if self.closing else torch.clamp(
+                    original, min=-gate.edge + step)
+                gate.param.copy_(torch.where(rank < k, moved, original))
+
+
+def project_budget(
+    model: nn.Module, low: float, high: float, margin: float = FINAL_MARGIN, at_least_low: bool = True
+) -> Projection:
+    """Move the fewest gates, each by the least, so that the removed fraction lies in [low, high].
+
+    Too little removed: the open gates nearest their closing point close, just past it. Too much: the
+    closed gates nearest it reopen, just short of it. The order is the gates' own values, so what is
+    removed is what training ranked lowest; moved gates land `margin` x their family's edge past the
+    closing point. The fraction moves in steps of whole units; where one unit jumps over the band, the
+    result lands above `low` (`at_least_low`, as finalize promises) or on the side nearer the band.
+    """
+    removed = sparsity_report(model).removed_fraction
+    if low <= removed <= high:
+        return Projection(0, 0, removed)
+    closing = removed < low
+    ranked = _Ranked(all_gates(model), closing, margin)
+
+    def removed_with(k: int) -> float:
+        ranked.apply(k)
+        return sparsity_report(model).removed_fraction
+
+    def done(k: int) -> bool:  # monotone in k: closing more only removes more, reopening only less
+        return removed_with(k) >= low if closing else removed_with(k) <= high
+
+    lo, hi = 0, ranked.count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if done(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    jumped = removed_with(lo) < low if not closing else removed_with(lo) > high
+    if jumped and 0 < lo:  # one unit jumped over the band
+        over, under = (removed_with(lo - 1), removed_with(lo)) if not closing else (removed_with(lo), removed_with(lo - 1))
+        keep_over = at_least_low or over - high < low - under
+        lo = lo - 1 if keep_over == (not closing) else lo
+    achieved = removed_with(lo)
+    return Projection(lo if closing else 0, 0 if closing else lo, achieved)
+
+
+def budget_step(model: nn.Module, step: int | None = None) -> Projection | None:
+    """After each optimizer step: bound the gate parameters, and keep the removed fraction within
+    `budget_tolerance` of the warmed-up target at `step` (the controller's step count by default).
+
+    Where the projection has to reopen gates, the pressure was too high: the first multiplier is reset
+    to 0 if it was still pushing towards more sparsity (and likewise in the other direction), which stops
+    the wind-up that made the plain Lagrangian overshoot.
+    """
+    cfg = gates_config(model)
+    for gate in all_gates(model):
+        gate.clamp_(cfg.param_bound)
+    if cfg.objective != "budget" or cfg.budget_tolerance is None:
+        return None
+    ctrl = controller(model)
+    target = ctrl.target(cfg.target_sparsity, warmup_steps(cfg), step)
+    removed = sparsity_report(model).removed_fraction
+    result = Projection(0, 0, removed)
+    if abs(removed - target) > cfg.budget_tolerance:
+        # back to the middle of the band, where the Lagrangian's dead band holds the multipliers
+        half = cfg.budget_tolerance / 2
+        result = project_budget(model, max(0.0, target - half), target + half, cfg.projection_margin, at_least_low=False)
+    with torch.no_grad():
+        if result.reopened:
+            ctrl.lambda1.clamp_(min=0.0)
+        if result.closed:
+            ctrl.lambda1.clamp_(max=0.0)
+        ctrl.projected_closed += result.closed
+        ctrl.projected_reopened += result.reopened
+    return result
+
+
+
+
+@dataclass
+class BudgetOutcome:
+    """How a run reached its budget: what training itself removed and what finalize then changed."""
+
+    target: float
+    removed_by_training: float
+    removed_after_finalize: float
+    closed_gates: int  # gates closed at the end of training
+    projected_closed: int  # gate closings the projection made over the run
+    projected_reopened: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def warning(self) -> str | None:
+        """A loud line when training did not remove the target itself (possible only without the budget
+        projection, `budget_tolerance=None`), else None."""
+        if abs(self.removed_by_training - self.target) > 0.02:
+            return (
+                f"training removed {self.removed_by_training:.1%} of the gated parameters for a target of "
+                f"{self.target:.1%}; finalize_gates made the rest of the cut from the gate ranking. Train longer, "
+                "or raise gate_lr."
+            )
+        return None
+
+
+def budget_outcome(model: nn.Module, removed_by_training: float) -> BudgetOutcome:
+    """The outcome of a finished run (call after finalize_gates), given the fraction before it."""
+    cfg, ctrl = gates_config(model), controller(model)
+    return BudgetOutcome(
+        target=cfg.target_sparsity,
+        removed_by_training=removed_by_training,
+        removed_after_finalize=sparsity_report(model).removed_fraction,
+        closed_gates=sum(int(gate.closed().sum()) for gate in all_gates(model)),
+        projected_closed=int(ctrl.projected_closed),
+        projected_reopened=int(ctrl.projected_reopened),
+    )

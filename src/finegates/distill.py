@@ -1,0 +1,143 @@
+"""Distillation: SquareHead's loss (logit KL plus per-layer normalized L2 of hidden states), and
+self-distillation of a gated model from its own frozen weights with the gates bypassed.
+
+    L = KL(p_teacher || p_student) + sum_l ||h_s^l - h_t^l||^2 / ||h_t^l||^2
+
+with both terms over non-padding tokens (classification logits: over examples). Normalizing each
+layer by the teacher's energy keeps layers of different scale equally weighted, which is what lets
+SquareHead recover accuracy at high sparsity. Shared by `squarehead`, `finegates+kd` and `--distill`.
+
+The gated model's teacher (`DistillConfig`, used by FineGatesTrainer) needs no second copy of the model:
+the same frozen weights, with every GatedLinear bypassed, run once more under no_grad.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finegates.layer import GatedLinear
+
+
+def token_mask(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) float mask of real tokens; all ones when there is no attention mask."""
+    if attention_mask is None:
+        return like.new_ones(like.shape[:2])
+    return attention_mask.to(like.dtype)
+
+
+def logit_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, temperature: float = 1.0
+             ) -> torch.Tensor:
+    """KL(teacher || student) per token (3-d logits) or per example (2-d), averaged over real tokens."""
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    per_item = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1) * temperature**2
+    if per_item.dim() == 1 or mask is None:
+        return per_item.mean()
+    mask = mask.to(per_item.dtype)
+    return (per_item * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def feature_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor
+                 ) -> torch.Tensor:
+    """Sum over layer outputs (the embedding output excluded) of ||h_s - h_t||^2 / ||h_t||^2 on real tokens."""
+    if len(student) != len(teacher):
+        raise ValueError(f"Student has {len(student)} hidden states, teacher {len(teacher)}: same depth needed.")
+    weights = mask[..., None].float()
+    terms = []
+    for h_s, h_t in zip(student[1:], teacher[1:]):
+        diff = ((h_s.float() - h_t.float()) ** 2 * weights).sum()
+        terms.append(diff / ((h_t.float() ** 2) * weights).sum().clamp_min(1e-12))
+    return torch.stack(terms).sum()
+
+
+def squarehead_loss(
+    student_outputs: Any,
+    teacher_outputs: Any,
+    attention_mask: torch.Tensor | None = None,
+    kl_weight: float = 1.0,
+    feature_weight: float = 1.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The distillation terms added to the task loss; both outputs need `output_hidden_states=True`.
+
+    >>> extra = squarehead_loss(student(**batch, output_hidden_states=True),
+    ...                         teacher(**batch, output_hidden_states=True), batch["attention_mask"])  # doctest: +SKIP
+    """
+    logits = student_outputs.logits
+    mask = token_mask(attention_mask, logits if logits.dim() == 3 else student_outputs.hidden_states[-1])
+    kl = logit_kl(logits, teacher_outputs.logits.detach(), mask if logits.dim() == 3 else None, temperature)
+    teacher_states = tuple(h.detach() for h in teacher_outputs.hidden_states)
+    return kl_weight * kl + feature_weight * feature_loss(student_outputs.hidden_states, teacher_states, mask)
+
+
+@dataclass
+class DistillConfig:
+    """Distillation of a gated model from its own frozen weights with the gates bypassed."""
+
+    distill: bool = field(
+        default=False,
+        metadata={"help": "Add distillation from the same frozen weights with the gates bypassed (no second "
+                  "model copy): logit KL, and optionally SquareHead's hidden-state L2."},
+    )
+    distill_temperature: float = field(default=2.0, metadata={"help": "Temperature of the logit KL (x T^2)."})
+    distill_logit_weight: float = field(default=1.0, metadata={"help": "Weight of the logit KL term."})
+    distill_hidden_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of SquareHead's per-layer ||h_s - h_t||^2 / ||h_t||^2 term (0: logits only)."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("distill_temperature", "distill_logit_weight", "distill_hidden_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "distill_temperature" and value == 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (temperature > 0), got {value}.")
+        if self.distill and self.distill_logit_weight == 0 and self.distill_hidden_weight == 0:
+            raise ValueError("--distill with both distill weights 0 adds nothing; give one of them a weight > 0.")
+
+
+@contextmanager
+def gates_bypassed(model: nn.Module) -> Iterator[nn.Module]:
+    """Every GatedLinear of `model` runs its base layer alone inside the block (the dense model)."""
+    layers = [m for m in model.modules() if isinstance(m, GatedLinear)]
+    if not layers:
+        raise ValueError("Distillation from the bypassed gates needs a gated model: call get_gated_model first.")
+    states = [layer.enabled for layer in layers]
+    try:
+        for layer in layers:
+            layer.enabled = False
+        yield model
+    finally:
+        for layer, state in zip(layers, states):
+            layer.enabled = state
+
+
+def teacher_outputs(model: nn.Module, inputs: dict[str, Any], cfg: DistillConfig) -> Any:
+    """The dense model's outputs on `inputs`: the same weights, gates bypassed, in eval mode (no
+    dropout), no graph kept."""
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    training = model.training
+    try:
+        with torch.no_grad(), gates_bypassed(model):
+            return model.eval()(**inputs, output_hidden_states=cfg.distill_hidden_weight > 0)
+    finally:
+        model.train(training)
+
+
+def distill_loss(student: Any, teacher: Any, attention_mask: torch.Tensor | None, cfg: DistillConfig) -> torch.Tensor:
+    """Weighted logit KL (and hidden-state L2) of the student's outputs against the teacher's."""
+    logits = student.logits
+    mask = token_mask(attention_mask, logits) if logits.dim() == 3 else None
+    loss = cfg.distill_logit_weight * logit_kl(logits, teacher.logits, mask, cfg.distill_temperature)
+    if cfg.distill_hidden_weight > 0:
+        states = student.hidden_states
+        hidden_mask = token_mask(attention_mask, states[-1])
+        loss = loss + cfg.distill_hidden_weight * feature_loss(states, teacher.hidden_states, hidden_mask)
+    return loss

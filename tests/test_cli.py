@@ -173,8 +173,11 @@ def test_tiny_finetune_writes_config_metrics_report(tiny_run):
     assert metrics["sparsity"]["removed_fraction"] >= 0.3  # finalize_gates lands on the target
     assert 0 <= metrics["accuracy"]["gated"] <= 1 and metrics["task"]["train_rows"] == 64
     report = (out / "report.md").read_text()
-    for heading in ("Test accuracy", "Parameters removed", "Trainable parameters", "Latency", "Kept widths"):
+    for heading in ("Budget", "Test accuracy", "Parameters removed", "Trainable parameters", "Latency", "Kept widths"):
         assert heading in report
+    budget = metrics["budget"]  # what training removed, beside what finalize made of it
+    assert budget["target"] == 0.3 and budget["removed_after_finalize"] == metrics["sparsity"]["removed_fraction"]
+    assert f"| 30.00% | {budget['removed_by_training']:.2%} | {budget['removed_after_finalize']:.2%} |" in report
     for name in (
         "training_curves.png",
         "kept_widths.png",

@@ -60,38 +60,10 @@ class MagnitudeConfig(MethodConfig):
             raise ValueError(f"score must be one of {list(SCORES)}, got {self.score!r}.")
 
 
-def input_norms(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, torch.Tensor]:
-    """Per gated layer, the L2 norm over calibration tokens of each input feature."""
-    sums: dict[str, torch.Tensor] = {}
-
+def _calibrate(model: nn.Module, calibration: Iterable[Batch], record) -> None:
+    """Run the calibration batches with `record(name, inputs, outputs)` hooked on every gated layer."""
     def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in gated_layers(model).items()]
-    try:
-        with torch.no_grad():
-            for batch in calibration:
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: total.sqrt() for name, total in sums.items()}
-
-
-def mean_activations(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per gated layer, (mean |output| per row, mean |input| per column) over the calibration tokens."""
-    sums: dict[str, list] = {}
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            y = output.detach().reshape(-1, output.shape[-1]).float()
-            total = sums.setdefault(name, [0, 0, 0])
-            total[0], total[1], total[2] = total[0] + y.abs().sum(0), total[1] + x.abs().sum(0), total[2] + len(x)
-        return record
+        return lambda module, args, output: record(name, args[0].detach(), output.detach())
 
     handles = [layer.register_forward_hook(hook(n)) for n, layer in gated_layers(model).items()]
     try:
@@ -101,6 +73,32 @@ def mean_activations(model: nn.Module, calibration: Iterable[Batch]) -> dict[str
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).float()
+
+
+def input_norms(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, torch.Tensor]:
+    """Per gated layer, the L2 norm over calibration tokens of each input feature."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor, _: torch.Tensor) -> None:
+        sums[name] = sums.get(name, 0) + (_flat(x) ** 2).sum(0)
+
+    _calibrate(model, calibration, record)
+    return {name: total.sqrt() for name, total in sums.items()}
+
+
+def mean_activations(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per gated layer, (mean |output| per row, mean |input| per column) over the calibration tokens."""
+    sums: dict[str, list] = {}
+
+    def record(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        total = sums.setdefault(name, [0, 0, 0])
+        total[0], total[1], total[2] = total[0] + _flat(y).abs().sum(0), total[1] + _flat(x).abs().sum(0), total[2] + len(_flat(x))
+
+    _calibrate(model, calibration, record)
     return {name: (rows / count, cols / count) for name, (rows, cols, count) in sums.items()}
 
 

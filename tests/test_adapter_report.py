@@ -108,3 +108,21 @@ def test_report_counts_residual_dims_and_whole_heads_in_bert():
     assert report.removed_fraction == report.gated_removed / report.gated_params
     assert 0 < report.model_removed_fraction < report.removed_fraction
     assert "heads 3" in str(report)
+
+
+def test_an_adapter_saved_before_the_projection_counters_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = get_gated_model(tiny_model("bert"), GatesConfig(target_sparsity=0.3)).eval()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].intermediate.dense.row_gate.theta[:4] = -2.0
+    save_gates(model, tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    tensors = load_file(str(path))
+    old = {k: v for k, v in tensors.items() if "projected_" not in k}
+    assert len(old) == len(tensors) - 2
+    save_file(old, str(path))
+    loaded = load_gates(tiny_model("bert"), tmp_path).eval()
+    ids = tiny_inputs()
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=0, rtol=0)
+    assert int(loaded.finegates_controller.projected_closed) == 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from finegates.gates import Gate, gate_margin, travel_to_close
+from finegates.gates import GATE_CLASSES, Gate, gate_margin, travel_to_close
 from finegates.model import all_gates, controller, gates_config
 from finegates.objectives import warmup_steps
 from finegates.report import sparsity_report
@@ -138,9 +138,22 @@ def project_budget(
     return Projection(lo if closing else 0, 0 if closing else lo, achieved)
 
 
+def _landing(cfg) -> float:
+    """How far past the closing point projected gates land (x the edge): at least two gate steps, so
+    that the next optimizer step cannot carry them straight back across."""
+    edge = GATE_CLASSES[cfg.gate_family].edge
+    lr = cfg.gate_lr if cfg.gate_lr is not None else auto_gate_lr(cfg)
+    return max(cfg.projection_margin, 2 * lr / edge)
+
+
 def budget_step(model: nn.Module, step: int | None = None) -> Projection | None:
-    """After each optimizer step: bound the gate parameters, and keep the removed fraction within
-    `budget_tolerance` of the warmed-up target at `step` (the controller's step count by default).
+    """After each optimizer step: bound the gate parameters, and hold the removed fraction on its budget
+    at `step` (the controller's step count by default).
+
+    During the warm-up the fraction is only capped at the ramped target + `budget_tolerance`: the gates
+    close by themselves under the multipliers' pressure and learn meanwhile which units matter. From the
+    end of the warm-up on it is held within `budget_tolerance` of the target on both sides, so whatever
+    the gates have not closed by then is closed in the order of their trained values.
 
     Where the projection has to reopen gates, the pressure was too high: the first multiplier is reset
     to 0 if it was still pushing towards more sparsity (and likewise in the other direction), which stops
@@ -152,13 +165,15 @@ def budget_step(model: nn.Module, step: int | None = None) -> Projection | None:
     if cfg.objective != "budget" or cfg.budget_tolerance is None:
         return None
     ctrl = controller(model)
-    target = ctrl.target(cfg.target_sparsity, warmup_steps(cfg), step)
+    warmup = warmup_steps(cfg)
+    target = ctrl.target(cfg.target_sparsity, warmup, step)
+    warmed_up = (int(ctrl.step) if step is None else step) >= warmup
     removed = sparsity_report(model).removed_fraction
     result = Projection(0, 0, removed)
-    if abs(removed - target) > cfg.budget_tolerance:
+    if removed - target > cfg.budget_tolerance or (warmed_up and target - removed > cfg.budget_tolerance):
         # back to the middle of the band, where the Lagrangian's dead band holds the multipliers
         half = cfg.budget_tolerance / 2
-        result = project_budget(model, max(0.0, target - half), target + half, cfg.projection_margin, at_least_low=False)
+        result = project_budget(model, max(0.0, target - half), target + half, _landing(cfg), at_least_low=False)
     with torch.no_grad():
         if result.reopened:
             ctrl.lambda1.clamp_(min=0.0)

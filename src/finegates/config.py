@@ -103,9 +103,9 @@ class GatesConfig:
     budget_tolerance: float | None = field(
         default=0.01,
         metadata={
-            "help": "Budget objective: after every optimizer step the removed fraction is kept within this "
-            "distance of the warmed-up target by moving the gates nearest their closing point (None: the "
-            "Lagrangian alone)."
+            "help": "Budget objective: after every optimizer step the removed fraction is capped at the "
+            "warmed-up target plus this, and from the end of the warm-up on kept within this of the target, by "
+            "moving the gates nearest their closing point (None: the Lagrangian alone)."
         },
     )
     lagrangian_lr_scale: float = field(
@@ -114,8 +114,9 @@ class GatesConfig:
     )
     projection_margin: float = field(
         default=0.1,
-        metadata={"help": "Gates the budget projection moves land this far (x the distance from the centre to "
-                  "the closing point) past their closing point, so they do not cross straight back."},
+        metadata={"help": "Gates the budget projection moves land at least this far (x the distance from the "
+                  "centre to the closing point), and at least two gate lr steps, past their closing point, so they "
+                  "do not cross straight back."},
     )
     gate_lr: float | None = field(
         default=None,

@@ -137,10 +137,10 @@ def test_short_runs_get_a_faster_gate_lr_than_long_ones():
     finegates.set_training_steps(short, 60)
     finegates.set_training_steps(long, 6000)
     assert (short.finegates_config.warmup_steps, long.finegates_config.warmup_steps) == (18, 1800)
-    # a gate pushed every step travels from its start to its closing point in half the warm-up (>= 10 steps)
-    travel = (1.5 + 1) * math.atanh(0.5)
-    assert short.finegates_config.gate_lr == pytest.approx(travel / 10)
-    assert long.finegates_config.gate_lr == pytest.approx(travel / 900)
+    # a gate pushed every step travels from its start to its closing point within the warm-up (>= 10 steps)
+    travel = (2.0 + 1) * math.atanh(0.5)
+    assert short.finegates_config.gate_lr == pytest.approx(travel / 18)
+    assert long.finegates_config.gate_lr == pytest.approx(travel / 1800)
 
 
 def test_a_warmup_longer_than_the_run_is_refused():

@@ -34,7 +34,7 @@ def set_training_steps(model: nn.Module, total_steps: int) -> None:
     """Fix the schedule a run of `total_steps` needs where the config leaves it open (None).
 
     Warm-up: 30% of the steps. Gate lr: a gate that the budget pushes every step travels from its initial
-    value to its closing point in half the warm-up (at least 10 steps), so gates can close in time in a
+    value to its closing point within the warm-up (at least 10 steps), so gates can close in time in a
     run of 60 steps and move no faster than needed in one of 10,000. `FineGatesTrainer` calls this.
 
     >>> set_training_steps(model, 1000)  # doctest: +SKIP
@@ -54,10 +54,10 @@ def set_training_steps(model: nn.Module, total_steps: int) -> None:
 
 
 def auto_gate_lr(cfg) -> float:
-    """Gate lr for which a steadily pushed gate closes in half the warm-up (at least 10 steps)."""
+    """Gate lr for which a steadily pushed gate closes within the warm-up (at least 10 steps)."""
     if cfg.warmup_steps is None:
         raise ValueError("gate_lr is derived from warmup_steps: set one of them, or call set_training_steps.")
-    return travel_to_close(cfg) / max(10.0, cfg.warmup_steps / 2)
+    return travel_to_close(cfg) / max(10.0, cfg.warmup_steps)
 
 
 @dataclass

@@ -68,7 +68,7 @@ class GatesConfig:
         default=0.0, metadata={"help": "Gaussian gates: std of the initial theta (the reference uses 0.1)."}
     )
     param_bound: float | None = field(
-        default=1.5,
+        default=2.0,
         metadata={
             "help": "Gate parameters stay within +-param_bound x the point where a gate is fully open (and "
             "mirrored, closed), so no gate is ever more than a fixed distance from closing or reopening. "
@@ -81,8 +81,7 @@ class GatesConfig:
     )
     budget_temperature: float = field(
         default=0.25,
-        metadata={"help": "Unbounded Gaussian gates: temperature of the open probability the budget objective "
-                  "uses (bounded gates use a probability linear over their range)."},
+        metadata={"help": "Gaussian gates: temperature of the open probability used by the budget objective."},
     )
     budget_estimator: str = field(
         default="ste",
@@ -120,7 +119,7 @@ class GatesConfig:
     )
     gate_lr: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the gates, constant (None: a pushed gate closes in half the warm-up)."},
+        metadata={"help": "Learning rate of the gates, constant (None: a pushed gate closes within the warm-up)."},
     )
     head_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the head, biases, modules_to_save."})
     residual_min_removed: int = field(

@@ -40,15 +40,6 @@ class Gate(nn.Module):
     def param(self) -> nn.Parameter:
         raise NotImplementedError
 
-    def _ramp(self) -> torch.Tensor | None:
-        """Open probability linear over the bounded range (None when unbounded): every gate in the range
-        feels the same budget gradient, wherever it sits, instead of a sigmoid's that vanishes far from
-        closing and grows 60-fold near it (which made whole groups of gates collapse together)."""
-        if self.bound is None:
-            return None
-        half = self.bound * self.edge
-        return ((self.param + half) / (2 * half)).clamp(0.0, 1.0)
-
     def clamp_(self, bound: float | None) -> None:
         """Keep the parameters within +-bound x edge (no-op for None), so a gate is never further
         from closing, or from fully open, than a fixed distance."""
@@ -81,7 +72,6 @@ class GaussianGate(Gate):
     def __init__(self, size: int, cfg: GatesConfig) -> None:
         super().__init__()
         self.theta = nn.Parameter(torch.randn(size) * cfg.init_std + initial_value(cfg))
-        self.bound = cfg.param_bound
         self.noise_std = cfg.noise_std
         self.paper_scale = cfg.paper_prob_scale
         self.temperature = cfg.budget_temperature
@@ -100,11 +90,9 @@ class GaussianGate(Gate):
         return torch.clamp(torch.tanh(self.theta) + 0.5, 0.0, 1.0)
 
     def prob_open(self) -> torch.Tensor:
-        ramp = self._ramp()
-        if ramp is not None:
-            return ramp
-        # Unbounded: logistic in theta around the closing threshold; unlike the reference's P it reaches 0
-        # for closed gates, so the expected size can match what compaction removes.
+        # Logistic in theta around the closing threshold: unlike the reference's P it reaches 0 for
+        # closed gates, so the expected size can match what compaction removes. Its slope is largest near
+        # closing, so the budget pushes hardest on the gates the task loss has already let drift down.
         return torch.sigmoid((self.theta - _GAUSSIAN_THRESHOLD) / self.temperature)
 
     def paper_prob(self) -> torch.Tensor:
@@ -120,7 +108,6 @@ class HardConcreteGate(Gate):
     def __init__(self, size: int, cfg: GatesConfig) -> None:
         super().__init__()
         self.log_alpha = nn.Parameter(torch.full((size,), initial_value(cfg)))
-        self.bound = cfg.param_bound
 
     @property
     def param(self) -> nn.Parameter:
@@ -137,9 +124,6 @@ class HardConcreteGate(Gate):
         return torch.clamp(torch.sigmoid(self.log_alpha) * (_HC_RIGHT - _HC_LEFT) + _HC_LEFT, 0.0, 1.0)
 
     def prob_open(self) -> torch.Tensor:
-        ramp = self._ramp()
-        if ramp is not None:
-            return ramp
         return torch.sigmoid(self.log_alpha - _HC_BETA * math.log(-_HC_LEFT / _HC_RIGHT))
 
 

@@ -142,10 +142,10 @@ class GatesConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (or None for 30% of the run), got {self.warmup_steps}.")
-        for name in ("gate_lr", "budget_tolerance"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= (0 if name == "budget_tolerance" else 1e-12)):
-                raise ValueError(f"{name} must be a positive number (or None), got {value}.")
+        if self.gate_lr is not None and not (math.isfinite(self.gate_lr) and self.gate_lr > 0):
+            raise ValueError(f"gate_lr must be a positive number (or None), got {self.gate_lr}.")
+        if self.budget_tolerance is not None and not (math.isfinite(self.budget_tolerance) and self.budget_tolerance >= 0):
+            raise ValueError(f"budget_tolerance must be a number >= 0 (or None), got {self.budget_tolerance}.")
         if self.param_bound is not None and not (math.isfinite(self.param_bound) and self.param_bound >= 1.0):
             raise ValueError(
                 f"param_bound must be >= 1 (gates must be able to open fully) or None, got {self.param_bound}."
@@ -160,7 +160,7 @@ class GatesConfig:
         'paper'
         """
         values = {"init_mean": 1.0, "init_std": 0.1, "param_bound": None, "objective": "paper", "gate_lr": 1e-3,
-                      "budget_tolerance": None, "warmup_steps": 0}
+                  "budget_tolerance": None, "warmup_steps": 0}
         return cls(**{**values, **overrides})
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ class SparsityController(nn.Module):
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        # Gates the budget projection moved over the run (see optim.budget_step): the share of the cut
+        # Gates the budget projection moved over the run (see budget.budget_step): the share of the cut
         # that the Lagrangian did not make by itself.
         self.register_buffer("projected_closed", torch.zeros((), dtype=torch.long))
         self.register_buffer("projected_reopened", torch.zeros((), dtype=torch.long))

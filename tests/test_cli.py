@@ -318,3 +318,60 @@ def test_report_to_tensorboard_logs_the_sparsity_curves(tiny_run_inputs, tmp_pat
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/sparsity_removed", "train/sparsity_target", "test/accuracy"} <= scalars
     assert list(cwd.iterdir()) == []
+
+
+def test_a_finished_run_is_never_overwritten_by_accident(tiny_run, tiny_run_inputs, capsys):
+    """A second run into a finished run's folder is refused; a failing --overwrite run leaves it whole."""
+    out, _ = tiny_run
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main([*_tiny_argv(*tiny_run_inputs), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run. Give --overwrite" in err and "Traceback" not in err
+    model_dir, _ = tiny_run_inputs
+    missing = out.parent / "missing.csv"
+    assert main([*_tiny_argv(model_dir, missing), "--output-dir", str(out), "--overwrite"]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('resume: "no"\n', ["run.yaml: resume must be true or false, got 'no' (str)"]),
+        ("target_sparsity: abc\n", ["run.yaml: target_sparsity must be a number, got 'abc'"]),
+        ("epochs: [1, 2]\n", ["run.yaml: epochs must be a number"]),
+        ("target_modules: [1, 2]\n", ["run.yaml: target_modules must be a list of a string"]),
+        ("epochs: 3\n  bad: [\n", ["run.yaml is not valid YAML", "line 2"]),
+        ("epochs: .inf\n", ["epochs must be a finite number > 0, got inf"]),
+    ],
+)
+def test_config_file_values_are_typed(tmp_path, capsys, text, words):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert main(["finetune", "--config", str(path), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert all(word in err for word in words) and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_json_config_names_the_file(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text('{"epochs": 3,}')
+    assert main(["finetune", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"Config file {path} is not valid JSON" in err and "line 1" in err
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_epochs_must_be_finite(tmp_path, capsys, value):
+    assert main(["finetune", "--epochs", value, "--output-dir", str(tmp_path / "out")]) == 2
+    assert "epochs must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tiny_run_inputs, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main([*_tiny_argv(*tiny_run_inputs), "--output-dir", str(tmp_path / "file" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err

@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any
 
-from finegates.workflows.run_config import dataclass_from_dict, read_config_file, split_sections
+from finegates.workflows.run_config import check_types, dataclass_from_dict, read_config_file, split_sections
 
 NONE_WORDS = ("none", "null")
 _REGEX_CHARS = re.compile(r"[*?\[\]()|^$\\+{}]")
@@ -95,7 +95,8 @@ def build_configs(
     values = {name: dict((defaults or {}).get(name, {})) for name in sections}
     if config_file:
         from_file = split_sections(read_config_file(config_file), sections, str(config_file))
-        for name in sections:
+        for name, cls in sections.items():
+            check_types(cls, from_file[name], str(config_file))
             values[name].update(from_file[name])
     configs = {}
     for name, cls in sections.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any
 
 import torch
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from finegates.adapter import save_gates
 from finegates.config import GatesConfig
@@ -27,7 +27,7 @@ from finegates.report import SparsityReport, sparsity_report
 from finegates.workflows.encoding import EncodedSplit, benchmark_batch
 from finegates.workflows.evaluation import classification_metrics, measure_latency
 from finegates.workflows.models import load_classifier
-from finegates.workflows.run_config import write_run_config
+from finegates.workflows.run_folder import RunFolder, RunFolderOptions
 from finegates.workflows.run_report import write_run_outputs
 from finegates.workflows.tracking import TaskLossTrainer, budget_metrics
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class FinetuneConfig(DistillConfig):
+class FinetuneConfig(DistillConfig, RunFolderOptions):
     """Run options of `finetune` (the gate options live in `GatesConfig`).
 
     >>> FinetuneConfig(task="boolq", epochs=1).batch_size
@@ -109,9 +109,6 @@ class FinetuneConfig(DistillConfig):
             "help": "CPU threads for torch (default: torch's choice; 1 can be faster on a busy machine)."
         },
     )
-    resume: bool = field(
-        default=False, metadata={"help": "Resume from the last checkpoint in output_dir/checkpoints."}
-    )
     quiet: bool = field(default=False, metadata={"help": "No progress bars; warnings and errors only."})
     report_to: str = field(
         default="none",
@@ -130,8 +127,8 @@ class FinetuneConfig(DistillConfig):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}.")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}.")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples must be >= 1, got {self.max_train_samples}.")
 
@@ -151,19 +148,31 @@ def finetune(cfg: FinetuneConfig, gates: GatesConfig | None = None) -> dict[str,
     """
     gates = gates or GatesConfig()
     start = time.perf_counter()
-    out = Path(cfg.output_dir)
-    write_run_config(out, {"finetune": cfg, "gates": gates})
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    # every input is read and checked before the run folder is touched
     data = _load_data(cfg)
     model, tokenizer = load_classifier(cfg.model, data.num_labels, data.label_names)
+    with RunFolder.claim(cfg.output_dir, cfg.overwrite, cfg.resume) as folder:
+        folder.write_config({"finetune": cfg, "gates": gates})
+        metrics = _run(cfg, gates, data, model, tokenizer, folder)
+        if folder.owner:
+            folder.commit()
+            metrics["report"] = str(folder.final / Path(metrics["report"]).name)
+    metrics["timings_s"]["total"] = time.perf_counter() - start
+    return metrics
+
+
+def _run(cfg: FinetuneConfig, gates: GatesConfig, data: ClassificationData, model, tokenizer, folder: RunFolder
+         ) -> dict[str, Any]:
+    out = folder.work
     splits = _encode(data, tokenizer, cfg)
     metrics: dict[str, Any] = {"task": data.summary(), "model": cfg.model, "timings_s": {}}
     dense_acc = _dense_baseline(model, tokenizer, splits, cfg, out) if cfg.dense_baseline else None
     model = get_gated_model(model, gates)
     full = sparsity_report(model)
-    trainer = _train(model, tokenizer, splits, cfg, out, metrics["timings_s"])
+    trainer = _train(model, tokenizer, splits, cfg, out, metrics["timings_s"], folder.checkpoint())
     gated_acc = trainer.evaluate(splits.test, metric_key_prefix="test")["test_accuracy"]
     if not trainer.is_world_process_zero():  # under torchrun / accelerate only rank 0 compacts and writes
         return metrics
@@ -173,7 +182,6 @@ def finetune(cfg: FinetuneConfig, gates: GatesConfig | None = None) -> dict[str,
     compacted = _compress_and_evaluate(model, tokenizer, splits.test, cfg, out)
     metrics["latency"] = _benchmark(cfg, data, compacted.pop("model", None)) if cfg.benchmark else {}
     metrics.update(_summary(model, full, report, trainer, dense_acc, gated_acc, compacted))
-    metrics["timings_s"]["total"] = time.perf_counter() - start
     metrics["report"] = str(write_run_outputs(out, metrics, trainer.state.log_history))
     return metrics
 
@@ -229,7 +237,7 @@ def training_arguments(
 
 
 def _train(
-    model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path, timings: dict[str, float]
+    model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path, timings: dict[str, float], resume: str | None
 ) -> TaskLossTrainer:
     gates = model.finegates_config
     args = training_arguments(
@@ -246,9 +254,6 @@ def _train(
         distill=cfg,
     )
     silence_printer(trainer, cfg.quiet)
-    resume = get_last_checkpoint(args.output_dir) if cfg.resume and Path(args.output_dir).is_dir() else None
-    if cfg.resume and resume is None:
-        logger.warning("--resume: no checkpoint in %s, starting from scratch", args.output_dir)
     begin = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     timings["train"] = time.perf_counter() - begin

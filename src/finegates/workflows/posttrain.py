@@ -29,7 +29,7 @@ from finegates.report import sparsity_report
 from finegates.trainer import FineGatesTrainer
 from finegates.workflows.causal_lm import SMOLLM2, load_causal_lm, perplexity, text_blocks, zero_shot_accuracy
 from finegates.workflows.evaluation import measure_decode, measure_latency
-from finegates.workflows.run_config import write_run_config
+from finegates.workflows.run_folder import RunFolder, RunFolderOptions
 from finegates.workflows.run_report import budget_section
 from finegates.workflows.tracking import budget_metrics
 
@@ -40,7 +40,7 @@ POSTTRAIN_METHODS = ("finegates", "magnitude", "magnitude+lora", "importance", "
 
 
 @dataclass
-class PosttrainConfig(DistillConfig):
+class PosttrainConfig(DistillConfig, RunFolderOptions):
     """Options of a post-training run (the gate options live in GatesConfig)."""
 
     model: str = field(default=SMOLLM2, metadata={"help": "'smollm2-135m', a hub id or a local folder."})
@@ -166,7 +166,7 @@ def _one_shot(model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConf
     return method.finalize(model).eval(), report, trainable, seconds
 
 
-def _train(model, train: torch.Tensor, cfg: PosttrainConfig, out: Path) -> FineGatesTrainer:
+def _train(model, train: torch.Tensor, cfg: PosttrainConfig, out: Path, resume: str | None) -> FineGatesTrainer:
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=model.finegates_config.head_lr, lr_scheduler_type="cosine", weight_decay=0.0,
@@ -175,7 +175,7 @@ def _train(model, train: torch.Tensor, cfg: PosttrainConfig, out: Path) -> FineG
     )
     data = [{"input_ids": block, "labels": block} for block in train]
     trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, distill=cfg)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -192,19 +192,30 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
     >>> posttrain(PosttrainConfig(max_steps=50), GatesConfig(target_sparsity=0.2))  # doctest: +SKIP
     """
     gates = gates or default_posttrain_gates()
-    data = read_data(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, {"posttrain": cfg, "gates": gates})
+    data = read_data(cfg)  # every input is read and checked before the run folder is touched
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_causal_lm(cfg.model)
+    with RunFolder.claim(cfg.output_dir, cfg.overwrite, cfg.resume) as folder:
+        folder.write_config({"posttrain": cfg, "gates": gates})
+        metrics, log_history = _run(model, tokenizer, cfg, gates, data, folder)
+        out = folder.work
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
+        atomic_write_text(out / "log_history.json", json.dumps(log_history, indent=2, default=str))
+        atomic_write_text(out / "report.md", posttrain_report(metrics))
+        folder.commit()
+    logger.info("Report: %s", folder.final / "report.md")
+    return metrics
+
+
+def _run(model, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, data: EvalData, folder: RunFolder):
+    out = folder.work
     train, heldout = _split_text(cfg, tokenizer, data.docs)
     metrics: dict[str, Any] = {"method": cfg.method, "dense": evaluate_lm(model, tokenizer, heldout, cfg, data)}
     dense = copy.deepcopy(model)  # timed side by side with the compacted model at the end
     metrics["model_params"] = count_parameters(model)[1]
     log_history: list = []
     if cfg.method == "finegates":
-        small, log_history = _gates(model, train, heldout, tokenizer, cfg, gates, out, metrics, data)
+        small, log_history = _gates(model, train, heldout, tokenizer, cfg, gates, folder, metrics, data)
     else:
         small, metrics["sparsity"], metrics["trainable_params"], metrics["train_s"] = _one_shot(model, train, cfg, gates)
     small.save_pretrained(out / "compressed")
@@ -216,15 +227,11 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
         metrics[name]["prefill_s"], metrics[name]["decode_tokens_per_s"] = latency[name], decode[name]
     metrics["prefill_speedup"] = metrics["dense"]["prefill_s"] / metrics["compressed"]["prefill_s"]
     metrics["decode_speedup"] = decode["compressed"] / decode["dense"]
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    atomic_write_text(out / "log_history.json", json.dumps(log_history, indent=2, default=str))
-    atomic_write_text(out / "report.md", posttrain_report(metrics))
-    logger.info("Report: %s", out / "report.md")
-    return metrics
+    return metrics, log_history
 
 
-def _gates(model, train, heldout, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, out: Path, metrics: dict,
-           data: EvalData):
+def _gates(model, train, heldout, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, folder: RunFolder,
+           metrics: dict, data: EvalData):
     """FineGates: gate, train the gates, evaluate the gated model; fills `metrics`, returns the compacted
     model and the training log."""
     from finegates.compress import compress
@@ -232,10 +239,10 @@ def _gates(model, train, heldout, tokenizer, cfg: PosttrainConfig, gates: GatesC
     get_gated_model(model, gates)
     metrics["trainable_params"] = count_parameters(model)[0]
     begin = time.perf_counter()
-    trainer = _train(model, train, cfg, out)
+    trainer = _train(model, train, cfg, folder.work, folder.checkpoint())
     metrics["train_s"] = time.perf_counter() - begin
     model.eval()
-    save_gates(model, out / "gates")
+    save_gates(model, folder.work / "gates")
     metrics["sparsity"] = sparsity_report(model).to_dict()
     metrics["budget"] = budget_metrics(trainer)
     metrics["gated"] = evaluate_lm(model, tokenizer, heldout, cfg, data)

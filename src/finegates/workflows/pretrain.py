@@ -27,7 +27,7 @@ from finegates.model import gated_layers, get_gated_model
 from finegates.report import sparsity_report
 from finegates.trainer import FineGatesTrainer
 from finegates.workflows.causal_lm import perplexity
-from finegates.workflows.run_config import write_run_config
+from finegates.workflows.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 EOS = 256
@@ -52,6 +52,7 @@ class PretrainConfig:
     output_dir: str = field(default="runs/pretrain", metadata={"help": "Run folder."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and gate noise."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the run already in output_dir."})
 
     def __post_init__(self) -> None:
         if not 0 <= self.gate_start_step < self.max_steps:
@@ -117,10 +118,15 @@ def _args(cfg: PretrainConfig, out: Path) -> TrainingArguments:
 def pretrain(cfg: PretrainConfig, gates: GatesConfig | None = None) -> dict[str, Any]:
     """Train the dense and the gated model at equal steps; returns (and writes) their metrics."""
     gates = gates or default_pretrain_gates()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, {"pretrain": cfg, "gates": gates})
-    docs = load_text_corpus(cfg.text)
+    docs = load_text_corpus(cfg.text)  # checked before the run folder is touched
+    with RunFolder.claim(cfg.output_dir, cfg.overwrite) as folder:
+        folder.write_config({"pretrain": cfg, "gates": gates})
+        metrics = _run(cfg, gates, docs, folder.work)
+        folder.commit()
+    return metrics
+
+
+def _run(cfg: PretrainConfig, gates: GatesConfig, docs: list[str], out: Path) -> dict[str, Any]:
     held = max(1, int(len(docs) * cfg.heldout_fraction))
     train, heldout = byte_blocks(docs[:-held], cfg.seq_len), byte_blocks(docs[-held:], cfg.seq_len)[:64]
     data = [{"input_ids": b, "labels": b} for b in train]

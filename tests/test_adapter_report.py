@@ -36,11 +36,29 @@ def test_save_and_load_round_trip(arch, tmp_path):
 
 
 def test_adapter_holds_only_what_was_trained(tmp_path):
+    from safetensors.torch import load_file
+
     model = get_gated_model(tiny_model("llama"))
     save_gates(model, tmp_path)
-    size = (tmp_path / WEIGHTS_NAME).stat().st_size
-    n_gates = sum(l.in_features + l.out_features for l in finegates.gated_layers(model).values())
-    assert size < 4 * n_gates + 16_384  # float32 gates + multipliers + header, no base weights
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    gates = {f"{name}.{axis}_gate.theta" for name in finegates.gated_layers(model) for axis in ("row", "col")}
+    controller = {f"finegates_controller.{n}" for n in ("lambda1", "lambda2", "step", "projected_closed",
+                                                        "projected_reopened")}
+    biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert set(saved) == gates | controller | biases  # no frozen weight, nothing else
+    assert all(saved[n].shape == model.state_dict()[n].shape for n in saved)
+
+
+def test_an_adapter_with_nan_gates_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_gates(get_gated_model(tiny_model("bert")), tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    name = next(n for n in tensors if n.endswith("theta"))
+    tensors[name][0] = float("nan")
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=f"{name} holds NaN or infinite values"):
+        load_gates(tiny_model("bert"), tmp_path)
 
 
 def test_damaged_adapters_fail_clearly(tmp_path):

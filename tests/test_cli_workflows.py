@@ -83,6 +83,38 @@ def test_compress_command_compacts_a_saved_adapter(tmp_path):
     assert cli.main(["compress", "--gates", str(tmp_path), "--output-dir", str(tmp_path / "x")]) == 2
 
 
+def test_compress_a_run_whose_head_differs_from_the_base(tmp_path, capsys):
+    """A run on 3 labels from a 2-label base compacts with its own head; a truncated adapter is one line."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertTokenizerFast
+
+    import finegates
+    from conftest import tiny_inputs, tiny_model
+    from finegates.adapter import WEIGHTS_NAME
+
+    base_dir = tmp_path / "base"
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nb")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(base_dir)
+    tiny_model("bert").save_pretrained(base_dir)  # 2 labels
+    three = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3, ignore_mismatched_sizes=True)
+    gated = finegates.get_gated_model(three)
+    run = tmp_path / "run"
+    finegates.save_gates(gated.eval(), run / "gates")
+    (run / "run_config.json").write_text(json.dumps({"finetune": {"model": str(base_dir)}}))
+    assert cli.main(["compress", "--gates", str(run / "gates"), "--output-dir", str(tmp_path / "small")]) == 0
+    small = AutoModelForSequenceClassification.from_pretrained(tmp_path / "small").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=tiny_inputs()).logits, gated(input_ids=tiny_inputs()).logits,
+                                   atol=1e-5, rtol=0)
+    adapter = run / "gates" / WEIGHTS_NAME
+    adapter.write_bytes(adapter.read_bytes()[:200])
+    assert cli.main(["compress", "--gates", str(run / "gates"), "--output-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged or not a safetensors file" in err and "Traceback" not in err
+
+
 def test_bench_times_a_checkpoint_against_its_base(tmp_path, capsys):
     from conftest import tiny_model
 

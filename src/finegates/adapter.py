@@ -61,4 +61,6 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
     for name, tensor in tensors.items():
         if state[name].shape != tensor.shape:
             raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}.")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: {name} holds NaN or infinite values (a diverged run?); it cannot be loaded.")
     model.load_state_dict(tensors, strict=False)

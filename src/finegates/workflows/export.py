@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from finegates.adapter import WEIGHTS_NAME, load_gates
 from finegates.workflows.run_config import RUN_CONFIG_NAME
@@ -39,25 +39,28 @@ def _base_model(adapter: Path, given: str | None) -> str:
 
 
 def _num_labels(adapter: Path) -> int | None:
-    with safe_open(str(adapter / WEIGHTS_NAME), "pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            if key.endswith(_HEADS):
-                return handle.get_slice(key).get_shape()[0]
+    path = adapter / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key.endswith(_HEADS):
+                    return handle.get_slice(key).get_shape()[0]
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is damaged or not a safetensors file ({err}); save the adapter again.") from None
     return None
 
 
 def _load_base(name: str, num_labels: int | None):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finegates.workflows.causal_lm import resolve_causal_lm
-    from finegates.workflows.models import resolve_model
+    from finegates.workflows.models import load_classifier
 
     if num_labels is None:
         path = resolve_causal_lm(name)
         return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    path = resolve_model(name)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    return model, AutoTokenizer.from_pretrained(path)
+    # the run's head may have another number of labels than the base's: the adapter holds the trained one
+    return load_classifier(name, num_labels)
 
 
 def export_compressed(cfg: CompressConfig) -> Path:

@@ -449,7 +449,20 @@ DAMAGE = {
     "index out of range": (lambda f: _edit_weights(f, lambda t: t.update(
         {_key(t, "kv_index"): t[_key(t, "kv_index")] + 9})), "outside"),
     "not a compacted model": (lambda f: _edit_config(f, lambda c: c.update(model_type="llama")), "not a FineGates"),
+    "finegates section removed": (lambda f: _edit_config(f, lambda c: c.pop("finegates_compact")), "finegates_compact"),
+    "qk_dim changed": (lambda f: _edit_config(f, lambda c: c["finegates_compact"]["attention"]["layers.0.self_attn"]
+                                              .update(qk_dim=2)), "rope_dims"),
+    "scatter_to out of range": (lambda f: _edit_config(f, _widen_scatter), "scatter_to is 40, but the residual"),
+    "fewer layers": (lambda f: _edit_config(f, lambda c: c.update(num_hidden_layers=1)), "does not fit the model"),
+    "NaN weight": (lambda f: _edit_weights(f, lambda t: next(v for k, v in sorted(t.items()) if "up_proj" in k and
+                                                              v.is_floating_point()).fill_(float("nan"))),
+                   "up_proj.* holds NaN or infinite"),
 }
+
+
+def _widen_scatter(config: dict) -> None:
+    spec = next(s for s in config["finegates_compact"]["linears"].values() if s["scatter_to"] is not None)
+    spec["scatter_to"] = 40
 
 
 @pytest.fixture(scope="module")
@@ -470,6 +483,30 @@ def test_damaged_folder_fails_with_a_clear_error(saved_llama, tmp_path, damage):
     breaks(folder)
     with pytest.raises(CompressedCheckpointError, match=message):
         load_compressed(folder)
+    # the Auto classes, `evaluate` and `bench` load through the same checks: nothing runs re-initialised
+    from transformers import AutoModelForCausalLM
+
+    from finegates.compress.io import load_checked
+
+    with pytest.raises(CompressedCheckpointError):
+        load_checked(AutoModelForCausalLM, folder)
+    if damage != "not a compacted model":  # a stock class loading the compacted weights is transformers' own
+        from safetensors import SafetensorError
+
+        with pytest.raises((CompressedCheckpointError, OSError, SafetensorError)):  # a refusal, never a model
+            AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_a_changed_qk_dim_is_refused_where_no_buffer_depends_on_it(tmp_path):
+    """BERT keeps no RoPE table: only the projection widths show that the recorded qk_dim was edited."""
+    compress(patterned("bert", residual_dim_closed)).save_pretrained(tmp_path)
+    load_compressed(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    attention = next(iter(config["finegates_compact"]["attention"].values()))
+    attention["qk_dim"] -= 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CompressedCheckpointError, match="query has .* output features, the spec implies"):
+        load_compressed(tmp_path)
 
 
 # -- uniform-width export --------------------------------------------------------------------------

@@ -56,6 +56,19 @@ class CompactAttention(nn.Module):
         return [("kv_index", self.kv_index, self.spec.num_kv_heads),
                 ("rope_dims", getattr(self, "rope_dims", None), self.spec.head_dim)]
 
+    def projection_widths(self) -> dict[str, tuple[str, int]]:
+        """{projection: ("out" or "in", the width the spec implies)}, to check a loaded checkpoint."""
+        return {}
+
+    def shape_problems(self) -> list[str]:
+        """Projections whose kept widths contradict the spec (e.g. an edited qk_dim)."""
+        problems = []
+        for name, (side, expected) in self.projection_widths().items():
+            actual = _features(getattr(self, name), side)
+            if actual is not None and actual != expected:
+                problems.append(f"{name} has {actual} {side}put features, the spec implies {expected}")
+        return problems
+
     def split_heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """(batch, seq, heads * dim) -> (batch, heads, seq, dim)."""
         return x.view(*x.shape[:-1], -1, dim).transpose(1, 2)
@@ -183,6 +196,11 @@ class CompactRopeAttention(CompactAttention):
             self.q_norm = CompactHeadNorm(spec.head_dim, stock.q_norm.variance_epsilon)
             self.k_norm = CompactHeadNorm(spec.head_dim, stock.k_norm.variance_epsilon)
 
+    def projection_widths(self) -> dict[str, tuple[str, int]]:
+        s = self.spec
+        return {"q_proj": ("out", s.num_heads * s.qk_dim), "k_proj": ("out", s.num_kv_heads * s.qk_dim),
+                "v_proj": ("out", s.num_kv_heads * s.v_dim), "o_proj": ("in", s.num_heads * s.v_dim)}
+
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
         s = self.spec
@@ -207,6 +225,11 @@ class CompactBertSelfAttention(CompactAttention):
         super().__init__(stock, spec, projections)
         self.dropout = stock.dropout.p
 
+    def projection_widths(self) -> dict[str, tuple[str, int]]:
+        s = self.spec
+        return {"query": ("out", s.num_heads * s.qk_dim), "key": ("out", s.num_kv_heads * s.qk_dim),
+                "value": ("out", s.num_kv_heads * s.v_dim)}
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache=None, past_key_values=None, encoder_hidden_states: torch.Tensor | None = None, **kwargs):
         if encoder_hidden_states is not None:
@@ -229,6 +252,10 @@ class CompactGPT2Attention(CompactAttention):
         self.resid_dropout = stock.resid_dropout
         self.sizes = [spec.num_heads * spec.qk_dim, spec.num_kv_heads * spec.qk_dim, spec.num_kv_heads * spec.v_dim]
 
+    def projection_widths(self) -> dict[str, tuple[str, int]]:
+        s = self.spec
+        return {"c_attn": ("out", sum(self.sizes)), "c_proj": ("in", s.num_heads * s.v_dim)}
+
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask=None,
                 output_attentions: bool | None = False, past_key_values=None, **kwargs):
@@ -239,6 +266,12 @@ class CompactGPT2Attention(CompactAttention):
         q, k, v = self.split_heads(q, s.qk_dim), self.split_heads(k, s.qk_dim), self.split_heads(v, s.v_dim)
         out, weights = self.attend(q, k, v, attention_mask, _kv_cache(cache, past_key_values), self.dropout, **kwargs)
         return self.resid_dropout(self.c_proj(out)), weights
+
+
+def _features(module: nn.Module, side: str) -> int | None:
+    """Kept output or input features of a compact projection (the inner linear of a residual wrapper)."""
+    inner = getattr(module, "linear", module)
+    return getattr(inner, f"{side}_features", None)
 
 
 ATTENTION_CLASSES: dict[str, type[CompactAttention]] = {

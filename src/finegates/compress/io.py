@@ -6,21 +6,15 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, PreTrainedModel
 
-from finegates.compress.attention import CompactAttention
-from finegates.compress.linear import ResidualLinear
+from finegates.compress.checks import CompressedCheckpointError, check_loaded
 from finegates.compress.models import COMPACT_BY_NAME, PREFIX, register_compact_models
 from finegates.compress.quantize import QUANTIZE_CHOICES, quantize_linears
 from finegates.compress.spec import CompactSpec
 
 logger = logging.getLogger(__name__)
-
-
-class CompressedCheckpointError(ValueError):
-    """A compressed-model folder that is missing, damaged, or inconsistent with its config."""
 
 
 def load_compressed(path: str | Path, quantize: str | None = None, **kwargs) -> PreTrainedModel:
@@ -37,15 +31,36 @@ def load_compressed(path: str | Path, quantize: str | None = None, **kwargs) -> 
     register_compact_models()
     path = Path(path)
     model_class = _model_class(path)
-    kwargs.setdefault("ignore_mismatched_sizes", True)  # so that mismatches are reported below, by name
+    kwargs.setdefault("ignore_mismatched_sizes", True)  # so that mismatches are reported by name (checks.py)
     try:
-        model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+        model = model_class.from_pretrained(path, **kwargs)  # the compact classes check what they load
+    except CompressedCheckpointError:
+        raise
     except (OSError, RuntimeError, ValueError, SafetensorError, json.JSONDecodeError) as err:
         raise CompressedCheckpointError(f"{path}: cannot load the compressed model: {err}") from err
-    _check_loading_info(path, info)
-    _check_indices(path, model)
     model.eval()
     return quantize_linears(model) if quantize else model
+
+
+def load_checked(auto_class: type, path: str | Path, **kwargs) -> PreTrainedModel:
+    """`auto_class.from_pretrained(path)` for any model folder, compacted or stock, refused with a
+    CompressedCheckpointError when a weight would run re-initialised (missing, unexpected, another shape)
+    or holds NaN / inf: what `evaluate` and `bench` load. Compacted folders go through `load_compressed`."""
+    register_compact_models()
+    path = Path(path)
+    try:
+        model_type = AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CompressedCheckpointError(f"{path}: config.json cannot be read: {err}") from err
+    if model_type.startswith(PREFIX):
+        return load_compressed(path, **kwargs)
+    kwargs.setdefault("ignore_mismatched_sizes", True)
+    try:
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, RuntimeError, ValueError, SafetensorError, json.JSONDecodeError) as err:
+        raise CompressedCheckpointError(f"{path}: cannot load the model: {err}") from err
+    check_loaded(path, model, info)
+    return model.eval()
 
 
 def _model_class(path: Path) -> type[PreTrainedModel]:
@@ -67,21 +82,3 @@ def _model_class(path: Path) -> type[PreTrainedModel]:
     if not names or names[0] not in COMPACT_BY_NAME:
         raise CompressedCheckpointError(f"{path}: config.json architectures {names} names no compact model class.")
     return COMPACT_BY_NAME[names[0]]
-
-
-def _check_loading_info(path: Path, info: dict) -> None:
-    problems = {k: list(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
-    problems = {k: v for k, v in problems.items() if v}
-    if problems:
-        detail = "; ".join(f"{k}: {v[:5]}" for k, v in problems.items())
-        raise CompressedCheckpointError(f"{path}: the weights do not match config.json ({detail}).")
-
-
-def _check_indices(path: Path, model: torch.nn.Module) -> None:
-    """Kept indices must lie inside the widths the config records (a bound check, not a proof)."""
-    for name, module in model.named_modules():
-        if not isinstance(module, (ResidualLinear, CompactAttention)):
-            continue
-        for buffer, idx, bound in module.index_bounds():
-            if idx is not None and bound is not None and idx.numel() and (idx.min() < 0 or idx.max() >= bound):
-                raise CompressedCheckpointError(f"{path}: {name}.{buffer} has kept indices outside [0, {bound}).")

@@ -23,6 +23,7 @@ from transformers import (
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
 
 from finegates.compress.attention import ATTENTION_CLASSES, CompactAttention
+from finegates.compress.checks import COMPACT, CompressedCheckpointError, check_loaded
 from finegates.compress.linear import build_linear
 from finegates.compress.spec import CompactSpec
 
@@ -109,12 +110,34 @@ def _compact_model_class(stock: type[PreTrainedModel], config_class: type) -> ty
     def __init__(self, config, *args, **kwargs) -> None:
         stock.__init__(self, config, *args, **kwargs)
         spec = getattr(config, "finegates_compact", None)
-        if spec is not None:
+        if spec is None:
+            raise CompressedCheckpointError(
+                f"model_type {config.model_type!r} needs the finegates_compact section of config.json, which is "
+                "missing: the folder is damaged; compact the model again."
+            )
+        try:
             apply_spec(self, CompactSpec.from_dict(spec))
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise CompressedCheckpointError(
+                f"config.json's finegates_compact does not fit the model it describes ({err}); the folder is "
+                "damaged: compact the model again."
+            ) from None
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        # A compacted folder is loaded whole or refused: a missing, unexpected or mis-shaped weight would
+        # otherwise run re-initialised, and nothing says so but a log line.
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # mismatches are reported by name below
+        model, info = super(compact, cls).from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        check_loaded(path, model, info)
+        return (model, info) if want_info else model
 
     doc = f"`{stock.__name__}` with the per-layer shapes of `config.finegates_compact` (a FineGates compacted model)."
-    attrs = {"config_class": config_class, "__init__": __init__, "__module__": __name__, "__doc__": doc}
-    return type(f"Compact{stock.__name__}", (stock,), attrs)
+    attrs = {"config_class": config_class, "__init__": __init__, "from_pretrained": from_pretrained,
+             "__module__": __name__, "__doc__": doc}
+    compact = type(f"{COMPACT}{stock.__name__}", (stock,), attrs)
+    return compact
 
 
 def register_compact_models() -> None:

@@ -127,7 +127,10 @@ def load_for_evaluation(cfg: EvaluateConfig, data: ClassificationData):
 
 
 def _load_folder(path: Path):
-    return AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    """A saved folder, refused when a weight would run re-initialised (a damaged or foreign folder)."""
+    from finegates.compress.io import load_checked
+
+    return load_checked(AutoModelForSequenceClassification, path), AutoTokenizer.from_pretrained(path)
 
 
 def _base_from_run(adapter: Path) -> str:

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest --doctest-modules src/finegates tests
 
 # Sized for 2 CPU cores: 2,000 of the 5,485 train docs, 64 tokens, 3 epochs (full test set of 2,189 docs).
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning; on a shared 2-core machine a

@@ -369,7 +369,13 @@ def test_int8_quantization_of_the_compacted_model():
     kinds = {type(m) for m in small.modules()}
     assert torch.ao.nn.quantized.dynamic.Linear in kinds and torch.nn.Linear not in kinds
     ids, mask = padded_batch()
-    torch.testing.assert_close(outputs(small, ids, mask)[0], outputs(model, ids, mask)[0], atol=0.05, rtol=0)
+    (logits, hidden), (reference_logits, reference_hidden) = outputs(small, ids, mask), outputs(model, ids, mask)
+
+    def relative_error(a, b):  # scale-free: a zero or random output scores ~1, int8 rounding ~1e-4 / ~2e-2
+        return ((a - b).norm() / b.norm()).item()
+
+    assert relative_error(hidden[-1], reference_hidden[-1]) < 2e-3
+    assert relative_error(logits, reference_logits) < 0.1
 
 
 # -- saving and loading ----------------------------------------------------------------------------

@@ -21,7 +21,8 @@ def test_gate_start_must_fall_inside_the_run():
 
 
 def test_pretrain_compares_dense_and_gated(tmp_path, monkeypatch):
-    monkeypatch.setattr(workflow, "load_text_corpus", lambda name: ["pack my box with five dozen liquor jugs. " * 6] * 12)
+    text = "pack my box with five dozen liquor jugs. "
+    monkeypatch.setattr(workflow, "load_text_corpus", lambda name: [text * 6] * 12)
     cfg = workflow.PretrainConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
                                   seq_len=32, batch_size=8, max_steps=40, gate_start_step=10, learning_rate=3e-3,
                                   output_dir=str(tmp_path), quiet=True)
@@ -29,6 +30,9 @@ def test_pretrain_compares_dense_and_gated(tmp_path, monkeypatch):
     metrics = workflow.pretrain(cfg, gates)
     first = {k: metrics[k]["log_history"][0]["loss"] for k in ("dense", "gated")}
     assert first["dense"] == pytest.approx(first["gated"], rel=1e-4)  # gates bypassed at first: same run
-    assert metrics["dense"]["perplexity"] < 257 and metrics["gated"]["perplexity"] < 257  # both learned
+    # both learned which bytes occur: below a uniform guess over the text's bytes and EOS (29), from 257
+    symbols = len(set(text)) + 1
+    assert metrics["dense"]["perplexity"] < symbols and metrics["gated"]["perplexity"] < symbols
+    assert metrics["gated"]["perplexity"] < 1.1 * metrics["dense"]["perplexity"]
     assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
     assert (tmp_path / "report.md").is_file()

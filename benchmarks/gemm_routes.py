@@ -4,9 +4,10 @@ For every linear layer of the dense model and of the compacted one (magnitude ga
 `benchmarks/inference.py` at `--fraction`), times one `--rows` x in_features GEMM of its shape
 alone, through both CPU routes of `CompactLinear`, whatever `--rows`: BLAS (`compact_linear` with
 `torch.backends.mkldnn` disabled: rows written at an aligned stride, plain F.linear below 16 rows) and
-oneDNN (`onednn_linear`, x86 only), so that the row threshold of the oneDNN route can be checked. Prints, per role (q/k/v/o/gate/up/down), the dense and compacted
-times, their ratio, the FLOP ratio and their quotient: the GEMM efficiency of the compact shapes
-relative to the dense ones (1.0 = a compact GEMM runs at the dense FLOP rate).
+oneDNN (`onednn_linear`, x86 only), so that the row threshold of the oneDNN route can be checked. Prints, per
+role (q/k/v/o/gate/up/down), the dense and compacted times, their ratio, the FLOP ratio and their quotient:
+the GEMM efficiency of the compact shapes relative to the dense ones (1.0 = a compact GEMM runs at the dense
+FLOP rate).
 
     python benchmarks/gemm_routes.py --fraction 0.4
 """
@@ -37,13 +38,19 @@ def role_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, int]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
     parser.add_argument("--rows", type=int, default=256, help="rows of the GEMM input (tokens)")
-    parser.add_argument("--min-run-time", type=float, default=0.05, help="seconds of timing per shape and route")
+    parser.add_argument(
+        "--min-run-time", type=float, default=0.05, help="seconds of timing per shape and route"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # torch's, from mkldnn.flags
+    warnings.filterwarnings(
+        "ignore", message="TF32 acceleration on top of oneDNN"
+    )  # torch's, from mkldnn.flags
     dense = load_smollm2().eval()
     small = finegates.compress(prune(dense, args.fraction)).eval()
     times: dict[tuple[str, str, str], float] = defaultdict(float)  # (route, model, role) -> us
@@ -60,9 +67,15 @@ def main() -> None:
                     torch.testing.assert_close(linear(x, w, None), F.linear(x, w), atol=1e-3, rtol=1e-4)
                     times[route, label, role] += seconds(partial(linear, x, w, None), args.min_run_time) * 1e6
     roles = list(dict.fromkeys(r for _, _, r in times))
-    print(f"SmolLM2-135M, {args.fraction:.0%} removed (magnitude pattern), {args.rows} rows, 1 thread; ms summed over layers")
+    print(
+        f"SmolLM2-135M, {args.fraction:.0%} removed (magnitude pattern), {args.rows} rows, 1 thread; ms "
+        "summed over layers"
+    )
     for route in routes:
-        print(f"\n{route}\n\n| role | dense (ms) | compacted (ms) | time ratio | FLOP ratio | efficiency |\n|---|---|---|---|---|---|")
+        print(
+            f"\n{route}\n\n| role | dense (ms) | compacted (ms) | time ratio | FLOP ratio | efficiency |\n"
+            "|---|---|---|---|---|---|"
+        )
         for role in [*roles, "all"]:
             pick = roles if role == "all" else [role]
             d = sum(times[route, "dense", r] for r in pick) / 1e3

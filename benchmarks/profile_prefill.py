@@ -1,14 +1,15 @@
-"""Where the time of a SmolLM2-135M prefill (or decode) goes, dense vs compacted: torch.profiler, per operator.
+"""Where the time of a SmolLM2-135M prefill (or decode) goes, dense vs compacted: torch.profiler, per
+operator.
 
 The compacted model uses the magnitude gate pattern of `benchmarks/inference.py` at `--fraction`, or
 is a saved compacted folder (`--compacted`, e.g. the output of `finegates posttrain`).
 Prints, per model, the operators with the most self CPU time over `--passes` prefills of 1 x 256
 tokens, then the ratio of the main groups between the dense model with the compacted model's GEMM routes
-("dense, compact GEMMs", `use_compact_linears`) and the compacted model (matmuls, attention kernel, the gather,
-scatter and index operators that compaction adds). For the prefill it also prints a bound: the
-speedup over the same-GEMM dense model if the decoder GEMMs and the attention kernel shrank by their FLOP
-ratios (linear and attention FLOPs counted apart, `FlopCounterMode`) and every other operator (norms,
-residual adds, RoPE, activations, the last-token logits GEMV, timed apart) took its dense time; the FLOP ideal of
+("dense, compact GEMMs", `use_compact_linears`) and the compacted model (matmuls, attention kernel, the
+gather, scatter and index operators that compaction adds). For the prefill it also prints a bound: the speedup
+over the same-GEMM dense model if the decoder GEMMs and the attention kernel shrank by their FLOP ratios
+(linear and attention FLOPs counted apart, `FlopCounterMode`) and every other operator (norms, residual adds,
+RoPE, activations, the last-token logits GEMV, timed apart) took its dense time; the FLOP ideal of
 `benchmarks/inference.py` assumes those shrink too.
 
     python benchmarks/profile_prefill.py --fraction 0.4 --threads 1
@@ -31,7 +32,10 @@ from finegates.compress.linear import use_compact_linears
 
 DECODE_TOKENS = 16
 MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
-ATTENTION_KERNELS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
+ATTENTION_KERNELS = (
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_attention_math",
+)
 GROUPS = {
     "matmul (aten::mm, addmm, oneDNN linear)": MATMULS,
     "attention kernel": ATTENTION_KERNELS,
@@ -40,14 +44,21 @@ GROUPS = {
 
 
 def runner(model: torch.nn.Module, decode: bool) -> Callable[[], object]:
-    """One prefill of 1 x 256 tokens (last-token logits), or DECODE_TOKENS greedy tokens after a 32-token prompt."""
+    """One prefill of 1 x 256 tokens (last-token logits), or DECODE_TOKENS greedy tokens after a 32-token
+    prompt."""
     gen = torch.Generator().manual_seed(0)
     if not decode:
         ids = torch.randint(100, 40000, (1, 256), generator=gen)
         return lambda: model(input_ids=ids, logits_to_keep=1, use_cache=False)
     prompt = torch.randint(100, 40000, (1, 32), generator=gen)
-    return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=DECODE_TOKENS,
-                                  min_new_tokens=DECODE_TOKENS, do_sample=False, pad_token_id=0)
+    return lambda: model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=DECODE_TOKENS,
+        min_new_tokens=DECODE_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+    )
 
 
 def self_times(run: Callable[[], object], passes: int, per: int) -> tuple[dict[str, float], str]:
@@ -72,8 +83,13 @@ def group_flops(run: Callable[[], object], model: torch.nn.Module) -> tuple[int,
     return ops.get("aten.mm", 0) + ops.get("aten.addmm", 0), ops.get("aten.bmm", 0)
 
 
-def print_bound(same_gemm: dict[str, float], compacted: dict[str, float], dense_flops: tuple[int, int],
-                small_flops: tuple[int, int], logits_ms: float) -> None:
+def print_bound(
+    same_gemm: dict[str, float],
+    compacted: dict[str, float],
+    dense_flops: tuple[int, int],
+    small_flops: tuple[int, int],
+    logits_ms: float,
+) -> None:
     """The bound of the module docstring next to the FLOP ideal and the profiled speedup, from the
     profiles and (linear, attention) FLOPs of the same-GEMM dense and the compacted model; `logits_ms`
     is the time of the last-token logits GEMV, which the matmul group holds but which does not shrink."""
@@ -81,25 +97,47 @@ def print_bound(same_gemm: dict[str, float], compacted: dict[str, float], dense_
     gemm = sum(same_gemm.get(k, 0.0) for k in MATMULS) - logits_ms
     attention = sum(same_gemm.get(k, 0.0) for k in ATTENTION_KERNELS)
     total = sum(same_gemm.values())
-    bound_ms = gemm * small_linear / dense_linear + attention * small_attention / dense_attention + total - gemm - attention
+    bound_ms = (
+        gemm * small_linear / dense_linear
+        + attention * small_attention / dense_attention
+        + total
+        - gemm
+        - attention
+    )
     ideal = (dense_linear + dense_attention) / (small_linear + small_attention)
     bound, measured = total / bound_ms, total / sum(compacted.values())
-    print(f"\nFLOP ratios: linears {dense_linear / small_linear:.2f}x, attention {dense_attention / small_attention:.2f}x, "
-          f"all (the ideal) {ideal:.2f}x; logits GEMV {logits_ms:.1f} ms")
-    print(f"bound with the other operators at their dense time: {bound:.2f}x ({bound / ideal:.2f} of the ideal)")
-    print(f"profiled: {measured:.2f}x ({measured / ideal:.2f} of the ideal, {measured / bound:.2f} of the bound)")
+    print(
+        f"\nFLOP ratios: linears {dense_linear / small_linear:.2f}x, attention "
+        f"{dense_attention / small_attention:.2f}x, all (the ideal) {ideal:.2f}x; logits GEMV "
+        f"{logits_ms:.1f} ms"
+    )
+    print(
+        f"bound with the other operators at their dense time: {bound:.2f}x ({bound / ideal:.2f} of the ideal)"
+    )
+    print(
+        f"profiled: {measured:.2f}x ({measured / ideal:.2f} of the ideal, {measured / bound:.2f} of the "
+        "bound)"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
-    parser.add_argument("--compacted", default=None,
-                        help="a saved compacted SmolLM2 folder (e.g. runs/post/compressed) instead of the magnitude pattern")
+    parser.add_argument(
+        "--compacted",
+        default=None,
+        help="a saved compacted SmolLM2 folder (e.g. runs/post/compressed) instead of the magnitude pattern",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--decode", action="store_true",
-                        help=f"profile greedy decoding ({DECODE_TOKENS} tokens after a 32-token prompt, prompt "
-                             "included; figures per token) instead of the prefill")
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help=f"profile greedy decoding ({DECODE_TOKENS} tokens after a 32-token prompt, prompt "
+        "included; figures per token) instead of the prefill",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dense = load_smollm2().eval()
@@ -113,18 +151,31 @@ def main() -> None:
     same_gemm = use_compact_linears(copy.deepcopy(dense))
     unit = "token" if args.decode else "prefill"
     for name, model in (("dense", dense), ("dense, compact GEMMs", same_gemm), ("compacted", small)):
-        results[name], table = self_times(runner(model, args.decode), args.passes, DECODE_TOKENS if args.decode else 1)
+        results[name], table = self_times(
+            runner(model, args.decode), args.passes, DECODE_TOKENS if args.decode else 1
+        )
         print(f"\n{name}, ms per {unit} over {args.passes} passes, {args.threads} thread(s)\n{table}")
-    print("| operators | dense (ms) | dense, compact GEMMs (ms) | compacted (ms) | same-GEMM dense / compacted |\n"
-          "|---|---|---|---|---|")
+    print(
+        "| operators | dense (ms) | dense, compact GEMMs (ms) | compacted (ms) | same-GEMM dense / "
+        "compacted |\n|---|---|---|---|---|"
+    )
     for label, keys in {**GROUPS, "total": None}.items():
-        d, g, c = ((sum(r.values()) if keys is None else sum(r.get(k, 0.0) for k in keys)) for r in results.values())
+        d, g, c = (
+            (sum(r.values()) if keys is None else sum(r.get(k, 0.0) for k in keys)) for r in results.values()
+        )
         print(f"| {label} | {d:.0f} | {g:.0f} | {c:.0f} | " + (f"{g / c:.2f}x |" if c else "- |"))
     if not args.decode:
         with torch.inference_mode():
-            logits_ms = 1e3 * seconds(partial(same_gemm.lm_head, torch.randn(1, 1, same_gemm.config.hidden_size)), 0.5)
-        print_bound(results["dense, compact GEMMs"], results["compacted"], group_flops(runner(same_gemm, False), same_gemm),
-                    group_flops(runner(small, False), small), logits_ms)
+            logits_ms = 1e3 * seconds(
+                partial(same_gemm.lm_head, torch.randn(1, 1, same_gemm.config.hidden_size)), 0.5
+            )
+        print_bound(
+            results["dense, compact GEMMs"],
+            results["compacted"],
+            group_flops(runner(same_gemm, False), same_gemm),
+            group_flops(runner(small, False), small),
+            logits_ms,
+        )
 
 
 if __name__ == "__main__":

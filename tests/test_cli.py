@@ -173,11 +173,23 @@ def test_tiny_finetune_writes_config_metrics_report(tiny_run):
     correct = metrics["accuracy"]["gated"] * metrics["task"]["test_rows"]  # a count of test rows, not a guess
     assert correct == pytest.approx(round(correct)) and metrics["task"]["train_rows"] == 64
     report = (out / "report.md").read_text()
-    for heading in ("Budget", "Test accuracy", "Parameters removed", "Trainable parameters", "Latency", "Kept widths"):
+    for heading in (
+        "Budget",
+        "Test accuracy",
+        "Parameters removed",
+        "Trainable parameters",
+        "Latency",
+        "Kept widths",
+    ):
         assert heading in report
     budget = metrics["budget"]  # what training removed, beside what finalize made of it
-    assert budget["target"] == 0.3 and budget["removed_after_finalize"] == metrics["sparsity"]["removed_fraction"]
-    assert f"| 30.00% | {budget['removed_by_training']:.2%} | {budget['removed_after_finalize']:.2%} |" in report
+    assert (
+        budget["target"] == 0.3
+        and budget["removed_after_finalize"] == metrics["sparsity"]["removed_fraction"]
+    )
+    assert (
+        f"| 30.00% | {budget['removed_by_training']:.2%} | {budget['removed_after_finalize']:.2%} |" in report
+    )
     for name in (
         "training_curves.png",
         "kept_widths.png",
@@ -200,7 +212,10 @@ def test_report_of_several_runs_plots_the_tradeoff(tiny_run, tmp_path, capsys):
     """Several run folders: each report is re-rendered and tradeoff.md/.png list them by removed fraction."""
     out, _ = tiny_run
     runs = []
-    for removed, accuracy in ((0.6, 0.5), (0.2, 0.9)):  # a second and third run, as if trained at other targets
+    for removed, accuracy in (
+        (0.6, 0.5),
+        (0.2, 0.9),
+    ):  # a second and third run, as if trained at other targets
         run = tmp_path / f"removed-{removed}"
         shutil.copytree(out, run)
         metrics = json.loads((run / "metrics.json").read_text())
@@ -212,7 +227,9 @@ def test_report_of_several_runs_plots_the_tradeoff(tiny_run, tmp_path, capsys):
     assert printed.count("Report: ") == 3
     tradeoff = Path(printed.split("Trade-off: ")[1].strip())
     table = tradeoff.read_text()
-    assert table.index("removed-0.2") < table.index(str(out)) < table.index("removed-0.6")  # sorted by removed
+    assert (
+        table.index("removed-0.2") < table.index(str(out)) < table.index("removed-0.6")
+    )  # sorted by removed
     assert "| 0.9000 |" in table and (tradeoff.parent / "tradeoff.png").stat().st_size > 0
     assert main(["report", *map(str, runs), "--tradeoff-dir", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "tradeoff.md").is_file()
@@ -223,9 +240,17 @@ def test_tradeoff_refuses_runs_of_different_kinds(tiny_run, tmp_path):
     other = tmp_path / "posttrain"
     other.mkdir()
     sparsity = json.loads((out / "metrics.json").read_text())["sparsity"]
-    (other / "metrics.json").write_text(json.dumps(
-        {"sparsity": sparsity, "dense": {"perplexity": 20.0}, "compressed": {"perplexity": 25.0},
-         "prefill_speedup": 1.2, "decode_speedup": 1.1}))
+    (other / "metrics.json").write_text(
+        json.dumps(
+            {
+                "sparsity": sparsity,
+                "dense": {"perplexity": 20.0},
+                "compressed": {"perplexity": 25.0},
+                "prefill_speedup": 1.2,
+                "decode_speedup": 1.1,
+            }
+        )
+    )
     with pytest.raises(ValueError, match="measure different things"):
         render_tradeoff([out, other], tmp_path)
 
@@ -267,8 +292,16 @@ def test_evaluate_int8_quantized_compacted_model(tiny_run, tiny_run_inputs, tmp_
     """--quantize int8 evaluates torch's dynamically quantized copy: a close but not identical loss."""
     out, _ = tiny_run
     _, csv = tiny_run_inputs
-    argv = ["evaluate", "--model", str(out / "compressed"), "--task", str(csv), "--text-column", "sentence",
-            *["--label-column", "topic", "--max-length", "12", "--quiet"]]
+    argv = [
+        "evaluate",
+        "--model",
+        str(out / "compressed"),
+        "--task",
+        str(csv),
+        "--text-column",
+        "sentence",
+        *["--label-column", "topic", "--max-length", "12", "--quiet"],
+    ]
     results = {}
     for name, extra in (("float", []), ("int8", ["--quantize", "int8"])):
         assert main([*argv, *extra, "--output-file", str(tmp_path / f"{name}.json")]) == 0
@@ -283,13 +316,35 @@ def test_evaluate_int8_quantized_compacted_model(tiny_run, tiny_run_inputs, tmp_
 def test_dense_baseline_is_saved_and_reloads(tiny_run_inputs, tmp_path):
     model_dir, csv = tiny_run_inputs
     out = tmp_path / "run"
-    argv = [*_tiny_argv(model_dir, csv), "--output-dir", str(out), "--epochs", "1", "--validation-size", "0",
-            "--no-benchmark", "--dense-baseline"]
+    argv = [
+        *_tiny_argv(model_dir, csv),
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--validation-size",
+        "0",
+        "--no-benchmark",
+        "--dense-baseline",
+    ]
     assert main(argv) == 0
     dense = json.loads((out / "metrics.json").read_text())["accuracy"]["dense_baseline"]
     result = tmp_path / "dense.json"
-    assert main(["evaluate", "--model", str(out / "dense"), "--task", str(csv), "--text-column", "sentence",
-                 *f"--label-column topic --max-length 12 --quiet --output-file {result}".split()]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(out / "dense"),
+                "--task",
+                str(csv),
+                "--text-column",
+                "sentence",
+                *f"--label-column topic --max-length 12 --quiet --output-file {result}".split(),
+            ]
+        )
+        == 0
+    )
     assert json.loads(result.read_text())["test_accuracy"] == pytest.approx(dense)
 
 
@@ -304,8 +359,20 @@ def test_report_to_tensorboard_logs_the_sparsity_curves(tiny_run_inputs, tmp_pat
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     out = tmp_path / "run"
-    argv = [*_tiny_argv(*tiny_run_inputs), "--output-dir", str(out), "--epochs", "1", "--validation-size", "0",
-            "--no-benchmark", "--logging-steps", "2", "--report-to", "tensorboard"]
+    argv = [
+        *_tiny_argv(*tiny_run_inputs),
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--validation-size",
+        "0",
+        "--no-benchmark",
+        "--logging-steps",
+        "2",
+        "--report-to",
+        "tensorboard",
+    ]
     assert main(argv) == 0
     (folder,) = {path.parent for path in out.glob("checkpoints/runs/*/events.out.tfevents.*")}
     events = EventAccumulator(str(folder))

@@ -16,10 +16,16 @@ def captured(monkeypatch):
         def run(*configs):
             seen[name] = configs
             return result
+
         return run
 
-    lm = {"dense": {"perplexity": 2.0}, "compressed": {"perplexity": 2.5}, "gated": {"perplexity": 2.5},
-          "sparsity": {"removed_fraction": 0.3}, "prefill_speedup": 1.2}
+    lm = {
+        "dense": {"perplexity": 2.0},
+        "compressed": {"perplexity": 2.5},
+        "gated": {"perplexity": 2.5},
+        "sparsity": {"removed_fraction": 0.3},
+        "prefill_speedup": 1.2,
+    }
     monkeypatch.setattr(posttrain, "posttrain", fake("posttrain", lm))
     monkeypatch.setattr(pretrain, "pretrain", fake("pretrain", lm))
     monkeypatch.setattr(compare, "compare", fake("compare", []))
@@ -31,7 +37,12 @@ def test_posttrain_uses_its_gate_defaults_and_flags_override(captured):
     run, gates = captured["posttrain"]
     assert run.max_steps == 7 and gates.target_sparsity == 0.2
     # warm-up and gate lr follow the run's length (set by the trainer), unless a flag names them
-    assert gates.bias == "none" and gates.modules_to_save == [] and gates.gate_lr is None and gates.warmup_steps is None
+    assert (
+        gates.bias == "none"
+        and gates.modules_to_save == []
+        and gates.gate_lr is None
+        and gates.warmup_steps is None
+    )
     assert cli.main(["posttrain", "--gate-lr", "0.05", "--warmup-steps", "3"]) == 0
     assert (captured["posttrain"][1].gate_lr, captured["posttrain"][1].warmup_steps) == (0.05, 3)
 
@@ -78,8 +89,12 @@ def test_compress_command_compacts_a_saved_adapter(tmp_path):
     small = AutoModelForSequenceClassification.from_pretrained(tmp_path / "small").eval()
     ids = tiny_inputs()
     with torch.no_grad():
-        torch.testing.assert_close(small(input_ids=ids).logits, gated(input_ids=ids).logits, atol=1e-5, rtol=0)
-    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in tiny_model("bert").parameters())
+        torch.testing.assert_close(
+            small(input_ids=ids).logits, gated(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
+    assert sum(p.numel() for p in small.parameters()) < sum(
+        p.numel() for p in tiny_model("bert").parameters()
+    )
     assert cli.main(["compress", "--gates", str(tmp_path), "--output-dir", str(tmp_path / "x")]) == 2
 
 
@@ -98,7 +113,9 @@ def test_compress_a_run_whose_head_differs_from_the_base(tmp_path, capsys):
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nb")
     BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(base_dir)
     tiny_model("bert").save_pretrained(base_dir)  # 2 labels
-    three = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3, ignore_mismatched_sizes=True)
+    three = AutoModelForSequenceClassification.from_pretrained(
+        base_dir, num_labels=3, ignore_mismatched_sizes=True
+    )
     gated = finegates.get_gated_model(three)
     run = tmp_path / "run"
     finegates.save_gates(gated.eval(), run / "gates")
@@ -106,8 +123,9 @@ def test_compress_a_run_whose_head_differs_from_the_base(tmp_path, capsys):
     assert cli.main(["compress", "--gates", str(run / "gates"), "--output-dir", str(tmp_path / "small")]) == 0
     small = AutoModelForSequenceClassification.from_pretrained(tmp_path / "small").eval()
     with torch.no_grad():
-        torch.testing.assert_close(small(input_ids=tiny_inputs()).logits, gated(input_ids=tiny_inputs()).logits,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            small(input_ids=tiny_inputs()).logits, gated(input_ids=tiny_inputs()).logits, atol=1e-5, rtol=0
+        )
     adapter = run / "gates" / WEIGHTS_NAME
     adapter.write_bytes(adapter.read_bytes()[:200])
     assert cli.main(["compress", "--gates", str(run / "gates"), "--output-dir", str(tmp_path / "x")]) == 2
@@ -120,8 +138,19 @@ def test_bench_times_a_checkpoint_against_its_base(tmp_path, capsys):
 
     tiny_model("bert").save_pretrained(tmp_path / "a")
     tiny_model("bert", seed=1).save_pretrained(tmp_path / "b")
-    argv = ["bench", "--model", str(tmp_path / "b"), "--base-model", str(tmp_path / "a"), "--batch-size", "2",
-            "--length", "8", "--repeats", "2"]
+    argv = [
+        "bench",
+        "--model",
+        str(tmp_path / "b"),
+        "--base-model",
+        str(tmp_path / "a"),
+        "--batch-size",
+        "2",
+        "--length",
+        "8",
+        "--repeats",
+        "2",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "dense" in out and "checkpoint" in out
@@ -140,8 +169,21 @@ def test_bench_decodes_causal_lms_with_the_kv_cache(tmp_path, capsys):
     small = finegates.compress(gated.eval())
     small.config.use_cache = False  # as a Trainer-trained config may say: decode still uses the cache
     small.save_pretrained(tmp_path / "small")
-    argv = ["bench", "--model", str(tmp_path / "small"), "--base-model", str(tmp_path / "dense"), "--batch-size", "1",
-            "--length", "8", "--repeats", "1", "--decode-tokens", "4"]
+    argv = [
+        "bench",
+        "--model",
+        str(tmp_path / "small"),
+        "--base-model",
+        str(tmp_path / "dense"),
+        "--batch-size",
+        "1",
+        "--length",
+        "8",
+        "--repeats",
+        "1",
+        "--decode-tokens",
+        "4",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "decode 4 tokens (KV cache)" in out
@@ -156,5 +198,17 @@ def test_bench_decodes_causal_lms_with_the_kv_cache(tmp_path, capsys):
     # one token per decoding step; without the cache the later steps would embed 17, 18, ... tokens
     assert steps.count(16) == 4 and steps.count(1) == 2 * 4 and set(steps) == {1, 16}
     tiny_model("bert").save_pretrained(tmp_path / "bert")
-    assert cli.main(["bench", "--model", str(tmp_path / "bert"), "--base-model", str(tmp_path / "bert"),
-                     "--decode-tokens", "4"]) == 2  # an encoder cannot generate: a clear error
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--model",
+                str(tmp_path / "bert"),
+                "--base-model",
+                str(tmp_path / "bert"),
+                "--decode-tokens",
+                "4",
+            ]
+        )
+        == 2
+    )  # an encoder cannot generate: a clear error

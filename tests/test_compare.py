@@ -19,8 +19,14 @@ def tiny_task(tmp_path_factory):
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
     model_dir = root / "model"
     BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(model_dir)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-                        vocab_size=len(WORDS) + 5, max_position_embeddings=32)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        vocab_size=len(WORDS) + 5,
+        max_position_embeddings=32,
+    )
     BertForSequenceClassification(config).save_pretrained(model_dir)
     rng = random.Random(0)
     rows = [(rng.choice(["oil", "stock"]), rng.choices(WORDS, k=5)) for _ in range(60)]
@@ -32,10 +38,20 @@ def test_compare_methods_then_resume(tiny_task, tmp_path):
     """Three methods (one needing the dense teacher); every method's training is tested in test_baselines."""
     model_dir, csv = tiny_task
     methods = ["full", "finegates", "squarehead"]
-    cfg = CompareConfig(model=str(model_dir), task=str(csv), text_column="sentence", label_column="topic",
-                        methods=methods,
-                        sparsity=[0.3], max_train_samples=32, max_test_samples=16, max_length=12, batch_size=8,
-                        epochs=1, output_dir=str(tmp_path))
+    cfg = CompareConfig(
+        model=str(model_dir),
+        task=str(csv),
+        text_column="sentence",
+        label_column="topic",
+        methods=methods,
+        sparsity=[0.3],
+        max_train_samples=32,
+        max_test_samples=16,
+        max_length=12,
+        batch_size=8,
+        epochs=1,
+        output_dir=str(tmp_path),
+    )
     rows = compare(cfg)
     assert {r["method"] for r in rows} == set(methods)
     by_method = {r["method"]: r for r in rows}
@@ -48,8 +64,12 @@ def test_compare_methods_then_resume(tiny_task, tmp_path):
     assert 0.25 < csr["layer_sparsity"] < 0.35 and csr["csr_ms"] > 0 and "CSR matmul" in table
     assert (tmp_path / "teacher" / "config.json").is_file()
     assert not (tmp_path / "results" / "teacher@-.json").exists()  # the full run is the teacher: trained once
-    assert all(r["wall_s"] > 0 and r["dense_latency_b32_s"] > 0 for r in rows)  # dense timed beside each method
-    assert all(f"{r['speedup_b32']:.2f}x |" in table for r in rows)  # the paired ratio is what the table shows
+    assert all(
+        r["wall_s"] > 0 and r["dense_latency_b32_s"] > 0 for r in rows
+    )  # dense timed beside each method
+    assert all(
+        f"{r['speedup_b32']:.2f}x |" in table for r in rows
+    )  # the paired ratio is what the table shows
     assert (tmp_path / "pareto.png").stat().st_size > 0
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.json")}
     compare(cfg)  # everything is on disk: nothing reruns

@@ -54,7 +54,7 @@ def theta(block: Block, role: str, axis: str) -> torch.Tensor:
     if role in ("q", "k", "v") and block.has("qkv"):
         rows = block.modules["qkv"][1].row_gate.theta.data
         size = block.shape.num_heads * block.shape.head_dim
-        return rows[{"q": 0, "k": 1, "v": 2}[role] * size:][:size]
+        return rows[{"q": 0, "k": 1, "v": 2}[role] * size :][:size]
     return getattr(block.modules[role][1], f"{axis}_gate").theta.data
 
 
@@ -124,8 +124,10 @@ def random_pattern(seed: int, p_closed: float = 0.3, p_fractional: float = 0.2) 
             for gate in layer.gates().values():
                 u = torch.rand(gate.theta.shape, generator=gen)
                 frac = torch.empty_like(u).uniform_(-0.5, 0.6, generator=gen)
-                gate.theta.data.copy_(torch.where(u < p_closed, CLOSED, torch.where(u < p_closed + p_fractional,
-                                                                                     frac, OPEN)))
+                gate.theta.data.copy_(
+                    torch.where(u < p_closed, CLOSED, torch.where(u < p_closed + p_fractional, frac, OPEN))
+                )
+
     return apply
 
 
@@ -231,8 +233,24 @@ def test_qk_dims_closed_in_whole_groups_leave(arch_name):
         assert block.qk_dims == 6  # 8 - one pair, in every KV group
 
 
-@pytest.mark.parametrize(("size", "kernel"), [(8, 8), (9, 9), (10, 10), (11, 16), (15, 16), (33, 33), (34, 34), (35, 40),
-                                                 (42, 42), (52, 56), (57, 57), (61, 64), (64, 64)])
+@pytest.mark.parametrize(
+    ("size", "kernel"),
+    [
+        (8, 8),
+        (9, 9),
+        (10, 10),
+        (11, 16),
+        (15, 16),
+        (33, 33),
+        (34, 34),
+        (35, 40),
+        (42, 42),
+        (52, 56),
+        (57, 57),
+        (61, 64),
+        (64, 64),
+    ],
+)
 def test_fused_kernels_get_head_sizes_rounded_to_multiples_of_8(size, kernel):
     assert kernel_head_size(size) == kernel
 
@@ -243,7 +261,7 @@ def test_heads_padded_for_the_fused_kernel_attend_exactly():
     padded = _pad_head_dims(q, k, v, kernel_head_size(6))
     assert [t.shape[-1] for t in padded] == [8, 8, 8]
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    out = torch.nn.functional.scaled_dot_product_attention(*padded, is_causal=True, scale=6 ** -0.5)
+    out = torch.nn.functional.scaled_dot_product_attention(*padded, is_causal=True, scale=6**-0.5)
     torch.testing.assert_close(out[..., :5], expected, atol=ATOL, rtol=0)
     assert out[..., 5:].abs().max() == 0
 
@@ -256,7 +274,9 @@ def test_rope_table_columns_follow_the_index_buffers():
     def one_pair_per_kv_head(model):  # KV head 0 loses pair 0, KV head 1 pair 1: both keep 3 of 4 pairs
         for block in find_blocks(model):
             half = block.shape.head_dim // 2
-            theta(block, "k", "row")[head_dims(block, [0], [0, half]) + head_dims(block, [1], [1, half + 1])] = CLOSED
+            theta(block, "k", "row")[
+                head_dims(block, [0], [0, half]) + head_dims(block, [1], [1, half + 1])
+            ] = CLOSED
 
     model = patterned("llama", one_pair_per_kv_head)
     small = compress(model)
@@ -291,7 +311,9 @@ def test_output_attentions_are_those_of_the_kept_heads(arch):
     torch.testing.assert_close(compact[1], reference[1], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("pattern", ["random", "irregular_groups", "kv_group_closed", "rope_pairs_half_closed"])
+@pytest.mark.parametrize(
+    "pattern", ["random", "irregular_groups", "kv_group_closed", "rope_pairs_half_closed"]
+)
 @pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if is_causal(a)])
 def test_greedy_generation_is_identical(arch, pattern):
     model = patterned(arch, PATTERNS[pattern])
@@ -337,8 +359,12 @@ def test_compacted_model_traces_as_one_graph(arch):
 
 
 @settings(max_examples=12, deadline=None)
-@given(arch=st.sampled_from(ARCHITECTURES), seed=st.integers(0, 10_000),
-       p_closed=st.floats(0.0, 0.9), p_fractional=st.floats(0.0, 0.1))
+@given(
+    arch=st.sampled_from(ARCHITECTURES),
+    seed=st.integers(0, 10_000),
+    p_closed=st.floats(0.0, 0.9),
+    p_fractional=st.floats(0.0, 0.1),
+)
 def test_random_gate_patterns_compact_exactly(arch, seed, p_closed, p_fractional):
     model = patterned(arch, random_pattern(seed, p_closed, p_fractional), seed=seed % 3)
     small = compress(model)
@@ -369,7 +395,10 @@ def test_int8_quantization_of_the_compacted_model():
     kinds = {type(m) for m in small.modules()}
     assert torch.ao.nn.quantized.dynamic.Linear in kinds and torch.nn.Linear not in kinds
     ids, mask = padded_batch()
-    (logits, hidden), (reference_logits, reference_hidden) = outputs(small, ids, mask), outputs(model, ids, mask)
+    (logits, hidden), (reference_logits, reference_hidden) = (
+        outputs(small, ids, mask),
+        outputs(model, ids, mask),
+    )
 
     def relative_error(a, b):  # scale-free: a zero or random output scores ~1, int8 rounding ~1e-4 / ~2e-2
         return ((a - b).norm() / b.norm()).item()
@@ -408,8 +437,13 @@ def test_saved_model_reloads_in_a_fresh_process(tmp_path):
             out = small(input_ids=ids, output_hidden_states=True)
         expected[folder] = (type(small).__name__, out.logits, out.hidden_states[-1])
         torch.testing.assert_close(outputs(load_compressed(folder), ids, None)[0], out.logits, atol=0, rtol=0)
-    run = subprocess.run([sys.executable, "-c", _RELOAD, json.dumps(jobs)], capture_output=True, text=True,
-                         timeout=300, check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", _RELOAD, json.dumps(jobs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     for folder, (name, logits, hidden) in expected.items():
@@ -445,24 +479,56 @@ def _widen_first_linear(config: dict) -> None:
 
 DAMAGE = {
     "missing tensor": (lambda f: _edit_weights(f, lambda t: t.pop(_key(t, "mlp.up_proj"))), "missing_keys"),
-    "wrong shape": (lambda f: _edit_weights(f, lambda t: t.update(
-        {_key(t, "down_proj.linear.weight"): torch.zeros(2, 2)})), "mismatched_keys"),
+    "wrong shape": (
+        lambda f: _edit_weights(
+            f, lambda t: t.update({_key(t, "down_proj.linear.weight"): torch.zeros(2, 2)})
+        ),
+        "mismatched_keys",
+    ),
     "truncated file": (_truncate, "cannot load"),
     "no weights file": (lambda f: (f / "model.safetensors").unlink(), "cannot load"),
     "config disagrees": (lambda f: _edit_config(f, _widen_first_linear), "mismatched_keys"),
-    "config entry damaged": (lambda f: _edit_config(f, lambda c: c["finegates_compact"]["attention"].update(
-        {"layers.0.self_attn": {"num_heads": 2}})), "finegates_compact is invalid"),
-    "index out of range": (lambda f: _edit_weights(f, lambda t: t.update(
-        {_key(t, "kv_index"): t[_key(t, "kv_index")] + 9})), "outside"),
-    "not a compacted model": (lambda f: _edit_config(f, lambda c: c.update(model_type="llama")), "not a FineGates"),
-    "finegates section removed": (lambda f: _edit_config(f, lambda c: c.pop("finegates_compact")), "finegates_compact"),
-    "qk_dim changed": (lambda f: _edit_config(f, lambda c: c["finegates_compact"]["attention"]["layers.0.self_attn"]
-                                              .update(qk_dim=2)), "rope_dims"),
-    "scatter_to out of range": (lambda f: _edit_config(f, _widen_scatter), "scatter_to is 40, but the residual"),
-    "fewer layers": (lambda f: _edit_config(f, lambda c: c.update(num_hidden_layers=1)), "does not fit the model"),
-    "NaN weight": (lambda f: _edit_weights(f, lambda t: next(v for k, v in sorted(t.items()) if "up_proj" in k and
-                                                              v.is_floating_point()).fill_(float("nan"))),
-                   "up_proj.* holds NaN or infinite"),
+    "config entry damaged": (
+        lambda f: _edit_config(
+            f, lambda c: c["finegates_compact"]["attention"].update({"layers.0.self_attn": {"num_heads": 2}})
+        ),
+        "finegates_compact is invalid",
+    ),
+    "index out of range": (
+        lambda f: _edit_weights(f, lambda t: t.update({_key(t, "kv_index"): t[_key(t, "kv_index")] + 9})),
+        "outside",
+    ),
+    "not a compacted model": (
+        lambda f: _edit_config(f, lambda c: c.update(model_type="llama")),
+        "not a FineGates",
+    ),
+    "finegates section removed": (
+        lambda f: _edit_config(f, lambda c: c.pop("finegates_compact")),
+        "finegates_compact",
+    ),
+    "qk_dim changed": (
+        lambda f: _edit_config(
+            f, lambda c: c["finegates_compact"]["attention"]["layers.0.self_attn"].update(qk_dim=2)
+        ),
+        "rope_dims",
+    ),
+    "scatter_to out of range": (
+        lambda f: _edit_config(f, _widen_scatter),
+        "scatter_to is 40, but the residual",
+    ),
+    "fewer layers": (
+        lambda f: _edit_config(f, lambda c: c.update(num_hidden_layers=1)),
+        "does not fit the model",
+    ),
+    "NaN weight": (
+        lambda f: _edit_weights(
+            f,
+            lambda t: next(v for k, v in sorted(t.items()) if "up_proj" in k and v.is_floating_point()).fill_(
+                float("nan")
+            ),
+        ),
+        "up_proj.* holds NaN or infinite",
+    ),
 }
 
 
@@ -550,8 +616,9 @@ def test_uniform_export_loads_without_finegates(tmp_path):
     stock.save_pretrained(tmp_path)
     ids = tiny_inputs()
     job = json.dumps([str(tmp_path), "causal", ids.tolist()])
-    run = subprocess.run([sys.executable, "-c", _STOCK_RELOAD, job], capture_output=True, text=True, timeout=300,
-                         check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", _STOCK_RELOAD, job], capture_output=True, text=True, timeout=300, check=False
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     name, logits = json.loads(run.stdout.strip().splitlines()[-1])
     assert name == "LlamaForCausalLM"

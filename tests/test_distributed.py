@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) end with identical gates, equal to one process at the same global batch."""
+"""Two CPU processes (torchrun, gloo) end with identical gates, equal to one process at the same global
+batch."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     assert one.keys() == rank0.keys() == rank1.keys()
     for name in one:
         torch.testing.assert_close(rank0[name], rank1[name], atol=0, rtol=0, msg=f"ranks differ: {name}")
-        torch.testing.assert_close(rank0[name], one[name], atol=1e-5, rtol=1e-5, msg=f"1 vs 2 processes: {name}")
+        torch.testing.assert_close(
+            rank0[name], one[name], atol=1e-5, rtol=1e-5, msg=f"1 vs 2 processes: {name}"
+        )
     # the budget took part on every rank alike: the projection closed gates (the counters are compared above)
     assert one["finegates_controller.projected_closed"].item() > 0

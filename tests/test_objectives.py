@@ -27,8 +27,10 @@ def test_paper_objective_matches_a_hand_computation():
 
 
 def test_paper_loss_of_one_layer_by_numbers():
-    model = get_gated_model(tiny_model("bert"), GatesConfig(objective="paper", target_sparsity=0.5,
-                                                            target_modules=["layer.0.attention.self.query"]))
+    model = get_gated_model(
+        tiny_model("bert"),
+        GatesConfig(objective="paper", target_sparsity=0.5, target_modules=["layer.0.attention.self.query"]),
+    )
     layer = model.bert.encoder.layer[0].attention.self.query
     with torch.no_grad():
         layer.row_gate.theta.fill_(0.0)  # P = Phi(1) for every row
@@ -41,14 +43,21 @@ def _small_model(name: str) -> torch.nn.Module:
     """Twice the fixture's width: at hidden size 32 a single gate can carry 5% of the parameters (a whole
     head's last dim), coarser than the 0.02 band the step response is held to."""
     torch.manual_seed(0)
-    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-             "vocab_size": 99}
+    sizes = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "vocab_size": 99,
+    }
     if name == "bert":
         return BertForSequenceClassification(BertConfig(**sizes, num_labels=3))
     return LlamaForCausalLM(LlamaConfig(**sizes, num_key_value_heads=2))
 
 
-def _step_response(name: str, target: float, steps: int, **gates) -> tuple[list[tuple[float, float]], int, torch.nn.Module]:
+def _step_response(
+    name: str, target: float, steps: int, **gates
+) -> tuple[list[tuple[float, float]], int, torch.nn.Module]:
     """Train a tiny model to `target` with budget_step after every optimizer step, as FineGatesTrainer
     does; returns (warmed-up target, exact removed fraction) after every step, the warm-up and the model."""
     model = get_gated_model(_small_model(name), GatesConfig(target_sparsity=target, **gates))
@@ -64,7 +73,12 @@ def _step_response(name: str, target: float, steps: int, **gates) -> tuple[list[
         loss.backward()
         optimizer.step()
         finegates.budget_step(model)
-        trace.append((ctrl.target(target, model.finegates_config.warmup_steps), sparsity_report(model).removed_fraction))
+        trace.append(
+            (
+                ctrl.target(target, model.finegates_config.warmup_steps),
+                sparsity_report(model).removed_fraction,
+            )
+        )
     return trace, model.finegates_config.warmup_steps, model
 
 
@@ -100,7 +114,9 @@ def test_gates_stay_in_their_bounded_range():
         model.bert.encoder.layer[0].attention.self.query.row_gate.theta.fill_(7.0)
     finegates.budget_step(model)
     bound = model.finegates_config.param_bound * math.atanh(0.5)
-    assert max(float(g.theta.detach().abs().max()) for g in finegates.model.all_gates(model)) == pytest.approx(bound)
+    assert max(
+        float(g.theta.detach().abs().max()) for g in finegates.model.all_gates(model)
+    ) == pytest.approx(bound)
 
 
 def test_the_reference_gates_train_with_the_paper_loss():
@@ -139,7 +155,9 @@ def test_a_warmup_longer_than_the_run_is_refused():
 
 
 def test_multipliers_rise_while_the_budget_is_missed():
-    model = get_gated_model(tiny_model("bert"), GatesConfig(target_sparsity=0.5, warmup_steps=0, budget_tolerance=None))
+    model = get_gated_model(
+        tiny_model("bert"), GatesConfig(target_sparsity=0.5, warmup_steps=0, budget_tolerance=None)
+    )
     optimizer = torch.optim.SGD(optimizer_param_groups(model, gate_lr=0.1), lr=0.1)
     sparsity_loss(model).backward()
     optimizer.step()
@@ -184,7 +202,6 @@ def test_expected_sparsity_equals_the_exact_fraction_for_binary_gates():
     assert value.item() == pytest.approx(sparsity_report(model).removed_fraction)
     value.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-
 
 
 def test_gating_and_the_run_schedule_leave_the_callers_config_alone():

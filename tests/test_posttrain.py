@@ -53,23 +53,39 @@ def test_choice_logprob_scores_only_the_choice_tokens():
 
 def test_posttrain_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(workflow, "load_causal_lm", lambda name: (tiny_model("llama"), _CharTokenizer()))
-    monkeypatch.setattr(workflow, "load_text_corpus", lambda name, column="text": ["the quick brown fox jumps " * 8] * 20)
+    monkeypatch.setattr(
+        workflow, "load_text_corpus", lambda name, column="text": ["the quick brown fox jumps " * 8] * 20
+    )
     items = [MultipleChoiceItem("q?", ["yes", "no"], 0)] * 3
     monkeypatch.setattr(workflow, "load_multiple_choice", lambda name, fields=None: items)
-    cfg = workflow.PosttrainConfig(model="tiny", seq_len=16, batch_size=4, max_steps=12, eval_blocks=4,
-                                   output_dir=str(tmp_path), quiet=True, zero_shot_items=3)
+    cfg = workflow.PosttrainConfig(
+        model="tiny",
+        seq_len=16,
+        batch_size=4,
+        max_steps=12,
+        eval_blocks=4,
+        output_dir=str(tmp_path),
+        quiet=True,
+        zero_shot_items=3,
+    )
     gates = GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[], gate_lr=0.05, warmup_steps=4)
     metrics = workflow.posttrain(cfg, gates)
     assert metrics["trainable_params"] == sum(
-        layer.in_features + layer.out_features for layer in workflow.get_gated_model(tiny_model("llama")).modules()
+        layer.in_features + layer.out_features
+        for layer in workflow.get_gated_model(tiny_model("llama")).modules()
         if hasattr(layer, "row_gate")
     )
     assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
     # the compacted model computes what the gated model computes
     assert metrics["compressed"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
     assert metrics["compressed"]["piqa_accuracy"] == metrics["gated"]["piqa_accuracy"]
-    for name in ("run_config.json", "metrics.json", "report.md", "gates/finegates_config.json",
-                 "compressed/config.json"):
+    for name in (
+        "run_config.json",
+        "metrics.json",
+        "report.md",
+        "gates/finegates_config.json",
+        "compressed/config.json",
+    ):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "run_config.json").read_text())["gates"]["target_sparsity"] == 0.3
     table = render_tradeoff([tmp_path], tmp_path / "tradeoff").read_text()
@@ -80,18 +96,37 @@ def test_posttrain_runs_end_to_end(tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", ["magnitude", "magnitude+lora", "importance", "importance+lora"])
 def test_posttrain_one_shot_baselines(method, tmp_path, monkeypatch):
     monkeypatch.setattr(workflow, "load_causal_lm", lambda name: (tiny_model("llama"), _CharTokenizer()))
-    monkeypatch.setattr(workflow, "load_text_corpus", lambda name, column="text": ["the quick brown fox jumps " * 8] * 20)
-    monkeypatch.setattr(workflow, "load_multiple_choice", lambda name, fields=None: [MultipleChoiceItem("q?", ["yes", "no"], 0)])
-    cfg = workflow.PosttrainConfig(model="tiny", method=method, seq_len=16, batch_size=4, max_steps=6, eval_blocks=4,
-                                   output_dir=str(tmp_path), quiet=True)
+    monkeypatch.setattr(
+        workflow, "load_text_corpus", lambda name, column="text": ["the quick brown fox jumps " * 8] * 20
+    )
+    monkeypatch.setattr(
+        workflow,
+        "load_multiple_choice",
+        lambda name, fields=None: [MultipleChoiceItem("q?", ["yes", "no"], 0)],
+    )
+    cfg = workflow.PosttrainConfig(
+        model="tiny",
+        method=method,
+        seq_len=16,
+        batch_size=4,
+        max_steps=6,
+        eval_blocks=4,
+        output_dir=str(tmp_path),
+        quiet=True,
+    )
     metrics = workflow.posttrain(cfg, GatesConfig(target_sparsity=0.3))
     assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
     small = load_compressed(tmp_path / "compressed")
-    assert sum(p.numel() for p in small.parameters()) == metrics["model_params"] - metrics["sparsity"]["model_removed"]
+    assert (
+        sum(p.numel() for p in small.parameters())
+        == metrics["model_params"] - metrics["sparsity"]["model_removed"]
+    )
     assert (metrics["trainable_params"] > 0) == method.endswith("+lora")  # only the recovery LoRA trains
     dense, small = metrics["dense"], metrics["compressed"]
     assert metrics["prefill_speedup"] == pytest.approx(dense["prefill_s"] / small["prefill_s"])
-    assert metrics["decode_speedup"] == pytest.approx(small["decode_tokens_per_s"] / dense["decode_tokens_per_s"])
+    assert metrics["decode_speedup"] == pytest.approx(
+        small["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+    )
     assert f"({method})" in (tmp_path / "report.md").read_text()
 
 
@@ -105,13 +140,26 @@ def test_posttrain_on_the_users_own_files_with_distillation(tmp_path, monkeypatc
     itself removes the target (no warning), the log carries the distillation term, the report says both."""
     monkeypatch.setattr(workflow, "load_causal_lm", lambda name: (tiny_model("llama"), _CharTokenizer()))
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"document {i}: the quick brown fox jumps over the lazy dog" * 3 for i in range(20)))
+    corpus.write_text(
+        "\n\n".join(f"document {i}: the quick brown fox jumps over the lazy dog" * 3 for i in range(20))
+    )
     quiz = tmp_path / "quiz.jsonl"
     quiz.write_text("\n".join(json.dumps({"q": f"q{i}", "opts": ["yes", "no"], "a": "no"}) for i in range(3)))
     cfg = workflow.PosttrainConfig(
-        model="tiny", text=str(corpus), zero_shot=str(quiz), zero_shot_question_field="q",
-        zero_shot_choices_field="opts", zero_shot_answer_field="a", seq_len=16, batch_size=4, max_steps=40,
-        eval_blocks=4, output_dir=str(tmp_path / "run"), quiet=True, distill=True, distill_hidden_weight=1.0,
+        model="tiny",
+        text=str(corpus),
+        zero_shot=str(quiz),
+        zero_shot_question_field="q",
+        zero_shot_choices_field="opts",
+        zero_shot_answer_field="a",
+        seq_len=16,
+        batch_size=4,
+        max_steps=40,
+        eval_blocks=4,
+        output_dir=str(tmp_path / "run"),
+        quiet=True,
+        distill=True,
+        distill_hidden_weight=1.0,
     )
     metrics = workflow.posttrain(cfg, GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[]))
     budget = metrics["budget"]
@@ -125,7 +173,9 @@ def test_posttrain_on_the_users_own_files_with_distillation(tmp_path, monkeypatc
 
 
 def test_bad_user_data_fails_before_the_run_folder_is_touched(tmp_path):
-    cfg = workflow.PosttrainConfig(model="tiny", text=str(tmp_path / "missing.txt"), output_dir=str(tmp_path / "run"))
+    cfg = workflow.PosttrainConfig(
+        model="tiny", text=str(tmp_path / "missing.txt"), output_dir=str(tmp_path / "run")
+    )
     with pytest.raises(ValueError, match="missing.txt does not exist"):
         workflow.posttrain(cfg)
     assert not (tmp_path / "run").exists()

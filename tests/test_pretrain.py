@@ -23,9 +23,20 @@ def test_gate_start_must_fall_inside_the_run():
 def test_pretrain_compares_dense_and_gated(tmp_path, monkeypatch):
     text = "pack my box with five dozen liquor jugs. "
     monkeypatch.setattr(workflow, "load_text_corpus", lambda name: [text * 6] * 12)
-    cfg = workflow.PretrainConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
-                                  seq_len=32, batch_size=8, max_steps=40, gate_start_step=10, learning_rate=3e-3,
-                                  output_dir=str(tmp_path), quiet=True)
+    cfg = workflow.PretrainConfig(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+        seq_len=32,
+        batch_size=8,
+        max_steps=40,
+        gate_start_step=10,
+        learning_rate=3e-3,
+        output_dir=str(tmp_path),
+        quiet=True,
+    )
     gates = GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[], gate_lr=0.05, warmup_steps=10)
     metrics = workflow.pretrain(cfg, gates)
     first = {k: metrics[k]["log_history"][0]["loss"] for k in ("dense", "gated")}

@@ -1,4 +1,5 @@
-"""Run folders: never two runs in one, never a run half-replaced, a killed run resumable from a complete checkpoint."""
+"""Run folders: never two runs in one, never a run half-replaced, a killed run resumable from a complete
+checkpoint."""
 
 from __future__ import annotations
 

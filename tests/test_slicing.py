@@ -131,9 +131,12 @@ def test_onednn_route_is_taken_and_stays_visible_to_flop_counting():
 
 
 def test_use_compact_linears_switches_plain_linears_only():
-    special = nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4)  # an nn.Linear subclass with its own role
-    model = nn.Sequential(nn.Linear(4, 4), ResidualLinear(nn.Linear(4, 2), None, torch.tensor([0, 2]), out_full=3),
-                          special)
+    special = nn.modules.linear.NonDynamicallyQuantizableLinear(
+        4, 4
+    )  # an nn.Linear subclass with its own role
+    model = nn.Sequential(
+        nn.Linear(4, 4), ResidualLinear(nn.Linear(4, 2), None, torch.tensor([0, 2]), out_full=3), special
+    )
     use_compact_linears(model)
     assert type(model[0]) is CompactLinear and type(model[1].linear) is CompactLinear
     assert type(model[2]) is nn.modules.linear.NonDynamicallyQuantizableLinear

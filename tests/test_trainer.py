@@ -20,10 +20,21 @@ def _dataset(n: int = 48) -> list[dict[str, torch.Tensor]]:
 
 
 def _trainer(tmp_path, max_steps: int, **kwargs) -> FineGatesTrainer:
-    model = get_gated_model(tiny_model("bert"), GatesConfig(target_sparsity=0.3, warmup_steps=4, gate_lr=0.05))
+    model = get_gated_model(
+        tiny_model("bert"), GatesConfig(target_sparsity=0.3, warmup_steps=4, gate_lr=0.05)
+    )
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-3,
-        logging_steps=2, save_steps=3, report_to=[], seed=0, use_cpu=True, disable_tqdm=True, **kwargs,
+        output_dir=str(tmp_path),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=2,
+        save_steps=3,
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        **kwargs,
     )
     return FineGatesTrainer(model=model, args=args, train_dataset=_dataset(), finalize=False)
 
@@ -76,9 +87,18 @@ def test_training_leaves_the_kv_cache_setting_of_a_causal_lm(tmp_path):
     model = get_gated_model(tiny_model("llama"), GatesConfig(target_sparsity=0.3, warmup_steps=2))
     assert model.config.use_cache is True
     ids = torch.randint(2, 99, (16, 10), generator=torch.Generator().manual_seed(0))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=[],
-                             use_cpu=True, disable_tqdm=True, save_strategy="no")
-    trainer = FineGatesTrainer(model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = FineGatesTrainer(
+        model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids]
+    )
     assert model.config.use_cache is False  # as transformers' Trainer sets it for training
     trainer.train()
     assert model.config.use_cache is True
@@ -88,10 +108,19 @@ def test_training_leaves_the_kv_cache_setting_of_a_causal_lm(tmp_path):
 def test_a_run_that_misses_its_target_says_so(tmp_path, caplog):
     """Without the projection and with gates too slow to close, training removes far less than the target:
     the outcome records both fractions and the trainer warns."""
-    model = get_gated_model(tiny_model("bert"), GatesConfig(target_sparsity=0.3, warmup_steps=2, gate_lr=1e-4,
-                                                            budget_tolerance=None))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, report_to=[],
-                             use_cpu=True, disable_tqdm=True, save_strategy="no")
+    model = get_gated_model(
+        tiny_model("bert"),
+        GatesConfig(target_sparsity=0.3, warmup_steps=2, gate_lr=1e-4, budget_tolerance=None),
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
     trainer = FineGatesTrainer(model=model, args=args, train_dataset=_dataset())
     with caplog.at_level("WARNING", logger="finegates.trainer"):
         trainer.train()
@@ -103,14 +132,25 @@ def test_gates_keep_a_constant_lr_while_the_head_follows_its_schedule(tmp_path):
     trainer = _trainer(tmp_path, max_steps=6, lr_scheduler_type="linear")
     trainer.train()
     lrs = {group.get("finegates", "head"): group["lr"] for group in trainer.optimizer.param_groups}
-    assert lrs["gates"] == 0.05 and lrs["multipliers"] == 0.05 * trainer.model.finegates_config.lagrangian_lr_scale
+    assert (
+        lrs["gates"] == 0.05
+        and lrs["multipliers"] == 0.05 * trainer.model.finegates_config.lagrangian_lr_scale
+    )
     assert lrs["head"] < 1e-3  # linear decay to 0 over the run
 
 
 def test_the_trainer_keeps_the_removed_fraction_near_the_target(tmp_path):
     model = get_gated_model(tiny_model("bert"), GatesConfig(target_sparsity=0.4))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=8, report_to=[],
-                             use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=40,
+        per_device_train_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+    )
     trainer = FineGatesTrainer(model=model, args=args, train_dataset=_dataset())
     trainer.train()
     cfg = trainer.model.finegates_config

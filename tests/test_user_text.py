@@ -60,7 +60,10 @@ def test_a_multiple_choice_jsonl_with_named_fields(tmp_path):
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
     items = load_multiple_choice(str(path), ChoiceFields(question="q", choices="options", answer="right"))
-    assert [(i.question, i.choices, i.label) for i in items] == [("2 + 2?", ["3", "4", "5"], 1), ("Sky?", ["green", "blue"], 1)]
+    assert [(i.question, i.choices, i.label) for i in items] == [
+        ("2 + 2?", ["3", "4", "5"], 1),
+        ("Sky?", ["green", "blue"], 1),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -39,11 +39,15 @@ def load_gates(model: nn.Module, directory: str | Path, config: GatesConfig | No
     config = config or GatesConfig.load(directory)
     path = directory / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the adapter folder is incomplete; save it again with save_gates.")
+        raise FileNotFoundError(
+            f"{path} is missing: the adapter folder is incomplete; save it again with save_gates."
+        )
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is damaged or not a safetensors file ({err}); save the adapter again.") from err
+        raise ValueError(
+            f"{path} is damaged or not a safetensors file ({err}); save the adapter again."
+        ) from err
     model = get_gated_model(model, config)
     _load_into(model, tensors, path)
     return model
@@ -60,7 +64,12 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
         )
     for name, tensor in tensors.items():
         if state[name].shape != tensor.shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}.")
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(state[name].shape)}."
+            )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{path}: {name} holds NaN or infinite values (a diverged run?); it cannot be loaded.")
+            raise ValueError(
+                f"{path}: {name} holds NaN or infinite values (a diverged run?); it cannot be loaded."
+            )
     model.load_state_dict(tensors, strict=False)

@@ -47,8 +47,8 @@ def set_training_steps(model: nn.Module, total_steps: int) -> None:
         cfg.warmup_steps = max(1, round(DEFAULT_WARMUP_FRACTION * total_steps))
     elif cfg.warmup_steps > total_steps:
         raise ValueError(
-            f"warmup_steps ({cfg.warmup_steps}) is longer than the run ({total_steps} steps): the target would "
-            "never be reached. Give a shorter warm-up or more steps."
+            f"warmup_steps ({cfg.warmup_steps}) is longer than the run ({total_steps} steps): the target "
+            "would never be reached. Give a shorter warm-up or more steps."
         )
     cfg.gate_lr = gate_lr(cfg)
 
@@ -93,13 +93,20 @@ class _Ranked:
         with torch.no_grad():
             for gate, original, rank in zip(self.gates, self.originals, self.ranks):
                 step = self.margin * gate.edge
-                moved = torch.clamp(original, max=-gate.edge - step) if self.closing else torch.clamp(
-                    original, min=-gate.edge + step)
+                moved = (
+                    torch.clamp(original, max=-gate.edge - step)
+                    if self.closing
+                    else torch.clamp(original, min=-gate.edge + step)
+                )
                 gate.param.copy_(torch.where(rank < k, moved, original))
 
 
 def project_budget(
-    model: nn.Module, low: float, high: float, margin: float = FINAL_MARGIN, at_least_low: bool = True,
+    model: nn.Module,
+    low: float,
+    high: float,
+    margin: float = FINAL_MARGIN,
+    at_least_low: bool = True,
     removed: float | None = None,
 ) -> Projection:
     """Move the fewest gates, each by the least, so that the removed fraction lies in [low, high].
@@ -139,7 +146,11 @@ def project_budget(
             lo = mid + 1
     jumped = removed_with(lo) < low if not closing else removed_with(lo) > high
     if jumped and 0 < lo:  # one unit jumped over the band
-        over, under = (removed_with(lo - 1), removed_with(lo)) if not closing else (removed_with(lo), removed_with(lo - 1))
+        over, under = (
+            (removed_with(lo - 1), removed_with(lo))
+            if not closing
+            else (removed_with(lo), removed_with(lo - 1))
+        )
         keep_over = at_least_low or over - high < low - under
         lo = lo - 1 if keep_over == (not closing) else lo
     achieved = removed_with(lo)
@@ -179,8 +190,9 @@ def budget_step(model: nn.Module, step: int | None = None) -> Projection | None:
     if removed - target > cfg.budget_tolerance or (warmed_up and target - removed > cfg.budget_tolerance):
         # back to the middle of the band, where the Lagrangian's dead band holds the multipliers
         half = cfg.budget_tolerance / 2
-        result = project_budget(model, max(0.0, target - half), target + half, _landing(cfg), at_least_low=False,
-                                removed=removed)
+        result = project_budget(
+            model, max(0.0, target - half), target + half, _landing(cfg), at_least_low=False, removed=removed
+        )
     with torch.no_grad():
         if result.reopened:
             ctrl.lambda1.clamp_(min=0.0)
@@ -211,8 +223,8 @@ class BudgetOutcome:
         if abs(self.removed_by_training - self.target) > 0.02:
             return (
                 f"training removed {self.removed_by_training:.1%} of the gated parameters for a target of "
-                f"{self.target:.1%}; finalize_gates made the rest of the cut from the gate ranking. Train longer, "
-                "or raise gate_lr."
+                f"{self.target:.1%}; finalize_gates made the rest of the cut from the gate ranking. Train "
+                "longer, or raise gate_lr."
             )
         return None
 

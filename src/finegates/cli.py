@@ -68,10 +68,17 @@ def _add_evaluate(subparsers) -> None:
 
 def _add_report(subparsers) -> None:
     parser = subparsers.add_parser(
-        "report", help="Re-render report.md and plots of finished run folders; with several, the trade-off plot.")
-    parser.add_argument("run_dir", nargs="+", help="Folders written by `finegates finetune` or `finegates posttrain`.")
-    parser.add_argument("--tradeoff-dir", metavar="DIR",
-                        help="Where tradeoff.md/.png go when several runs are given (default: their common parent).")
+        "report",
+        help="Re-render report.md and plots of finished run folders; with several, the trade-off plot.",
+    )
+    parser.add_argument(
+        "run_dir", nargs="+", help="Folders written by `finegates finetune` or `finegates posttrain`."
+    )
+    parser.add_argument(
+        "--tradeoff-dir",
+        metavar="DIR",
+        help="Where tradeoff.md/.png go when several runs are given (default: their common parent).",
+    )
     parser.set_defaults(handler=_run_report)
 
 
@@ -97,7 +104,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     _configure_logging(cfg.quiet)
     metrics = evaluate(cfg)
     print(
-        f"{metrics['model']} on {metrics['task']} ({metrics['test_rows']} test rows): accuracy {metrics['test_accuracy']:.4f}"
+        f"{metrics['model']} on {metrics['task']} ({metrics['test_rows']} test rows): accuracy "
+        f"{metrics['test_accuracy']:.4f}"
     )
     return 0
 

@@ -87,7 +87,9 @@ def _cli_values(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def build_configs(
-    namespace: argparse.Namespace, sections: dict[str, type], defaults: dict[str, dict[str, Any]] | None = None
+    namespace: argparse.Namespace,
+    sections: dict[str, type],
+    defaults: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Config objects per section from `defaults` (else the dataclass defaults), the optional `--config`
     file, and the given flags, each overriding the one before."""

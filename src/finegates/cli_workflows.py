@@ -1,10 +1,11 @@
-"""Subcommands for the causal-LM workflows and the method comparison: posttrain, pretrain, compare.
+r"""Subcommands for the causal-LM workflows and the method comparison: posttrain, pretrain, compare.
 
 finegates posttrain --model smollm2-135m --target-sparsity 0.3 --max-steps 100
 finegates pretrain --max-steps 300 --gate-start-step 100 --target-sparsity 0.4
 finegates compress --gates runs/r8/gates --output-dir small/
 finegates bench --model small/ --base-model minilm --batch-size 32 --length 128
-finegates bench --model runs/post/compressed --base-model smollm2-135m --batch-size 1 --length 256 --decode-tokens 32
+finegates bench --model runs/post/compressed --base-model smollm2-135m --batch-size 1 --length 256 \
+    --decode-tokens 32
 finegates compare --model minilm --task reuters8 --methods full,lora,finegates --sparsity 0.2,0.4
 """
 
@@ -36,11 +37,16 @@ def _lm_sections(kind: str) -> dict[str, type]:
 def _run_posttrain(args: argparse.Namespace) -> int:
     from finegates.workflows.posttrain import default_posttrain_gates, posttrain
 
-    configs = build_configs(args, _lm_sections("posttrain"), defaults={"gates": default_posttrain_gates().to_dict()})
+    configs = build_configs(
+        args, _lm_sections("posttrain"), defaults={"gates": default_posttrain_gates().to_dict()}
+    )
     metrics = posttrain(configs["posttrain"], configs["gates"])
     s = metrics["sparsity"]
-    print(f"perplexity: dense {metrics['dense']['perplexity']:.2f}, compacted {metrics['compressed']['perplexity']:.2f}; "
-          f"removed {s['removed_fraction']:.2%} of gated-layer parameters; prefill speedup {metrics['prefill_speedup']:.2f}x")
+    print(
+        f"perplexity: dense {metrics['dense']['perplexity']:.2f}, compacted "
+        f"{metrics['compressed']['perplexity']:.2f}; removed {s['removed_fraction']:.2%} of gated-layer "
+        f"parameters; prefill speedup {metrics['prefill_speedup']:.2f}x"
+    )
     print(f"Report: {configs['posttrain'].output_dir}/report.md")
     return 0
 
@@ -48,10 +54,15 @@ def _run_posttrain(args: argparse.Namespace) -> int:
 def _run_pretrain(args: argparse.Namespace) -> int:
     from finegates.workflows.pretrain import default_pretrain_gates, pretrain
 
-    configs = build_configs(args, _lm_sections("pretrain"), defaults={"gates": default_pretrain_gates().to_dict()})
+    configs = build_configs(
+        args, _lm_sections("pretrain"), defaults={"gates": default_pretrain_gates().to_dict()}
+    )
     metrics = pretrain(configs["pretrain"], configs["gates"])
-    print(f"held-out perplexity: dense {metrics['dense']['perplexity']:.3f}, gated {metrics['gated']['perplexity']:.3f}; "
-          f"removed {metrics['sparsity']['removed_fraction']:.2%} of gated-layer parameters")
+    print(
+        f"held-out perplexity: dense {metrics['dense']['perplexity']:.3f}, gated "
+        f"{metrics['gated']['perplexity']:.3f}; removed {metrics['sparsity']['removed_fraction']:.2%} of "
+        "gated-layer parameters"
+    )
     print(f"Report: {configs['pretrain'].output_dir}/report.md")
     return 0
 
@@ -81,10 +92,18 @@ def _run_bench(args: argparse.Namespace) -> int:
     for name in ("dense", "checkpoint"):
         r = result[name]
         print(f"{name:<10} {r['params']:>12,d} params  {r['ms']:9.1f} ms  {r['tokens_per_s']:10.0f} tokens/s")
-    print(f"speedup {result['speedup']:.2f}x (batch {cfg.batch_size} x {cfg.length}, median of per-round ratios, timed in turns)")
+    print(
+        f"speedup {result['speedup']:.2f}x (batch {cfg.batch_size} x {cfg.length}, median of per-round "
+        "ratios, timed in turns)"
+    )
     if "decode_speedup" in result:
-        rates = " vs ".join(f"{name} {result[name]['decode_tokens_per_s']:.1f}" for name in ("dense", "checkpoint"))
-        print(f"decode {cfg.decode_tokens} tokens (KV cache): {rates} tokens/s, speedup {result['decode_speedup']:.2f}x")
+        rates = " vs ".join(
+            f"{name} {result[name]['decode_tokens_per_s']:.1f}" for name in ("dense", "checkpoint")
+        )
+        print(
+            f"decode {cfg.decode_tokens} tokens (KV cache): {rates} tokens/s, speedup "
+            f"{result['decode_speedup']:.2f}x"
+        )
     return 0
 
 
@@ -92,18 +111,45 @@ def add_workflow_commands(subparsers) -> None:
     from finegates.workflows.bench import BenchConfig
     from finegates.workflows.export import CompressConfig
 
-    _parser(subparsers, "bench", "Latency and throughput of a checkpoint vs its dense base (same batch, timed in turns).",
-            {"bench": BenchConfig}, _run_bench)
+    _parser(
+        subparsers,
+        "bench",
+        "Latency and throughput of a checkpoint vs its dense base (same batch, timed in turns).",
+        {"bench": BenchConfig},
+        _run_bench,
+    )
 
-    _parser(subparsers, "compress", "Compact a gate adapter (its base model from --base-model or the run's "
-            "run_config.json) into a smaller model folder that from_pretrained loads.",
-            {"compress": CompressConfig}, _run_compress)
-    _parser(subparsers, "posttrain", "Task-agnostic sparsification of a LLaMA-family causal LM (gates only, LM loss), "
-            "perplexity and zero-shot accuracy before/after, compaction.", _lm_sections("posttrain"), _run_posttrain)
-    _parser(subparsers, "pretrain", "Train a LLaMA from scratch with weights and gates, against the same run without "
-            "gates at equal steps.", _lm_sections("pretrain"), _run_pretrain)
+    _parser(
+        subparsers,
+        "compress",
+        "Compact a gate adapter (its base model from --base-model or the run's "
+        "run_config.json) into a smaller model folder that from_pretrained loads.",
+        {"compress": CompressConfig},
+        _run_compress,
+    )
+    _parser(
+        subparsers,
+        "posttrain",
+        "Task-agnostic sparsification of a LLaMA-family causal LM (gates only, LM loss), "
+        "perplexity and zero-shot accuracy before/after, compaction.",
+        _lm_sections("posttrain"),
+        _run_posttrain,
+    )
+    _parser(
+        subparsers,
+        "pretrain",
+        "Train a LLaMA from scratch with weights and gates, against the same run without "
+        "gates at equal steps.",
+        _lm_sections("pretrain"),
+        _run_pretrain,
+    )
     from finegates.workflows.compare import CompareConfig
 
-    _parser(subparsers, "compare", "Run full, lora, magnitude, squarehead, salr, maskllm, finegates, finegates+kd on "
-            "the same model, data, seed and budget; write one table and one Pareto plot.",
-            {"compare": CompareConfig}, _run_compare)
+    _parser(
+        subparsers,
+        "compare",
+        "Run full, lora, magnitude, squarehead, salr, maskllm, finegates, finegates+kd on "
+        "the same model, data, seed and budget; write one table and one Pareto plot.",
+        {"compare": CompareConfig},
+        _run_compare,
+    )

@@ -61,8 +61,10 @@ class GatesConfig:
     )
     init_mean: float | None = field(
         default=None,
-        metadata={"help": "Gaussian gates: mean of the initial theta (None: the top of the bounded range, "
-                  "param_bound x atanh(0.5), fully open; the reference uses 1.0)."},
+        metadata={
+            "help": "Gaussian gates: mean of the initial theta (None: the top of the bounded range, "
+            "param_bound x atanh(0.5), fully open; the reference uses 1.0)."
+        },
     )
     init_std: float = field(
         default=0.0, metadata={"help": "Gaussian gates: std of the initial theta (the reference uses 0.1)."}
@@ -81,7 +83,9 @@ class GatesConfig:
     )
     budget_temperature: float = field(
         default=0.25,
-        metadata={"help": "Gaussian gates: temperature of the open probability used by the budget objective."},
+        metadata={
+            "help": "Gaussian gates: temperature of the open probability used by the budget objective."
+        },
     )
     budget_estimator: str = field(
         default="ste",
@@ -92,8 +96,10 @@ class GatesConfig:
     )
     hc_init_log_alpha: float | None = field(
         default=None,
-        metadata={"help": "Hard-concrete gates: initial log alpha (None: the top of the bounded range, "
-                  "fully open; 3.0 when unbounded)."},
+        metadata={
+            "help": "Hard-concrete gates: initial log alpha (None: the top of the bounded range, "
+            "fully open; 3.0 when unbounded)."
+        },
     )
     warmup_steps: int | None = field(
         default=None,
@@ -103,8 +109,8 @@ class GatesConfig:
         default=0.01,
         metadata={
             "help": "Budget objective: after every optimizer step the removed fraction is capped at the "
-            "warmed-up target plus this, and from the end of the warm-up on kept within this of the target, by "
-            "moving the gates nearest their closing point (None: the Lagrangian alone)."
+            "warmed-up target plus this, and from the end of the warm-up on kept within this of the target, "
+            "by moving the gates nearest their closing point (None: the Lagrangian alone)."
         },
     )
     lagrangian_lr_scale: float = field(
@@ -113,15 +119,21 @@ class GatesConfig:
     )
     projection_margin: float = field(
         default=0.1,
-        metadata={"help": "Gates the budget projection moves land at least this far (x the distance from the "
-                  "centre to the closing point), and at least two gate lr steps, past their closing point, so they "
-                  "do not cross straight back."},
+        metadata={
+            "help": "Gates the budget projection moves land at least this far (x the distance from the "
+            "centre to the closing point), and at least two gate lr steps, past their closing point, so they "
+            "do not cross straight back."
+        },
     )
     gate_lr: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the gates, constant (None: a pushed gate closes within the warm-up)."},
+        metadata={
+            "help": "Learning rate of the gates, constant (None: a pushed gate closes within the warm-up)."
+        },
     )
-    head_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the head, biases, modules_to_save."})
+    head_lr: float = field(
+        default=1e-3, metadata={"help": "Learning rate of the head, biases, modules_to_save."}
+    )
     residual_min_removed: int = field(
         default=1,
         metadata={
@@ -141,14 +153,21 @@ class GatesConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0 (or None for 30% of the run), got {self.warmup_steps}.")
+            raise ValueError(
+                f"warmup_steps must be >= 0 (or None for 30% of the run), got {self.warmup_steps}."
+            )
         if self.gate_lr is not None and not (math.isfinite(self.gate_lr) and self.gate_lr > 0):
             raise ValueError(f"gate_lr must be a positive number (or None), got {self.gate_lr}.")
-        if self.budget_tolerance is not None and not (math.isfinite(self.budget_tolerance) and self.budget_tolerance >= 0):
-            raise ValueError(f"budget_tolerance must be a number >= 0 (or None), got {self.budget_tolerance}.")
+        if self.budget_tolerance is not None and not (
+            math.isfinite(self.budget_tolerance) and self.budget_tolerance >= 0
+        ):
+            raise ValueError(
+                f"budget_tolerance must be a number >= 0 (or None), got {self.budget_tolerance}."
+            )
         if self.param_bound is not None and not (math.isfinite(self.param_bound) and self.param_bound >= 1.0):
             raise ValueError(
-                f"param_bound must be >= 1 (gates must be able to open fully) or None, got {self.param_bound}."
+                "param_bound must be >= 1 (gates must be able to open fully) or None, got "
+                f"{self.param_bound}."
             )
 
     @classmethod
@@ -159,8 +178,15 @@ class GatesConfig:
         >>> GatesConfig.reference().objective
         'paper'
         """
-        values = {"init_mean": 1.0, "init_std": 0.1, "param_bound": None, "objective": "paper", "gate_lr": 1e-3,
-                  "budget_tolerance": None, "warmup_steps": 0}
+        values = {
+            "init_mean": 1.0,
+            "init_std": 0.1,
+            "param_bound": None,
+            "objective": "paper",
+            "gate_lr": 1e-3,
+            "budget_tolerance": None,
+            "warmup_steps": 0,
+        }
         return cls(**{**values, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,7 +216,9 @@ class GatesConfig:
     def load(cls, directory: str | Path) -> GatesConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: is this a folder written by save_gates?")
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} in {directory}: is this a folder written by save_gates?"
+            )
         return cls.from_json(path.read_text())
 
 

@@ -33,8 +33,9 @@ def token_mask(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch
     return attention_mask.to(like.dtype)
 
 
-def logit_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, temperature: float = 1.0
-             ) -> torch.Tensor:
+def logit_kl(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(teacher || student) per token (3-d logits) or per example (2-d), averaged over real tokens."""
     log_s = F.log_softmax(student.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
@@ -45,11 +46,15 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | 
     return (per_item * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def feature_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor
-                 ) -> torch.Tensor:
-    """Sum over layer outputs (the embedding output excluded) of ||h_s - h_t||^2 / ||h_t||^2 on real tokens."""
+def feature_loss(
+    student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor
+) -> torch.Tensor:
+    """Sum over layer outputs (the embedding output excluded) of ||h_s - h_t||^2 / ||h_t||^2 on real
+    tokens."""
     if len(student) != len(teacher):
-        raise ValueError(f"Student has {len(student)} hidden states, teacher {len(teacher)}: same depth needed.")
+        raise ValueError(
+            f"Student has {len(student)} hidden states, teacher {len(teacher)}: same depth needed."
+        )
     weights = mask[..., None].float()
     terms = []
     for h_s, h_t in zip(student[1:], teacher[1:]):
@@ -69,8 +74,8 @@ def squarehead_loss(
     """The distillation terms added to the task loss; with `feature_weight` > 0 both outputs need
     `output_hidden_states=True`.
 
-    >>> extra = squarehead_loss(student(**batch, output_hidden_states=True),
-    ...                         teacher(**batch, output_hidden_states=True), batch["attention_mask"])  # doctest: +SKIP
+    >>> extra = squarehead_loss(student(**batch, output_hidden_states=True),  # doctest: +SKIP
+    ...                         teacher(**batch, output_hidden_states=True), batch["attention_mask"])
     """
     logits = student_outputs.logits
     mask = token_mask(attention_mask, logits) if logits.dim() == 3 else None
@@ -89,14 +94,18 @@ class DistillConfig:
 
     distill: bool = field(
         default=False,
-        metadata={"help": "Add distillation from the same frozen weights with the gates bypassed (no second "
-                  "model copy): logit KL, and optionally SquareHead's hidden-state L2."},
+        metadata={
+            "help": "Add distillation from the same frozen weights with the gates bypassed (no second "
+            "model copy): logit KL, and optionally SquareHead's hidden-state L2."
+        },
     )
     distill_temperature: float = field(default=2.0, metadata={"help": "Temperature of the logit KL (x T^2)."})
     distill_logit_weight: float = field(default=1.0, metadata={"help": "Weight of the logit KL term."})
     distill_hidden_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of SquareHead's per-layer ||h_s - h_t||^2 / ||h_t||^2 term (0: logits only)."},
+        metadata={
+            "help": "Weight of SquareHead's per-layer ||h_s - h_t||^2 / ||h_t||^2 term (0: logits only)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -105,7 +114,9 @@ class DistillConfig:
             if not math.isfinite(value) or value < 0 or (name == "distill_temperature" and value == 0):
                 raise ValueError(f"{name} must be a finite number >= 0 (temperature > 0), got {value}.")
         if self.distill and self.distill_logit_weight == 0 and self.distill_hidden_weight == 0:
-            raise ValueError("--distill with both distill weights 0 adds nothing; give one of them a weight > 0.")
+            raise ValueError(
+                "--distill with both distill weights 0 adds nothing; give one of them a weight > 0."
+            )
 
 
 @contextmanager
@@ -113,7 +124,9 @@ def gates_bypassed(model: nn.Module) -> Iterator[nn.Module]:
     """Every GatedLinear of `model` runs its base layer alone inside the block (the dense model)."""
     layers = [m for m in model.modules() if isinstance(m, GatedLinear)]
     if not layers:
-        raise ValueError("Distillation from the bypassed gates needs a gated model: call get_gated_model first.")
+        raise ValueError(
+            "Distillation from the bypassed gates needs a gated model: call get_gated_model first."
+        )
     states = [layer.enabled for layer in layers]
     try:
         for layer in layers:
@@ -136,7 +149,15 @@ def teacher_outputs(model: nn.Module, inputs: dict[str, Any], cfg: DistillConfig
         model.train(training)
 
 
-def distill_loss(student: Any, teacher: Any, attention_mask: torch.Tensor | None, cfg: DistillConfig) -> torch.Tensor:
+def distill_loss(
+    student: Any, teacher: Any, attention_mask: torch.Tensor | None, cfg: DistillConfig
+) -> torch.Tensor:
     """Weighted logit KL (and hidden-state L2) of the student's outputs against the teacher's."""
-    return squarehead_loss(student, teacher, attention_mask, cfg.distill_logit_weight, cfg.distill_hidden_weight,
-                           cfg.distill_temperature)
+    return squarehead_loss(
+        student,
+        teacher,
+        attention_mask,
+        cfg.distill_logit_weight,
+        cfg.distill_hidden_weight,
+        cfg.distill_temperature,
+    )

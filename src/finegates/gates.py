@@ -22,7 +22,9 @@ _GAUSSIAN_THRESHOLD = math.atanh(-0.5)
 # Hard-concrete stretch interval and temperature (Louizos et al., 2018).
 _HC_LEFT, _HC_RIGHT, _HC_BETA = -0.1, 1.1, 2.0 / 3.0
 # sigmoid(a) * (r - l) + l <= 0  <=>  a <= logit(-l / (r - l)) = -log(11); fully open from +log(11).
-_HC_CLOSED_LOG_ALPHA = math.log(-_HC_LEFT / (_HC_RIGHT - _HC_LEFT)) - math.log1p(_HC_LEFT / (_HC_RIGHT - _HC_LEFT))
+_HC_CLOSED_LOG_ALPHA = math.log(-_HC_LEFT / (_HC_RIGHT - _HC_LEFT)) - math.log1p(
+    _HC_LEFT / (_HC_RIGHT - _HC_LEFT)
+)
 # The parameter value a gate starts at when the config names none and its parameters are unbounded.
 _UNBOUNDED_INIT = {"gaussian": 1.0, "hard_concrete": 3.0}
 
@@ -150,8 +152,14 @@ def travel_to_close(cfg: GatesConfig) -> float:
     return initial_value(cfg) + GATE_CLASSES[cfg.gate_family].edge
 
 
-def _force(param: torch.Tensor, margin: torch.Tensor, closed_value: float, open_value: float,
-           close: torch.Tensor, reopen: torch.Tensor) -> None:
+def _force(
+    param: torch.Tensor,
+    margin: torch.Tensor,
+    closed_value: float,
+    open_value: float,
+    close: torch.Tensor,
+    reopen: torch.Tensor,
+) -> None:
     with torch.no_grad():
         param.copy_(torch.where(close, torch.minimum(param, torch.full_like(param, closed_value)), param))
         param.copy_(torch.where(reopen & (margin <= 0), torch.full_like(param, open_value), param))
@@ -173,4 +181,3 @@ def force_gates(gate: Gate, close: torch.Tensor, reopen: torch.Tensor) -> None:
         _force(gate.theta, margin, _GAUSSIAN_THRESHOLD - 0.5, 1.0, close, reopen)
     else:
         _force(gate.log_alpha, margin, _HC_CLOSED_LOG_ALPHA - 1.0, 3.0, close, reopen)
-

@@ -29,5 +29,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def cache_dir() -> Path:
     """Where converted models and fetched corpora are kept: $FINEGATES_CACHE, else ~/.cache/finegates."""
-    root = os.environ.get("FINEGATES_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finegates"
+    root = (
+        os.environ.get("FINEGATES_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finegates"
+    )
     return Path(root)

@@ -24,8 +24,9 @@ OPTIONAL_STATE = tuple(f"{CONTROLLER_ATTR}.{n}" for n in ("projected_closed", "p
 def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.Module:
     """Wrap the target linear layers of `model` in `GatedLinear`, freeze the rest, return `model`.
 
-    The model is changed in place; it keeps a copy of `config`. Trainable afterwards: the gates, the biases the config's `bias`
-    policy names, and `modules_to_save` (by default the task head of a classification model).
+    The model is changed in place; it keeps a copy of `config`. Trainable afterwards: the gates, the biases
+    the config's `bias` policy names, and `modules_to_save` (by default the task head of a classification
+    model).
 
     >>> from transformers import BertConfig, BertForSequenceClassification
     >>> m = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1,
@@ -51,7 +52,10 @@ def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.M
     # The multipliers live outside forward() and get the same gradient on every rank (the gates are
     # in sync), so DistributedDataParallel must not manage them.
     ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", [])
-    model._ddp_params_and_buffers_to_ignore = [*ignored, *(f"{CONTROLLER_ATTR}.{n}" for n in CONTROLLER_STATE)]
+    model._ddp_params_and_buffers_to_ignore = [
+        *ignored,
+        *(f"{CONTROLLER_ATTR}.{n}" for n in CONTROLLER_STATE),
+    ]
     _set_trainable(model, config)
     logger.info("Gated %d linear layers of %s", len(names), type(model).__name__)
     return model
@@ -125,4 +129,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def print_trainable_parameters(model: nn.Module) -> None:
     """Print "trainable params: X || all params: Y || trainable%: Z", as PEFT does."""
     trainable, total = count_parameters(model)
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: "
+        f"{100 * trainable / total:.4f}"
+    )

@@ -19,7 +19,6 @@ def _prob_open(module: nn.Module, axis: str) -> torch.Tensor:
     return torch.ones(out_features if axis == "row" else in_features, device=next(module.parameters()).device)
 
 
-
 def _kept_params(model: nn.Module, open_state: OpenFn) -> torch.Tensor:
     widths = {}
     for block in find_blocks(model):
@@ -58,8 +57,8 @@ def expected_sparsity(model: nn.Module) -> torch.Tensor:
 def warmup_steps(cfg) -> int:
     if cfg.warmup_steps is None:
         raise ValueError(
-            "warmup_steps is None (a share of the run): call finegates.set_training_steps(model, total_steps) "
-            "before training, or give GatesConfig(warmup_steps=N)."
+            "warmup_steps is None (a share of the run): call finegates.set_training_steps(model, "
+            "total_steps) before training, or give GatesConfig(warmup_steps=N)."
         )
     return cfg.warmup_steps
 
@@ -69,7 +68,11 @@ def paper_loss(model: nn.Module) -> torch.Tensor:
     cfg = gates_config(model)
     keep = 1 - cfg.target_sparsity
     terms = [
-        ((layer.row_gate.paper_prob().mean() - keep).abs() + (layer.col_gate.paper_prob().mean() - keep).abs()) / 2
+        (
+            (layer.row_gate.paper_prob().mean() - keep).abs()
+            + (layer.col_gate.paper_prob().mean() - keep).abs()
+        )
+        / 2
         for layer in gated_layers(model).values()
     ]
     return cfg.lambda_sparsity * torch.stack(terms).mean()

@@ -41,7 +41,12 @@ def optimizer_param_groups(
             rest.append(param)
     groups = [
         {"params": gates, "lr": gate_lr, "weight_decay": 0.0, "finegates": "gates"},
-        {"params": multipliers, "lr": gate_lr * cfg.lagrangian_lr_scale, "weight_decay": 0.0, "finegates": "multipliers"},
+        {
+            "params": multipliers,
+            "lr": gate_lr * cfg.lagrangian_lr_scale,
+            "weight_decay": 0.0,
+            "finegates": "multipliers",
+        },
     ]
     if rest:
         groups.append({"params": rest, "lr": head_lr, "weight_decay": weight_decay})
@@ -56,7 +61,9 @@ def keep_gate_lr_constant(scheduler: torch.optim.lr_scheduler.LRScheduler) -> No
     """Take the gate and multiplier groups out of a LambdaLR schedule (transformers' `get_scheduler`):
     how fast a gate can close must not depend on the head's warm-up or decay."""
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        raise TypeError(f"Expected a LambdaLR schedule (transformers.get_scheduler), got {type(scheduler).__name__}.")
+        raise TypeError(
+            f"Expected a LambdaLR schedule (transformers.get_scheduler), got {type(scheduler).__name__}."
+        )
     for i, group in enumerate(scheduler.optimizer.param_groups):
         if group.get("finegates") in ("gates", "multipliers"):
             scheduler.lr_lambdas[i] = _constant

@@ -129,8 +129,12 @@ def _block_plans(block: Block, min_removed: int, plan: CompactionPlan) -> None:
         cols["down"] = channels
     for role, (name, module) in block.modules.items():
         out_features, in_features = full_shape(module)
-        mp = ModulePlan(rows.get(role, torch.arange(out_features)), cols.get(role, torch.arange(in_features)),
-                        out_features, in_features)
+        mp = ModulePlan(
+            rows.get(role, torch.arange(out_features)),
+            cols.get(role, torch.arange(in_features)),
+            out_features,
+            in_features,
+        )
         if role in READERS:
             mp.cols, mp.gather_cols = _residual(g.cols(role), min_removed)
         if role in WRITERS:

@@ -77,9 +77,9 @@ class SparsityReport:
     def __str__(self) -> str:
         lines = [
             (
-                f"target sparsity {self.target:.1%} | removed {self.removed_fraction:.2%} of gated-layer params "
-                f"({self.gated_removed:,d} / {self.gated_params:,d}) | whole model: {self.model_removed:,d} / "
-                f"{self.model_params:,d} ({self.model_removed_fraction:.2%})"
+                f"target sparsity {self.target:.1%} | removed {self.removed_fraction:.2%} of gated-layer "
+                f"params ({self.gated_removed:,d} / {self.gated_params:,d}) | whole model: "
+                f"{self.model_removed:,d} / {self.model_params:,d} ({self.model_removed_fraction:.2%})"
             ),
             f"{'layer':<56} {'shape':>12} {'kept':>12} {'removed':>8}",
         ]
@@ -137,7 +137,9 @@ def base_parameter_count(model: nn.Module) -> int:
     """Parameters of the underlying model: gates and the controller excluded."""
     gate_ids = gate_parameter_ids(model)
     return sum(
-        p.numel() for n, p in model.named_parameters() if id(p) not in gate_ids and not n.startswith(CONTROLLER_ATTR)
+        p.numel()
+        for n, p in model.named_parameters()
+        if id(p) not in gate_ids and not n.startswith(CONTROLLER_ATTR)
     )
 
 

@@ -73,8 +73,12 @@ def default_modules_to_save(model: nn.Module) -> list[str]:
     if isinstance(base, nn.Module) and base is not model:
         prefix = model.base_model_prefix
         for name, module in base.named_children():
-            if name in candidates and module is not None and type(model).__name__.endswith(
-                ("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice")
+            if (
+                name in candidates
+                and module is not None
+                and type(model).__name__.endswith(
+                    ("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice")
+                )
             ):
                 found.append(f"{prefix}.{name}")
     return found

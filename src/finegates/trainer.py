@@ -68,9 +68,13 @@ class FineGatesTrainer(Trainer):
         if self.optimizer is None:
             model = self.model if model is None else model
             if self.state.max_steps > 0:  # inside train(): the run's length is known
-                set_training_steps(self.accelerator.unwrap_model(model), self.gate_steps(self.state.max_steps))
+                set_training_steps(
+                    self.accelerator.unwrap_model(model), self.gate_steps(self.state.max_steps)
+                )
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            groups = optimizer_param_groups(model, head_lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+            groups = optimizer_param_groups(
+                model, head_lr=self.args.learning_rate, weight_decay=self.args.weight_decay
+            )
             self.optimizer = cls(groups, **kwargs)
             self.optimizer.register_step_post_hook(lambda *_: self._budget_step())
         return self.optimizer
@@ -92,7 +96,9 @@ class FineGatesTrainer(Trainer):
             teacher = teacher_outputs(self.accelerator.unwrap_model(model), inputs, distill)
             if distill.distill_hidden_weight > 0:
                 inputs = {**inputs, "output_hidden_states": True}
-        result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         task_loss, outputs = result
         if model.training:
             penalty = sparsity_loss(self.accelerator.unwrap_model(model), step=self.sparsity_step())
@@ -115,12 +121,17 @@ class FineGatesTrainer(Trainer):
             with torch.no_grad():
                 logs["sparsity_expected"] = float(expected_sparsity(model))
             logs["sparsity_removed"] = sparsity_report(model).removed_fraction
-            logs["sparsity_target"] = ctrl.target(cfg.target_sparsity, cfg.warmup_steps, max(self.sparsity_step(), 0))
+            logs["sparsity_target"] = ctrl.target(
+                cfg.target_sparsity, cfg.warmup_steps, max(self.sparsity_step(), 0)
+            )
             logs["sparsity_term"] = self._sparsity_term
             if self.distill is not None:
                 logs["distill_term"] = self._distill_term
             logs["lambda1"], logs["lambda2"] = ctrl.lambda1.item(), ctrl.lambda2.item()
-            logs["projected_closed"], logs["projected_reopened"] = int(ctrl.projected_closed), int(ctrl.projected_reopened)
+            logs["projected_closed"], logs["projected_reopened"] = (
+                int(ctrl.projected_closed),
+                int(ctrl.projected_reopened),
+            )
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):
@@ -149,7 +160,9 @@ class FineGatesTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{resume_from_checkpoint} holds no {WEIGHTS_NAME}: not a FineGates checkpoint.")
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} holds no {WEIGHTS_NAME}: not a FineGates checkpoint."
+            )
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         model.load_state_dict(load_file(path), strict=False)
 

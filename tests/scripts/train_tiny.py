@@ -21,8 +21,16 @@ from finegates.trainer import FineGatesTrainer
 
 def main(out: str, per_device_batch: int) -> None:
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                        vocab_size=99, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=99,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     # Nearly noise-free gates: each rank draws its own gate noise, so only then can two processes
     # match one process step for step.
     gates = GatesConfig(target_sparsity=0.3, warmup_steps=2, gate_lr=0.5, init_mean=0.0, noise_std=1e-6)
@@ -30,10 +38,19 @@ def main(out: str, per_device_batch: int) -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 99, (32, 10), generator=gen)
     data = [{"input_ids": i, "labels": (i == 7).any().long()} for i in ids]
-    args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=per_device_batch,
-                             learning_rate=1e-3, report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
-                             save_strategy="no", dataloader_drop_last=True,
-                             optim="sgd")  # Adam would magnify float rounding in near-zero gradients
+    args = TrainingArguments(
+        output_dir=out,
+        max_steps=4,
+        per_device_train_batch_size=per_device_batch,
+        learning_rate=1e-3,
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        dataloader_drop_last=True,
+        optim="sgd",
+    )  # Adam would magnify float rounding in near-zero gradients
     trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, finalize=False)
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))

@@ -61,7 +61,9 @@ class Method(Protocol):
         self, model: nn.Module, config: Any = None, calibration: Iterable[Batch] | None = None
     ) -> nn.Module: ...
 
-    def loss(self, model: nn.Module, batch: Batch, outputs: Any, teacher_outputs: Any = None) -> torch.Tensor: ...
+    def loss(
+        self, model: nn.Module, batch: Batch, outputs: Any, teacher_outputs: Any = None
+    ) -> torch.Tensor: ...
 
     def after_step(self, model: nn.Module, step: int) -> None: ...
 
@@ -94,7 +96,9 @@ class BaseMethod:
         self.total_steps: int | None = None  # set by the training loop; schedules read it
         self.dense_params = 0  # parameter count of the model before `prepare`
 
-    def prepare(self, model: nn.Module, config: Any = None, calibration: Iterable[Batch] | None = None) -> nn.Module:
+    def prepare(
+        self, model: nn.Module, config: Any = None, calibration: Iterable[Batch] | None = None
+    ) -> nn.Module:
         """Record the dense size, keep the config (or the default one), then do the method's own setup."""
         self.config = config if config is not None else self.config_class()
         self.dense_params = parameter_count(model)

@@ -28,7 +28,9 @@ class FineGatesMethodConfig(MethodConfig):
     gates: dict = field(default_factory=dict, metadata={"help": "GatesConfig fields (JSON object)."})
     compact: bool = field(default=True, metadata={"help": "Physically compact the model in `finalize`."})
     kl_weight: float = field(default=1.0, metadata={"help": "finegates+kd: weight of the logit KL term."})
-    feature_weight: float = field(default=1.0, metadata={"help": "finegates+kd: weight of the hidden-state L2 term."})
+    feature_weight: float = field(
+        default=1.0, metadata={"help": "finegates+kd: weight of the hidden-state L2 term."}
+    )
     temperature: float = field(default=1.0, metadata={"help": "finegates+kd: distillation temperature."})
 
     def gates_config(self) -> GatesConfig:
@@ -78,6 +80,12 @@ class FineGatesKD(FineGatesMethod):
         if teacher_outputs is None:
             raise ValueError("finegates+kd needs the dense teacher's outputs (with hidden states).")
         cfg: FineGatesMethodConfig = self.config
-        distill = squarehead_loss(outputs, teacher_outputs, batch.get("attention_mask"), cfg.kl_weight,
-                                  cfg.feature_weight, cfg.temperature)
+        distill = squarehead_loss(
+            outputs,
+            teacher_outputs,
+            batch.get("attention_mask"),
+            cfg.kl_weight,
+            cfg.feature_weight,
+            cfg.temperature,
+        )
         return super().loss(model, batch, outputs) + distill

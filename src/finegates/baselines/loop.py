@@ -79,15 +79,34 @@ def train_method(
     calibration = list(calibration_batches) if calibration_batches is not None else list(train_batches[:8])
     model = method.prepare(model, config, calibration)
     trainable = method.trainable_parameters(model)
-    losses, step, seconds = fit_method(method, model, train_batches, teacher=teacher, epochs=epochs, lr=lr,
-                                       scheduler=scheduler, warmup_ratio=warmup_ratio, progress=progress)
+    losses, step, seconds = fit_method(
+        method,
+        model,
+        train_batches,
+        teacher=teacher,
+        epochs=epochs,
+        lr=lr,
+        scheduler=scheduler,
+        warmup_ratio=warmup_ratio,
+        progress=progress,
+    )
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     model = method.finalize(model).eval()
     removed = method.removed_parameters(model)  # after finalize: FineGates lands on its budget there
     metrics = eval_fn(model) if eval_fn is not None else {}
-    logger.info("%s: %d steps, %.3fs/step, trainable %d, removed %d (%s), %s", name, step, seconds, trainable,
-                removed, method.kind_of_sparsity, metrics)
-    return MethodResult(name, model, metrics, trainable, removed, method.kind_of_sparsity, step, seconds, peak, losses)
+    logger.info(
+        "%s: %d steps, %.3fs/step, trainable %d, removed %d (%s), %s",
+        name,
+        step,
+        seconds,
+        trainable,
+        removed,
+        method.kind_of_sparsity,
+        metrics,
+    )
+    return MethodResult(
+        name, model, metrics, trainable, removed, method.kind_of_sparsity, step, seconds, peak, losses
+    )
 
 
 def fit_method(

@@ -41,11 +41,15 @@ SCORES = ("weight", "activation", "mean_activation")
 
 @dataclass
 class MagnitudeConfig(MethodConfig):
-    target_sparsity: float = field(default=0.3, metadata={"help": "Fraction of gated-layer parameters removed."})
+    target_sparsity: float = field(
+        default=0.3, metadata={"help": "Fraction of gated-layer parameters removed."}
+    )
     score: str = field(
         default="weight",
-        metadata={"help": "'weight' (row/column L2 norms), 'activation' (activation-weighted norms) or "
-                  "'mean_activation' (Minitron-style mean |activation|); the last two need calibration."},
+        metadata={
+            "help": "'weight' (row/column L2 norms), 'activation' (activation-weighted norms) or "
+            "'mean_activation' (Minitron-style mean |activation|); the last two need calibration."
+        },
     )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Layers to prune; None: FineGates' defaults for the model type."}
@@ -62,6 +66,7 @@ class MagnitudeConfig(MethodConfig):
 
 def _calibrate(model: nn.Module, calibration: Iterable[Batch], record) -> None:
     """Run the calibration batches with `record(name, inputs, outputs)` hooked on every gated layer."""
+
     def hook(name: str):
         return lambda module, args, output: record(name, args[0].detach(), output.detach())
 
@@ -90,13 +95,19 @@ def input_norms(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, tor
     return {name: total.sqrt() for name, total in sums.items()}
 
 
-def mean_activations(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def mean_activations(
+    model: nn.Module, calibration: Iterable[Batch]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per gated layer, (mean |output| per row, mean |input| per column) over the calibration tokens."""
     sums: dict[str, list] = {}
 
     def record(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         total = sums.setdefault(name, [0, 0, 0])
-        total[0], total[1], total[2] = total[0] + _flat(y).abs().sum(0), total[1] + _flat(x).abs().sum(0), total[2] + len(_flat(x))
+        total[0], total[1], total[2] = (
+            total[0] + _flat(y).abs().sum(0),
+            total[1] + _flat(x).abs().sum(0),
+            total[2] + len(_flat(x)),
+        )
 
     _calibrate(model, calibration, record)
     return {name: (rows / count, cols / count) for name, (rows, cols, count) in sums.items()}
@@ -122,7 +133,9 @@ def set_margin(gate: Gate, margin: torch.Tensor) -> None:
 
 
 def prune_to_budget(
-    model: nn.Module, target: float, act: dict[str, torch.Tensor] | None = None,
+    model: nn.Module,
+    target: float,
+    act: dict[str, torch.Tensor] | None = None,
     means: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
     """Close the lowest-scored rows/columns of a gated model until `target` is removed; returns the fraction.
@@ -165,7 +178,9 @@ class MagnitudePruning(BaseMethod):
 
     def _prepare(self, model: nn.Module, calibration: Iterable[Batch] | None) -> nn.Module:
         cfg: MagnitudeConfig = self.config
-        get_gated_model(model, GatesConfig(target_sparsity=cfg.target_sparsity, target_modules=cfg.target_modules))
+        get_gated_model(
+            model, GatesConfig(target_sparsity=cfg.target_sparsity, target_modules=cfg.target_modules)
+        )
         was_training = model.training
         model.eval()  # calibration sees deterministic, fully open gates
         act = means = None
@@ -176,8 +191,12 @@ class MagnitudePruning(BaseMethod):
         elif cfg.score == "mean_activation":
             means = mean_activations(model, calibration)
         achieved = prune_to_budget(model, cfg.target_sparsity, act, means)
-        logger.info("magnitude pruning (%s scores): removed %.4f (target %.4f)", cfg.score, achieved,
-                    cfg.target_sparsity)
+        logger.info(
+            "magnitude pruning (%s scores): removed %.4f (target %.4f)",
+            cfg.score,
+            achieved,
+            cfg.target_sparsity,
+        )
         freeze_gates(model)
         getattr(model, CONTROLLER_ATTR).requires_grad_(False)  # no sparsity loss: the budget is already met
         model.train(was_training)
@@ -220,7 +239,9 @@ class MagnitudeLoRA(MagnitudePruning):
 
 @dataclass
 class ImportanceConfig(MagnitudeConfig):
-    score: str = field(default="mean_activation", metadata={"help": "Scores: 'mean_activation' (Minitron-style)."})
+    score: str = field(
+        default="mean_activation", metadata={"help": "Scores: 'mean_activation' (Minitron-style)."}
+    )
 
 
 @dataclass

@@ -29,22 +29,33 @@ from finegates.targets import default_modules_to_save
 logger = logging.getLogger(__name__)
 
 # The 6 masks keeping 2 of 4 entries, one per row.
-CANDIDATES = torch.tensor([[float(i in pair) for i in range(4)] for pair in itertools.combinations(range(4), 2)])
+CANDIDATES = torch.tensor(
+    [[float(i in pair) for i in range(4)] for pair in itertools.combinations(range(4), 2)]
+)
 
 
 @dataclass
 class MaskLLMConfig(MethodConfig):
-    temperature: tuple[float, float] = field(default=(4.0, 0.05), metadata={"help": "Gumbel temperature start, end."})
+    temperature: tuple[float, float] = field(
+        default=(4.0, 0.05), metadata={"help": "Gumbel temperature start, end."}
+    )
     scale: tuple[float, float] = field(default=(1e2, 5e2), metadata={"help": "Logit scale start, end."})
     magnitude_prior: float = field(
         default=0.03,
-        metadata={"help": "Added to the raw logit of the one-shot magnitude 2:4 mask (x scale: +3 at start); 0: none."},
+        metadata={
+            "help": (
+                "Added to the raw logit of the one-shot magnitude 2:4 mask (x scale: +3 at start); 0: none."
+            )
+        },
     )
     init_std: float = field(default=0.0, metadata={"help": "Std of the random raw logits at init."})
-    weight_reg: float = field(default=1e-2, metadata={"help": "Weight of the kept-weight-magnitude regulariser."})
+    weight_reg: float = field(
+        default=1e-2, metadata={"help": "Weight of the kept-weight-magnitude regulariser."}
+    )
     mask_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the mask logits."})
     target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Layers to mask; None: FineGates' defaults (layers with in % 4 != 0 skipped)."}
+        default=None,
+        metadata={"help": "Layers to mask; None: FineGates' defaults (layers with in % 4 != 0 skipped)."},
     )
 
 
@@ -106,7 +117,8 @@ def anneal(start_end: tuple[float, float], step: int, total: int) -> float:
 
 
 def semi_structured(model: nn.Module, names: list[str]) -> int:
-    """Swap 2:4 weights of CUDA fp16/bf16 nn.Linear layers to the 2:4 kernel; returns how many were swapped."""
+    """Swap 2:4 weights of CUDA fp16/bf16 nn.Linear layers to the 2:4 kernel; returns how many were
+    swapped."""
     if not torch.cuda.is_available():
         logger.info("maskllm: no 2:4 kernel on CPU; the 2:4 model runs dense here, with no speedup.")
         return 0
@@ -115,11 +127,16 @@ def semi_structured(model: nn.Module, names: list[str]) -> int:
     swapped = 0
     for name in names:
         module = model.get_submodule(name)
-        if not (isinstance(module, nn.Linear) and module.weight.is_cuda and module.weight.dtype in (
-                torch.float16, torch.bfloat16)):
+        if not (
+            isinstance(module, nn.Linear)
+            and module.weight.is_cuda
+            and module.weight.dtype in (torch.float16, torch.bfloat16)
+        ):
             continue
         try:
-            module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+            module.weight = nn.Parameter(
+                to_sparse_semi_structured(module.weight.detach()), requires_grad=False
+            )
             swapped += 1
         except (RuntimeError, ValueError) as err:  # shape or dtype the kernel does not support
             logger.warning("maskllm: %s stays dense (%s)", name, err)

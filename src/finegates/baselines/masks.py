@@ -47,7 +47,8 @@ def apply_mask(module: nn.Module, mask: torch.Tensor) -> None:
 
 
 def cubic_sparsity(step: int, total_steps: int, final: float, end_fraction: float = 0.7) -> float:
-    """Gradual magnitude pruning schedule (Zhu & Gupta): s_t = final * (1 - (1 - t / T)^3), T = end_fraction * total.
+    """Gradual magnitude pruning schedule (Zhu & Gupta): s_t = final * (1 - (1 - t / T)^3),
+    T = end_fraction * total.
 
     >>> cubic_sparsity(0, 100, 0.5), cubic_sparsity(70, 100, 0.5)
     (0.0, 0.5)

@@ -25,12 +25,17 @@ from finegates.targets import default_modules_to_save
 
 @dataclass
 class SALRConfig(MethodConfig):
-    sparsity: float = field(default=0.5, metadata={"help": "Unstructured sparsity of each frozen base weight."})
-    svd_rank: int = field(default=8, metadata={"help": "Rank of the adapter initialised from the residual's SVD."})
+    sparsity: float = field(
+        default=0.5, metadata={"help": "Unstructured sparsity of each frozen base weight."}
+    )
+    svd_rank: int = field(
+        default=8, metadata={"help": "Rank of the adapter initialised from the residual's SVD."}
+    )
     lora_r: int = field(default=8, metadata={"help": "Rank of the LoRA adapter."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha / r)."})
     target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Layers to prune and adapt; None: FineGates' defaults for the model type."}
+        default=None,
+        metadata={"help": "Layers to prune and adapt; None: FineGates' defaults for the model type."},
     )
 
 

@@ -87,6 +87,11 @@ def measure_cpu_inference(
         sparse_ms=_time_ms(sparse, inputs, min_run_time),
         sparsity=zeros / max(total, 1),
     )
-    logger.info("CSR vs dense on CPU at %.1f%% sparsity: %.3f ms vs %.3f ms (speedup %.2fx)",
-                100 * timing.sparsity, timing.sparse_ms, timing.dense_ms, timing.speedup)
+    logger.info(
+        "CSR vs dense on CPU at %.1f%% sparsity: %.3f ms vs %.3f ms (speedup %.2fx)",
+        100 * timing.sparsity,
+        timing.sparse_ms,
+        timing.dense_ms,
+        timing.speedup,
+    )
     return timing

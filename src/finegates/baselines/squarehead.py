@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SquareHeadConfig(MethodConfig):
-    sparsity: float = field(default=0.5, metadata={"help": "Unstructured sparsity of each target layer (0.5-0.75)."})
+    sparsity: float = field(
+        default=0.5, metadata={"help": "Unstructured sparsity of each target layer (0.5-0.75)."}
+    )
     pruning: str = field(default="oneshot", metadata={"help": "'oneshot' magnitude mask or 'gradual' (GMP)."})
     gradual_end: float = field(
         default=0.7, metadata={"help": "GMP: fraction of training after which the final sparsity holds."}
@@ -35,7 +37,9 @@ class SquareHeadConfig(MethodConfig):
         default=None, metadata={"help": "Layers to sparsify; None: FineGates' defaults for the model type."}
     )
     kl_weight: float = field(default=1.0, metadata={"help": "Weight of the logit KL term."})
-    feature_weight: float = field(default=1.0, metadata={"help": "Weight of the normalized hidden-state L2 term."})
+    feature_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the normalized hidden-state L2 term."}
+    )
     temperature: float = field(default=1.0, metadata={"help": "Distillation temperature of the KL term."})
 
     def __post_init__(self) -> None:
@@ -88,8 +92,14 @@ class SquareHead(BaseMethod):
         if teacher_outputs is None:
             raise ValueError("squarehead needs the dense teacher's outputs (with hidden states).")
         cfg: SquareHeadConfig = self.config
-        return squarehead_loss(outputs, teacher_outputs, batch.get("attention_mask"), cfg.kl_weight,
-                               cfg.feature_weight, cfg.temperature)
+        return squarehead_loss(
+            outputs,
+            teacher_outputs,
+            batch.get("attention_mask"),
+            cfg.kl_weight,
+            cfg.feature_weight,
+            cfg.temperature,
+        )
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """The deployed model is dense with exact zeros: a sparse runtime is what could exploit them."""

@@ -31,6 +31,10 @@ def compact(model: nn.Module) -> nn.Module:
     from finegates.compress import compress  # imported late: compaction is a heavier, separate module
 
     small = compress(model)
-    logger.info("compacted %s: %d -> %d parameters", type(model).__name__, parameter_count(model),
-                parameter_count(small))
+    logger.info(
+        "compacted %s: %d -> %d parameters",
+        type(model).__name__,
+        parameter_count(model),
+        parameter_count(small),
+    )
     return small

@@ -17,4 +17,10 @@ from finegates.compress.uniform import export_uniform
 
 register_compact_models()
 
-__all__ = ["CompressedCheckpointError", "compress", "export_uniform", "load_compressed", "register_compact_models"]
+__all__ = [
+    "CompressedCheckpointError",
+    "compress",
+    "export_uniform",
+    "load_compressed",
+    "register_compact_models",
+]

@@ -38,7 +38,9 @@ class CompactAttention(nn.Module):
         super().__init__()
         missing = set(self.projections) - set(projections)
         if missing:
-            raise ValueError(f"{type(self).__name__} needs projections {sorted(missing)} in finegates_compact.")
+            raise ValueError(
+                f"{type(self).__name__} needs projections {sorted(missing)} in finegates_compact."
+            )
         for name in self.projections:
             self.add_module(name, projections[name])
         self.config = stock.config
@@ -53,8 +55,10 @@ class CompactAttention(nn.Module):
 
     def index_bounds(self) -> list[tuple[str, torch.Tensor | None, int | None]]:
         """(buffer, indices, exclusive upper bound) for checking a loaded checkpoint."""
-        return [("kv_index", self.kv_index, self.spec.num_kv_heads),
-                ("rope_dims", getattr(self, "rope_dims", None), self.spec.head_dim)]
+        return [
+            ("kv_index", self.kv_index, self.spec.num_kv_heads),
+            ("rope_dims", getattr(self, "rope_dims", None), self.spec.head_dim),
+        ]
 
     def projection_widths(self) -> dict[str, tuple[str, int]]:
         """{projection: ("out" or "in", the width the spec implies)}, to check a loaded checkpoint."""
@@ -73,9 +77,11 @@ class CompactAttention(nn.Module):
         """(batch, seq, heads * dim) -> (batch, heads, seq, dim)."""
         return x.view(*x.shape[:-1], -1, dim).transpose(1, 2)
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor,
-               position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on kept dims: `rope_dims` lists kept units u then u + d/2, so rotate_half pairs them as before.
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on kept dims: `rope_dims` lists kept units u then u + d/2, so rotate_half pairs them as
+        before.
 
         A layer whose heads keep every q/k dim (qk_dim == head_dim, so `rope_dims` is 0..d-1 in every
         head) rotates as the stock module does, the (batch, seq, d) tables broadcast over the heads.
@@ -114,8 +120,16 @@ class CompactAttention(nn.Module):
         query_dims = self.rope_dims.index_select(0, self.kv_index)
         return query_dims, torch.cat([query_dims.flatten(), self.rope_dims.flatten()])
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               cache, dropout: float, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache,
+        dropout: float,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cache update, kernel call; returns (batch, seq, heads * v_dim) and the weights if any."""
         implementation = self.config._attn_implementation
         v_dim = v.shape[-1]
@@ -126,13 +140,15 @@ class CompactAttention(nn.Module):
         if self.spec.group_size == 0:
             k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        out, weights = interface(self, q, k, v, mask, dropout=dropout if self.training else 0.0,
-                                 scaling=self.scaling, **kwargs)
+        out, weights = interface(
+            self, q, k, v, mask, dropout=dropout if self.training else 0.0, scaling=self.scaling, **kwargs
+        )
         return out[..., :v_dim].reshape(*out.shape[:2], -1), weights
 
 
 def _kv_cache(cache, past_key_values):
-    """The KV cache by either name: recent transformers releases pass `cache`, earlier 5.x ones `past_key_values`."""
+    """The KV cache by either name: recent transformers releases pass `cache`, earlier 5.x ones
+    `past_key_values`."""
     return cache if cache is not None else past_key_values
 
 
@@ -198,11 +214,22 @@ class CompactRopeAttention(CompactAttention):
 
     def projection_widths(self) -> dict[str, tuple[str, int]]:
         s = self.spec
-        return {"q_proj": ("out", s.num_heads * s.qk_dim), "k_proj": ("out", s.num_kv_heads * s.qk_dim),
-                "v_proj": ("out", s.num_kv_heads * s.v_dim), "o_proj": ("in", s.num_heads * s.v_dim)}
+        return {
+            "q_proj": ("out", s.num_heads * s.qk_dim),
+            "k_proj": ("out", s.num_kv_heads * s.qk_dim),
+            "v_proj": ("out", s.num_kv_heads * s.v_dim),
+            "o_proj": ("in", s.num_heads * s.v_dim),
+        }
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ):
         s = self.spec
         q = self.split_heads(self.q_proj(hidden_states), s.qk_dim)
         k = self.split_heads(self.k_proj(hidden_states), s.qk_dim)
@@ -211,8 +238,16 @@ class CompactRopeAttention(CompactAttention):
             k = self.k_norm(k, None if self.all_qk_kept else self.rope_dims)
         v = self.split_heads(self.v_proj(hidden_states), s.v_dim)
         q, k = self.rotate(q, k, position_embeddings)
-        out, weights = self.attend(q, k, v, attention_mask, _kv_cache(cache, past_key_values), self.dropout,
-                                   sliding_window=self.sliding_window, **kwargs)
+        out, weights = self.attend(
+            q,
+            k,
+            v,
+            attention_mask,
+            _kv_cache(cache, past_key_values),
+            self.dropout,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
         return self.o_proj(out), weights
 
 
@@ -227,11 +262,21 @@ class CompactBertSelfAttention(CompactAttention):
 
     def projection_widths(self) -> dict[str, tuple[str, int]]:
         s = self.spec
-        return {"query": ("out", s.num_heads * s.qk_dim), "key": ("out", s.num_kv_heads * s.qk_dim),
-                "value": ("out", s.num_kv_heads * s.v_dim)}
+        return {
+            "query": ("out", s.num_heads * s.qk_dim),
+            "key": ("out", s.num_kv_heads * s.qk_dim),
+            "value": ("out", s.num_kv_heads * s.v_dim),
+        }
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache=None, past_key_values=None, encoder_hidden_states: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        **kwargs,
+    ):
         if encoder_hidden_states is not None:
             raise NotImplementedError("Compacted BERT models support encoder self-attention only.")
         s = self.spec
@@ -250,21 +295,35 @@ class CompactGPT2Attention(CompactAttention):
         super().__init__(stock, spec, projections)
         self.dropout = stock.attn_dropout.p
         self.resid_dropout = stock.resid_dropout
-        self.sizes = [spec.num_heads * spec.qk_dim, spec.num_kv_heads * spec.qk_dim, spec.num_kv_heads * spec.v_dim]
+        self.sizes = [
+            spec.num_heads * spec.qk_dim,
+            spec.num_kv_heads * spec.qk_dim,
+            spec.num_kv_heads * spec.v_dim,
+        ]
 
     def projection_widths(self) -> dict[str, tuple[str, int]]:
         s = self.spec
         return {"c_attn": ("out", sum(self.sizes)), "c_proj": ("in", s.num_heads * s.v_dim)}
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask=None,
-                output_attentions: bool | None = False, past_key_values=None, **kwargs):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask=None,
+        output_attentions: bool | None = False,
+        past_key_values=None,
+        **kwargs,
+    ):
         if encoder_hidden_states is not None:
             raise NotImplementedError("Compacted GPT-2 models support self-attention only.")
         q, k, v = self.c_attn(hidden_states).split(self.sizes, dim=-1)
         s = self.spec
         q, k, v = self.split_heads(q, s.qk_dim), self.split_heads(k, s.qk_dim), self.split_heads(v, s.v_dim)
-        out, weights = self.attend(q, k, v, attention_mask, _kv_cache(cache, past_key_values), self.dropout, **kwargs)
+        out, weights = self.attend(
+            q, k, v, attention_mask, _kv_cache(cache, past_key_values), self.dropout, **kwargs
+        )
         return self.resid_dropout(self.c_proj(out)), weights
 
 

@@ -70,22 +70,33 @@ def _relative(model: PreTrainedModel, name: str) -> tuple[str, bool]:
     if model.base_model is model:
         return name, True
     prefix = model.base_model_prefix + "."
-    return (name[len(prefix):], True) if name.startswith(prefix) else (name, False)
+    return (name[len(prefix) :], True) if name.startswith(prefix) else (name, False)
 
 
 def _linear_spec(module: nn.Module, mp: ModulePlan) -> LinearSpec:
     out_features, in_features = mp.shape
-    return LinearSpec(out_features, in_features, has_bias(module),
-                      scatter_to=mp.out_features if mp.scatter_rows else None,
-                      gather_from=mp.in_features if mp.gather_cols else None)
+    return LinearSpec(
+        out_features,
+        in_features,
+        has_bias(module),
+        scatter_to=mp.out_features if mp.scatter_rows else None,
+        gather_from=mp.in_features if mp.gather_cols else None,
+    )
 
 
 def _attention_spec(a: AttentionPlan, arch: Architecture) -> AttentionSpec:
     counts = torch.bincount(a.kv_index, minlength=len(a.kv_heads))
     regular = bool((counts == counts[0]).all())
-    return AttentionSpec(num_heads=len(a.heads), num_kv_heads=len(a.kv_heads), qk_dim=a.qk_dims.shape[1],
-                         v_dim=a.vo_dims.shape[1], head_dim=a.head_dim,
-                         group_size=int(counts[0]) if regular else 0, rope=arch.rope, qk_norm=arch.qk_norm)
+    return AttentionSpec(
+        num_heads=len(a.heads),
+        num_kv_heads=len(a.kv_heads),
+        qk_dim=a.qk_dims.shape[1],
+        v_dim=a.vo_dims.shape[1],
+        head_dim=a.head_dim,
+        group_size=int(counts[0]) if regular else 0,
+        rope=arch.rope,
+        qk_norm=arch.qk_norm,
+    )
 
 
 def build_spec(model: PreTrainedModel, plan: CompactionPlan, arch: Architecture) -> CompactSpec:
@@ -93,7 +104,9 @@ def build_spec(model: PreTrainedModel, plan: CompactionPlan, arch: Architecture)
     spec = CompactSpec(family=family(arch))
     for name, mp in plan.modules.items():
         relative, in_base = _relative(model, name)
-        (spec.linears if in_base else spec.head_linears)[relative] = _linear_spec(model.get_submodule(name), mp)
+        (spec.linears if in_base else spec.head_linears)[relative] = _linear_spec(
+            model.get_submodule(name), mp
+        )
     for block, a in plan.attention.items():
         relative, _ = _relative(model, f"{block}.{attention_path(arch)}")
         spec.attention[relative] = _attention_spec(a, arch)
@@ -130,7 +143,11 @@ def compact_config(config: PretrainedConfig, spec: CompactSpec, config_class: ty
 
 
 def _non_persistent_buffers(model: nn.Module) -> list[str]:
-    return [f"{m}.{b}" if m else b for m, module in model.named_modules() for b in module._non_persistent_buffers_set]
+    return [
+        f"{m}.{b}" if m else b
+        for m, module in model.named_modules()
+        for b in module._non_persistent_buffers_set
+    ]
 
 
 def _load(small: PreTrainedModel, state: dict[str, torch.Tensor], source: nn.Module) -> None:
@@ -139,8 +156,10 @@ def _load(small: PreTrainedModel, state: dict[str, torch.Tensor], source: nn.Mod
     tied = set(getattr(small, "all_tied_weights_keys", {}) or {})
     missing = set(result.missing_keys) - tied
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"compress built inconsistent shapes: missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(result.unexpected_keys)[:5]} (a bug: please report it).")
+        raise RuntimeError(
+            f"compress built inconsistent shapes: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]} (a bug: please report it)."
+        )
     for name in _non_persistent_buffers(small):
         module_name, _, buffer = name.rpartition(".")
         owner = small.get_submodule(module_name) if module_name else small

@@ -65,14 +65,17 @@ def load_checked(auto_class: type, path: str | Path, **kwargs) -> PreTrainedMode
 
 def _model_class(path: Path) -> type[PreTrainedModel]:
     if not (path / "config.json").is_file():
-        raise CompressedCheckpointError(f"{path}: no config.json; is this a folder written by save_pretrained?")
+        raise CompressedCheckpointError(
+            f"{path}: no config.json; is this a folder written by save_pretrained?"
+        )
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CompressedCheckpointError(f"{path}: config.json cannot be read: {err}") from err
     if not config.model_type.startswith(PREFIX) or getattr(config, "finegates_compact", None) is None:
         raise CompressedCheckpointError(
-            f"{path}: model_type {config.model_type!r} is not a FineGates compacted model (no finegates_compact)."
+            f"{path}: model_type {config.model_type!r} is not a FineGates compacted model (no "
+            "finegates_compact)."
         )
     try:
         CompactSpec.from_dict(config.finegates_compact)
@@ -80,5 +83,7 @@ def _model_class(path: Path) -> type[PreTrainedModel]:
         raise CompressedCheckpointError(f"{path}: config.json finegates_compact is invalid: {err}") from err
     names = list(getattr(config, "architectures", None) or [])
     if not names or names[0] not in COMPACT_BY_NAME:
-        raise CompressedCheckpointError(f"{path}: config.json architectures {names} names no compact model class.")
+        raise CompressedCheckpointError(
+            f"{path}: config.json architectures {names} names no compact model class."
+        )
     return COMPACT_BY_NAME[names[0]]

@@ -20,7 +20,9 @@ from finegates.compress.spec import LinearSpec
 
 ALIGN = 16  # elements: output rows start on 64-byte boundaries (float32)
 MIN_ROWS = 16  # below this many rows (e.g. decoding) the GEMM is a GEMV and alignment does not pay
-ONEDNN_MIN_ROWS = 128  # from this many rows on, float32 GEMMs on x86 CPUs run through oneDNN (see CompactLinear)
+ONEDNN_MIN_ROWS = (
+    128  # from this many rows on, float32 GEMMs on x86 CPUs run through oneDNN (see CompactLinear)
+)
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -46,8 +48,14 @@ ONEDNN = _onednn_linear_works()
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """oneDNN pays for this GEMM, and no dispatch mode is active: modes such as FlopCounterMode know
     aten.mm / addmm but not the oneDNN op, so under one the GEMM stays an aten op they can see."""
-    return (ONEDNN and x.shape[0] >= ONEDNN_MIN_ROWS and x.dtype == torch.float32 and weight.numel() > 0
-            and torch.backends.mkldnn.enabled and not is_in_torch_dispatch_mode())
+    return (
+        ONEDNN
+        and x.shape[0] >= ONEDNN_MIN_ROWS
+        and x.dtype == torch.float32
+        and weight.numel() > 0
+        and torch.backends.mkldnn.enabled
+        and not is_in_torch_dispatch_mode()
+    )
 
 
 def compact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -58,8 +66,12 @@ def compact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     layer's shapes.
     """
     rows, n = x.shape[0], weight.shape[0]
-    if rows < MIN_ROWS or x.device.type != "cpu" or torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if (
+        rows < MIN_ROWS
+        or x.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
         return F.linear(x, weight, bias)  # decoding takes the first test: a GEMV is fastest as it is
     if _onednn(x, weight):
         return onednn_linear(x, weight, bias)
@@ -78,12 +90,12 @@ class CompactLinear(nn.Linear):
     AVX-512, 1 thread, `benchmarks/gemm_routes.py --rows N`, SmolLM2-135M layer shapes summed, compact /
     dense): oneDNN's matmul ran 1.11x / 1.10x faster than the BLAS (MKL) GEMM behind F.linear at 256
     rows, 1.16x / 1.14x at 128, 1.09x / 1.06x at 64 and 1.03x / 1.03x at 32; single small shapes
-    timed alone at 16-64 rows (e.g. 192 x 531, 241 x 317) ran 0.7-1.2x. So float32 inputs of at least ONEDNN_MIN_ROWS
-    rows go through oneDNN (`torch.backends.mkldnn.flags(enabled=False)` turns it off). Fewer rows,
-    down to MIN_ROWS, are written into a buffer whose rows have a stride rounded up to ALIGN (about 25%
-    faster than rows of an odd width) and returned as a view; a GEMV (decoding) is plain F.linear,
-    which was faster there. Autograd uses F.linear. `use_compact_linears` gives a dense model the same
-    GEMMs, for like-for-like speed comparisons.
+    timed alone at 16-64 rows (e.g. 192 x 531, 241 x 317) ran 0.7-1.2x. So float32 inputs of at least
+    ONEDNN_MIN_ROWS rows go through oneDNN (`torch.backends.mkldnn.flags(enabled=False)` turns it off). Fewer
+    rows, down to MIN_ROWS, are written into a buffer whose rows have a stride rounded up to ALIGN (about 25%
+    faster than rows of an odd width) and returned as a view; a GEMV (decoding) is plain F.linear, which was
+    faster there. Autograd uses F.linear. `use_compact_linears` gives a dense model the same GEMMs, for
+    like-for-like speed comparisons.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,13 +118,21 @@ def use_compact_linears(model: nn.Module) -> nn.Module:
 class ResidualLinear(nn.Module):
     """y[..., rows] = linear(x[..., cols]), zero elsewhere; `cols`/`rows` are None when not needed.
 
-    >>> layer = ResidualLinear(nn.Linear(2, 1), torch.tensor([0, 3]), torch.tensor([1]), out_full=3, in_full=4)
+    >>> layer = ResidualLinear(
+    ...     nn.Linear(2, 1), torch.tensor([0, 3]), torch.tensor([1]), out_full=3, in_full=4
+    ... )
     >>> layer(torch.ones(5, 4)).shape
     torch.Size([5, 3])
     """
 
-    def __init__(self, linear: nn.Linear, cols: torch.Tensor | None, rows: torch.Tensor | None,
-                 out_full: int | None, in_full: int | None = None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        cols: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        out_full: int | None,
+        in_full: int | None = None,
+    ) -> None:
         super().__init__()
         self.linear = linear
         self.register_buffer("cols", cols)

@@ -38,20 +38,62 @@ _AUTO = {
 }
 # model_type -> (config class, {auto class: stock model class}); names looked up in transformers.
 _STOCK: dict[str, tuple[str, dict[str, str]]] = {
-    "llama": ("LlamaConfig", {"AutoModel": "LlamaModel", "AutoModelForCausalLM": "LlamaForCausalLM",
-                              "AutoModelForSequenceClassification": "LlamaForSequenceClassification"}),
-    "mistral": ("MistralConfig", {"AutoModel": "MistralModel", "AutoModelForCausalLM": "MistralForCausalLM",
-                                  "AutoModelForSequenceClassification": "MistralForSequenceClassification"}),
-    "qwen2": ("Qwen2Config", {"AutoModel": "Qwen2Model", "AutoModelForCausalLM": "Qwen2ForCausalLM",
-                              "AutoModelForSequenceClassification": "Qwen2ForSequenceClassification"}),
-    "qwen3": ("Qwen3Config", {"AutoModel": "Qwen3Model", "AutoModelForCausalLM": "Qwen3ForCausalLM",
-                              "AutoModelForSequenceClassification": "Qwen3ForSequenceClassification"}),
-    "bert": ("BertConfig", {"AutoModel": "BertModel", "AutoModelForMaskedLM": "BertForMaskedLM",
-                            "AutoModelForSequenceClassification": "BertForSequenceClassification"}),
-    "roberta": ("RobertaConfig", {"AutoModel": "RobertaModel", "AutoModelForMaskedLM": "RobertaForMaskedLM",
-                                  "AutoModelForSequenceClassification": "RobertaForSequenceClassification"}),
-    "gpt2": ("GPT2Config", {"AutoModel": "GPT2Model", "AutoModelForCausalLM": "GPT2LMHeadModel",
-                            "AutoModelForSequenceClassification": "GPT2ForSequenceClassification"}),
+    "llama": (
+        "LlamaConfig",
+        {
+            "AutoModel": "LlamaModel",
+            "AutoModelForCausalLM": "LlamaForCausalLM",
+            "AutoModelForSequenceClassification": "LlamaForSequenceClassification",
+        },
+    ),
+    "mistral": (
+        "MistralConfig",
+        {
+            "AutoModel": "MistralModel",
+            "AutoModelForCausalLM": "MistralForCausalLM",
+            "AutoModelForSequenceClassification": "MistralForSequenceClassification",
+        },
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        {
+            "AutoModel": "Qwen2Model",
+            "AutoModelForCausalLM": "Qwen2ForCausalLM",
+            "AutoModelForSequenceClassification": "Qwen2ForSequenceClassification",
+        },
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        {
+            "AutoModel": "Qwen3Model",
+            "AutoModelForCausalLM": "Qwen3ForCausalLM",
+            "AutoModelForSequenceClassification": "Qwen3ForSequenceClassification",
+        },
+    ),
+    "bert": (
+        "BertConfig",
+        {
+            "AutoModel": "BertModel",
+            "AutoModelForMaskedLM": "BertForMaskedLM",
+            "AutoModelForSequenceClassification": "BertForSequenceClassification",
+        },
+    ),
+    "roberta": (
+        "RobertaConfig",
+        {
+            "AutoModel": "RobertaModel",
+            "AutoModelForMaskedLM": "RobertaForMaskedLM",
+            "AutoModelForSequenceClassification": "RobertaForSequenceClassification",
+        },
+    ),
+    "gpt2": (
+        "GPT2Config",
+        {
+            "AutoModel": "GPT2Model",
+            "AutoModelForCausalLM": "GPT2LMHeadModel",
+            "AutoModelForSequenceClassification": "GPT2ForSequenceClassification",
+        },
+    ),
 }
 COMPACT_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}  # stock class -> compact class
 COMPACT_BY_NAME: dict[str, type[PreTrainedModel]] = {}
@@ -103,7 +145,9 @@ def apply_spec(model: PreTrainedModel, spec: CompactSpec) -> None:
 
 
 def _compact_config_class(model_type: str, stock: type) -> type:
-    return type(f"Compact{stock.__name__}", (stock,), {"model_type": PREFIX + model_type, "__module__": __name__})
+    return type(
+        f"Compact{stock.__name__}", (stock,), {"model_type": PREFIX + model_type, "__module__": __name__}
+    )
 
 
 def _compact_model_class(stock: type[PreTrainedModel], config_class: type) -> type[PreTrainedModel]:
@@ -112,8 +156,8 @@ def _compact_model_class(stock: type[PreTrainedModel], config_class: type) -> ty
         spec = getattr(config, "finegates_compact", None)
         if spec is None:
             raise CompressedCheckpointError(
-                f"model_type {config.model_type!r} needs the finegates_compact section of config.json, which is "
-                "missing: the folder is damaged; compact the model again."
+                f"model_type {config.model_type!r} needs the finegates_compact section of config.json, which "
+                "is missing: the folder is damaged; compact the model again."
             )
         try:
             apply_spec(self, CompactSpec.from_dict(spec))
@@ -133,9 +177,17 @@ def _compact_model_class(stock: type[PreTrainedModel], config_class: type) -> ty
         check_loaded(path, model, info)
         return (model, info) if want_info else model
 
-    doc = f"`{stock.__name__}` with the per-layer shapes of `config.finegates_compact` (a FineGates compacted model)."
-    attrs = {"config_class": config_class, "__init__": __init__, "from_pretrained": from_pretrained,
-             "__module__": __name__, "__doc__": doc}
+    doc = (
+        f"`{stock.__name__}` with the per-layer shapes of `config.finegates_compact` "
+        "(a FineGates compacted model)."
+    )
+    attrs = {
+        "config_class": config_class,
+        "__init__": __init__,
+        "from_pretrained": from_pretrained,
+        "__module__": __name__,
+        "__doc__": doc,
+    }
     compact = type(f"{COMPACT}{stock.__name__}", (stock,), attrs)
     return compact
 
@@ -164,5 +216,7 @@ def compact_class_for(model: nn.Module) -> type[PreTrainedModel]:
     compact = COMPACT_CLASSES.get(type(model))
     if compact is None:
         supported = sorted(c.__name__ for c in COMPACT_CLASSES)
-        raise NotImplementedError(f"compress does not support {type(model).__name__}; supported: {supported}.")
+        raise NotImplementedError(
+            f"compress does not support {type(model).__name__}; supported: {supported}."
+        )
     return compact

@@ -24,7 +24,9 @@ def quantize_linears(model: nn.Module) -> nn.Module:
         if isinstance(module, CompactLinear):
             module.__class__ = nn.Linear  # the quantizer matches exact types; the state is the same
     qconfig = torch.ao.quantization.default_dynamic_qconfig
-    spec = {name: qconfig for name, m in model.named_modules() if type(m) is nn.Linear and m.weight.numel() > 0}
+    spec = {
+        name: qconfig for name, m in model.named_modules() if type(m) is nn.Linear and m.weight.numel() > 0
+    }
     with warnings.catch_warnings():
         # torch.ao.quantization announces its move to torchao; it is still the in-tree dynamic quantizer.
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")

@@ -54,7 +54,8 @@ def keep_cols(linear: nn.Linear, idx: torch.Tensor) -> nn.Linear:
 
 
 def folded_linear(module: nn.Module) -> nn.Linear:
-    """The eval-mode map of a GatedLinear, nn.Linear or Conv1D as one plain nn.Linear (gates multiplied in)."""
+    """The eval-mode map of a GatedLinear, nn.Linear or Conv1D as one plain nn.Linear (gates multiplied
+    in)."""
     with torch.no_grad():
         if isinstance(module, GatedLinear):
             return linear_from(*module.folded_weight())

@@ -46,15 +46,23 @@ def _head_widths(plan: CompactionPlan) -> tuple[int, int]:
     return kv, group
 
 
-def _head_rows(block: Block, plan: CompactionPlan, kv_width: int, group_width: int) -> dict[str, torch.Tensor]:
+def _head_rows(
+    block: Block, plan: CompactionPlan, kv_width: int, group_width: int
+) -> dict[str, torch.Tensor]:
     """Kept rows of q, k, v and columns of o: whole heads, padded with dead heads of the same groups."""
     a, s = plan.attention[block.name], block.shape
     kv_heads = _pad(a.kv_heads, s.num_kv_heads, kv_width)
-    queries = [_pad(a.heads[a.heads // s.group_size == kv] - kv * s.group_size, s.group_size, group_width)
-               + kv * s.group_size for kv in kv_heads.tolist()]
+    queries = [
+        _pad(a.heads[a.heads // s.group_size == kv] - kv * s.group_size, s.group_size, group_width)
+        + kv * s.group_size
+        for kv in kv_heads.tolist()
+    ]
     q_heads = torch.cat(queries)
     d = s.head_dim
-    q, kv = (q_heads[:, None] * d + torch.arange(d)).flatten(), (kv_heads[:, None] * d + torch.arange(d)).flatten()
+    q, kv = (
+        (q_heads[:, None] * d + torch.arange(d)).flatten(),
+        (kv_heads[:, None] * d + torch.arange(d)).flatten(),
+    )
     return {"q": q, "k": kv, "v": kv, "o": q}
 
 
@@ -103,7 +111,8 @@ def export_uniform(model: PreTrainedModel) -> PreTrainedModel:
     """A stock transformers model (same class as the gated model's) with uniform, exactly removable widths.
 
     >>> stock = export_uniform(gated_model)  # doctest: +SKIP
-    >>> stock.save_pretrained("stock/")  # loads with plain transformers, no finegates needed  # doctest: +SKIP
+    >>> # loads with plain transformers, no finegates needed:
+    >>> stock.save_pretrained("stock/")  # doctest: +SKIP
     """
     gates_config(model)
     arch = architecture_for(model.config.model_type)
@@ -135,4 +144,3 @@ def _uniform_config(model: PreTrainedModel, widths: dict[str, int]):
         config.num_key_value_heads = widths["kv_heads"]
         config.num_attention_heads = widths["kv_heads"] * widths["group"]
     return config
-

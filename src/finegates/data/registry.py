@@ -48,12 +48,13 @@ def load_classification(
         return CLASSIFICATION_TASKS[task]()
     if task in TEXT_CORPORA or task in MULTIPLE_CHOICE_TASKS:
         raise ValueError(
-            f"{task!r} is a text corpus or a zero-shot task, not a classification task; use one of {_known()}."
+            f"{task!r} is a text corpus or a zero-shot task, not a classification task; use one of "
+            f"{_known()}."
         )
     if not is_path_or_hub_id(task):
         raise ValueError(
-            f"Unknown task {task!r}: use one of {_known()}, a local csv/tsv/json/jsonl/parquet file or folder, "
-            "or a hub data set id (owner/name)."
+            f"Unknown task {task!r}: use one of {_known()}, a local csv/tsv/json/jsonl/parquet file or "
+            "folder, or a hub data set id (owner/name)."
         )
     return load_with_datasets(
         task, columns or Columns(), test_file=test_file, test_fraction=test_fraction, seed=seed
@@ -67,11 +68,13 @@ def load_text_corpus(name: str, column: str = "text") -> list[str]:
     if name in TEXT_CORPORA:
         return TEXT_CORPORA[name]()
     if name in CLASSIFICATION_TASKS or name in MULTIPLE_CHOICE_TASKS:
-        raise ValueError(f"{name!r} is a task, not a text corpus; use one of {sorted(TEXT_CORPORA)} or your own files.")
+        raise ValueError(
+            f"{name!r} is a task, not a text corpus; use one of {sorted(TEXT_CORPORA)} or your own files."
+        )
     if not is_path_or_hub_id(name):
         raise ValueError(
-            f"Unknown text corpus {name!r}: {name} does not exist. Use one of {sorted(TEXT_CORPORA)}, a .txt file or "
-            "folder, a csv/json/jsonl/parquet file or folder, or a hub data set id (owner/name)."
+            f"Unknown text corpus {name!r}: {name} does not exist. Use one of {sorted(TEXT_CORPORA)}, a .txt "
+            "file or folder, a csv/json/jsonl/parquet file or folder, or a hub data set id (owner/name)."
         )
     return load_documents(name, column)
 
@@ -83,6 +86,7 @@ def load_multiple_choice(name: str, fields: ChoiceFields | None = None) -> list[
         return MULTIPLE_CHOICE_TASKS[name]()
     if not name.endswith(".jsonl"):
         raise ValueError(
-            f"Unknown multiple-choice task {name!r}; choose one of {sorted(MULTIPLE_CHOICE_TASKS)} or a local .jsonl file."
+            f"Unknown multiple-choice task {name!r}; choose one of {sorted(MULTIPLE_CHOICE_TASKS)} or a "
+            "local .jsonl file."
         )
     return load_choice_file(name, fields)

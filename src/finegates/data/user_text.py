@@ -19,7 +19,8 @@ def _read_utf8(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(
-            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, e.g. with iconv -t utf-8."
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, e.g. with iconv -t "
+            "utf-8."
         ) from None
 
 
@@ -41,15 +42,19 @@ def load_documents(source: str, column: str = "text") -> list[str]:
         docs = [text.strip() for f in sorted(path.glob("*.txt")) if (text := _read_utf8(f)).strip()]
     else:
         if path.is_file() and path.suffix not in BUILDERS:
-            raise ValueError(f"{source}: unsupported file type {path.suffix!r}; use .txt or one of {sorted(BUILDERS)}.")
+            raise ValueError(
+                f"{source}: unsupported file type {path.suffix!r}; use .txt or one of {sorted(BUILDERS)}."
+            )
         table = load_table(source, "train")
         if column not in table.column_names:
-            raise ValueError(f"{source}: no text column {column!r}; columns are {table.column_names}. Use --text-column.")
+            raise ValueError(
+                f"{source}: no text column {column!r}; columns are {table.column_names}. Use --text-column."
+            )
         docs = [str(text).strip() for text in table[column] if text is not None and str(text).strip()]
     if len(docs) < 2:
         raise ValueError(
-            f"{source} holds {len(docs)} non-empty document(s); post-training needs at least 2 (some are held "
-            "out for perplexity). In a .txt file, separate documents by blank lines."
+            f"{source} holds {len(docs)} non-empty document(s); post-training needs at least 2 (some are "
+            "held out for perplexity). In a .txt file, separate documents by blank lines."
         )
     return docs
 
@@ -72,7 +77,9 @@ def load_choice_file(source: str, fields: ChoiceFields | None = None) -> list[Mu
     fields = fields or ChoiceFields()
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"Zero-shot file {source} does not exist: give a jsonl file or an embedded task (piqa).")
+        raise ValueError(
+            f"Zero-shot file {source} does not exist: give a jsonl file or an embedded task (piqa)."
+        )
     items = []
     for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if line.strip():
@@ -98,6 +105,7 @@ def _choice_item(line: str, fields: ChoiceFields, where: str) -> MultipleChoiceI
         answer = choices.index(answer)
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise ValueError(
-            f"{where}: answer {row[fields.answer]!r} is neither an index into the {len(choices)} choices nor one of them."
+            f"{where}: answer {row[fields.answer]!r} is neither an index into the {len(choices)} choices nor "
+            "one of them."
         )
     return MultipleChoiceItem(str(row[fields.question]), choices, answer)

@@ -1,4 +1,5 @@
-"""`finegates bench`: forward latency and throughput of a checkpoint against its dense base, timed in turns."""
+"""`finegates bench`: forward latency and throughput of a checkpoint against its dense base, timed in
+turns."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ class BenchConfig:
     """The two models and the batch shape to time."""
 
     model: str = field(default="", metadata={"help": "Checkpoint folder (compacted or dense)."})
-    base_model: str = field(default="", metadata={"help": "Dense base to compare with (embedded name, hub id, folder)."})
+    base_model: str = field(
+        default="", metadata={"help": "Dense base to compare with (embedded name, hub id, folder)."}
+    )
     batch_size: int = field(default=32, metadata={"help": "Sequences per forward pass."})
     length: int = field(default=128, metadata={"help": "Tokens per sequence."})
     repeats: int = field(default=5, metadata={"help": "Timed rounds (each model once per round)."})
@@ -59,9 +62,14 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     batch = benchmark_batch(cfg.batch_size, cfg.length, models["dense"].config.vocab_size)
     checkpoint_s, dense_s, speedup = paired_speedup(models["checkpoint"], models["dense"], batch, cfg.repeats)
     tokens = cfg.batch_size * cfg.length
-    out: dict[str, Any] = {name: {"ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
-                                  "params": sum(p.numel() for p in models[name].parameters())}
-                           for name, seconds in (("dense", dense_s), ("checkpoint", checkpoint_s))}
+    out: dict[str, Any] = {
+        name: {
+            "ms": seconds * 1e3,
+            "tokens_per_s": tokens / seconds,
+            "params": sum(p.numel() for p in models[name].parameters()),
+        }
+        for name, seconds in (("dense", dense_s), ("checkpoint", checkpoint_s))
+    }
     out["speedup"] = speedup  # median of the per-round ratios (the two models timed back to back)
     if cfg.decode_tokens:
         if not all(hasattr(m, "generate") and m.can_generate() for m in models.values()):

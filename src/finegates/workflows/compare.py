@@ -28,8 +28,19 @@ from finegates.workflows.run_config import dataclass_from_dict, write_run_config
 
 logger = logging.getLogger(__name__)
 
-ALL_METHODS = ("full", "lora", "magnitude", "magnitude+lora", "importance", "importance+lora", "squarehead", "salr",
-               "maskllm", "finegates", "finegates+kd")
+ALL_METHODS = (
+    "full",
+    "lora",
+    "magnitude",
+    "magnitude+lora",
+    "importance",
+    "importance+lora",
+    "squarehead",
+    "salr",
+    "maskllm",
+    "finegates",
+    "finegates+kd",
+)
 BUDGET_FREE = ("full", "lora", "maskllm")
 TEACHER = "teacher"
 
@@ -40,10 +51,16 @@ class CompareConfig:
 
     model: str = field(default="minilm", metadata={"help": "Embedded name, hub id or local folder."})
     task: str = field(default="reuters8", metadata={"help": "Embedded task or a local data file."})
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS), metadata={"help": "Methods to run."})
-    sparsity: list[float] = field(default_factory=lambda: [0.2, 0.4], metadata={"help": "Budgets (fraction removed)."})
+    methods: list[str] = field(
+        default_factory=lambda: list(ALL_METHODS), metadata={"help": "Methods to run."}
+    )
+    sparsity: list[float] = field(
+        default_factory=lambda: [0.2, 0.4], metadata={"help": "Budgets (fraction removed)."}
+    )
     text_column: str = field(default="text", metadata={"help": "Text column of a local data file."})
-    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column (sentence pairs)."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Second text column (sentence pairs)."}
+    )
     label_column: str = field(default="label", metadata={"help": "Label column of a local data file."})
     max_train_samples: int = field(default=1000, metadata={"help": "Training rows (seeded subset)."})
     max_test_samples: int = field(default=1000, metadata={"help": "Test rows (seeded subset)."})
@@ -69,13 +86,21 @@ class CompareConfig:
 
 def _split(values: list | str) -> list:
     values = [values] if isinstance(values, str | float | int) else values
-    return [part.strip() if isinstance(part, str) else part for v in values
-            for part in (v.split(",") if isinstance(v, str) else [v]) if part != ""]
+    return [
+        part.strip() if isinstance(part, str) else part
+        for v in values
+        for part in (v.split(",") if isinstance(v, str) else [v])
+        if part != ""
+    ]
 
 
 def _runs(cfg: CompareConfig) -> list[tuple[str, float | None]]:
-    return [(m, None) if m in BUDGET_FREE else (m, s) for m in cfg.methods for s in cfg.sparsity
-            if m not in BUDGET_FREE or s == cfg.sparsity[0]]
+    return [
+        (m, None) if m in BUDGET_FREE else (m, s)
+        for m in cfg.methods
+        for s in cfg.sparsity
+        if m not in BUDGET_FREE or s == cfg.sparsity[0]
+    ]
 
 
 def _key(method: str, sparsity: float | None) -> str:
@@ -107,8 +132,13 @@ def _batches(cfg: CompareConfig):
     _, tokenizer = load_classifier(cfg.model, data.num_labels)
     collate = DataCollatorWithPadding(tokenizer)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(EncodedSplit(train, tokenizer, cfg.max_length), cfg.batch_size, shuffle=True,
-                        collate_fn=collate, generator=gen)
+    loader = DataLoader(
+        EncodedSplit(train, tokenizer, cfg.max_length),
+        cfg.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=gen,
+    )
     test_loader = DataLoader(EncodedSplit(test, tokenizer, cfg.max_length), 64, collate_fn=collate)
     return data, list(loader), list(test_loader)
 
@@ -154,8 +184,9 @@ def _csr_timing(model, cfg: CompareConfig, vocab: int) -> dict[str, float]:
     from finegates.baselines.sparse_inference import measure_cpu_inference
     from finegates.workflows.encoding import benchmark_batch
 
-    timing = measure_cpu_inference(model, list(target_linears(model, None)), benchmark_batch(32, cfg.max_length, vocab),
-                                   min_run_time=0.5)
+    timing = measure_cpu_inference(
+        model, list(target_linears(model, None)), benchmark_batch(32, cfg.max_length, vocab), min_run_time=0.5
+    )
     return {"dense_ms": timing.dense_ms, "csr_ms": timing.sparse_ms, "layer_sparsity": timing.sparsity}
 
 
@@ -173,17 +204,33 @@ def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str
         teacher, _ = load_classifier(str(teacher_path), data.num_labels)
     name = "full" if method == TEACHER else method
     begin = time.perf_counter()
-    result = train_method(name, model, train, lambda m: _accuracy(m, test), config=_method_config(name, sparsity),
-                          teacher=teacher, epochs=cfg.epochs)
+    result = train_method(
+        name,
+        model,
+        train,
+        lambda m: _accuracy(m, test),
+        config=_method_config(name, sparsity),
+        teacher=teacher,
+        epochs=cfg.epochs,
+    )
     wall = time.perf_counter() - begin
     if name == "full":  # full finetuning is the distillation teacher: trained once per comparison
         result.model.save_pretrained(teacher_path)
-    row = {"method": method, "sparsity": sparsity, **result.metrics, "wall_s": wall,
-           "trainable_params": result.trainable_parameters,
-           "removed_params": result.removed_parameters, "kind_of_sparsity": result.kind_of_sparsity,
-           "size_bytes": _size_on_disk(result), "step_s": result.step_seconds,
-           **_latencies(result.model, load_classifier(cfg.model, data.num_labels)[0], cfg, model.config.vocab_size),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    row = {
+        "method": method,
+        "sparsity": sparsity,
+        **result.metrics,
+        "wall_s": wall,
+        "trainable_params": result.trainable_parameters,
+        "removed_params": result.removed_parameters,
+        "kind_of_sparsity": result.kind_of_sparsity,
+        "size_bytes": _size_on_disk(result),
+        "step_s": result.step_seconds,
+        **_latencies(
+            result.model, load_classifier(cfg.model, data.num_labels)[0], cfg, model.config.vocab_size
+        ),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if name == "squarehead":
         row["csr_b32"] = _csr_timing(result.model, cfg, model.config.vocab_size)
     return row
@@ -204,7 +251,14 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
         if path.is_file():
             logger.info("%s: done already, skipped", path.name)
             continue
-        cmd = [sys.executable, "-m", "finegates.workflows.compare", str(out / "run_config.json"), method, str(sparsity)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "finegates.workflows.compare",
+            str(out / "run_config.json"),
+            method,
+            str(sparsity),
+        ]
         subprocess.run(cmd, check=True)
     rows = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
     rows = [r for r in rows if r["method"] != TEACHER]
@@ -228,23 +282,33 @@ def _speedups(row: dict[str, Any], full: dict[str, Any] | None) -> str:
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     dense = next((r for r in rows if r["method"] == "full"), None)
-    head = ("| method | budget | accuracy | trainable params | removed params (kind) | size (MB) | latency b1 (ms) | "
-            "latency b32 (ms) | speedup b1 / b32 vs dense | step (s) | train wall (s) | peak RSS (MB) |")
+    head = (
+        "| method | budget | accuracy | trainable params | removed params (kind) | size (MB) | latency b1 "
+        "(ms) | latency b32 (ms) | speedup b1 / b32 vs dense | step (s) | train wall (s) | peak RSS (MB) |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         speed = _speedups(r, dense)
         lines.append(
-            f"| {r['method']} | {r['sparsity'] if r['sparsity'] is not None else '-'} | {r['accuracy']:.4f} | "
-            f"{r['trainable_params']:,d} | {r['removed_params']:,d} ({r['kind_of_sparsity']}) | "
-            f"{r['size_bytes'] / 2**20:.1f} | {r['latency_b1_s'] * 1e3:.1f} | {r['latency_b32_s'] * 1e3:.0f} | {speed} | "
-            f"{r['step_s']:.2f} | {r.get('wall_s', float('nan')):.0f} | {r['peak_rss_mb']:.0f} |")
-    note = ("\nSpeedups: the dense base model timed in turns with each method's model in the same process, median "
-            "of the per-round ratios (older rows: ratio of the medians, or against the `full` row).\n"
-            "CPU only: maskllm's 2:4 pattern and squarehead/salr's unstructured sparsity have no CPU kernel here, "
-            "so their latency is that of their dense-shaped (or decoded) weights.\n")
-    csr = [f"- squarehead at {r['sparsity']}: its layers ({r['csr_b32']['layer_sparsity']:.1%} zeros) through torch's "
-           f"CSR matmul take {r['csr_b32']['csr_ms']:.0f} ms at batch 32 vs {r['csr_b32']['dense_ms']:.0f} ms dense-shaped "
-           f"({r['csr_b32']['dense_ms'] / r['csr_b32']['csr_ms']:.2f}x)" for r in rows if "csr_b32" in r]
+            f"| {r['method']} | {r['sparsity'] if r['sparsity'] is not None else '-'} | {r['accuracy']:.4f} "
+            f"| {r['trainable_params']:,d} | {r['removed_params']:,d} ({r['kind_of_sparsity']}) | "
+            f"{r['size_bytes'] / 2**20:.1f} | {r['latency_b1_s'] * 1e3:.1f} | {r['latency_b32_s'] * 1e3:.0f} "
+            f"| {speed} | {r['step_s']:.2f} | {r.get('wall_s', float('nan')):.0f} | {r['peak_rss_mb']:.0f} |"
+        )
+    note = (
+        "\nSpeedups: the dense base model timed in turns with each method's model in the same process, "
+        "median of the per-round ratios (older rows: ratio of the medians, or against the `full` row).\nCPU "
+        "only: maskllm's 2:4 pattern and squarehead/salr's unstructured sparsity have no CPU kernel here, "
+        "so their latency is that of their dense-shaped (or decoded) weights.\n"
+    )
+    csr = [
+        f"- squarehead at {r['sparsity']}: its layers ({r['csr_b32']['layer_sparsity']:.1%} zeros) through "
+        f"torch's CSR matmul take {r['csr_b32']['csr_ms']:.0f} ms at batch 32 vs "
+        f"{r['csr_b32']['dense_ms']:.0f} ms dense-shaped "
+        f"({r['csr_b32']['dense_ms'] / r['csr_b32']['csr_ms']:.2f}x)"
+        for r in rows
+        if "csr_b32" in r
+    ]
     return "\n".join(lines) + "\n" + note + ("\n" + "\n".join(csr) + "\n" if csr else "")
 
 
@@ -256,7 +320,9 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
 
     fig, axis = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        axis.scatter(r["latency_b32_s"] * 1e3, r["accuracy"], label=f"{r['method']} {r['sparsity'] or ''}".strip())
+        axis.scatter(
+            r["latency_b32_s"] * 1e3, r["accuracy"], label=f"{r['method']} {r['sparsity'] or ''}".strip()
+        )
     axis.set(xlabel="CPU latency, batch 32 (ms)", ylabel="test accuracy", title="Accuracy vs latency")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="best")
@@ -268,7 +334,9 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def _main(argv: list[str]) -> None:
     config_path, method, sparsity = argv
-    cfg = dataclass_from_dict(CompareConfig, json.loads(Path(config_path).read_text())["compare"], config_path)
+    cfg = dataclass_from_dict(
+        CompareConfig, json.loads(Path(config_path).read_text())["compare"], config_path
+    )
     value = None if sparsity == "None" else float(sparsity)
     row = run_one(cfg, method, value)
     target = Path(cfg.output_dir) / "results" / f"{_key(method, value)}.json"
@@ -278,4 +346,3 @@ def _main(argv: list[str]) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     _main(sys.argv[1:])
-

@@ -1,7 +1,7 @@
 """`evaluate`: test accuracy of any classification checkpoint: dense, gated (adapter folder) or compacted.
 
 CLI:  finegates evaluate --model runs/minilm-reuters8/compressed --task reuters8
-      finegates evaluate --model runs/minilm-reuters8/gates --task reuters8   # base model from run_config.json
+      finegates evaluate --model runs/minilm-reuters8/gates --task reuters8  # base model from run_config.json
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ class EvaluateConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the test subset."})
     quantize: str | None = field(
         default=None,
-        metadata={"help": "'int8': evaluate after torch's dynamic int8 quantization of the linear layers (CPU)."},
+        metadata={
+            "help": "'int8': evaluate after torch's dynamic int8 quantization of the linear layers (CPU)."
+        },
     )
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics as JSON here."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars; warnings and errors only."})
@@ -137,7 +139,8 @@ def _base_from_run(adapter: Path) -> str:
     run_config = adapter.parent / RUN_CONFIG_NAME
     if not run_config.is_file():
         raise ValueError(
-            f"{adapter} is a gate adapter; pass --base-model (no {RUN_CONFIG_NAME} next to it to read it from)."
+            f"{adapter} is a gate adapter; pass --base-model (no {RUN_CONFIG_NAME} next to it to read it "
+            "from)."
         )
     return json.loads(run_config.read_text())["finetune"]["model"]
 
@@ -145,10 +148,12 @@ def _base_from_run(adapter: Path) -> str:
 def _check_labels(model, data: ClassificationData) -> None:
     if model.config.num_labels != data.num_labels:
         raise ValueError(
-            f"The model predicts {model.config.num_labels} labels but task {data.name!r} has {data.num_labels}."
+            f"The model predicts {model.config.num_labels} labels but task {data.name!r} has "
+            f"{data.num_labels}."
         )
     names = [model.config.id2label.get(i, "") for i in range(data.num_labels)]
     if not all(name.startswith("LABEL_") for name in names) and names != data.label_names:
         raise ValueError(
-            f"The model's labels {names} differ from the task's {data.label_names}: was it trained on this task?"
+            f"The model's labels {names} differ from the task's {data.label_names}: was it trained on this "
+            "task?"
         )

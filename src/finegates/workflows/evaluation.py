@@ -55,15 +55,17 @@ def measure_latency(
     return {name: _summarise(times, size, length) for name, times in runs.items()}
 
 
-def paired_speedup(model: nn.Module, reference: nn.Module, batch: dict[str, torch.Tensor],
-                   repeats: int = 7) -> tuple[float, float, float]:
+def paired_speedup(
+    model: nn.Module, reference: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 7
+) -> tuple[float, float, float]:
     """(median seconds of `model`, of `reference`, median over rounds of reference / model time).
 
     Both run once per round, back to back, so each round's ratio sees nearly the same machine load; the
     median of those ratios is steadier on a shared machine than the ratio of the two medians.
     """
-    runs = _rounds({"model": partial(model.eval(), **batch), "reference": partial(reference.eval(), **batch)},
-                   repeats)
+    runs = _rounds(
+        {"model": partial(model.eval(), **batch), "reference": partial(reference.eval(), **batch)}, repeats
+    )
     ratios = [r / m for m, r in zip(runs["model"], runs["reference"])]
     return float(np.median(runs["model"])), float(np.median(runs["reference"])), float(np.median(ratios))
 
@@ -86,8 +88,9 @@ def _rounds(calls: dict[Hashable, Callable[[], object]], repeats: int) -> dict[H
     return runs
 
 
-def measure_decode(models: dict[str, nn.Module], tokens: int = 32, prompt_length: int = 16,
-                   repeats: int = 3) -> dict[str, float]:
+def measure_decode(
+    models: dict[str, nn.Module], tokens: int = 32, prompt_length: int = 16, repeats: int = 3
+) -> dict[str, float]:
     """Greedy decoding speed of each causal LM with its KV cache, in tokens per second.
 
     Each model generates `tokens` + 1 and 1 new tokens from the same random prompt (timed in turns);
@@ -97,8 +100,15 @@ def measure_decode(models: dict[str, nn.Module], tokens: int = 32, prompt_length
     prompt = torch.randint(0, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(0))
 
     def generate(model: nn.Module, n: int) -> Callable[[], object]:
-        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0, use_cache=True)
+        return lambda: model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=True,
+        )
 
     calls = {(name, n): generate(model.eval(), n) for name, model in models.items() for n in (1, tokens + 1)}
     seconds = time_in_turns(calls, repeats)

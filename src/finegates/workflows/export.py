@@ -18,10 +18,16 @@ _HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
 class CompressConfig:
     """Which adapter to compact and where to write the compacted model."""
 
-    gates: str = field(default="", metadata={"help": "A gate adapter folder (written by save_gates or a run)."})
+    gates: str = field(
+        default="", metadata={"help": "A gate adapter folder (written by save_gates or a run)."}
+    )
     output_dir: str = field(default="", metadata={"help": "Folder for the compacted model."})
-    base_model: str | None = field(default=None, metadata={"help": "Base model (default: the run's run_config.json)."})
-    uniform: bool = field(default=False, metadata={"help": "Cut every layer to the same widths (stock classes load it)."})
+    base_model: str | None = field(
+        default=None, metadata={"help": "Base model (default: the run's run_config.json)."}
+    )
+    uniform: bool = field(
+        default=False, metadata={"help": "Cut every layer to the same widths (stock classes load it)."}
+    )
 
     def __post_init__(self) -> None:
         if not self.gates or not self.output_dir:
@@ -35,7 +41,9 @@ def _base_model(adapter: Path, given: str | None) -> str:
     if not run_config.is_file():
         raise ValueError(f"No {RUN_CONFIG_NAME} next to {adapter}: pass --base-model.")
     sections = json.loads(run_config.read_text())
-    return next(section["model"] for section in sections.values() if isinstance(section, dict) and "model" in section)
+    return next(
+        section["model"] for section in sections.values() if isinstance(section, dict) and "model" in section
+    )
 
 
 def _num_labels(adapter: Path) -> int | None:
@@ -46,7 +54,9 @@ def _num_labels(adapter: Path) -> int | None:
                 if key.endswith(_HEADS):
                     return handle.get_slice(key).get_shape()[0]
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is damaged or not a safetensors file ({err}); save the adapter again.") from None
+        raise ValueError(
+            f"{path} is damaged or not a safetensors file ({err}); save the adapter again."
+        ) from None
     return None
 
 

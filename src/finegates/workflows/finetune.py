@@ -2,7 +2,8 @@
 
 Python:  finetune(FinetuneConfig(model="minilm", task="reuters8"), GatesConfig(target_sparsity=0.3))
 CLI:     finegates finetune --model minilm --task reuters8 --target-sparsity 0.3 --output-dir runs/x
-Many processes:  accelerate launch -m finegates.cli finetune ...  |  torchrun --nproc_per_node 2 -m finegates.cli finetune ...
+Many processes:  accelerate launch -m finegates.cli finetune ...
+             |   torchrun --nproc_per_node 2 -m finegates.cli finetune ...
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ class FinetuneConfig(DistillConfig, RunFolderOptions):
     task: str = field(
         default="reuters8",
         metadata={
-            "help": "reuters8, reuters52, 20newsgroups, boolq, a local csv/tsv/json/jsonl/parquet file or folder, or a hub data set id."
+            "help": (
+                "reuters8, reuters52, 20newsgroups, boolq, a local csv/tsv/json/jsonl/parquet file or "
+                "folder, or a hub data set id."
+            )
         },
     )
     output_dir: str = field(
@@ -143,7 +147,9 @@ class Splits:
 def finetune(cfg: FinetuneConfig, gates: GatesConfig | None = None) -> dict[str, Any]:
     """Run the whole workflow and return the metrics it wrote to `cfg.output_dir/metrics.json`.
 
-    >>> metrics = finetune(FinetuneConfig(model="minilm", task="reuters8", max_train_samples=512))  # doctest: +SKIP
+    >>> metrics = finetune(  # doctest: +SKIP
+    ...     FinetuneConfig(model="minilm", task="reuters8", max_train_samples=512)
+    ... )
     >>> metrics["accuracy"]["compacted"]  # doctest: +SKIP
     """
     gates = gates or GatesConfig()
@@ -164,8 +170,9 @@ def finetune(cfg: FinetuneConfig, gates: GatesConfig | None = None) -> dict[str,
     return metrics
 
 
-def _run(cfg: FinetuneConfig, gates: GatesConfig, data: ClassificationData, model, tokenizer, folder: RunFolder
-         ) -> dict[str, Any]:
+def _run(
+    cfg: FinetuneConfig, gates: GatesConfig, data: ClassificationData, model, tokenizer, folder: RunFolder
+) -> dict[str, Any]:
     out = folder.work
     splits = _encode(data, tokenizer, cfg)
     metrics: dict[str, Any] = {"task": data.summary(), "model": cfg.model, "timings_s": {}}
@@ -196,7 +203,8 @@ def _load_data(cfg: FinetuneConfig) -> ClassificationData:
 
 
 def _encode(data: ClassificationData, tokenizer, cfg: FinetuneConfig) -> Splits:
-    """Validation = a seeded slice of train held out first; train = a subset of the rest; test (maybe subset)."""
+    """Validation = a seeded slice of train held out first; train = a subset of the rest; test (maybe
+    subset)."""
     n_val = min(cfg.validation_size, len(data.train) // 10)
     validation, remainder = data.train.sample(n_val, cfg.seed)
     train, _ = remainder.sample(cfg.max_train_samples, cfg.seed)
@@ -237,7 +245,13 @@ def training_arguments(
 
 
 def _train(
-    model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path, timings: dict[str, float], resume: str | None
+    model,
+    tokenizer,
+    splits: Splits,
+    cfg: FinetuneConfig,
+    out: Path,
+    timings: dict[str, float],
+    resume: str | None,
 ) -> TaskLossTrainer:
     gates = model.finegates_config
     args = training_arguments(

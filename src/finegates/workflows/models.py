@@ -43,7 +43,7 @@ def load_classifier(name: str, num_labels: int, label_names: list[str] | None = 
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ValueError(
-            f"Could not load model {name!r} ({err}). Use an embedded name ({', '.join(EMBEDDED_MODELS)}), a local "
-            "folder, or a hub id (hub ids need network access)."
+            f"Could not load model {name!r} ({err}). Use an embedded name ({', '.join(EMBEDDED_MODELS)}), a "
+            "local folder, or a hub id (hub ids need network access)."
         ) from err
     return model, tokenizer

@@ -25,7 +25,9 @@ def _series(log_history: list[dict[str, Any]], key: str) -> tuple[list[float], l
 
 
 def plot_training_curves(
-    log_history: list[dict[str, Any]], path: Path, final_removed: float | None = None,
+    log_history: list[dict[str, Any]],
+    path: Path,
+    final_removed: float | None = None,
     trained_removed: float | None = None,
 ) -> Path:
     """Left: task loss (train and validation); right: achieved vs target sparsity per step.
@@ -56,8 +58,15 @@ def plot_training_curves(
             )
     last_step = max((row["step"] for row in log_history if "step" in row), default=0)
     if trained_removed is not None:
-        right.plot([last_step], [trained_removed], marker="o", markersize=9, linestyle="", fillstyle="none",
-                   label=f"removed by training ({trained_removed:.1%})")
+        right.plot(
+            [last_step],
+            [trained_removed],
+            marker="o",
+            markersize=9,
+            linestyle="",
+            fillstyle="none",
+            label=f"removed by training ({trained_removed:.1%})",
+        )
     if final_removed is not None:
         right.plot(
             [last_step],
@@ -123,16 +132,22 @@ def _heatmap(axis, grid: np.ndarray, rows: list[str], cols: list[str], title: st
 
 
 def plot_tradeoff(points: list[dict[str, Any]], path: Path) -> Path:
-    """The metric of the compacted model (and of its dense baseline, where known) against the removed fraction."""
+    """The metric of the compacted model (and of its dense baseline, where known) against the removed
+    fraction."""
     fig, axis = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(p["method"] for p in points):
         mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["removed"])
-        axis.plot([100 * p["removed"] for p in mine], [p["value"] for p in mine], "o-", label=f"{method}, compacted")
+        axis.plot(
+            [100 * p["removed"] for p in mine], [p["value"] for p in mine], "o-", label=f"{method}, compacted"
+        )
     dense = [p["dense"] for p in points if p["dense"] is not None]
     if dense:
         axis.axhline(float(np.mean(dense)), color="gray", ls="--", label="dense")
-    axis.set(xlabel="parameters removed from the gated layers (%)", ylabel=points[0]["metric"],
-             title="Sparsity trade-off")
+    axis.set(
+        xlabel="parameters removed from the gated layers (%)",
+        ylabel=points[0]["metric"],
+        title="Sparsity trade-off",
+    )
     if "perplexity" in points[0]["metric"]:
         axis.set_yscale("log")  # perplexities of pruned LMs span orders of magnitude
     axis.grid(alpha=0.3)

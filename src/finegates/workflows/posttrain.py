@@ -46,28 +46,43 @@ class PosttrainConfig(DistillConfig, RunFolderOptions):
     model: str = field(default=SMOLLM2, metadata={"help": "'smollm2-135m', a hub id or a local folder."})
     method: str = field(
         default="finegates",
-        metadata={"help": "'finegates' (learned gates), or the one-shot structured baselines at the same budget, "
-                  "coupling and compaction: 'magnitude' (activation-weighted norms), 'importance' (mean activation "
-                  "magnitude, Minitron-style), each also '+lora' (LoRA recovery for max_steps)."},
+        metadata={
+            "help": "'finegates' (learned gates), or the one-shot structured baselines at the same budget, "
+            "coupling and compaction: 'magnitude' (activation-weighted norms), 'importance' (mean activation "
+            "magnitude, Minitron-style), each also '+lora' (LoRA recovery for max_steps)."
+        },
     )
     text: str = field(
         default="book-excerpts",
-        metadata={"help": "Training text: an embedded corpus ('book-excerpts', 'brown'), a .txt file (documents "
-                  "separated by blank lines), a folder of .txt files, a csv/json/jsonl/parquet file or folder, or "
-                  "a hub data set id."},
+        metadata={
+            "help": "Training text: an embedded corpus ('book-excerpts', 'brown'), a .txt file (documents "
+            "separated by blank lines), a folder of .txt files, a csv/json/jsonl/parquet file or folder, or "
+            "a hub data set id."
+        },
     )
-    text_column: str = field(default="text", metadata={"help": "Column of the text in a table or hub data set."})
-    heldout_fraction: float = field(default=0.1, metadata={"help": "Share of documents held out for perplexity."})
+    text_column: str = field(
+        default="text", metadata={"help": "Column of the text in a table or hub data set."}
+    )
+    heldout_fraction: float = field(
+        default=0.1, metadata={"help": "Share of documents held out for perplexity."}
+    )
     zero_shot: str | None = field(
         default="piqa",
-        metadata={"help": "Zero-shot multiple-choice task: 'piqa', a local .jsonl file (one item per line), or none."},
+        metadata={
+            "help": (
+                "Zero-shot multiple-choice task: 'piqa', a local .jsonl file (one item per line), or none."
+            )
+        },
     )
-    zero_shot_question_field: str = field(default="question", metadata={"help": "Zero-shot jsonl: question field."})
+    zero_shot_question_field: str = field(
+        default="question", metadata={"help": "Zero-shot jsonl: question field."}
+    )
     zero_shot_choices_field: str = field(
         default="choices", metadata={"help": "Zero-shot jsonl: field holding the list of candidate answers."}
     )
     zero_shot_answer_field: str = field(
-        default="answer", metadata={"help": "Zero-shot jsonl: the right answer, as an index or a choice's text."}
+        default="answer",
+        metadata={"help": "Zero-shot jsonl: the right answer, as an index or a choice's text."},
     )
     zero_shot_items: int = field(default=200, metadata={"help": "Items of the zero-shot task to score."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per training block."})
@@ -77,14 +92,16 @@ class PosttrainConfig(DistillConfig, RunFolderOptions):
     output_dir: str = field(default="runs/posttrain", metadata={"help": "Run folder."})
     seed: int = field(default=0, metadata={"help": "Seed of data order and gate noise."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars."})
-    report_to: list[str] = field(default_factory=list, metadata={"help": "Trainer loggers, e.g. tensorboard."})
+    report_to: list[str] = field(
+        default_factory=list, metadata={"help": "Trainer loggers, e.g. tensorboard."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.distill and self.method != "finegates":
             raise ValueError(
-                f"--distill needs gates to bypass (the teacher is the gated model with its gates off); method "
-                f"{self.method!r} has none. Use --method finegates, or drop --distill."
+                "--distill needs gates to bypass (the teacher is the gated model with its gates off); "
+                f"method {self.method!r} has none. Use --method finegates, or drop --distill."
             )
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}.")
@@ -106,7 +123,8 @@ def default_posttrain_gates() -> GatesConfig:
 
 @dataclass
 class EvalData:
-    """The user's data of a run, read (and checked) before anything is written: documents and zero-shot items."""
+    """The user's data of a run, read (and checked) before anything is written: documents and zero-shot
+    items."""
 
     docs: list[str]
     items: list[MultipleChoiceItem]
@@ -127,22 +145,34 @@ def _split_text(cfg: PosttrainConfig, tokenizer, docs: list[str]) -> tuple[torch
     sample (the same for every seed and method), so corpora stored by genre are held out across genres."""
     held = max(1, int(len(docs) * cfg.heldout_fraction))
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()
-    heldout_docs, train_docs = [docs[i] for i in sorted(order[:held])], [docs[i] for i in sorted(order[held:])]
-    train, heldout = text_blocks(tokenizer, train_docs, cfg.seq_len), text_blocks(tokenizer, heldout_docs, cfg.seq_len)
+    heldout_docs, train_docs = (
+        [docs[i] for i in sorted(order[:held])],
+        [docs[i] for i in sorted(order[held:])],
+    )
+    train, heldout = (
+        text_blocks(tokenizer, train_docs, cfg.seq_len),
+        text_blocks(tokenizer, heldout_docs, cfg.seq_len),
+    )
     return train, heldout[: cfg.eval_blocks] if cfg.eval_blocks else heldout
 
 
-def evaluate_lm(model, tokenizer, heldout: torch.Tensor, cfg: PosttrainConfig, data: EvalData) -> dict[str, float]:
+def evaluate_lm(
+    model, tokenizer, heldout: torch.Tensor, cfg: PosttrainConfig, data: EvalData
+) -> dict[str, float]:
     """Perplexity on held-out text and zero-shot accuracy, the same way for every model of a run."""
     metrics = {"perplexity": perplexity(model, heldout, quiet=cfg.quiet)}
     if data.items:
-        metrics[f"{data.zero_shot_name}_accuracy"] = zero_shot_accuracy(model, tokenizer, data.items, quiet=cfg.quiet)
+        metrics[f"{data.zero_shot_name}_accuracy"] = zero_shot_accuracy(
+            model, tokenizer, data.items, quiet=cfg.quiet
+        )
     return metrics
 
 
-def _one_shot(model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConfig) -> tuple[Any, dict, int, float]:
-    """The one-shot baselines: prune at the gates' budget (`magnitude`: activation-weighted norms; `importance`:
-    mean activation magnitude, Minitron-style); `+lora` then trains LoRA for max_steps.
+def _one_shot(
+    model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConfig
+) -> tuple[Any, dict, int, float]:
+    """The one-shot baselines: prune at the gates' budget (`magnitude`: activation-weighted norms;
+    `importance`: mean activation magnitude, Minitron-style); `+lora` then trains LoRA for max_steps.
 
     Returns the compacted model, the sparsity report, the trainable parameters and the training seconds.
     """
@@ -151,11 +181,17 @@ def _one_shot(model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConf
     from finegates.baselines.registry import make_method
 
     blocks = [train[i : i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
-    batches = [{"input_ids": blocks[i % len(blocks)], "labels": blocks[i % len(blocks)]} for i in range(cfg.max_steps)]
+    batches = [
+        {"input_ids": blocks[i % len(blocks)], "labels": blocks[i % len(blocks)]}
+        for i in range(cfg.max_steps)
+    ]
     method = make_method(cfg.method)
-    config = MagnitudeConfig(target_sparsity=gates.target_sparsity, target_modules=gates.target_modules,
-                             score="mean_activation" if cfg.method.startswith("importance") else "activation",
-                             recovery=cfg.method.endswith("+lora"))
+    config = MagnitudeConfig(
+        target_sparsity=gates.target_sparsity,
+        target_modules=gates.target_modules,
+        score="mean_activation" if cfg.method.startswith("importance") else "activation",
+        recovery=cfg.method.endswith("+lora"),
+    )
     model = method.prepare(model, config, batches[:8])
     report = method.report.to_dict()
     begin = time.perf_counter()
@@ -166,12 +202,23 @@ def _one_shot(model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConf
     return method.finalize(model).eval(), report, trainable, seconds
 
 
-def _train(model, train: torch.Tensor, cfg: PosttrainConfig, out: Path, resume: str | None) -> FineGatesTrainer:
+def _train(
+    model, train: torch.Tensor, cfg: PosttrainConfig, out: Path, resume: str | None
+) -> FineGatesTrainer:
     args = TrainingArguments(
-        output_dir=str(out / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=model.finegates_config.head_lr, lr_scheduler_type="cosine", weight_decay=0.0,
-        logging_steps=max(1, cfg.max_steps // 20), save_steps=max(1, cfg.max_steps // 4), save_total_limit=1,
-        seed=cfg.seed, report_to=cfg.report_to, disable_tqdm=cfg.quiet, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(out / "checkpoints"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=model.finegates_config.head_lr,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=max(1, cfg.max_steps // 20),
+        save_steps=max(1, cfg.max_steps // 4),
+        save_total_limit=1,
+        seed=cfg.seed,
+        report_to=cfg.report_to,
+        disable_tqdm=cfg.quiet,
+        use_cpu=not torch.cuda.is_available(),
     )
     data = [{"input_ids": block, "labels": block} for block in train]
     trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, distill=cfg)
@@ -210,14 +257,19 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
 def _run(model, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, data: EvalData, folder: RunFolder):
     out = folder.work
     train, heldout = _split_text(cfg, tokenizer, data.docs)
-    metrics: dict[str, Any] = {"method": cfg.method, "dense": evaluate_lm(model, tokenizer, heldout, cfg, data)}
+    metrics: dict[str, Any] = {
+        "method": cfg.method,
+        "dense": evaluate_lm(model, tokenizer, heldout, cfg, data),
+    }
     dense = copy.deepcopy(model)  # timed side by side with the compacted model at the end
     metrics["model_params"] = count_parameters(model)[1]
     log_history: list = []
     if cfg.method == "finegates":
         small, log_history = _gates(model, train, heldout, tokenizer, cfg, gates, folder, metrics, data)
     else:
-        small, metrics["sparsity"], metrics["trainable_params"], metrics["train_s"] = _one_shot(model, train, cfg, gates)
+        small, metrics["sparsity"], metrics["trainable_params"], metrics["train_s"] = _one_shot(
+            model, train, cfg, gates
+        )
     small.save_pretrained(out / "compressed")
     tokenizer.save_pretrained(out / "compressed")
     metrics["compressed"] = evaluate_lm(small, tokenizer, heldout, cfg, data)
@@ -230,8 +282,17 @@ def _run(model, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, data: EvalD
     return metrics, log_history
 
 
-def _gates(model, train, heldout, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, folder: RunFolder,
-           metrics: dict, data: EvalData):
+def _gates(
+    model,
+    train,
+    heldout,
+    tokenizer,
+    cfg: PosttrainConfig,
+    gates: GatesConfig,
+    folder: RunFolder,
+    metrics: dict,
+    data: EvalData,
+):
     """FineGates: gate, train the gates, evaluate the gated model; fills `metrics`, returns the compacted
     model and the training log."""
     from finegates.compress import compress
@@ -254,9 +315,15 @@ def posttrain_report(m: dict[str, Any]) -> str:
     rows = [(name, m[name]) for name in ("dense", "gated", "compressed") if name in m]
     keys = [k for k in rows[0][1] if k not in ("prefill_s", "decode_tokens_per_s")]
     method = m.get("method", "finegates")
-    lines = [f"# Post-training report ({method})", "", "| model | " + " | ".join(keys) + " |",
-             "|---" * (len(keys) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{v.get(k, float('nan')):.4g}" for k in keys) + " |" for name, v in rows]
+    lines = [
+        f"# Post-training report ({method})",
+        "",
+        "| model | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(f"{v.get(k, float('nan')):.4g}" for k in keys) + " |" for name, v in rows
+    ]
     dense, small = m["dense"], m["compressed"]
     lines += [
         "",
@@ -272,7 +339,10 @@ def posttrain_report(m: dict[str, Any]) -> str:
             f"Greedy decode: dense {dense['decode_tokens_per_s']:.1f} tokens/s, compacted "
             f"{small['decode_tokens_per_s']:.1f} tokens/s, speedup {m['decode_speedup']:.2f}x."
         ),
-        f"Trainable parameters: {m['trainable_params']:,d} of {m['model_params']:,d}; training {m['train_s']:.0f} s.",
+        (
+            f"Trainable parameters: {m['trainable_params']:,d} of {m['model_params']:,d}; training "
+            f"{m['train_s']:.0f} s."
+        ),
     ]
     budget = budget_section(m)
     return "\n".join(lines) + ("\n\n" + budget if budget else "") + "\n"

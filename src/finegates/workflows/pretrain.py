@@ -1,4 +1,5 @@
-"""`finegates pretrain`: a LLaMA trained from scratch with weights and gates, against the same run without gates.
+"""`finegates pretrain`: a LLaMA trained from scratch with weights and gates, against the same run without
+gates.
 
 Both runs start from the same initialisation and see the same batches. In the gated run the gates are
 bypassed for `gate_start_step` steps (the reference switches its sparsity term on after a warm-up),
@@ -98,20 +99,39 @@ class GateSwitchTrainer(FineGatesTrainer):
 
 def _model(cfg: PretrainConfig) -> LlamaForCausalLM:
     torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=EOS + 1, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.seq_len, eos_token_id=EOS,
-        bos_token_id=None, pad_token_id=None, tie_word_embeddings=True,
-    ))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=EOS + 1,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.seq_len,
+            eos_token_id=EOS,
+            bos_token_id=None,
+            pad_token_id=None,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def _args(cfg: PretrainConfig, out: Path) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=min(20, cfg.max_steps // 10),
-        weight_decay=0.0, logging_steps=max(1, cfg.max_steps // 20), save_strategy="no", seed=cfg.seed,
-        data_seed=cfg.seed, report_to=[], disable_tqdm=cfg.quiet, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(out),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(20, cfg.max_steps // 10),
+        weight_decay=0.0,
+        logging_steps=max(1, cfg.max_steps // 20),
+        save_strategy="no",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        disable_tqdm=cfg.quiet,
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -141,8 +161,11 @@ def _run(cfg: PretrainConfig, gates: GatesConfig, docs: list[str], out: Path) ->
         trainer = trainer_cls(model=model, args=_args(cfg, out / name), train_dataset=data, **extra)
         trainer.train()
         model.eval()
-        metrics[name] = {"train_s": time.perf_counter() - begin, "perplexity": perplexity(model, heldout, quiet=cfg.quiet),
-                         "log_history": trainer.state.log_history}
+        metrics[name] = {
+            "train_s": time.perf_counter() - begin,
+            "perplexity": perplexity(model, heldout, quiet=cfg.quiet),
+            "log_history": trainer.state.log_history,
+        }
     metrics["sparsity"] = sparsity_report(gated).to_dict()
     metrics["bits_per_byte"] = {k: math.log2(metrics[k]["perplexity"]) for k in ("dense", "gated")}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
@@ -152,15 +175,21 @@ def _run(cfg: PretrainConfig, gates: GatesConfig, docs: list[str], out: Path) ->
 
 def _report(m: dict[str, Any]) -> str:
     s = m["sparsity"]
-    return "\n".join([
-        "# Pretraining report", "",
-        "| run | held-out perplexity (bytes) | bits per byte | train time (s) |", "|---|---|---|---|",
-        *(f"| {k} | {m[k]['perplexity']:.3f} | {m['bits_per_byte'][k]:.3f} | {m[k]['train_s']:.0f} |"
-          for k in ("dense", "gated")),
-        "",
-        (
-            f"The gated run removes {s['removed_fraction']:.2%} of gated-layer parameters "
-            f"({s['model_removed_fraction']:.2%} of the model)."
-        ),
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Pretraining report",
+            "",
+            "| run | held-out perplexity (bytes) | bits per byte | train time (s) |",
+            "|---|---|---|---|",
+            *(
+                f"| {k} | {m[k]['perplexity']:.3f} | {m['bits_per_byte'][k]:.3f} | {m[k]['train_s']:.0f} |"
+                for k in ("dense", "gated")
+            ),
+            "",
+            (
+                f"The gated run removes {s['removed_fraction']:.2%} of gated-layer parameters "
+                f"({s['model_removed_fraction']:.2%} of the model)."
+            ),
+            "",
+        ]
+    )

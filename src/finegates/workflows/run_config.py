@@ -32,12 +32,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"Config file {path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+        raise ValueError(
+            f"Config file {path} is not UTF-8 text ({err.reason} at byte {err.start})."
+        ) from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"Config file {path} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno}).") from None
+            raise ValueError(
+                f"Config file {path} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})."
+            ) from None
     else:
         import yaml
 
@@ -46,7 +50,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         except yaml.YAMLError as err:
             where = getattr(err, "problem_mark", None)
             at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
-            raise ValueError(f"Config file {path} is not valid YAML: {getattr(err, 'problem', None) or err}{at}.") from None
+            raise ValueError(
+                f"Config file {path} is not valid YAML: {getattr(err, 'problem', None) or err}{at}."
+            ) from None
     if data is None:
         raise ValueError(f"Config file {path} is empty.")
     if not isinstance(data, dict):
@@ -103,7 +109,9 @@ def _type_name(kind: Any) -> str:
         return "true or false"
     if typing.get_origin(kind) is list:
         return f"a list of {_type_name(typing.get_args(kind)[0])}" if typing.get_args(kind) else "a list"
-    return {int: "an integer", float: "a number", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
+    return {int: "an integer", float: "a number", str: "a string"}.get(
+        kind, getattr(kind, "__name__", str(kind))
+    )
 
 
 def write_run_config(directory: str | Path, sections: dict[str, Any]) -> Path:

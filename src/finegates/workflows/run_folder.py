@@ -30,8 +30,9 @@ TRAINER_STATE = "trainer_state.json"
 # Entries any finegates run writes: a folder holding one of them holds a run.
 RUN_MARKERS = (RUN_CONFIG, "metrics.json", "report.md", "gates", "compressed", "checkpoints")
 # Options that may change between a run and its resumption (a longer run may continue a shorter one).
-RESUMABLE_KEYS = frozenset({"resume", "overwrite", "quiet", "report_to", "output_dir", "num_threads", "epochs",
-                            "max_steps"})
+RESUMABLE_KEYS = frozenset(
+    {"resume", "overwrite", "quiet", "report_to", "output_dir", "num_threads", "epochs", "max_steps"}
+)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -42,8 +43,10 @@ class RunFolderOptions:
     overwrite: bool = field(default=False, metadata={"help": "Replace the run already in output_dir."})
     resume: bool = field(
         default=False,
-        metadata={"help": "Continue the run in output_dir from its newest complete checkpoint (refused when its "
-                  "options differ from this run's)."},
+        metadata={
+            "help": "Continue the run in output_dir from its newest complete checkpoint (refused when its "
+            "options differ from this run's)."
+        },
     )
 
 
@@ -63,7 +66,9 @@ def _holds_run(path: Path) -> bool:
 def _check_path(path: Path) -> None:
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():
-            raise RunFolderError(f"--output-dir {path}: {parent} is a file, not a folder. Give a folder path.")
+            raise RunFolderError(
+                f"--output-dir {path}: {parent} is a file, not a folder. Give a folder path."
+            )
 
 
 def complete_checkpoint(folder: Path) -> Path | None:
@@ -71,7 +76,9 @@ def complete_checkpoint(folder: Path) -> Path | None:
     last), or None."""
     if not folder.is_dir():
         return None
-    numbered = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    numbered = [
+        (int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()
+    ]
     for _, path in sorted(numbered, reverse=True):
         if (path / TRAINER_STATE).is_file():
             return path
@@ -132,8 +139,8 @@ class RunFolder:
                 pid = _lock_pid(self.lock)
                 if pid is not None and pid != os.getpid() and _alive(pid):
                     raise RunFolderError(
-                        f"Another run (process {pid}) is writing to {self.final}; wait for it or give another "
-                        "--output-dir."
+                        f"Another run (process {pid}) is writing to {self.final}; wait for it or give "
+                        "another --output-dir."
                     ) from None
                 self.lock.unlink(missing_ok=True)  # left by a run that was killed
                 continue
@@ -151,14 +158,14 @@ class RunFolder:
             return
         if _holds_run(self.final) and not overwrite:
             raise RunFolderError(
-                f"{self.final} holds a finished run. Give --overwrite to replace it, --resume to continue it, or "
-                "another --output-dir."
+                f"{self.final} holds a finished run. Give --overwrite to replace it, --resume to continue "
+                "it, or another --output-dir."
             )
         if self.work.exists():
             if not overwrite:
                 raise RunFolderError(
-                    f"{self.work} holds an unfinished run (stopped before its end). Give --resume to continue it, "
-                    "--overwrite to start afresh, or another --output-dir."
+                    f"{self.work} holds an unfinished run (stopped before its end). Give --resume to "
+                    "continue it, --overwrite to start afresh, or another --output-dir."
                 )
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True)
@@ -175,13 +182,15 @@ class RunFolder:
             try:
                 old = json.loads(previous.read_text())
             except (OSError, json.JSONDecodeError) as err:
-                raise RunFolderError(f"--resume: {previous} is unreadable ({err}); start afresh with --overwrite.") from None
+                raise RunFolderError(
+                    f"--resume: {previous} is unreadable ({err}); start afresh with --overwrite."
+                ) from None
             differing = config_differences(old, payload)
             if differing:
                 raise RunFolderError(
                     f"--resume: the checkpoints in {self.work} were trained with other options "
-                    f"({', '.join(differing)} differ). Resume with the options in {previous}, or start afresh "
-                    "with --overwrite."
+                    f"({', '.join(differing)} differ). Resume with the options in {previous}, or start "
+                    "afresh with --overwrite."
                 )
         write_run_config(self.work, sections)
 
@@ -191,7 +200,9 @@ class RunFolder:
             return None
         found = complete_checkpoint(self.work / "checkpoints")
         if found is None:
-            logger.warning("--resume: no complete checkpoint in %s, starting from scratch", self.work / "checkpoints")
+            logger.warning(
+                "--resume: no complete checkpoint in %s, starting from scratch", self.work / "checkpoints"
+            )
             return None
         logger.info("--resume: continuing from %s", found)
         return str(found)
@@ -221,7 +232,9 @@ class RunFolder:
             if complete_checkpoint(self.work / "checkpoints") is None:
                 shutil.rmtree(self.work, ignore_errors=True)  # nothing to continue from
             else:
-                logger.error("The run stopped early; its checkpoints are in %s (--resume continues it).", self.work)
+                logger.error(
+                    "The run stopped early; its checkpoints are in %s (--resume continues it).", self.work
+                )
         self.release()
 
 

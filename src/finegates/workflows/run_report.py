@@ -40,7 +40,9 @@ def render_report(directory: str | Path) -> Path:
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     budget = metrics.get("budget") or {}
     plot_training_curves(
-        history, directory / "training_curves.png", final_removed=metrics["sparsity"]["removed_fraction"],
+        history,
+        directory / "training_curves.png",
+        final_removed=metrics["sparsity"]["removed_fraction"],
         trained_removed=budget.get("removed_by_training"),
     )
     plot_kept_widths(metrics, directory / "kept_widths.png")
@@ -60,22 +62,44 @@ def _tradeoff_point(directory: Path) -> dict[str, Any]:
     """One run's row: removed fractions, its main metric (compacted and dense), and what else it measured."""
     m = _read_metrics(directory)
     s = m["sparsity"]
-    point = {"run": str(directory), "target": s.get("target"), "removed": s["removed_fraction"],
-             "model_removed": s["model_removed_fraction"], "method": m.get("method", "finegates")}
+    point = {
+        "run": str(directory),
+        "target": s.get("target"),
+        "removed": s["removed_fraction"],
+        "model_removed": s["model_removed_fraction"],
+        "method": m.get("method", "finegates"),
+    }
     if "compressed" in m:  # posttrain: perplexity, lower is better
         dense, small = m["dense"], m["compressed"]
-        extras = {f"{k} (compacted / dense)": f"{small[k]:.4f} / {dense[k]:.4f}" for k in small
-                  if k.endswith("_accuracy")}
-        extras["prefill / decode speedup"] = f"{m['prefill_speedup']:.2f}x / {m.get('decode_speedup', float('nan')):.2f}x"
-        return {**point, "metric": "held-out perplexity", "value": small["perplexity"], "dense": dense["perplexity"],
-                "train_s": m.get("train_s"), "extras": extras}
+        extras = {
+            f"{k} (compacted / dense)": f"{small[k]:.4f} / {dense[k]:.4f}"
+            for k in small
+            if k.endswith("_accuracy")
+        }
+        extras["prefill / decode speedup"] = (
+            f"{m['prefill_speedup']:.2f}x / {m.get('decode_speedup', float('nan')):.2f}x"
+        )
+        return {
+            **point,
+            "metric": "held-out perplexity",
+            "value": small["perplexity"],
+            "dense": dense["perplexity"],
+            "train_s": m.get("train_s"),
+            "extras": extras,
+        }
     acc, latency = m["accuracy"], m.get("latency") or {}
     value = acc["compacted"] if acc.get("compacted") is not None else acc["gated"]
     extras = {}
     if "dense" in latency and "compacted" in latency:
         extras["speedup"] = f"{latency['dense']['median_s'] / latency['compacted']['median_s']:.2f}x"
-    return {**point, "metric": "test accuracy", "value": value, "dense": acc.get("dense_baseline"),
-            "train_s": m.get("timings_s", {}).get("train"), "extras": extras}
+    return {
+        **point,
+        "metric": "test accuracy",
+        "value": value,
+        "dense": acc.get("dense_baseline"),
+        "train_s": m.get("timings_s", {}).get("train"),
+        "extras": extras,
+    }
 
 
 def render_tradeoff(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
@@ -88,20 +112,46 @@ def render_tradeoff(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
     points = sorted((_tradeoff_point(Path(d)) for d in run_dirs), key=lambda p: (p["method"], p["removed"]))
     metrics = {p["metric"] for p in points}
     if len(metrics) > 1:
-        raise ValueError(f"The runs measure different things ({sorted(metrics)}): give only finetune runs of one "
-                         "task, or only posttrain runs.")
+        raise ValueError(
+            f"The runs measure different things ({sorted(metrics)}): give only finetune runs of one "
+            "task, or only posttrain runs."
+        )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     metric = points[0]["metric"]
     extra_columns = list(dict.fromkeys(k for p in points for k in p["extras"]))
-    rows = [[p["run"], p["method"], _pct(p["target"]) if p["target"] is not None else "-", _pct(p["removed"]),
-             _pct(p["model_removed"]), f"{p['value']:.4f}", "-" if p["dense"] is None else f"{p['dense']:.4f}",
-             *(p["extras"].get(k, "-") for k in extra_columns),
-             "-" if p["train_s"] is None else f"{p['train_s']:.0f}"] for p in points]
-    table = _table(["run", "method", "target", "removed (gated layers)", "removed (model)", f"{metric} (compacted)",
-                    f"{metric} (dense)", *extra_columns, "training (s)"], rows)
+    rows = [
+        [
+            p["run"],
+            p["method"],
+            _pct(p["target"]) if p["target"] is not None else "-",
+            _pct(p["removed"]),
+            _pct(p["model_removed"]),
+            f"{p['value']:.4f}",
+            "-" if p["dense"] is None else f"{p['dense']:.4f}",
+            *(p["extras"].get(k, "-") for k in extra_columns),
+            "-" if p["train_s"] is None else f"{p['train_s']:.0f}",
+        ]
+        for p in points
+    ]
+    table = _table(
+        [
+            "run",
+            "method",
+            "target",
+            "removed (gated layers)",
+            "removed (model)",
+            f"{metric} (compacted)",
+            f"{metric} (dense)",
+            *extra_columns,
+            "training (s)",
+        ],
+        rows,
+    )
     plot_tradeoff(points, out / "tradeoff.png")
-    return atomic_write_text(out / "tradeoff.md", f"# Sparsity-{metric} trade-off\n\n{table}\n\n![](tradeoff.png)\n")
+    return atomic_write_text(
+        out / "tradeoff.md", f"# Sparsity-{metric} trade-off\n\n{table}\n\n![](tradeoff.png)\n"
+    )
 
 
 def budget_section(m: dict[str, Any]) -> str:
@@ -110,13 +160,23 @@ def budget_section(m: dict[str, Any]) -> str:
     b = m.get("budget")
     if not b:
         return ""
-    text = (
-        "## Budget\n\n"
-        + _table(
-            ["target", "removed by training", "after finalize", "gates closed", "closings / reopenings by the projection"],
-            [[_pct(b["target"]), _pct(b["removed_by_training"]), _pct(b["removed_after_finalize"]),
-              f"{b['closed_gates']:,d}", f"{b['projected_closed']:,d} / {b['projected_reopened']:,d}"]],
-        )
+    text = "## Budget\n\n" + _table(
+        [
+            "target",
+            "removed by training",
+            "after finalize",
+            "gates closed",
+            "closings / reopenings by the projection",
+        ],
+        [
+            [
+                _pct(b["target"]),
+                _pct(b["removed_by_training"]),
+                _pct(b["removed_after_finalize"]),
+                f"{b['closed_gates']:,d}",
+                f"{b['projected_closed']:,d} / {b['projected_reopened']:,d}",
+            ]
+        ],
     )
     if b.get("warning"):
         text += f"\n\n**Warning: {b['warning']}**"
@@ -154,9 +214,9 @@ def _header(m: dict[str, Any]) -> str:
     task, t = m["task"], m["timings_s"]
     return (
         f"# FineGates finetune: {m['model']} on {task['name']}\n\n"
-        f"Target sparsity {m['sparsity']['target']:.0%} of gated-layer parameters. Data: {task['train_rows']:,d} train "
-        f"/ {task['test_rows']:,d} test rows, {task['num_labels']} labels ({task['source']}). "
-        f"Wall time: {t.get('total', 0):.0f} s total, {t.get('train', 0):.0f} s training."
+        f"Target sparsity {m['sparsity']['target']:.0%} of gated-layer parameters. Data: "
+        f"{task['train_rows']:,d} train / {task['test_rows']:,d} test rows, {task['num_labels']} labels "
+        f"({task['source']}). Wall time: {t.get('total', 0):.0f} s total, {t.get('train', 0):.0f} s training."
     )
 
 
@@ -227,7 +287,10 @@ def _latency(m: dict[str, Any]) -> str:
         f"median of {first['runs']})\n\n" + _table(["model", "ms / batch", "IQR ms"], rows)
     )
     if "dense" in lat and "compacted" in lat:
-        text += f"\n\nSpeedup of the compacted model: **{lat['dense']['median_s'] / lat['compacted']['median_s']:.2f}x**"
+        text += (
+            "\n\nSpeedup of the compacted model: "
+            f"**{lat['dense']['median_s'] / lat['compacted']['median_s']:.2f}x**"
+        )
     return text
 
 
@@ -250,6 +313,6 @@ def _widths(m: dict[str, Any]) -> str:
 def _footer() -> str:
     return (
         "## Plots\n\n![training curves](training_curves.png)\n\n![kept widths](kept_widths.png)\n\n"
-        "Files: `run_config.json` (resolved config), `gates/` (gate adapter), `compressed/` (compacted model), "
-        f"`{METRICS_NAME}`, `{HISTORY_NAME}`."
+        "Files: `run_config.json` (resolved config), `gates/` (gate adapter), `compressed/` (compacted "
+        f"model), `{METRICS_NAME}`, `{HISTORY_NAME}`."
     )

@@ -6,7 +6,8 @@ from finegates.trainer import FineGatesTrainer
 
 
 class TaskLossTrainer(FineGatesTrainer):
-    """`FineGatesTrainer` that also logs `task_loss`: the mean training loss minus the sparsity and distillation terms."""
+    """`FineGatesTrainer` that also logs `task_loss`: the mean training loss minus the sparsity and
+    distillation terms."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

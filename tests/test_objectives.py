@@ -95,6 +95,14 @@ def test_removed_fraction_tracks_the_target_while_training(name, target, steps):
     assert overshoot <= 0.02 and settled <= 0.02, (overshoot, settled)
 
 
+def test_the_warmup_fraction_sets_the_warmup():
+    model = get_gated_model(tiny_model("bert"), GatesConfig(warmup_fraction=0.7))
+    finegates.set_training_steps(model, 100)
+    assert model.finegates_config.warmup_steps == 70
+    with pytest.raises(ValueError, match="warmup_fraction must be in"):
+        GatesConfig(warmup_fraction=0.0)
+
+
 def test_the_lagrangian_alone_winds_up_where_the_projection_holds():
     """The failure the projection exists for, kept visible: on gates without task signal, the multipliers
     integrate the gap while the gates travel and the fraction overshoots far past the target."""

@@ -103,7 +103,14 @@ class GatesConfig:
     )
     warmup_steps: int | None = field(
         default=None,
-        metadata={"help": "Steps over which the budget target ramps linearly from 0 (None: 30% of the run)."},
+        metadata={
+            "help": "Steps over which the budget target ramps linearly from 0 "
+            "(None: warmup_fraction of the run)."
+        },
+    )
+    warmup_fraction: float = field(
+        default=0.3,
+        metadata={"help": "Share of the run the target ramps over when warmup_steps is None."},
     )
     budget_tolerance: float | None = field(
         default=0.01,
@@ -152,9 +159,12 @@ class GatesConfig:
         for name in ("noise_std", "paper_prob_scale", "budget_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if not (math.isfinite(self.warmup_fraction) and 0 < self.warmup_fraction <= 1):
+            raise ValueError(f"warmup_fraction must be in (0, 1], got {self.warmup_fraction}.")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(
-                f"warmup_steps must be >= 0 (or None for 30% of the run), got {self.warmup_steps}."
+                f"warmup_steps must be >= 0 (or None for warmup_fraction of the run), "
+                f"got {self.warmup_steps}."
             )
         if self.gate_lr is not None and not (math.isfinite(self.gate_lr) and self.gate_lr > 0):
             raise ValueError(f"gate_lr must be a positive number (or None), got {self.gate_lr}.")

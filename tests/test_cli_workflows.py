@@ -43,6 +43,9 @@ def test_posttrain_uses_its_gate_defaults_and_flags_override(captured):
         and gates.gate_lr is None
         and gates.warmup_steps is None
     )
+    assert gates.warmup_fraction == 0.7  # post-training ramps the target over 70% of the run
+    assert cli.main(["posttrain", "--warmup-fraction", "0.5"]) == 0
+    assert captured["posttrain"][1].warmup_fraction == 0.5
     assert cli.main(["posttrain", "--gate-lr", "0.05", "--warmup-steps", "3"]) == 0
     assert (captured["posttrain"][1].gate_lr, captured["posttrain"][1].warmup_steps) == (0.05, 3)
 

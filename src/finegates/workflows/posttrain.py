@@ -116,9 +116,10 @@ def choice_fields(cfg: PosttrainConfig) -> ChoiceFields:
 
 
 def default_posttrain_gates() -> GatesConfig:
-    """The reference's post-training setting: every linear gated, gates only, target 0.3; warm-up and
-    gate lr follow the run's length (GatesConfig defaults)."""
-    return GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[])
+    """The reference's post-training setting: every linear gated, gates only, target 0.3. Warm-up and gate
+    lr follow the run's length: the target ramps over 70% of the run (measured on SmolLM2, 100 steps at
+    20%: held-out perplexity 80 at 70%, 85 at 90%, 102 at 30%; BENCHMARKS.md)."""
+    return GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[], warmup_fraction=0.7)
 
 
 @dataclass

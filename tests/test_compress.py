@@ -520,6 +520,10 @@ DAMAGE = {
         lambda f: _edit_config(f, lambda c: c.update(num_hidden_layers=1)),
         "does not fit the model",
     ),
+    "an extra layer": (
+        lambda f: _edit_config(f, lambda c: c.update(num_hidden_layers=3)),
+        "missing_keys",
+    ),
     "NaN weight": (
         lambda f: _edit_weights(
             f,

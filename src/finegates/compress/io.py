@@ -31,7 +31,6 @@ def load_compressed(path: str | Path, quantize: str | None = None, **kwargs) -> 
     register_compact_models()
     path = Path(path)
     model_class = _model_class(path)
-    kwargs.setdefault("ignore_mismatched_sizes", True)  # so that mismatches are reported by name (checks.py)
     try:
         model = model_class.from_pretrained(path, **kwargs)  # the compact classes check what they load
     except CompressedCheckpointError:

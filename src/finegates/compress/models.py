@@ -146,7 +146,7 @@ def apply_spec(model: PreTrainedModel, spec: CompactSpec) -> None:
 
 def _compact_config_class(model_type: str, stock: type) -> type:
     return type(
-        f"Compact{stock.__name__}", (stock,), {"model_type": PREFIX + model_type, "__module__": __name__}
+        f"{COMPACT}{stock.__name__}", (stock,), {"model_type": PREFIX + model_type, "__module__": __name__}
     )
 
 

@@ -31,7 +31,7 @@ from finegates.workflows.run_config import (
     run_config_payload,
     write_run_config,
 )
-from finegates.workflows.run_folder import RunFolderError, exclusive
+from finegates.workflows.run_folder import RunFolderError, differing_keys, exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +259,10 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
         return _compare(cfg, out)
 
 
+# Options that extend a comparison rather than change it: its cached results stay valid.
+EXTENDING_KEYS = frozenset({"methods", "sparsity", "overwrite"})
+
+
 def _check_cached_results(out: Path, cfg: CompareConfig) -> None:
     """Results on disk are reused only for the same comparison: other methods or budgets extend it, any
     other option (model, task, steps...) would mix two comparisons in one table."""
@@ -271,11 +275,7 @@ def _check_cached_results(out: Path, cfg: CompareConfig) -> None:
         return
     old = json.loads(previous.read_text()).get("compare", {})
     new = run_config_payload({"compare": cfg})["compare"]
-    differing = [
-        k
-        for k in sorted(set(old) | set(new))
-        if k not in ("methods", "sparsity", "overwrite") and old.get(k) != new.get(k)
-    ]
+    differing = differing_keys(old, new, EXTENDING_KEYS)
     if differing:
         raise RunFolderError(
             f"{out} holds the results of another comparison ({', '.join(differing)} differ). "

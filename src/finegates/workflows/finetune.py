@@ -29,7 +29,7 @@ from finegates.workflows.encoding import EncodedSplit, benchmark_batch
 from finegates.workflows.evaluation import classification_metrics, measure_latency
 from finegates.workflows.models import load_classifier
 from finegates.workflows.run_folder import RunFolder, RunFolderOptions
-from finegates.workflows.run_report import write_run_outputs
+from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
 from finegates.workflows.tracking import TaskLossTrainer, budget_metrics
 
 logger = logging.getLogger(__name__)
@@ -162,16 +162,19 @@ def finetune(cfg: FinetuneConfig, gates: GatesConfig | None = None) -> dict[str,
     model, tokenizer = load_classifier(cfg.model, data.num_labels, data.label_names)
     with RunFolder.claim(cfg.output_dir, cfg.overwrite, cfg.resume) as folder:
         folder.write_config({"finetune": cfg, "gates": gates})
-        metrics = _run(cfg, gates, data, model, tokenizer, folder)
-        if folder.owner:
-            folder.commit()
-            metrics["report"] = str(folder.final / Path(metrics["report"]).name)
-    metrics["timings_s"]["total"] = time.perf_counter() - start
+        metrics = _run(cfg, gates, data, model, tokenizer, folder, start)
+        folder.commit()
     return metrics
 
 
 def _run(
-    cfg: FinetuneConfig, gates: GatesConfig, data: ClassificationData, model, tokenizer, folder: RunFolder
+    cfg: FinetuneConfig,
+    gates: GatesConfig,
+    data: ClassificationData,
+    model,
+    tokenizer,
+    folder: RunFolder,
+    start: float,
 ) -> dict[str, Any]:
     out = folder.work
     splits = _encode(data, tokenizer, cfg)
@@ -189,7 +192,9 @@ def _run(
     compacted = _compress_and_evaluate(model, tokenizer, splits.test, cfg, out)
     metrics["latency"] = _benchmark(cfg, data, compacted.pop("model", None)) if cfg.benchmark else {}
     metrics.update(_summary(model, full, report, trainer, dense_acc, gated_acc, compacted))
-    metrics["report"] = str(write_run_outputs(out, metrics, trainer.state.log_history))
+    metrics["timings_s"]["total"] = time.perf_counter() - start
+    metrics["report"] = str(folder.final / REPORT_NAME)  # where it is once the run folder is swapped in
+    write_run_outputs(out, metrics, trainer.state.log_history)
     return metrics
 
 

@@ -7,7 +7,6 @@ held-out text and zero-shot multiple-choice accuracy before and after, then comp
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,14 +22,13 @@ from finegates.data.registry import load_multiple_choice, load_text_corpus
 from finegates.data.types import MultipleChoiceItem
 from finegates.data.user_text import ChoiceFields
 from finegates.distill import DistillConfig
-from finegates.io_utils import atomic_write_text
 from finegates.model import count_parameters, get_gated_model
 from finegates.report import sparsity_report
 from finegates.trainer import FineGatesTrainer
 from finegates.workflows.causal_lm import SMOLLM2, load_causal_lm, perplexity, text_blocks, zero_shot_accuracy
 from finegates.workflows.evaluation import measure_decode, measure_latency
 from finegates.workflows.run_folder import RunFolder, RunFolderOptions
-from finegates.workflows.run_report import budget_section
+from finegates.workflows.run_report import REPORT_NAME, budget_section, write_run_outputs
 from finegates.workflows.tracking import budget_metrics
 
 logger = logging.getLogger(__name__)
@@ -257,12 +255,9 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
     with RunFolder.claim(cfg.output_dir, cfg.overwrite, cfg.resume) as folder:
         folder.write_config({"posttrain": cfg, "gates": gates})
         metrics, log_history = _run(model, tokenizer, cfg, gates, data, folder)
-        out = folder.work
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
-        atomic_write_text(out / "log_history.json", json.dumps(log_history, indent=2, default=str))
-        atomic_write_text(out / "report.md", posttrain_report(metrics))
+        write_run_outputs(folder.work, metrics, log_history)
         folder.commit()
-    logger.info("Report: %s", folder.final / "report.md")
+    logger.info("Report: %s", folder.final / REPORT_NAME)
     return metrics
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,55 +61,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def run_config_payload(sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """`{section: dataclass}` as the JSON-ready mapping `run_config.json` holds."""
     return json.loads(json.dumps({name: dataclasses.asdict(value) for name, value in sections.items()}))
-
-
-def check_types(cls: type, data: dict[str, Any], where: str) -> None:
-    """Refuse values of the wrong type for `cls`'s fields (a bool must be a bool, a number a number), as a
-    config file can hold any: one line naming the file, the key and the expected type."""
-    hints = typing.get_type_hints(cls)
-    for name, value in data.items():
-        if name not in hints:
-            continue
-        expected = _expected_types(hints[name])
-        if not any(_is_instance(value, kind) for kind in expected):
-            names = " or ".join(_type_name(kind) for kind in expected)
-            raise ValueError(f"{where}: {name} must be {names}, got {value!r} ({type(value).__name__}).")
-
-
-def _expected_types(annotation: Any) -> list[Any]:
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return list(typing.get_args(annotation))
-    return [annotation]
-
-
-def _is_instance(value: Any, kind: Any) -> bool:
-    if kind is type(None):
-        return value is None
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    origin = typing.get_origin(kind)
-    if origin is list:
-        (item,) = typing.get_args(kind) or (Any,)
-        return isinstance(value, list) and (item is Any or all(_is_instance(v, item) for v in value))
-    if origin is dict:
-        return isinstance(value, dict)
-    return isinstance(value, kind) if isinstance(kind, type) else True
-
-
-def _type_name(kind: Any) -> str:
-    if kind is type(None):
-        return "null"
-    if kind is bool:
-        return "true or false"
-    if typing.get_origin(kind) is list:
-        return f"a list of {_type_name(typing.get_args(kind)[0])}" if typing.get_args(kind) else "a list"
-    return {int: "an integer", float: "a number", str: "a string"}.get(
-        kind, getattr(kind, "__name__", str(kind))
-    )
 
 
 def write_run_config(directory: str | Path, sections: dict[str, Any]) -> Path:

@@ -88,16 +88,21 @@ def complete_checkpoint(folder: Path) -> Path | None:
     return None
 
 
+def differing_keys(
+    old: dict[str, Any], new: dict[str, Any], ignore: frozenset[str] = frozenset()
+) -> list[str]:
+    """Keys whose values differ between two option mappings, apart from those in `ignore`."""
+    return [k for k in sorted(set(old) | set(new)) if k not in ignore and old.get(k) != new.get(k)]
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys (`section.option`) whose values differ between two run configs, ignoring the options a
     resumed run may change."""
-    keys = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section) or {}, new.get(section) or {}
-        for key in sorted(set(a) | set(b)):
-            if key not in RESUMABLE_KEYS and a.get(key) != b.get(key):
-                keys.append(f"{section}.{key}")
-    return keys
+    return [
+        f"{section}.{key}"
+        for section in sorted(set(old) | set(new))
+        for key in differing_keys(old.get(section) or {}, new.get(section) or {}, RESUMABLE_KEYS)
+    ]
 
 
 @dataclass
@@ -124,16 +129,13 @@ class RunFolder:
             return folder
         _check_path(final)
         _check_path(work)
-        folder._lock()
+        _acquire(folder.lock, final)
         try:
             folder._prepare(overwrite)
         except BaseException:
             folder.release()
             raise
         return folder
-
-    def _lock(self) -> None:
-        _acquire(self.lock, self.final)
 
     def _prepare(self, overwrite: bool) -> None:
         if self.resume:
@@ -207,8 +209,8 @@ class RunFolder:
         return self.final
 
     def release(self) -> None:
-        if self.owner and _lock_pid(self.lock) == os.getpid():
-            self.lock.unlink(missing_ok=True)
+        if self.owner:
+            _release(self.lock)
 
     def __enter__(self) -> Self:
         return self
@@ -260,8 +262,14 @@ def exclusive(folder: str | Path) -> Iterator[Path]:
     try:
         yield folder
     finally:
-        if is_main_process() and _lock_pid(lock) == os.getpid():
-            lock.unlink(missing_ok=True)
+        if is_main_process():
+            _release(lock)
+
+
+def _release(lock: Path) -> None:
+    """Remove `lock` if this process holds it."""
+    if _lock_pid(lock) == os.getpid():
+        lock.unlink(missing_ok=True)
 
 
 def _lock_pid(lock: Path) -> int | None:

@@ -25,6 +25,11 @@ class Architecture:
     rope: bool = False  # rotary embeddings: head dims i and i + head_dim/2 rotate together
     qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3): a q/k dim counts in its own head's norm
     head_modules: tuple[str, ...] = field(default=("classifier", "score"))
+    # The residual stream, for the shared mask of structure="runtime" (module-name suffixes):
+    embeddings: tuple[str, ...] = ()  # embeddings whose outputs enter the stream
+    norms: tuple[str, ...] = ()  # norms over the stream's width
+    layer_norm: bool = False  # norms are LayerNorms (statistics over the full width) rather than RMSNorms
+    stream_readers: tuple[str, ...] = ()  # linears outside the blocks that read the stream
 
 
 _LLAMA = Architecture(
@@ -41,6 +46,9 @@ _LLAMA = Architecture(
     default_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     rope=True,
     head_modules=("score", "lm_head"),
+    embeddings=("embed_tokens",),
+    norms=("input_layernorm", "post_attention_layernorm", "norm"),
+    stream_readers=("lm_head", "score"),
 )
 
 _BERT = Architecture(
@@ -62,6 +70,10 @@ _BERT = Architecture(
         "output.dense",
     ),
     head_modules=("classifier", "pooler"),
+    embeddings=("word_embeddings", "position_embeddings", "token_type_embeddings"),
+    norms=("LayerNorm",),
+    layer_norm=True,
+    stream_readers=("pooler.dense", "classifier.dense"),
 )
 
 _GPT2 = Architecture(
@@ -69,6 +81,10 @@ _GPT2 = Architecture(
     roles={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
     default_targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
     head_modules=("score", "lm_head"),
+    embeddings=("wte", "wpe"),
+    norms=("ln_1", "ln_2", "ln_f"),
+    layer_norm=True,
+    stream_readers=("lm_head", "score"),
 )
 
 # Qwen3 normalises every q and k head over all its dims before RoPE, so a q/k dim leaves only when it

@@ -12,6 +12,7 @@ from typing import Any
 GATE_FAMILIES = ("gaussian", "hard_concrete")
 OBJECTIVES = ("budget", "paper")
 BIAS_POLICIES = ("none", "gated", "all")
+STRUCTURES = ("fine", "runtime")
 CONFIG_NAME = "finegates_config.json"
 
 
@@ -41,6 +42,14 @@ class GatesConfig:
     modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Extra modules trained in full and saved with the gates (e.g. the task head)."},
+    )
+    structure: str = field(
+        default="fine",
+        metadata={
+            "help": "'fine': a gate on every row and column of every gated layer (per-layer residual dims, "
+            "head dims); 'runtime': gates on whole attention heads and KV groups, FFN channels and one "
+            "residual-stream mask shared by every layer, the embeddings, the norms and the head."
+        },
     )
     bias: str = field(
         default="gated",
@@ -155,6 +164,12 @@ class GatesConfig:
         _check_choice("gate_family", self.gate_family, GATE_FAMILIES)
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("bias", self.bias, BIAS_POLICIES)
+        _check_choice("structure", self.structure, STRUCTURES)
+        if self.structure == "runtime" and self.objective == "paper":
+            raise ValueError(
+                "objective='paper' averages per-layer row and column gates, which structure='runtime' "
+                "ties across layers; use objective='budget' or structure='fine'."
+            )
         _check_choice("budget_estimator", self.budget_estimator, ("ste", "expected"))
         for name in ("noise_std", "paper_prob_scale", "budget_temperature"):
             if getattr(self, name) <= 0:

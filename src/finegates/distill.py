@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finegates.layer import GatedLinear
+from finegates.ties import RuntimeGates
 
 
 def token_mask(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -121,20 +122,21 @@ class DistillConfig:
 
 @contextmanager
 def gates_bypassed(model: nn.Module) -> Iterator[nn.Module]:
-    """Every GatedLinear of `model` runs its base layer alone inside the block (the dense model)."""
-    layers = [m for m in model.modules() if isinstance(m, GatedLinear)]
-    if not layers:
+    """Every GatedLinear of `model` (and the runtime structure's stream mask) runs without its gates inside
+    the block: the dense model."""
+    switches = [m for m in model.modules() if isinstance(m, (GatedLinear, RuntimeGates))]
+    if not any(isinstance(m, GatedLinear) for m in switches):
         raise ValueError(
             "Distillation from the bypassed gates needs a gated model: call get_gated_model first."
         )
-    states = [layer.enabled for layer in layers]
+    states = [switch.enabled for switch in switches]
     try:
-        for layer in layers:
-            layer.enabled = False
+        for switch in switches:
+            switch.enabled = False
         yield model
     finally:
-        for layer, state in zip(layers, states):
-            layer.enabled = state
+        for switch, state in zip(switches, states):
+            switch.enabled = state
 
 
 def teacher_outputs(model: nn.Module, inputs: dict[str, Any], cfg: DistillConfig) -> Any:

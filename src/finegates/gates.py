@@ -129,6 +129,37 @@ class HardConcreteGate(Gate):
         return torch.sigmoid(self.log_alpha - _HC_BETA * math.log(-_HC_LEFT / _HC_RIGHT))
 
 
+class TiedGate:
+    """A layer's view of a gate vector shared with other layers (`GatesConfig.structure="runtime"`).
+
+    Unit i of `source` gates rows or columns i * repeat ... (i + 1) * repeat - 1 (a whole head when repeat
+    is the head size). `applied=False`: the view is counted by the budget and the plan but not multiplied
+    in (the residual stream reaching a layer already carries the shared mask). Not an nn.Module: the
+    source is registered once, on the model, so each shared parameter has one name in the state dict.
+    """
+
+    def __init__(self, source: Gate, repeat: int = 1, applied: bool = True) -> None:
+        self.source, self.repeat, self.applied = source, repeat, applied
+
+    def _expand(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.repeat == 1 else values.repeat_interleave(self.repeat)
+
+    def value(self) -> torch.Tensor:
+        return self._expand(self.source.value())
+
+    def deterministic(self) -> torch.Tensor:
+        return self._expand(self.source.deterministic())
+
+    def prob_open(self) -> torch.Tensor:
+        return self._expand(self.source.prob_open())
+
+    def paper_prob(self) -> torch.Tensor:
+        return self._expand(self.source.paper_prob())
+
+    def closed(self) -> torch.Tensor:
+        return self._expand(self.source.closed())
+
+
 GATE_CLASSES: dict[str, type[Gate]] = {"gaussian": GaussianGate, "hard_concrete": HardConcreteGate}
 
 

@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 from finegates.config import GatesConfig
 from finegates.gated_fn import GatedLinearFunction
-from finegates.gates import Gate, make_gate
+from finegates.gates import Gate, TiedGate, make_gate
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -25,6 +25,9 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 class GatedLinear(nn.Module):
     """y = (W (x * g_col) + b) * g_row, with W and b those of the wrapped `base_layer`.
 
+    With `structure="runtime"` (`finegates.ties`) an axis's gate is a `TiedGate` view of a vector
+    shared with other layers, or None (that axis is not gated).
+
     >>> layer = GatedLinear(nn.Linear(4, 3), GatesConfig()).eval()
     >>> torch.equal(layer(torch.ones(2, 4)), layer.base_layer(torch.ones(2, 4)))
     True
@@ -34,8 +37,8 @@ class GatedLinear(nn.Module):
         super().__init__()
         out_features, in_features = linear_shape(base_layer)
         self.base_layer = base_layer
-        self.row_gate: Gate = make_gate(out_features, cfg)
-        self.col_gate: Gate = make_gate(in_features, cfg)
+        self.row_gate: Gate | TiedGate | None = make_gate(out_features, cfg)
+        self.col_gate: Gate | TiedGate | None = make_gate(in_features, cfg)
         self.out_features, self.in_features = out_features, in_features
         self.enabled = True  # False: the gates are bypassed (e.g. before they switch on in pretraining)
         self.row_gate.to(base_layer.weight.device)
@@ -49,29 +52,49 @@ class GatedLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def set_gates(self, row: Gate | TiedGate | None, col: Gate | TiedGate | None) -> None:
+        """Replace both gates (views of shared gates are kept as plain attributes, not submodules)."""
+        for name, gate in (("row_gate", row), ("col_gate", col)):
+            self._modules.pop(name, None)
+            if isinstance(gate, nn.Module):
+                self.add_module(name, gate)
+            else:
+                object.__setattr__(self, name, gate)
+
+    def _applied(self, axis: str, dtype: torch.dtype, eval_values: bool = False) -> torch.Tensor | None:
+        """The values multiplied into an axis (None where nothing is): sampled in training unless
+        `eval_values`."""
+        gate = self.gates().get(axis)
+        if gate is None or not getattr(gate, "applied", True):
+            return None
+        return (gate.deterministic() if eval_values else gate.value()).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base_layer(x)
-        g_col, g_row = self.col_gate.value().to(x.dtype), self.row_gate.value().to(x.dtype)
+        g_col, g_row = self._applied("col", x.dtype), self._applied("row", x.dtype)
         # The fused function reads the weight directly, so a wrapped base (e.g. a peft LoRA layer) keeps
         # its own forward.
         if torch.is_grad_enabled() and self.training and isinstance(self.base_layer, LINEAR_TYPES):
             weight = self.base_layer.weight
             weight = weight.t() if isinstance(self.base_layer, Conv1D) else weight
             return GatedLinearFunction.apply(x, g_col, g_row, weight, self.base_layer.bias)
-        return self.base_layer(x * g_col) * g_row
+        y = self.base_layer(x if g_col is None else x * g_col)
+        return y if g_row is None else y * g_row
 
-    def gates(self) -> dict[str, Gate]:
-        return {"row": self.row_gate, "col": self.col_gate}
+    def gates(self) -> dict[str, Gate | TiedGate]:
+        """The gates of the axes that have one ("row", "col")."""
+        return {axis: g for axis, g in (("row", self.row_gate), ("col", self.col_gate)) if g is not None}
 
     def folded_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Eval-mode (weight, bias) as an (out, in) matrix with the gate values multiplied in."""
-        g_row, g_col = self.row_gate.deterministic(), self.col_gate.deterministic()
+        """Eval-mode (weight, bias) as an (out, in) matrix with the applied gate values multiplied in."""
         weight = self.base_layer.weight
         weight = weight.t() if isinstance(self.base_layer, Conv1D) else weight
-        folded = g_row[:, None] * weight * g_col[None, :]
+        g_row, g_col = (self._applied(axis, weight.dtype, eval_values=True) for axis in ("row", "col"))
+        folded = weight if g_row is None else g_row[:, None] * weight
+        folded = folded if g_col is None else folded * g_col[None, :]
         bias = self.base_layer.bias
-        return folded, (bias * g_row if bias is not None else None)
+        return folded, (bias * g_row if bias is not None and g_row is not None else bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

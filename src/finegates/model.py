@@ -9,9 +9,10 @@ from torch import nn
 
 from finegates.config import GatesConfig
 from finegates.controller import SparsityController
-from finegates.gates import Gate
+from finegates.gates import Gate, TiedGate
 from finegates.layer import GatedLinear
 from finegates.targets import default_modules_to_save, resolve_targets
+from finegates.ties import TIES_ATTR, runtime_gates, tie_runtime_gates
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.M
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         setattr(parent, child, GatedLinear(base, config).train(base.training))
+    if config.structure == "runtime":
+        model.add_module(TIES_ATTR, tie_runtime_gates(model, config))
     model.add_module(CONTROLLER_ATTR, SparsityController().to(next(model.parameters()).device))
     model.finegates_config = config
     # The multipliers live outside forward() and get the same gradient on every rank (the gates are
@@ -70,8 +73,23 @@ def gated_layers(model: nn.Module) -> dict[str, GatedLinear]:
 
 
 def all_gates(model: nn.Module) -> list[Gate]:
-    """Every row and column gate of the model's gated layers."""
-    return [gate for layer in gated_layers(model).values() for gate in layer.gates().values()]
+    """Every gate vector of the model, once: the layers' own row and column gates, and the shared vectors
+    that `TiedGate` views point to (structure="runtime")."""
+    found: dict[int, Gate] = {}
+    for layer in gated_layers(model).values():
+        for gate in layer.gates().values():
+            source = gate.source if isinstance(gate, TiedGate) else gate
+            found.setdefault(id(source), source)
+    return list(found.values())
+
+
+def set_gates_enabled(model: nn.Module, enabled: bool) -> None:
+    """Run every gated layer (and the runtime structure's stream mask) with its gates, or bypassed."""
+    for layer in gated_layers(model).values():
+        layer.enabled = enabled
+    ties = runtime_gates(model)
+    if ties is not None:
+        ties.enabled = enabled
 
 
 def gate_parameter_ids(model: nn.Module) -> set[int]:
@@ -93,9 +111,9 @@ def controller(model: nn.Module) -> SparsityController:
 def _set_trainable(model: nn.Module, config: GatesConfig) -> None:
     for param in model.parameters():
         param.requires_grad_(False)
+    for gate in all_gates(model):
+        gate.requires_grad_(True)
     for layer in gated_layers(model).values():
-        for gate in layer.gates().values():
-            gate.requires_grad_(True)
         if config.bias == "gated" and layer.bias is not None:
             layer.bias.requires_grad_(True)
     if config.bias == "all":

@@ -12,9 +12,10 @@ from finegates.report import sparsity_report
 
 
 def _prob_open(module: nn.Module, axis: str) -> torch.Tensor:
-    """Differentiable open probabilities of a module's gates (ones when the module is not gated)."""
-    if isinstance(module, GatedLinear):
-        return module.gates()[axis].prob_open()
+    """Differentiable open probabilities of a module's gates (ones where the module or axis is not gated)."""
+    gate = module.gates().get(axis) if isinstance(module, GatedLinear) else None
+    if gate is not None:
+        return gate.prob_open()
     out_features, in_features = full_shape(module)
     return torch.ones(out_features if axis == "row" else in_features, device=next(module.parameters()).device)
 

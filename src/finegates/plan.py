@@ -20,6 +20,7 @@ from torch import nn
 from finegates.coupling import READERS, WRITERS, Block, BlockGates, find_blocks, full_shape
 from finegates.layer import GatedLinear
 from finegates.model import gated_layers, gates_config
+from finegates.ties import runtime_gates
 
 
 @dataclass
@@ -51,12 +52,16 @@ class CompactionPlan:
     modules: dict[str, ModulePlan] = field(default_factory=dict)
     attention: dict[str, AttentionPlan] = field(default_factory=dict)
     ffn: dict[str, torch.Tensor] = field(default_factory=dict)  # block name -> kept channels
+    # structure="runtime": the residual dims the whole model keeps (None: per-layer gathers/scatters)
+    residual: torch.Tensor | None = None
+    hidden_size: int | None = None  # the stream's full width, with `residual`
 
 
 def open_mask(module: nn.Module, axis: str) -> torch.Tensor:
-    """1.0 where a gate's eval value is non-zero (ungated modules: all ones)."""
-    if isinstance(module, GatedLinear):
-        return (~module.gates()[axis].closed()).float().detach()
+    """1.0 where a gate's eval value is non-zero (ungated modules and axes: all ones)."""
+    gate = module.gates().get(axis) if isinstance(module, GatedLinear) else None
+    if gate is not None:
+        return (~gate.closed()).float().detach()
     out_features, in_features = full_shape(module)
     return torch.ones(out_features if axis == "row" else in_features)
 
@@ -135,10 +140,14 @@ def _block_plans(block: Block, min_removed: int, plan: CompactionPlan) -> None:
             out_features,
             in_features,
         )
-        if role in READERS:
-            mp.cols, mp.gather_cols = _residual(g.cols(role), min_removed)
-        if role in WRITERS:
-            mp.rows, mp.scatter_rows = _residual(g.rows(role), min_removed)
+        if plan.residual is not None:  # the stream itself is narrower: no gathers or scatters
+            mp.cols = plan.residual if role in READERS else mp.cols
+            mp.rows = plan.residual if role in WRITERS else mp.rows
+        else:
+            if role in READERS:
+                mp.cols, mp.gather_cols = _residual(g.cols(role), min_removed)
+            if role in WRITERS:
+                mp.rows, mp.scatter_rows = _residual(g.rows(role), min_removed)
         plan.modules[name] = mp
 
 
@@ -146,6 +155,12 @@ def compaction_plan(model: nn.Module) -> CompactionPlan:
     """The exact plan for the model's current (eval-mode) gates."""
     min_removed = gates_config(model).residual_min_removed
     plan = CompactionPlan()
+    ties = runtime_gates(model)
+    if ties is not None:
+        kept = _nonzero(~ties.residual.closed())
+        # every dim closed: keep one (zero everywhere), so that the stream keeps a width
+        plan.residual = kept if len(kept) else torch.zeros(1, dtype=torch.long)
+        plan.hidden_size = len(ties.residual.param)
     with torch.no_grad():
         for block in find_blocks(model):
             _block_plans(block, min_removed, plan)

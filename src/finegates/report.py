@@ -6,9 +6,11 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from finegates.coupling import has_bias
+from finegates.architectures import architecture_for
+from finegates.coupling import full_shape, has_bias
 from finegates.model import CONTROLLER_ATTR, gate_parameter_ids, gated_layers, gates_config
 from finegates.plan import CompactionPlan, compaction_plan
+from finegates.ties import runtime_gates, stream_modules
 
 
 @dataclass
@@ -114,6 +116,36 @@ def _layer_rows(model: nn.Module, plan: CompactionPlan) -> list[LayerRow]:
     return rows
 
 
+def _stream_rows(model: nn.Module, plan: CompactionPlan) -> list[LayerRow]:
+    """With a shared residual mask: the embeddings, norms and head linears that the narrower stream
+    shrinks too (an LM head tied to the embeddings is counted once, unless compaction unties it)."""
+    arch = architecture_for(model.config.model_type)
+    full, kept = plan.hidden_size, len(plan.residual)
+    parts = stream_modules(model, arch, full)
+    rows = []
+
+    def add(name: str, other: int, extra: int = 0, counted: bool = True) -> None:
+        """A module of `other` x residual-width parameters (+ `extra`); `counted=False`: new in the
+        compacted model (an untied head)."""
+        params = (other * full + extra) if counted else 0
+        rows.append(LayerRow(name, False, (other, full), (other, kept), params, other * kept + extra))
+
+    for name, embedding in parts["embeddings"].items():
+        add(name, embedding.num_embeddings)
+    for name, norm in parts["norms"].items():
+        add(name, 2 if getattr(norm, "bias", None) is not None else 1)
+    tied_to = {id(e.weight) for e in parts["embeddings"].values()}
+    untied = not bool((runtime_gates(model).residual.deterministic()[plan.residual] == 1).all())
+    for name, module in parts["readers"].items():
+        out_features, _ = full_shape(module)
+        bias = out_features if has_bias(module) else 0
+        tied = id(module.weight) in tied_to
+        if tied and not untied:
+            continue  # shrinks with the embedding it shares
+        add(name, out_features, bias, counted=not tied)
+    return rows
+
+
 def _block_rows(plan: CompactionPlan) -> list[BlockRow]:
     names = list(dict.fromkeys([*plan.attention, *plan.ffn]))
     rows = []
@@ -149,9 +181,10 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     >>> print(sparsity_report(model))  # doctest: +SKIP
     """
     plan = compaction_plan(model)
+    stream = _stream_rows(model, plan) if plan.residual is not None else []
     return SparsityReport(
         target=gates_config(model).target_sparsity,
-        layers=_layer_rows(model, plan),
+        layers=_layer_rows(model, plan) + stream,
         blocks=_block_rows(plan),
         model_params=base_parameter_count(model),
     )

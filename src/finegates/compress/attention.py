@@ -18,6 +18,7 @@ One class per attention signature: LLaMA-family (RoPE), BERT/RoBERTa self-attent
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -45,7 +46,10 @@ class CompactAttention(nn.Module):
             self.add_module(name, projections[name])
         self.config = stock.config
         self.layer_idx = getattr(stock, "layer_idx", None)
-        self.scaling = stock.scaling
+        # The stock module's scale (GPT-2's may include 1 / (layer + 1)), taken from its own head size to the
+        # original one: a stock module built for a narrower stream has one head of the stream's width.
+        stock_head_dim = getattr(stock, "head_dim", None) or stock.attention_head_size
+        self.scaling = stock.scaling * math.sqrt(stock_head_dim / spec.head_dim)
         self.is_causal = stock.is_causal
         self.spec = spec
         self.num_key_value_groups = max(spec.group_size, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -13,9 +14,11 @@ from finegates.compress.models import compact_class_for
 from finegates.compress.quantize import QUANTIZE_CHOICES, quantize_linears
 from finegates.compress.slicing import folded_linear, keep_cols, keep_rows
 from finegates.compress.spec import AttentionSpec, CompactSpec, LinearSpec
+from finegates.compress.stream import narrow_config, stream_state
 from finegates.coupling import has_bias
 from finegates.model import CONTROLLER_ATTR, gates_config
 from finegates.plan import AttentionPlan, CompactionPlan, ModulePlan, compaction_plan
+from finegates.ties import TIES_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +49,23 @@ def compress(model: PreTrainedModel, quantize: str | None = None, uniform: bool 
         raise NotImplementedError("compress supports BERT/RoBERTa encoders only (config.is_decoder is True).")
     plan = compaction_plan(model)
     spec = build_spec(model, plan, arch)
-    config = compact_config(model.config, spec, compact_class.config_class)
+    state = compact_state_dict(model, plan)
+    overrides = None
+    if plan.residual is not None:
+        stream, norms, linears, tie = stream_state(model, plan, arch)
+        state.update(stream)
+        for name, linear in linears.items():
+            relative, in_base = _relative(model, name)
+            (spec.linears if in_base else spec.head_linears)[relative] = linear
+        spec.norms = {_relative(model, name)[0]: norm for name, norm in norms.items()}
+        spec.residual_from = plan.hidden_size
+        if arch.qk_norm and "rms_norm_eps" in model.config.to_dict():
+            spec.head_norm_eps = model.config.rms_norm_eps
+        overrides = functools.partial(narrow_config, plan=plan, arch=arch, tie=tie)
+    config = compact_config(model.config, spec, compact_class.config_class, overrides)
     with torch.device("meta"):
         small = compact_class(config)
-    _load(small, compact_state_dict(model, plan), model)
+    _load(small, state, model)
     small.eval()
     logger.info("Compressed %s: %d -> %d parameters", type(model).__name__, _count(model), _count(small))
     return quantize_linears(small) if quantize else small
@@ -115,7 +131,7 @@ def build_spec(model: PreTrainedModel, plan: CompactionPlan, arch: Architecture)
 
 def compact_state_dict(model: nn.Module, plan: CompactionPlan) -> dict[str, torch.Tensor]:
     """The untouched tensors of `model`, plus the sliced (gate-folded) weights and kept indices."""
-    replaced = tuple(f"{name}." for name in plan.modules) + (f"{CONTROLLER_ATTR}.",)
+    replaced = tuple(f"{name}." for name in plan.modules) + (f"{CONTROLLER_ATTR}.", f"{TIES_ATTR}.")
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(replaced)}
     arch = architecture_for(model.config.model_type)
     for name, mp in plan.modules.items():
@@ -134,11 +150,15 @@ def compact_state_dict(model: nn.Module, plan: CompactionPlan) -> dict[str, torc
     return state
 
 
-def compact_config(config: PretrainedConfig, spec: CompactSpec, config_class: type) -> PretrainedConfig:
-    """The stock config with the compact model_type and the per-layer shapes."""
+def compact_config(
+    config: PretrainedConfig, spec: CompactSpec, config_class: type, overrides=None
+) -> PretrainedConfig:
+    """The stock config with the compact model_type and the per-layer shapes; `overrides` maps the config
+    dict to changed values (a narrower residual stream)."""
     data = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         data.pop(key, None)
+    data = overrides(data) if overrides is not None else data
     return config_class.from_dict({**data, "finegates_compact": spec.to_dict()})
 
 

@@ -9,6 +9,8 @@ saved shapes. The classes are registered with transformers' Auto classes when `f
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import transformers
 from torch import nn
@@ -26,6 +28,7 @@ from finegates.compress.attention import ATTENTION_CLASSES, CompactAttention
 from finegates.compress.checks import COMPACT, CompressedCheckpointError, check_loaded
 from finegates.compress.linear import build_linear
 from finegates.compress.spec import CompactSpec
+from finegates.compress.stream import CompactLayerNorm
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +144,28 @@ def apply_spec(model: PreTrainedModel, spec: CompactSpec) -> None:
     if model is not base:
         for name, s in spec.head_linears.items():
             _set_module(model, name, build_linear(s))
+    for name, norm in spec.norms.items():
+        _set_module(base, name, CompactLayerNorm(base.get_submodule(name), norm.full_width))
+    if spec.head_norm_eps is not None:
+        for module in base.modules():
+            if isinstance(module, CompactAttention) and module.spec.qk_norm:
+                module.q_norm.eps = module.k_norm.eps = spec.head_norm_eps
     _record_compact_attention(model, base)
+
+
+@contextmanager
+def _stock_construction(config, spec: CompactSpec) -> Iterator[None]:
+    """A narrower residual stream need not be a multiple of the head count, which stock attention
+    modules check at construction; they are replaced by compact ones, so they are built with one head."""
+    if spec.residual_from is None:
+        yield
+        return
+    heads = config.num_attention_heads
+    config.num_attention_heads = 1
+    try:
+        yield
+    finally:
+        config.num_attention_heads = heads
 
 
 def _compact_config_class(model_type: str, stock: type) -> type:
@@ -152,15 +176,17 @@ def _compact_config_class(model_type: str, stock: type) -> type:
 
 def _compact_model_class(stock: type[PreTrainedModel], config_class: type) -> type[PreTrainedModel]:
     def __init__(self, config, *args, **kwargs) -> None:
-        stock.__init__(self, config, *args, **kwargs)
-        spec = getattr(config, "finegates_compact", None)
-        if spec is None:
+        raw = getattr(config, "finegates_compact", None)
+        if raw is None:
             raise CompressedCheckpointError(
                 f"model_type {config.model_type!r} needs the finegates_compact section of config.json, which "
                 "is missing: the folder is damaged; compact the model again."
             )
         try:
-            apply_spec(self, CompactSpec.from_dict(spec))
+            spec = CompactSpec.from_dict(raw)
+            with _stock_construction(config, spec):
+                stock.__init__(self, config, *args, **kwargs)
+            apply_spec(self, spec)
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise CompressedCheckpointError(
                 f"config.json's finegates_compact does not fit the model it describes ({err}); the folder is "

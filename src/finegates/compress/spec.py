@@ -42,12 +42,21 @@ class AttentionSpec:
     qk_norm: bool = False  # per-head RMSNorm of q and k over the original head_dim (Qwen3)
 
 
+@dataclass(frozen=True)
+class NormSpec:
+    full_width: int  # a LayerNorm over kept residual dims keeps the statistics of this original width
+
+
 @dataclass
 class CompactSpec:
     family: str
     linears: dict[str, LinearSpec] = field(default_factory=dict)
     attention: dict[str, AttentionSpec] = field(default_factory=dict)
     head_linears: dict[str, LinearSpec] = field(default_factory=dict)
+    norms: dict[str, NormSpec] = field(default_factory=dict)
+    # the original residual width when the whole model keeps fewer dims (structure="runtime")
+    residual_from: int | None = None
+    head_norm_eps: float | None = None  # per-head q/k norms' own epsilon, where it differs from the config's
     version: int = SPEC_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,7 +75,22 @@ class CompactSpec:
             linears=_parse(LinearSpec, data.get("linears", {})),
             attention=_parse(AttentionSpec, data.get("attention", {})),
             head_linears=_parse(LinearSpec, data.get("head_linears", {})),
+            norms=_parse(NormSpec, data.get("norms", {})),
+            residual_from=_count("residual_from", data.get("residual_from")),
+            head_norm_eps=_epsilon(data.get("head_norm_eps")),
         )
+
+
+def _count(name: str, value: Any) -> int | None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"finegates_compact {name}={value!r} is not a positive count.")
+    return value
+
+
+def _epsilon(value: Any) -> float | None:
+    if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < 1):
+        raise ValueError(f"finegates_compact head_norm_eps={value!r} is not an epsilon in [0, 1).")
+    return value
 
 
 def _check_keys(where: str, data: Any, known: set[str], required: set[str] | None = None) -> None:

@@ -9,11 +9,18 @@ exactly zero. The export is thus exact (no accuracy cost); its cost is size: it 
 - whole attention heads, for the LLaMA family only (its config carries `head_dim`): the same number
   of KV heads per layer and of query heads per KV head. BERT and GPT-2 derive the head size from the
   hidden size, RoPE derives its frequencies from the head size, and no stock class gathers residual
-  dims, so head sizes and the residual width stay full.
+  dims per layer, so head sizes stay full;
+- the runtime structure's shared residual mask (`GatesConfig.structure="runtime"`), for RMSNorm models:
+  a narrower `hidden_size` with the norms' eps and weights rescaled (`finegates.compress.stream`), stock
+  modules only, the kept dims padded with closed ones to a multiple of the head count (the stock config's
+  rule). LayerNorm models (a stock LayerNorm over fewer dims is not exact) and Qwen3 (its per-head q/k
+  norms would read the rescaled eps too: the stock config has one value) keep the full width, closed
+  dims zero; their compact classes (`compress`) narrow exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -23,9 +30,11 @@ from transformers.pytorch_utils import Conv1D
 from finegates.architectures import architecture_for
 from finegates.compress.build import _load, family
 from finegates.compress.slicing import folded_linear, keep_cols, keep_rows
-from finegates.coupling import Block, find_blocks, full_shape
+from finegates.compress.stream import narrow_config, stream_state
+from finegates.coupling import READERS, WRITERS, Block, find_blocks, full_shape
 from finegates.model import CONTROLLER_ATTR, gated_layers, gates_config
 from finegates.plan import CompactionPlan, compaction_plan
+from finegates.ties import TIES_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +92,7 @@ def _block_slices(block: Block, plan: CompactionPlan, widths: dict[str, int]) ->
 def _state_dict(model: PreTrainedModel, slices: dict[str, tuple]) -> dict[str, torch.Tensor]:
     """Stock names and orientation (Conv1D keeps its in x out weight), gates folded in."""
     gated = gated_layers(model)
-    replaced = tuple(f"{name}." for name in gated) + (f"{CONTROLLER_ATTR}.",)
+    replaced = tuple(f"{name}." for name in gated) + (f"{CONTROLLER_ATTR}.", f"{TIES_ATTR}.")
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(replaced)}
     for name, module in gated.items():
         rows, cols = slices.get(name, (None, None))
@@ -122,19 +131,54 @@ def export_uniform(model: PreTrainedModel) -> PreTrainedModel:
         widths["ffn"] = max(len(c) for c in plan.ffn.values())
     if plan.attention and family(arch) == "rope":
         widths["kv_heads"], widths["group"] = _head_widths(plan)
+    # LayerNorm: a stock norm over fewer dims is not exact; per-head q/k norms: they read the one config eps
+    narrow = plan.residual is not None and not arch.layer_norm and not arch.qk_norm
+    if narrow:
+        plan = _divisible_stream(model, plan, widths)
     slices = {}
     for block in find_blocks(model):
         slices.update(_block_slices(block, plan, widths))
-    config = _uniform_config(model, widths)
+        for role, (name, _) in block.modules.items() if narrow else ():
+            rows, cols = slices.get(name, (None, None))
+            slices[name] = (
+                plan.residual if role in WRITERS else rows,
+                plan.residual if role in READERS else cols,
+            )
+    state = _state_dict(model, slices)
+    data = model.config.to_dict()
+    if plan.residual is not None:
+        stream, _, _, tie = stream_state(model, plan, arch, full_width=not narrow)
+        state.update(stream)
+        data = narrow_config(data, plan, arch, tie) if narrow else {**data, **_untied(tie)}
+    config = _uniform_config(type(model.config).from_dict(data), widths)
     with torch.device("meta"):
         stock = type(model)(config)
-    _load(stock, _state_dict(model, slices), model)
+    _load(stock, state, model)
     logger.info("Uniform export widths %s", widths)
     return stock.eval()
 
 
-def _uniform_config(model: PreTrainedModel, widths: dict[str, int]):
-    config = type(model.config).from_dict(model.config.to_dict())
+def _divisible_stream(model: PreTrainedModel, plan: CompactionPlan, widths: dict[str, int]) -> CompactionPlan:
+    """The stock config wants hidden_size to be a multiple of the head count: closed residual dims (zero in
+    the stream, so still exact) pad the kept ones up to the next multiple."""
+    heads = widths["kv_heads"] * widths["group"] if "kv_heads" in widths else model.config.num_attention_heads
+    kept = len(plan.residual)
+    width = min(-(-kept // heads) * heads, plan.hidden_size)
+    if width != kept:
+        logger.info(
+            "Uniform export: %d residual dims kept, padded with closed ones to %d (a multiple of %d heads)",
+            kept,
+            width,
+            heads,
+        )
+    return dataclasses.replace(plan, residual=_pad(plan.residual, plan.hidden_size, width))
+
+
+def _untied(tie: bool) -> dict:
+    return {} if tie else {"tie_word_embeddings": False}
+
+
+def _uniform_config(config, widths: dict[str, int]):
     if "ffn" in widths:
         key = next(k for k in FFN_CONFIG_KEYS if hasattr(config, k))
         setattr(config, key, widths["ffn"])

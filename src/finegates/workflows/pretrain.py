@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from finegates.config import GatesConfig
 from finegates.data.registry import load_text_corpus
 from finegates.io_utils import atomic_write_text
-from finegates.model import gated_layers, get_gated_model
+from finegates.model import get_gated_model, set_gates_enabled
 from finegates.report import sparsity_report
 from finegates.trainer import FineGatesTrainer
 from finegates.workflows.causal_lm import perplexity
@@ -84,8 +84,7 @@ class GateSwitchTrainer(FineGatesTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         on = self.state.global_step >= self.gate_start_step
-        for layer in gated_layers(self.accelerator.unwrap_model(model)).values():
-            layer.enabled = on
+        set_gates_enabled(self.accelerator.unwrap_model(model), on)
         if on:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)

@@ -1,0 +1,121 @@
+"""A narrower residual stream for the whole model: compaction of the runtime structure's shared mask.
+
+Closed residual dims are zero everywhere in the gated model's stream (`finegates.ties`), so the compacted
+model keeps the same K of the H dims in its embeddings, its norms, every layer and its head, with no
+gathers or scatters:
+
+- RMSNorm: over the full width, rms^2 = sum_kept x^2 / H + eps = (K / H) (sum_kept x^2 / K + eps H / K),
+  so a stock RMSNorm over the K kept dims is exact with eps' = eps H / K and weight' = weight sqrt(H / K).
+  The mask is shared, so K, and with it eps', is the same for every norm: one config value
+  (`rms_norm_eps`). Qwen3's per-head q/k norms read that value too; their own eps is kept in the spec.
+- LayerNorm: the mean and variance over the full width are not those over the kept dims:
+  mean = sum_kept x / H and var = (sum_kept (x - mean)^2 + (H - K) mean^2) / H. `CompactLayerNorm`
+  computes these; a stock LayerNorm over K dims would not be exact.
+
+The residual gate's eval values are folded into the embeddings (and LayerNorm weights and biases), where
+the gated model multiplies them in; an LM head tied to the embeddings is untied where a kept dim's gate
+value is fractional (the head reads the stream unscaled).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from finegates.architectures import Architecture
+from finegates.compress.spec import LinearSpec, NormSpec
+from finegates.coupling import has_bias
+from finegates.plan import CompactionPlan
+from finegates.ties import runtime_gates, stream_modules
+
+
+class CompactLayerNorm(nn.LayerNorm):
+    """LayerNorm over kept residual dims with the statistics of the full width (closed dims are zero).
+
+    >>> full, kept = nn.LayerNorm(4), CompactLayerNorm(nn.LayerNorm(3), full_width=4)
+    >>> x = torch.tensor([[1.0, 2.0, 0.0, 4.0]])
+    >>> torch.allclose(kept(x[:, [0, 1, 3]]), full(x)[:, [0, 1, 3]])
+    True
+    """
+
+    def __init__(self, stock: nn.LayerNorm, full_width: int) -> None:
+        super().__init__(stock.normalized_shape, eps=stock.eps, bias=stock.bias is not None, device="meta")
+        self.full_width = full_width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.full_width
+        mean = x.sum(-1, keepdim=True) / n
+        centred = x - mean
+        var = (centred.pow(2).sum(-1, keepdim=True) + (n - x.shape[-1]) * mean.pow(2)) / n
+        out = centred * torch.rsqrt(var + self.eps) * self.weight
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, statistics over {self.full_width} dims"
+
+
+def _in_blocks(name: str, plan: CompactionPlan) -> bool:
+    return any(name == b or name.startswith(b + ".") for b in (*plan.attention, *plan.ffn))
+
+
+def stream_state(
+    model: nn.Module, plan: CompactionPlan, arch: Architecture, full_width: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, NormSpec], dict[str, LinearSpec], bool]:
+    """For a plan with a shared residual mask: the sliced tensors of the embeddings, norms and linears
+    outside the blocks; the compact norms (LayerNorm models); the shapes of those linears (they depend on
+    the hidden size, which the compact config changes); and whether an LM head may stay tied.
+    `full_width`: keep every dim (closed ones are zero: the gate values are folded in), for classes that
+    must keep the width."""
+    ties = runtime_gates(model)
+    full = plan.hidden_size
+    values = ties.residual.deterministic().detach()
+    kept_values = values[plan.residual]  # a closed dim kept as padding reads zero: 0 ties too
+    tie = bool(((kept_values == 1) | (kept_values == 0)).all())
+    kept = torch.arange(full) if full_width else plan.residual
+    r = values[kept]
+    parts = stream_modules(model, arch, full)
+    state: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, embedding in parts["embeddings"].items():
+            state[f"{name}.weight"] = embedding.weight[:, kept] * r
+        norms = {}
+        for name, norm in parts["norms"].items():
+            if arch.layer_norm:
+                state[f"{name}.weight"] = norm.weight[kept] * r
+                if norm.bias is not None:
+                    state[f"{name}.bias"] = norm.bias[kept] * r
+                norms[name] = NormSpec(full_width=full)
+            else:
+                state[f"{name}.weight"] = norm.weight[kept] * math.sqrt(full / len(kept))
+        linears = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, (nn.Linear, Conv1D)) or name in plan.modules or _in_blocks(name, plan):
+                continue
+            weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
+            if full not in weight.shape:
+                continue
+            if name in parts["readers"]:
+                weight = weight[:, kept]
+            state[f"{name}.weight"] = weight.contiguous()
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias
+            linears[name] = LinearSpec(weight.shape[0], weight.shape[1], has_bias(module))
+    return state, norms, linears, tie
+
+
+def narrow_config(data: dict, plan: CompactionPlan, arch: Architecture, tie: bool) -> dict:
+    """Config values of the narrower stream: hidden size, head size (no longer hidden / heads), the RMSNorm
+    epsilon, and tying."""
+    kept, full = len(plan.residual), plan.hidden_size
+    key = "n_embd" if "n_embd" in data else "hidden_size"
+    data = {**data, key: kept}
+    if arch.rope:
+        data["head_dim"] = data.get("head_dim") or full // data["num_attention_heads"]
+    if not arch.layer_norm and "rms_norm_eps" in data:
+        data["rms_norm_eps"] = data["rms_norm_eps"] * full / kept
+    if not tie:
+        data["tie_word_embeddings"] = False
+    return data

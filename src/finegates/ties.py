@@ -1,0 +1,136 @@
+"""`structure="runtime"`: gates tied to the units every runtime can drop without gathers.
+
+One gate per attention head (on its output columns), one per KV group where groups hold several query
+heads (on its value rows), one per FFN channel (on the down projection's input columns), and one gate
+vector over the residual stream shared by the whole model: it multiplies every embedding output, every
+row of every layer that writes the stream (attention output, FFN down projection) and, in LayerNorm
+models, every norm output. A closed residual dim is then zero everywhere in the stream, so compaction
+drops it from the embeddings, the norms, every layer and the head at once (`finegates.compress`); the
+readers' columns carry a view of the same gate that the budget counts but that is not multiplied in.
+
+Which modules play which part comes from the architecture table (`finegates.architectures`). The
+shared vectors are registered once, under `model.finegates_gates`; the layers hold `TiedGate` views.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from finegates.architectures import Architecture, architecture_for
+from finegates.config import GatesConfig
+from finegates.coupling import READERS, WRITERS, Block, find_blocks
+from finegates.gates import Gate, TiedGate, make_gate
+from finegates.layer import GatedLinear
+
+TIES_ATTR = "finegates_gates"
+
+
+class RuntimeGates(nn.Module):
+    """The shared gate vectors: `residual` (the stream's width) and, per block, `heads`, `kv_heads`
+    (GQA only) and `channels`. `enabled=False` bypasses the stream mask (the dense model)."""
+
+    def __init__(self, residual: Gate, blocks: list[dict[str, Gate]]) -> None:
+        super().__init__()
+        self.residual = residual
+        self.blocks = nn.ModuleList(nn.ModuleDict(b) for b in blocks)
+        self.enabled = True
+
+
+class _StreamMask:
+    """Forward hook multiplying a module's output by the residual gate (a class, so that a deep copy of
+    the model gets a hook bound to the copy's gates)."""
+
+    def __init__(self, gates: RuntimeGates) -> None:
+        self.gates = gates
+
+    def __call__(self, module: nn.Module, args, output):
+        if not self.gates.enabled:
+            return output
+        return output * self.gates.residual.value().to(output.dtype)
+
+
+def _matches(name: str, suffixes: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def stream_modules(model: nn.Module, arch: Architecture, hidden: int) -> dict[str, dict[str, nn.Module]]:
+    """The modules around the blocks that the shared residual mask reaches, by part: "embeddings",
+    "norms" (over the stream's width) and "readers" (linears outside the blocks, e.g. the LM head)."""
+    block = re.compile(arch.block_pattern + r"\.")
+    parts: dict[str, dict[str, nn.Module]] = {"embeddings": {}, "norms": {}, "readers": {}}
+    for name, module in model.named_modules():
+        if _matches(name, arch.embeddings) and isinstance(module, nn.Embedding):
+            if module.embedding_dim == hidden:
+                parts["embeddings"][name] = module
+        elif _matches(name, arch.norms) and getattr(module, "weight", None) is not None:
+            if module.weight.shape == (hidden,):
+                parts["norms"][name] = module
+        elif _matches(name, arch.stream_readers) and not block.search(name + "."):
+            parts["readers"][name] = module
+    return parts
+
+
+def _gated(block: Block, role: str) -> GatedLinear | None:
+    module = block.modules.get(role, (None, None))[1]
+    return module if isinstance(module, GatedLinear) else None
+
+
+def _tie_block(block: Block, residual: Gate, cfg: GatesConfig) -> dict[str, Gate]:
+    s, shared = block.shape, {}
+    for role, (name, module) in block.modules.items():
+        if isinstance(module, GatedLinear):
+            row = TiedGate(residual) if role in WRITERS else None
+            col = TiedGate(residual, applied=False) if role in READERS else None
+            module.set_gates(row, col)
+    o, v, down = _gated(block, "o"), _gated(block, "v"), _gated(block, "down")
+    if o is not None:
+        shared["heads"] = make_gate(s.num_heads, cfg)
+        o.set_gates(o.row_gate, TiedGate(shared["heads"], s.head_dim))
+    if v is not None and s.group_size > 1:
+        shared["kv_heads"] = make_gate(s.num_kv_heads, cfg)
+        v.set_gates(TiedGate(shared["kv_heads"], s.head_dim), v.col_gate)
+    if down is not None:
+        shared["channels"] = make_gate(down.in_features, cfg)
+        down.set_gates(down.row_gate, TiedGate(shared["channels"]))
+    return shared
+
+
+def tie_runtime_gates(model: nn.Module, cfg: GatesConfig) -> RuntimeGates:
+    """Replace the per-layer gates of a freshly gated `model` by the runtime structure's shared ones and
+    hook the stream mask onto its embeddings (and LayerNorms); returns the module holding them."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = architecture_for(model_type)
+    blocks = find_blocks(model)
+    if arch is None or not arch.embeddings or not blocks:
+        raise ValueError(
+            f"structure='runtime' needs the model's blocks and residual stream in the architecture table; "
+            f"model_type {model_type!r} has none. Use structure='fine'."
+        )
+    missing = [name for b in blocks for r, (name, m) in b.modules.items() if r in WRITERS]
+    missing = [n for n in missing if not isinstance(model.get_submodule(n), GatedLinear)]
+    if missing:
+        raise ValueError(
+            f"structure='runtime' masks the residual stream in every layer that writes it, but {missing[:3]} "
+            "are not gated; gate every attention-output and FFN-down projection (the default targets)."
+        )
+    hidden = blocks[0].modules[next(r for r in blocks[0].modules if r in WRITERS)][1].out_features
+    residual = make_gate(hidden, cfg)
+    ties = RuntimeGates(residual, [_tie_block(block, residual, cfg) for block in blocks])
+    ties.to(next(model.parameters()).device)
+    parts = stream_modules(model, arch, hidden)
+    if not parts["embeddings"]:
+        raise ValueError(
+            f"structure='runtime' found no embedding of width {hidden} in {type(model).__name__}."
+        )
+    hooked = [*parts["embeddings"].values(), *(parts["norms"].values() if arch.layer_norm else ())]
+    for module in hooked:
+        module.register_forward_hook(_StreamMask(ties))
+    return ties
+
+
+def runtime_gates(model: nn.Module) -> RuntimeGates | None:
+    """The shared gates of a runtime-structure model (None for the fine structure)."""
+    ties = getattr(model, TIES_ATTR, None)
+    return ties if isinstance(ties, RuntimeGates) else None

@@ -1,0 +1,340 @@
+"""structure="runtime": whole heads, KV groups, FFN channels and one residual mask for the whole model.
+
+Compaction is exact on every architecture of the fixture (padding masks included), the stream narrows
+everywhere without a gather or scatter, RMSNorm models keep stock norms, the report predicts the compacted
+size to the parameter, and the tied gates train, save, reload and bypass like the fine ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import finegates
+from conftest import is_causal, tiny_inputs, tiny_model
+from finegates import GatesConfig, compress, get_gated_model, load_gates, save_gates, sparsity_report
+from finegates.compress.linear import ResidualLinear
+from finegates.compress.stream import CompactLayerNorm
+from finegates.distill import gates_bypassed
+from finegates.model import all_gates, gates_config
+from finegates.ties import RuntimeGates, runtime_gates
+
+CLOSED, OPEN = -2.0, 2.0
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def runtime_model(arch: str, seed: int = 0, **options) -> nn.Module:
+    return get_gated_model(tiny_model(arch, seed), GatesConfig(structure="runtime", **options)).eval()
+
+
+# -- patterns over the shared gates ----------------------------------------------------------------
+def nothing_closed(ties: RuntimeGates) -> None:
+    pass
+
+
+def fractional(ties: RuntimeGates) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for gate in ties.modules():
+        if hasattr(gate, "theta"):
+            gate.theta.data.uniform_(-0.5, 0.6, generator=gen)  # eval values strictly inside (0, 1)
+
+
+def every_head_of_a_layer_closed(ties: RuntimeGates) -> None:
+    ties.blocks[0]["heads"].theta.data.fill_(CLOSED)
+
+
+def a_kv_group_closed(ties: RuntimeGates) -> None:
+    block = ties.blocks[1]
+    if "kv_heads" in block:
+        block["kv_heads"].theta.data[0] = CLOSED
+    else:  # multi-head attention: a group is one head
+        block["heads"].theta.data[0] = CLOSED
+
+
+def one_residual_dim_left(ties: RuntimeGates) -> None:
+    ties.residual.theta.data.fill_(CLOSED)
+    ties.residual.theta.data[5] = OPEN
+
+
+def every_residual_dim_closed(ties: RuntimeGates) -> None:
+    ties.residual.theta.data.fill_(CLOSED)
+
+
+def ffn_closed(ties: RuntimeGates) -> None:
+    ties.blocks[0]["channels"].theta.data.fill_(CLOSED)
+
+
+def random_pattern(seed: int, p_closed: float = 0.3, p_fractional: float = 0.2) -> Callable:
+    def apply(ties: RuntimeGates) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for gate in ties.modules():
+            if hasattr(gate, "theta"):
+                u = torch.rand(gate.theta.shape, generator=gen)
+                frac = torch.empty_like(u).uniform_(-0.5, 0.6, generator=gen)
+                gate.theta.data.copy_(
+                    torch.where(u < p_closed, CLOSED, torch.where(u < p_closed + p_fractional, frac, OPEN))
+                )
+
+    return apply
+
+
+def binary_random(ties: RuntimeGates) -> None:
+    """Closed or fully open only (no fractional residual gate, so a tied LM head stays tied)."""
+    random_pattern(3, p_closed=0.3, p_fractional=0.0)(ties)
+
+
+PATTERNS = {
+    "nothing_closed": nothing_closed,
+    "fractional": fractional,
+    "every_head_of_a_layer_closed": every_head_of_a_layer_closed,
+    "a_kv_group_closed": a_kv_group_closed,
+    "one_residual_dim_left": one_residual_dim_left,
+    "every_residual_dim_closed": every_residual_dim_closed,
+    "ffn_closed": ffn_closed,
+    "random": random_pattern(0),
+    "binary_random": binary_random,
+}
+
+
+def patterned(arch: str, pattern: Callable, seed: int = 0) -> nn.Module:
+    model = runtime_model(arch, seed)
+    with torch.no_grad():
+        pattern(runtime_gates(model))
+    return model
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = tiny_inputs(1)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    return ids, mask
+
+
+def outputs(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return out.logits, out.hidden_states
+
+
+def kept_dims(model) -> torch.Tensor:
+    return finegates.compaction_plan(model).residual
+
+
+# -- exactness -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_runtime_compaction_is_exact_and_narrows_the_stream(arch, pattern):
+    model = patterned(arch, PATTERNS[pattern])
+    small = compress(model)
+    ids, mask = padded_batch()
+    logits, hidden = outputs(model, ids, mask)
+    small_logits, small_hidden = outputs(small, ids, mask)
+    torch.testing.assert_close(small_logits, logits, atol=ATOL, rtol=0)
+    kept = kept_dims(model)
+    closed = torch.ones(hidden[0].shape[-1], dtype=torch.bool)
+    closed[kept] = False
+    assert len(small_hidden) == len(hidden)
+    for full, narrow in zip(hidden, small_hidden):
+        assert narrow.shape[-1] == len(kept)  # the whole stream is narrower ...
+        torch.testing.assert_close(narrow, full[..., kept], atol=ATOL, rtol=0)
+        if pattern != "every_residual_dim_closed":  # (then one closed dim stands in for the width)
+            assert full[..., closed].abs().max().item() == 0 if closed.any() else True  # ... being zero there
+    assert small.config.hidden_size == len(kept)
+    assert not any(isinstance(m, ResidualLinear) for m in small.modules())  # no gathers, no scatters
+    report = sparsity_report(model)
+    assert sum(p.numel() for p in small.parameters()) == report.model_params - report.model_removed
+
+
+def test_whole_units_leave(arch):
+    """Closed heads, KV groups and channels leave whole; every kept head keeps its full head size."""
+    model = patterned(arch, random_pattern(1, p_closed=0.4, p_fractional=0.0))
+    ties = runtime_gates(model)
+    report = sparsity_report(model)
+    shape = finegates.architectures.attention_shape(model.config)
+    for block, row in zip(ties.blocks, report.blocks):
+        assert row.qk_dims == row.vo_dims == shape.head_dim
+        heads_open = ~block["heads"].closed()
+        if "kv_heads" in block:  # a query head of a closed group has nothing to read
+            heads_open &= ~block["kv_heads"].closed().repeat_interleave(shape.group_size)
+        assert row.heads == max(int(heads_open.sum()), 1)
+        assert row.ffn_channels == int((~block["channels"].closed()).sum())
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen3"])
+def test_rms_norm_models_keep_stock_norms(arch_name):
+    """The shared mask needs no compact norm: a stock RMSNorm over the kept dims with eps' = eps H / K and
+    weight' = weight sqrt(H / K) is exact (Qwen3's per-head q/k norms keep their own eps)."""
+    model = patterned(arch_name, random_pattern(2))
+    small = compress(model)
+    kept, full = len(kept_dims(model)), model.config.hidden_size
+    norms = [m for n, m in small.named_modules() if n.endswith(("layernorm", "norm")) and "attn" not in n]
+    assert norms and all(type(m).__name__.endswith("RMSNorm") for m in norms)
+    assert small.config.rms_norm_eps == pytest.approx(model.config.rms_norm_eps * full / kept)
+    if arch_name == "qwen3":
+        heads = [m for n, m in small.named_modules() if n.endswith("q_norm")]
+        assert heads and all(m.eps == model.config.rms_norm_eps for m in heads)
+
+
+@pytest.mark.parametrize("arch_name", ["bert", "gpt2"])
+def test_layer_norm_models_use_the_compact_layer_norm(arch_name):
+    small = compress(patterned(arch_name, random_pattern(2)))
+    norms = [m for m in small.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(isinstance(m, CompactLayerNorm) for m in norms)
+    assert all(m.full_width == 32 and m.normalized_shape[0] < 32 for m in norms)
+
+
+def test_compact_layer_norm_matches_the_full_width_statistics():
+    torch.manual_seed(0)
+    full = nn.LayerNorm(16, eps=1e-5)
+    nn.init.normal_(full.weight)
+    nn.init.normal_(full.bias)
+    kept = torch.tensor([0, 2, 3, 7, 8, 15])
+    x = torch.zeros(4, 16)
+    x[:, kept] = torch.randn(4, len(kept)) * 3 + 1
+    narrow = CompactLayerNorm(nn.LayerNorm(len(kept), eps=1e-5), full_width=16)
+    narrow.weight = nn.Parameter(full.weight[kept].detach().clone())
+    narrow.bias = nn.Parameter(full.bias[kept].detach().clone())
+    torch.testing.assert_close(narrow(x[:, kept]), full(x)[:, kept], atol=1e-6, rtol=0)
+    stock = nn.LayerNorm(len(kept), eps=1e-5)
+    stock.load_state_dict(narrow.state_dict())
+    assert (stock(x[:, kept]) - full(x)[:, kept]).abs().max() > 1e-2  # a stock LayerNorm is not exact
+
+
+def test_tied_head_stays_tied_with_binary_gates_and_unties_with_fractional_ones():
+    model = patterned("gpt2", binary_random)
+    small = compress(model)
+    assert small.lm_head.weight is small.transformer.wte.weight
+    fractional_model = patterned("gpt2", random_pattern(0))
+    untied = compress(fractional_model)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.config.tie_word_embeddings is False
+
+
+def test_greedy_generation_and_reload(tmp_path):
+    model = patterned("llama", random_pattern(5))
+    small = compress(model)
+    ids = tiny_inputs(seed=3, batch=2, length=5)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(small.generate(ids, **kwargs), model.generate(ids, **kwargs))
+    small.save_pretrained(tmp_path / "small")
+    again = finegates.load_compressed(tmp_path / "small")
+    torch.testing.assert_close(outputs(again, *padded_batch())[0], outputs(small, *padded_batch())[0])
+
+
+# -- training, adapters, options -------------------------------------------------------------------
+def test_shared_gates_are_the_trainable_units_and_learn(arch):
+    model = runtime_model(arch, warmup_steps=0, init_mean=0.2).train()  # inside (0, 1): gradients flow
+    gates = all_gates(model)
+    ties = runtime_gates(model)
+    assert {id(g) for g in gates} == {id(m) for m in ties.modules() if hasattr(m, "theta")}
+    shape = finegates.architectures.attention_shape(model.config)
+    sizes = sorted(len(g.theta) for g in gates)
+    assert model.config.hidden_size in sizes and shape.num_heads in sizes
+    ids = tiny_inputs()
+    labels = ids if is_causal(arch) else torch.tensor([0, 1, 2])
+    loss = model(input_ids=ids, labels=labels).loss + finegates.sparsity_loss(model)
+    loss.backward()
+    for gate in gates:
+        assert gate.theta.grad is not None and gate.theta.grad.abs().sum() > 0
+    gate_names = [n for n, p in model.named_parameters() if p.requires_grad and "finegates_gates" in n]
+    assert len(gate_names) == len(gates)  # one name per shared vector
+
+
+def test_bypassed_gates_give_the_dense_model():
+    dense = tiny_model("bert")
+    model = patterned("bert", random_pattern(0))
+    ids, mask = padded_batch()
+    with gates_bypassed(model):
+        bypassed = outputs(model, ids, mask)[0]
+    torch.testing.assert_close(bypassed, outputs(dense, ids, mask)[0], atol=1e-6, rtol=0)
+    assert (outputs(model, ids, mask)[0] - bypassed).abs().max() > 1e-3
+
+
+def test_adapter_round_trip(tmp_path):
+    model = patterned("qwen2", random_pattern(7))
+    save_gates(model, tmp_path / "adapter")
+    again = load_gates(tiny_model("qwen2"), tmp_path / "adapter").eval()
+    assert gates_config(again).structure == "runtime"
+    torch.testing.assert_close(outputs(again, *padded_batch())[0], outputs(model, *padded_batch())[0])
+
+
+def test_budget_training_tracks_the_target():
+    """The budget objective and projection serve the tied gates through the same path."""
+    torch.manual_seed(0)
+    model = runtime_model("llama", target_sparsity=0.3, warmup_steps=10, gate_lr=0.05).train()
+    finegates.set_training_steps(model, 30)
+    optimizer = torch.optim.Adam(finegates.optimizer_param_groups(model))
+    ids = tiny_inputs(batch=4, length=12)
+    removed = []
+    for _ in range(30):
+        loss = model(input_ids=ids, labels=ids).loss + finegates.sparsity_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        finegates.budget_step(model)
+        removed.append(sparsity_report(model).removed_fraction)
+    assert max(removed[:5]) < 0.2  # ramped, not cut at once
+    assert all(abs(r - 0.3) <= 0.08 for r in removed[10:])  # one residual dim is ~5% of these tiny layers
+    assert finegates.compaction_plan(model).residual is not None
+
+
+def test_options_the_runtime_structure_cannot_take():
+    with pytest.raises(ValueError, match="objective='paper'"):
+        GatesConfig(structure="runtime", objective="paper")
+    with pytest.raises(ValueError, match="structure"):
+        GatesConfig(structure="coarse")
+    with pytest.raises(ValueError, match="not gated"):
+        get_gated_model(tiny_model("llama"), GatesConfig(structure="runtime", target_modules=["q_proj"]))
+
+
+# -- stock export ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern", ["random", "binary_random", "a_kv_group_closed", "one_residual_dim_left"])
+def test_stock_export_is_exact_with_a_narrower_stream(arch, pattern):
+    model = patterned(arch, PATTERNS[pattern])
+    stock = finegates.compress(model, uniform=True)
+    assert type(stock) is type(model) and not finegates.is_gated(stock)
+    ids, mask = padded_batch()
+    torch.testing.assert_close(outputs(stock, ids, mask)[0], outputs(model, ids, mask)[0], atol=ATOL, rtol=0)
+    config = stock.config
+    if arch in ("bert", "roberta", "gpt2", "qwen3"):  # LayerNorm, per-head q/k norm: the stream keeps its
+        # width (closed dims zero)
+        assert config.hidden_size == model.config.hidden_size
+    else:  # a multiple of the head count, at least the kept dims
+        kept = len(kept_dims(model))
+        assert kept <= config.hidden_size < kept + config.num_attention_heads
+        assert config.hidden_size % config.num_attention_heads == 0
+    stock_params = sum(p.numel() for p in stock.parameters())
+    assert sum(p.numel() for p in compress(model).parameters()) <= stock_params
+    assert stock_params <= sparsity_report(model).model_params
+
+
+def test_stock_export_loads_without_finegates(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from test_compress import _STOCK_RELOAD
+
+    model = patterned("llama", binary_random)
+    stock = finegates.compress(model, uniform=True)
+    assert stock.config.hidden_size < model.config.hidden_size
+    stock.save_pretrained(tmp_path)
+    ids = tiny_inputs()
+    job = json.dumps([str(tmp_path), "causal", ids.tolist()])
+    run = subprocess.run(
+        [sys.executable, "-c", _STOCK_RELOAD, job], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    name, logits = json.loads(run.stdout.strip().splitlines()[-1])
+    assert name == "LlamaForCausalLM"
+    torch.testing.assert_close(torch.tensor(logits), outputs(model, ids, None)[0], atol=ATOL, rtol=0)

@@ -202,3 +202,24 @@ def test_bad_user_data_fails_before_the_run_folder_is_touched(tmp_path):
 def test_distill_needs_gates():
     with pytest.raises(ValueError, match="--distill needs gates to bypass"):
         workflow.PosttrainConfig(method="magnitude+lora", distill=True)
+
+
+def test_posttrain_with_the_runtime_structure(tmp_path, monkeypatch):
+    """--structure runtime through the whole workflow: tied gates train to the target with distillation,
+    the compacted model (a narrower stream) computes what the gated one does, and reloads."""
+    monkeypatch.setattr(workflow, "load_causal_lm", lambda name: (tiny_model("llama"), _CharTokenizer()))
+    monkeypatch.setattr(
+        workflow, "load_text_corpus", lambda name, column="text": ["the quick brown fox jumps " * 8] * 20
+    )
+    items = [MultipleChoiceItem("q?", ["yes", "no"], 0)] * 3
+    monkeypatch.setattr(workflow, "load_multiple_choice", lambda name, fields=None: items)
+    cfg = workflow.PosttrainConfig(
+        model="tiny", seq_len=16, batch_size=4, max_steps=30, eval_blocks=4, output_dir=str(tmp_path),
+        quiet=True, zero_shot_items=3,
+    )  # fmt: skip
+    gates = GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[], structure="runtime")
+    metrics = workflow.posttrain(cfg, gates)
+    assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
+    assert metrics["compressed"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
+    small = load_compressed(tmp_path / "compressed")
+    assert small.config.hidden_size < 32 and small.config.finegates_compact["residual_from"] == 32

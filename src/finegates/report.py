@@ -10,7 +10,7 @@ from finegates.architectures import architecture_for
 from finegates.coupling import full_shape, has_bias
 from finegates.model import CONTROLLER_ATTR, gate_parameter_ids, gated_layers, gates_config
 from finegates.plan import CompactionPlan, compaction_plan
-from finegates.ties import runtime_gates, stream_modules
+from finegates.ties import head_stays_tied, runtime_gates, stream_modules
 
 
 @dataclass
@@ -135,7 +135,7 @@ def _stream_rows(model: nn.Module, plan: CompactionPlan) -> list[LayerRow]:
     for name, norm in parts["norms"].items():
         add(name, 2 if getattr(norm, "bias", None) is not None else 1)
     tied_to = {id(e.weight) for e in parts["embeddings"].values()}
-    untied = not bool((runtime_gates(model).residual.deterministic()[plan.residual] == 1).all())
+    untied = not head_stays_tied(runtime_gates(model), plan.residual)
     for name, module in parts["readers"].items():
         out_features, _ = full_shape(module)
         bias = out_features if has_bias(module) else 0

@@ -134,3 +134,11 @@ def runtime_gates(model: nn.Module) -> RuntimeGates | None:
     """The shared gates of a runtime-structure model (None for the fine structure)."""
     ties = getattr(model, TIES_ATTR, None)
     return ties if isinstance(ties, RuntimeGates) else None
+
+
+def head_stays_tied(ties: RuntimeGates, kept) -> bool:
+    """An LM head tied to the embeddings can stay tied in the compacted model when the residual gate's eval
+    values at the kept dims are all 0 or 1 (the embeddings carry the values folded in; the head reads the
+    stream unscaled; a closed dim kept as padding reads zero)."""
+    values = ties.residual.deterministic().detach()[kept]
+    return bool(((values == 1) | (values == 0)).all())

@@ -29,7 +29,7 @@ from finegates.architectures import Architecture
 from finegates.compress.spec import LinearSpec, NormSpec
 from finegates.coupling import has_bias
 from finegates.plan import CompactionPlan
-from finegates.ties import runtime_gates, stream_modules
+from finegates.ties import head_stays_tied, runtime_gates, stream_modules
 
 
 class CompactLayerNorm(nn.LayerNorm):
@@ -42,7 +42,8 @@ class CompactLayerNorm(nn.LayerNorm):
     """
 
     def __init__(self, stock: nn.LayerNorm, full_width: int) -> None:
-        super().__init__(stock.normalized_shape, eps=stock.eps, bias=stock.bias is not None, device="meta")
+        bias = stock.bias is not None
+        super().__init__(stock.normalized_shape, eps=stock.eps, bias=bias, device=stock.weight.device)
         self.full_width = full_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +73,7 @@ def stream_state(
     ties = runtime_gates(model)
     full = plan.hidden_size
     values = ties.residual.deterministic().detach()
-    kept_values = values[plan.residual]  # a closed dim kept as padding reads zero: 0 ties too
-    tie = bool(((kept_values == 1) | (kept_values == 0)).all())
+    tie = head_stays_tied(ties, plan.residual)
     kept = torch.arange(full) if full_width else plan.residual
     r = values[kept]
     parts = stream_modules(model, arch, full)

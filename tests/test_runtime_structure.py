@@ -338,3 +338,42 @@ def test_stock_export_loads_without_finegates(tmp_path):
     name, logits = json.loads(run.stdout.strip().splitlines()[-1])
     assert name == "LlamaForCausalLM"
     torch.testing.assert_close(torch.tensor(logits), outputs(model, ids, None)[0], atol=ATOL, rtol=0)
+
+
+# -- uniform layers --------------------------------------------------------------------------------
+def layer_counts(model) -> set[tuple[int, int, int]]:
+    return {(row.kv_heads, row.heads, row.ffn_channels) for row in sparsity_report(model).blocks}
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_uniform_layers_train_to_one_stock_shape(arch_name):
+    """Every layer keeps the same counts at every step; after finalize the stock export pads nothing (its
+    size is the compact model's), is exact, and its hidden size is a multiple of its head count."""
+    torch.manual_seed(0)
+    options = {"target_sparsity": 0.4, "warmup_steps": 10, "gate_lr": 0.05, "uniform_layers": True}
+    model = runtime_model(arch_name, **options).train()
+    finegates.set_training_steps(model, 30)
+    optimizer = torch.optim.Adam(finegates.optimizer_param_groups(model))
+    ids = tiny_inputs(batch=4, length=12)
+    for step in range(30):
+        loss = model(input_ids=ids, labels=ids).loss + finegates.sparsity_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        finegates.budget_step(model)
+        assert len(layer_counts(model)) == 1, f"step {step}: {layer_counts(model)}"
+    removed = finegates.finalize_gates(model.eval())
+    assert removed >= 0.4
+    assert len(layer_counts(model)) == 1
+    stock = finegates.compress(model, uniform=True)
+    assert type(stock) is type(model)
+    assert sum(p.numel() for p in stock.parameters()) == sum(p.numel() for p in compress(model).parameters())
+    assert stock.config.hidden_size % stock.config.num_attention_heads == 0
+    assert stock.config.hidden_size < model.config.hidden_size
+    ids, mask = padded_batch()
+    torch.testing.assert_close(outputs(stock, ids, mask)[0], outputs(model, ids, mask)[0], atol=ATOL, rtol=0)
+
+
+def test_uniform_layers_need_the_runtime_structure():
+    with pytest.raises(ValueError, match="structure='runtime'"):
+        GatesConfig(uniform_layers=True)

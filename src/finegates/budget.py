@@ -20,6 +20,7 @@ from finegates.gates import GATE_CLASSES, Gate, gate_margin, travel_to_close
 from finegates.model import all_gates, controller, gates_config
 from finegates.objectives import warmup_steps
 from finegates.report import sparsity_report
+from finegates.uniform_layers import equalize_layers
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ def budget_step(model: nn.Module, step: int | None = None) -> Projection | None:
         result = project_budget(
             model, max(0.0, target - half), target + half, _landing(cfg), at_least_low=False, removed=removed
         )
+    if cfg.uniform_layers:
+        equalize_layers(model, _landing(cfg))
     with torch.no_grad():
         if result.reopened:
             ctrl.lambda1.clamp_(min=0.0)

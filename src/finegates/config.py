@@ -51,6 +51,14 @@ class GatesConfig:
             "residual-stream mask shared by every layer, the embeddings, the norms and the head."
         },
     )
+    uniform_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "structure='runtime' only: every layer keeps the same numbers of KV groups, query heads "
+            "per group and FFN channels (and, after finalize, a residual width divisible by the head "
+            "count), so compress(model, uniform=True) is a stock config and class with nothing padded."
+        },
+    )
     bias: str = field(
         default="gated",
         metadata={"help": "Biases to train: 'none', 'gated' (biases of gated layers) or 'all'."},
@@ -165,6 +173,11 @@ class GatesConfig:
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("bias", self.bias, BIAS_POLICIES)
         _check_choice("structure", self.structure, STRUCTURES)
+        if self.uniform_layers and self.structure != "runtime":
+            raise ValueError(
+                "uniform_layers=True equalises whole heads and channels across layers: it needs "
+                "structure='runtime'."
+            )
         if self.structure == "runtime" and self.objective == "paper":
             raise ValueError(
                 "objective='paper' averages per-layer row and column gates, which structure='runtime' "

@@ -8,10 +8,11 @@ import logging
 import torch
 from torch import nn
 
+from finegates.budget import FINAL_MARGIN, project_budget
 from finegates.budget import gate_lr as resolved_gate_lr
-from finegates.budget import project_budget
 from finegates.model import CONTROLLER_ATTR, gate_parameter_ids, gates_config
 from finegates.report import sparsity_report
+from finegates.uniform_layers import equalize_layers
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,12 @@ def finalize_gates(model: nn.Module, target: float | None = None, tolerance: flo
     After training with the budget objective the fraction is already within `budget_tolerance` of the
     target, so this moves only the few gates at the margin.
     """
-    target = gates_config(model).target_sparsity if target is None else target
+    cfg = gates_config(model)
+    target = cfg.target_sparsity if target is None else target
     before = sparsity_report(model).removed_fraction
     achieved = project_budget(model, target, target + tolerance).removed
+    if cfg.uniform_layers:  # equal counts, rounded down: at least the target stays removed
+        equalize_layers(model, FINAL_MARGIN, final=True, target=target)
+        achieved = sparsity_report(model).removed_fraction
     logger.info("finalize_gates: removed fraction %.4f -> %.4f (target %.4f)", before, achieved, target)
     return achieved

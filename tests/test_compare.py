@@ -118,3 +118,12 @@ def test_paired_speedup_is_the_median_of_per_round_ratios():
     model_s, reference_s, speedup = paired_speedup(Work(2), Work(1), batch, repeats=5)
     assert model_s > reference_s > 0
     assert 0.35 < speedup < 0.7
+
+
+def test_compare_trains_finegates_in_the_structure_asked_for():
+    from finegates.workflows.compare import _method_config
+
+    assert _method_config("finegates", 0.3, "runtime").gates_config().structure == "runtime"
+    assert _method_config("finegates+kd", 0.3).gates_config().structure == "fine"
+    with pytest.raises(ValueError, match="structure"):
+        CompareConfig(structure="coarse")

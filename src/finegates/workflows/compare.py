@@ -24,6 +24,7 @@ from safetensors.torch import save_model
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
+from finegates.config import STRUCTURES
 from finegates.io_utils import atomic_write_text
 from finegates.workflows.run_config import (
     RUN_CONFIG_NAME,
@@ -83,6 +84,12 @@ class CompareConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of data subset, order and initialisation."})
+    structure: str = field(
+        default="fine",
+        metadata={
+            "help": "Gate structure of the finegates methods: 'fine' or 'runtime' (GatesConfig.structure)."
+        },
+    )
 
     def __post_init__(self) -> None:
         # The command line gives "full,lora" or "full lora"; both mean the same list.
@@ -96,6 +103,8 @@ class CompareConfig:
             raise ValueError(f"Unknown methods {unknown}; choose from {list(ALL_METHODS)}.")
         if not self.sparsity or not all(0 < s < 1 for s in self.sparsity):
             raise ValueError(f"sparsity must be fractions in (0, 1), got {self.sparsity}.")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"Unknown structure {self.structure!r}; choose one of {list(STRUCTURES)}.")
 
 
 def _split(values: list | str) -> list:
@@ -121,14 +130,14 @@ def _key(method: str, sparsity: float | None) -> str:
     return f"{method}@{'-' if sparsity is None else sparsity}"
 
 
-def _method_config(method: str, sparsity: float | None):
+def _method_config(method: str, sparsity: float | None, structure: str = "fine"):
     from finegates.baselines.registry import METHODS
 
     cls = METHODS[method].config_class
     if sparsity is None:
         return cls()
     if method in ("finegates", "finegates+kd"):
-        return cls(gates={"target_sparsity": sparsity})
+        return cls(gates={"target_sparsity": sparsity, "structure": structure})
     key = "target_sparsity" if method.startswith(("magnitude", "importance")) else "sparsity"
     return cls(**{key: sparsity})
 
@@ -223,7 +232,7 @@ def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str
         model,
         train,
         lambda m: _accuracy(m, test),
-        config=_method_config(name, sparsity),
+        config=_method_config(name, sparsity, cfg.structure),
         teacher=teacher,
         epochs=cfg.epochs,
     )

@@ -26,7 +26,7 @@ from finegates.config import GatesConfig
 from finegates.data.packaged import MissingPackageError
 
 # Mistakes in what the user asked for: reported in one line, not as a traceback (--debug shows it).
-USER_ERRORS = (ValueError, FileNotFoundError, MissingPackageError, NotImplementedError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, MissingPackageError, NotImplementedError)
 
 
 def _finetune_sections() -> dict[str, type]:

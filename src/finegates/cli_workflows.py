@@ -7,6 +7,7 @@ finegates bench --model small/ --base-model minilm --batch-size 32 --length 128
 finegates bench --model runs/post/compressed --base-model smollm2-135m --batch-size 1 --length 256 \
     --decode-tokens 32
 finegates compare --model minilm --task reuters8 --methods full,lora,finegates --sparsity 0.2,0.4
+finegates export runs/post/compressed --format onnx --output-dir runs/post/onnx
 """
 
 from __future__ import annotations
@@ -107,6 +108,25 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from finegates.workflows.export import export_model
+
+    print(f"Exported: {export_model(args.model, args.format, args.output_dir)}")
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    help_text = (
+        "Export a model folder (compacted or stock) for a serving runtime: --format onnx writes one graph "
+        "with dynamic batch and sequence axes (decoders: with the KV cache in and out)."
+    )
+    parser = subparsers.add_parser("export", help=help_text, description=help_text)
+    parser.add_argument("model", metavar="MODEL_DIR", help="A model folder (e.g. a run's compressed/).")
+    parser.add_argument("--format", choices=["onnx"], required=True, help="Target format.")
+    parser.add_argument("--output-dir", required=True, help="New (or empty) folder for the export.")
+    parser.set_defaults(handler=_run_export)
+
+
 def add_workflow_commands(subparsers) -> None:
     from finegates.workflows.bench import BenchConfig
     from finegates.workflows.export import CompressConfig
@@ -143,6 +163,7 @@ def add_workflow_commands(subparsers) -> None:
         _lm_sections("pretrain"),
         _run_pretrain,
     )
+    _add_export(subparsers)
     from finegates.workflows.compare import CompareConfig
 
     _parser(

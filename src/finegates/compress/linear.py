@@ -102,7 +102,9 @@ class CompactLinear(nn.Linear):
         if x.numel() < MIN_ROWS * self.in_features:  # a GEMV (decoding): no reshaping, ~3 us less per call
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
-        y = compact_linear(x.reshape(lead.numel(), x.shape[-1]), self.weight, self.bias)
+        y = compact_linear(
+            x.flatten(0, -2), self.weight, self.bias
+        )  # no size product: export keeps axes dynamic
         return y.view(*lead, y.shape[-1])
 
 
@@ -145,7 +147,7 @@ class ResidualLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(lead.numel(), x.shape[-1])
+        x = x.flatten(0, -2)
         if self.cols is not None:
             x = x.index_select(1, self.cols)
         linear = self.linear

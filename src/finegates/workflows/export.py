@@ -1,8 +1,10 @@
-"""`finegates compress`: a saved gate adapter on its base model -> a compacted model folder."""
+"""`finegates compress`: a saved gate adapter on its base model -> a compacted model folder; `finegates
+export`: a model folder -> a serving format (ONNX)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,3 +87,36 @@ def export_compressed(cfg: CompressConfig) -> Path:
     small.save_pretrained(cfg.output_dir)
     tokenizer.save_pretrained(cfg.output_dir)
     return Path(cfg.output_dir)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+_TOKENIZER_FILES += ("vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def export_model(model_dir: str | Path, fmt: str, output_dir: str | Path) -> Path:
+    """`finegates export`: a model folder (compacted or stock) -> `fmt` ("onnx") in `output_dir`, with the
+    folder's tokenizer files beside it."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from finegates.compress.io import load_checked
+    from finegates.compress.onnx import export_onnx
+
+    if fmt != "onnx":
+        raise ValueError(f"Unknown export format {fmt!r}; available: onnx.")
+    folder = Path(model_dir)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no config.json: give a model folder (e.g. a run's compressed/)."
+        )
+    try:
+        architecture = (json.loads(config.read_text()).get("architectures") or [""])[0]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON ({err}); the folder is damaged.") from None
+    causal = architecture.endswith(("ForCausalLM", "LMHeadModel"))
+    model = load_checked(AutoModelForCausalLM if causal else AutoModelForSequenceClassification, folder)
+    out = export_onnx(model, output_dir)
+    for name in _TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, out / name)
+    return out

@@ -176,12 +176,15 @@ def budget_step(model: nn.Module, step: int | None = None) -> Projection | None:
 
     Where the projection has to reopen gates, the pressure was too high: the first multiplier is reset
     to 0 if it was still pushing towards more sparsity (and likewise in the other direction), which stops
-    the wind-up that made the plain Lagrangian overshoot.
+    the wind-up that made the plain Lagrangian overshoot. With `uniform_layers`, every layer's counts of
+    heads, KV groups and FFN channels are then made equal (`finegates.uniform_layers`).
     """
     cfg = gates_config(model)
     for gate in all_gates(model):
         gate.clamp_(cfg.param_bound)
     if cfg.objective != "budget" or cfg.budget_tolerance is None:
+        if cfg.uniform_layers:
+            equalize_layers(model, _landing(cfg))
         return None
     ctrl = controller(model)
     warmup = warmup_steps(cfg)

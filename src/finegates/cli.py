@@ -49,8 +49,19 @@ def _add_finetune(subparsers) -> None:
     )
     sections = _finetune_sections()
     add_dataclass_arguments(parser.add_argument_group("run options"), sections["finetune"])
-    add_dataclass_arguments(parser.add_argument_group("gate options (GatesConfig)"), sections["gates"])
+    from finegates.workflows.finetune import default_finetune_gates
+
+    add_dataclass_arguments(
+        parser.add_argument_group("gate options (GatesConfig)"),
+        sections["gates"],
+        _changed(default_finetune_gates()),
+    )
     parser.set_defaults(handler=_run_finetune)
+
+
+def _changed(config) -> dict:
+    """The fields a workflow's default config sets differently from its dataclass's defaults."""
+    return {k: v for k, v in config.to_dict().items() if v != getattr(type(config)(), k)}
 
 
 def _add_evaluate(subparsers) -> None:
@@ -83,9 +94,11 @@ def _add_report(subparsers) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from finegates.workflows.finetune import finetune
+    from finegates.workflows.finetune import default_finetune_gates, finetune
 
-    configs = build_configs(args, _finetune_sections())
+    configs = build_configs(
+        args, _finetune_sections(), defaults={"gates": default_finetune_gates().to_dict()}
+    )
     _configure_logging(configs["finetune"].quiet)
     metrics = finetune(configs["finetune"], configs["gates"])
     acc, s = metrics["accuracy"], metrics["sparsity"]

@@ -89,17 +89,35 @@ def _scalar(kind: type, optional: bool):
     return convert
 
 
-def _describe(field: dataclasses.Field) -> str:
+def _describe(field: dataclasses.Field, defaults: dict[str, Any]) -> str:
     default = field.default if field.default is not dataclasses.MISSING else None
+    default = defaults.get(field.name, default)
     return (field.metadata.get("help", "") + f" (default: {default})").replace("%", "%%")
 
 
-def add_dataclass_arguments(group: argparse._ActionsContainer, cls: type) -> None:
-    """One option per field of `cls`; absent options are left out of the namespace (SUPPRESS)."""
+def changed_fields(config: Any) -> dict[str, Any]:
+    """The fields of a workflow's default config that differ from its dataclass's own defaults."""
+    stock = type(config)()
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != getattr(stock, f.name)
+    }
+
+
+def add_dataclass_arguments(
+    group: argparse._ActionsContainer, cls: type, defaults: dict[str, Any] | None = None
+) -> None:
+    """One option per field of `cls`; absent options are left out of the namespace (SUPPRESS). `defaults`:
+    the values a workflow uses instead of the dataclass's, shown in the help."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         kinds, optional = _unwrap(hints[field.name])
-        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": _describe(field)}
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "default": argparse.SUPPRESS,
+            "help": _describe(field, defaults or {}),
+        }
         if kinds == {bool}:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif list in kinds:

@@ -15,15 +15,23 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from finegates.cli_args import add_dataclass_arguments, build_configs
+from finegates.cli_args import add_dataclass_arguments, build_configs, changed_fields
 from finegates.config import GatesConfig
 
 
-def _parser(subparsers, name: str, help_text: str, sections: dict[str, type], handler: Callable) -> None:
+def _parser(
+    subparsers,
+    name: str,
+    help_text: str,
+    sections: dict[str, type],
+    handler: Callable,
+    defaults: dict[str, dict] | None = None,
+) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options.")
     for section, cls in sections.items():
-        add_dataclass_arguments(parser.add_argument_group(f"{section} options ({cls.__name__})"), cls)
+        group = parser.add_argument_group(f"{section} options ({cls.__name__})")
+        add_dataclass_arguments(group, cls, (defaults or {}).get(section))
     parser.set_defaults(handler=handler)
 
 
@@ -108,6 +116,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _posttrain_gate_defaults() -> dict:
+    from finegates.workflows.posttrain import default_posttrain_gates
+
+    return changed_fields(default_posttrain_gates())
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from finegates.workflows.export import export_model
 
@@ -154,6 +168,7 @@ def add_workflow_commands(subparsers) -> None:
         "perplexity and zero-shot accuracy before/after, compaction.",
         _lm_sections("posttrain"),
         _run_posttrain,
+        {"gates": _posttrain_gate_defaults()},
     )
     _parser(
         subparsers,

@@ -377,3 +377,14 @@ def test_uniform_layers_train_to_one_stock_shape(arch_name):
 def test_uniform_layers_need_the_runtime_structure():
     with pytest.raises(ValueError, match="structure='runtime'"):
         GatesConfig(uniform_layers=True)
+
+
+def test_a_stream_width_no_head_count_divides_saves_and_reloads(arch, tmp_path):
+    """29 of 32 dims under 4 heads: the stock config's divisibility rule does not bind a compacted model."""
+    model = patterned(arch, lambda ties: ties.residual.theta.data.__setitem__(slice(0, 3), CLOSED))
+    small = compress(model)
+    assert small.config.hidden_size == 29
+    small.save_pretrained(tmp_path / "small")
+    again = finegates.load_compressed(tmp_path / "small")
+    ids, mask = padded_batch()
+    torch.testing.assert_close(outputs(again, ids, mask)[0], outputs(model, ids, mask)[0], atol=ATOL, rtol=0)

@@ -169,9 +169,16 @@ def _stock_construction(config, spec: CompactSpec) -> Iterator[None]:
 
 
 def _compact_config_class(model_type: str, stock: type) -> type:
-    return type(
-        f"{COMPACT}{stock.__name__}", (stock,), {"model_type": PREFIX + model_type, "__module__": __name__}
-    )
+    def validate(self) -> None:
+        """The stock config's checks, but its architecture rule (hidden size a multiple of the head count):
+        a compacted model's head size and per-layer head counts are explicit (`finegates_compact`), and a
+        narrower residual stream (the runtime structure) keeps any number of dims."""
+        for validator in getattr(stock, "__class_validators__", []):
+            if validator.__name__ != "validate_architecture":
+                validator(self)
+
+    attrs = {"model_type": PREFIX + model_type, "__module__": __name__, "validate": validate}
+    return type(f"{COMPACT}{stock.__name__}", (stock,), attrs)
 
 
 def _compact_model_class(stock: type[PreTrainedModel], config_class: type) -> type[PreTrainedModel]:

@@ -144,8 +144,14 @@ def test_runtime_compaction_is_exact_and_narrows_the_stream(arch, pattern):
     closed = torch.ones(hidden[0].shape[-1], dtype=torch.bool)
     closed[kept] = False
     assert len(small_hidden) == len(hidden)
-    for full, narrow in zip(hidden, small_hidden):
+    # a tied head keeps its tie: the final norm's output is then the gated model's over the gate values
+    r = runtime_gates(model).residual.deterministic()[kept]
+    tied = model.get_output_embeddings() is not None and (
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    )
+    for i, (full, narrow) in enumerate(zip(hidden, small_hidden)):
         assert narrow.shape[-1] == len(kept)  # the whole stream is narrower ...
+        narrow = narrow * r if tied and i == len(hidden) - 1 else narrow
         torch.testing.assert_close(narrow, full[..., kept], atol=ATOL, rtol=0)
         if pattern != "every_residual_dim_closed":  # (then one closed dim stands in for the width)
             assert full[..., closed].abs().max().item() == 0 if closed.any() else True  # ... being zero there
@@ -210,14 +216,24 @@ def test_compact_layer_norm_matches_the_full_width_statistics():
     assert (stock(x[:, kept]) - full(x)[:, kept]).abs().max() > 1e-2  # a stock LayerNorm is not exact
 
 
-def test_tied_head_stays_tied_with_binary_gates_and_unties_with_fractional_ones():
-    model = patterned("gpt2", binary_random)
+@pytest.mark.parametrize("arch_name", ["gpt2", "llama"])
+def test_a_tied_head_stays_tied_with_fractional_residual_gates(arch_name):
+    """The embeddings carry the residual gate's values and the final norm divides them out, so the tied
+    head (which takes them too) stays tied and exact: the compacted model is no larger than predicted."""
+    dense = tiny_model(arch_name)
+    dense.config.tie_word_embeddings = True
+    dense.tie_weights()
+    model = get_gated_model(dense, GatesConfig(structure="runtime")).eval()
+    with torch.no_grad():
+        random_pattern(0)(runtime_gates(model))  # fractional residual gates among the kept dims
+    values = runtime_gates(model).residual.deterministic()[kept_dims(model)]
+    assert ((values > 0) & (values < 1)).any()
     small = compress(model)
-    assert small.lm_head.weight is small.transformer.wte.weight
-    fractional_model = patterned("gpt2", random_pattern(0))
-    untied = compress(fractional_model)
-    assert untied.lm_head.weight is not untied.transformer.wte.weight
-    assert untied.config.tie_word_embeddings is False
+    assert small.get_output_embeddings().weight is small.get_input_embeddings().weight
+    ids, mask = padded_batch()
+    torch.testing.assert_close(outputs(small, ids, mask)[0], outputs(model, ids, mask)[0], atol=ATOL, rtol=0)
+    report = sparsity_report(model)
+    assert sum(p.numel() for p in small.parameters()) == report.model_params - report.model_removed
 
 
 def test_greedy_generation_and_reload(tmp_path):

@@ -30,6 +30,7 @@ class Architecture:
     norms: tuple[str, ...] = ()  # norms over the stream's width
     layer_norm: bool = False  # norms are LayerNorms (statistics over the full width) rather than RMSNorms
     stream_readers: tuple[str, ...] = ()  # linears outside the blocks that read the stream
+    final_norm: str | None = None  # the norm between the last block and the head (suffix), if any
 
 
 _LLAMA = Architecture(
@@ -49,6 +50,7 @@ _LLAMA = Architecture(
     embeddings=("embed_tokens",),
     norms=("input_layernorm", "post_attention_layernorm", "norm"),
     stream_readers=("lm_head", "score"),
+    final_norm="norm",
 )
 
 _BERT = Architecture(
@@ -85,6 +87,7 @@ _GPT2 = Architecture(
     norms=("ln_1", "ln_2", "ln_f"),
     layer_norm=True,
     stream_readers=("lm_head", "score"),
+    final_norm="ln_f",
 )
 
 # Qwen3 normalises every q and k head over all its dims before RoPE, so a q/k dim leaves only when it

@@ -10,7 +10,7 @@ from finegates.architectures import architecture_for
 from finegates.coupling import full_shape, has_bias
 from finegates.model import CONTROLLER_ATTR, gate_parameter_ids, gated_layers, gates_config
 from finegates.plan import CompactionPlan, compaction_plan
-from finegates.ties import head_stays_tied, runtime_gates, stream_modules
+from finegates.ties import stream_modules
 
 
 @dataclass
@@ -118,31 +118,28 @@ def _layer_rows(model: nn.Module, plan: CompactionPlan) -> list[LayerRow]:
 
 def _stream_rows(model: nn.Module, plan: CompactionPlan) -> list[LayerRow]:
     """With a shared residual mask: the embeddings, norms and head linears that the narrower stream
-    shrinks too (an LM head tied to the embeddings is counted once, unless compaction unties it)."""
+    shrinks too (an LM head tied to the embeddings is counted once)."""
     arch = architecture_for(model.config.model_type)
     full, kept = plan.hidden_size, len(plan.residual)
     parts = stream_modules(model, arch, full)
     rows = []
 
-    def add(name: str, other: int, extra: int = 0, counted: bool = True) -> None:
-        """A module of `other` x residual-width parameters (+ `extra`); `counted=False`: new in the
-        compacted model (an untied head)."""
-        params = (other * full + extra) if counted else 0
-        rows.append(LayerRow(name, False, (other, full), (other, kept), params, other * kept + extra))
+    def add(name: str, other: int, extra: int = 0) -> None:
+        """A module of `other` x residual-width parameters (+ `extra`)."""
+        rows.append(
+            LayerRow(name, False, (other, full), (other, kept), other * full + extra, other * kept + extra)
+        )
 
     for name, embedding in parts["embeddings"].items():
         add(name, embedding.num_embeddings)
     for name, norm in parts["norms"].items():
         add(name, 2 if getattr(norm, "bias", None) is not None else 1)
     tied_to = {id(e.weight) for e in parts["embeddings"].values()}
-    untied = not head_stays_tied(runtime_gates(model), plan.residual)
     for name, module in parts["readers"].items():
         out_features, _ = full_shape(module)
         bias = out_features if has_bias(module) else 0
-        tied = id(module.weight) in tied_to
-        if tied and not untied:
-            continue  # shrinks with the embedding it shares
-        add(name, out_features, bias, counted=not tied)
+        if id(module.weight) not in tied_to:  # a tied head shrinks with the embedding it shares
+            add(name, out_features, bias)
     return rows
 
 

@@ -51,7 +51,8 @@ class _StreamMask:
         return output * self.gates.residual.value().to(output.dtype)
 
 
-def _matches(name: str, suffixes: tuple[str, ...]) -> bool:
+def matches(name: str, suffixes: tuple[str, ...]) -> bool:
+    """`name` is one of `suffixes` or ends with '.' + one of them."""
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
@@ -61,13 +62,13 @@ def stream_modules(model: nn.Module, arch: Architecture, hidden: int) -> dict[st
     block = re.compile(arch.block_pattern + r"\.")
     parts: dict[str, dict[str, nn.Module]] = {"embeddings": {}, "norms": {}, "readers": {}}
     for name, module in model.named_modules():
-        if _matches(name, arch.embeddings) and isinstance(module, nn.Embedding):
+        if matches(name, arch.embeddings) and isinstance(module, nn.Embedding):
             if module.embedding_dim == hidden:
                 parts["embeddings"][name] = module
-        elif _matches(name, arch.norms) and getattr(module, "weight", None) is not None:
+        elif matches(name, arch.norms) and getattr(module, "weight", None) is not None:
             if module.weight.shape == (hidden,):
                 parts["norms"][name] = module
-        elif _matches(name, arch.stream_readers) and not block.search(name + "."):
+        elif matches(name, arch.stream_readers) and not block.search(name + "."):
             parts["readers"][name] = module
     return parts
 
@@ -134,11 +135,3 @@ def runtime_gates(model: nn.Module) -> RuntimeGates | None:
     """The shared gates of a runtime-structure model (None for the fine structure)."""
     ties = getattr(model, TIES_ATTR, None)
     return ties if isinstance(ties, RuntimeGates) else None
-
-
-def head_stays_tied(ties: RuntimeGates, kept) -> bool:
-    """An LM head tied to the embeddings can stay tied in the compacted model when the residual gate's eval
-    values at the kept dims are all 0 or 1 (the embeddings carry the values folded in; the head reads the
-    stream unscaled; a closed dim kept as padding reads zero)."""
-    values = ties.residual.deterministic().detach()[kept]
-    return bool(((values == 1) | (values == 0)).all())

@@ -52,7 +52,7 @@ def compress(model: PreTrainedModel, quantize: str | None = None, uniform: bool 
     state = compact_state_dict(model, plan)
     overrides = None
     if plan.residual is not None:
-        stream, norms, linears, tie = stream_state(model, plan, arch)
+        stream, norms, linears = stream_state(model, plan, arch)
         state.update(stream)
         for name, linear in linears.items():
             relative, in_base = _relative(model, name)
@@ -61,7 +61,7 @@ def compress(model: PreTrainedModel, quantize: str | None = None, uniform: bool 
         spec.residual_from = plan.hidden_size
         if arch.qk_norm and "rms_norm_eps" in model.config.to_dict():
             spec.head_norm_eps = model.config.rms_norm_eps
-        overrides = functools.partial(narrow_config, plan=plan, arch=arch, tie=tie)
+        overrides = functools.partial(narrow_config, plan=plan, arch=arch)
     config = compact_config(model.config, spec, compact_class.config_class, overrides)
     with torch.device("meta"):
         small = compact_class(config)

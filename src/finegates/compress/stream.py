@@ -13,8 +13,8 @@ gathers or scatters:
   computes these; a stock LayerNorm over K dims would not be exact.
 
 The residual gate's eval values are folded into the embeddings (and LayerNorm weights and biases), where
-the gated model multiplies them in; an LM head tied to the embeddings is untied where a kept dim's gate
-value is fractional (the head reads the stream unscaled).
+the gated model multiplies them in; the final norm divides them out again and the head's columns take
+them, so an LM head tied to the embeddings stays tied.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from finegates.architectures import Architecture
 from finegates.compress.spec import LinearSpec, NormSpec
 from finegates.coupling import has_bias
 from finegates.plan import CompactionPlan
-from finegates.ties import head_stays_tied, runtime_gates, stream_modules
+from finegates.ties import matches, runtime_gates, stream_modules
 
 
 class CompactLayerNorm(nn.LayerNorm):
@@ -64,32 +64,42 @@ def _in_blocks(name: str, plan: CompactionPlan) -> bool:
 
 def stream_state(
     model: nn.Module, plan: CompactionPlan, arch: Architecture, full_width: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, NormSpec], dict[str, LinearSpec], bool]:
+) -> tuple[dict[str, torch.Tensor], dict[str, NormSpec], dict[str, LinearSpec]]:
     """For a plan with a shared residual mask: the sliced tensors of the embeddings, norms and linears
-    outside the blocks; the compact norms (LayerNorm models); the shapes of those linears (they depend on
-    the hidden size, which the compact config changes); and whether an LM head may stay tied.
-    `full_width`: keep every dim (closed ones are zero: the gate values are folded in), for classes that
-    must keep the width."""
+    outside the blocks; the compact norms (LayerNorm models); and the shapes of those linears (they depend
+    on the hidden size, which the compact config changes). `full_width`: keep every dim (closed ones are
+    zero: the gate values are folded in), for classes that must keep the width.
+
+    The residual gate's values r are folded into the embeddings. Where an LM head is tied to them, the
+    final norm gets 1 / r folded in instead (of r, or of nothing) and the head's columns r: so the head,
+    which shares the embeddings' r, stays tied and the logits exact; the final hidden state is then the
+    gated model's divided by r (per dim; the same where gates are 0 or 1).
+    """
     ties = runtime_gates(model)
     full = plan.hidden_size
-    values = ties.residual.deterministic().detach()
-    tie = head_stays_tied(ties, plan.residual)
     kept = torch.arange(full) if full_width else plan.residual
-    r = values[kept]
+    r = ties.residual.deterministic().detach()[kept]
+    inverse = torch.where(r > 0, 1 / r.clamp_min(1e-30), torch.ones_like(r))  # closed dims read zero
     parts = stream_modules(model, arch, full)
+    embeddings = {id(e.weight) for e in parts["embeddings"].values()}
+    tied = any(id(m.weight) in embeddings for m in parts["readers"].values())
+    final = [n for n in parts["norms"] if tied and arch.final_norm and matches(n, (arch.final_norm,))]
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, embedding in parts["embeddings"].items():
             state[f"{name}.weight"] = embedding.weight[:, kept] * r
         norms = {}
         for name, norm in parts["norms"].items():
+            # inside the blocks the gated model scales LayerNorm outputs by r; the final norm divides it out
+            scale = (torch.ones_like(r) if arch.layer_norm else inverse) if name in final else r
             if arch.layer_norm:
-                state[f"{name}.weight"] = norm.weight[kept] * r
+                state[f"{name}.weight"] = norm.weight[kept] * scale
                 if norm.bias is not None:
-                    state[f"{name}.bias"] = norm.bias[kept] * r
+                    state[f"{name}.bias"] = norm.bias[kept] * scale
                 norms[name] = NormSpec(full_width=full)
             else:
-                state[f"{name}.weight"] = norm.weight[kept] * math.sqrt(full / len(kept))
+                rescaled = norm.weight[kept] * math.sqrt(full / len(kept))
+                state[f"{name}.weight"] = rescaled * scale if name in final else rescaled
         linears = {}
         for name, module in model.named_modules():
             if not isinstance(module, (nn.Linear, Conv1D)) or name in plan.modules or _in_blocks(name, plan):
@@ -98,17 +108,17 @@ def stream_state(
             if full not in weight.shape:
                 continue
             if name in parts["readers"]:
-                weight = weight[:, kept]
+                weight = weight[:, kept] * r if final else weight[:, kept]
             state[f"{name}.weight"] = weight.contiguous()
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias
             linears[name] = LinearSpec(weight.shape[0], weight.shape[1], has_bias(module))
-    return state, norms, linears, tie
+    return state, norms, linears
 
 
-def narrow_config(data: dict, plan: CompactionPlan, arch: Architecture, tie: bool) -> dict:
-    """Config values of the narrower stream: hidden size, head size (no longer hidden / heads), the RMSNorm
-    epsilon, and tying."""
+def narrow_config(data: dict, plan: CompactionPlan, arch: Architecture) -> dict:
+    """Config values of the narrower stream: hidden size, head size (no longer hidden / heads) and the
+    RMSNorm epsilon."""
     kept, full = len(plan.residual), plan.hidden_size
     key = "n_embd" if "n_embd" in data else "hidden_size"
     data = {**data, key: kept}
@@ -116,6 +126,4 @@ def narrow_config(data: dict, plan: CompactionPlan, arch: Architecture, tie: boo
         data["head_dim"] = data.get("head_dim") or full // data["num_attention_heads"]
     if not arch.layer_norm and "rms_norm_eps" in data:
         data["rms_norm_eps"] = data["rms_norm_eps"] * full / kept
-    if not tie:
-        data["tie_word_embeddings"] = False
     return data

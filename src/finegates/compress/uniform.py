@@ -147,9 +147,9 @@ def export_uniform(model: PreTrainedModel) -> PreTrainedModel:
     state = _state_dict(model, slices)
     data = model.config.to_dict()
     if plan.residual is not None:
-        stream, _, _, tie = stream_state(model, plan, arch, full_width=not narrow)
+        stream, _, _ = stream_state(model, plan, arch, full_width=not narrow)
         state.update(stream)
-        data = narrow_config(data, plan, arch, tie) if narrow else {**data, **_untied(tie)}
+        data = narrow_config(data, plan, arch) if narrow else data
     config = _uniform_config(type(model.config).from_dict(data), widths)
     with torch.device("meta"):
         stock = type(model)(config)
@@ -172,10 +172,6 @@ def _divisible_stream(model: PreTrainedModel, plan: CompactionPlan, widths: dict
             heads,
         )
     return dataclasses.replace(plan, residual=_pad(plan.residual, plan.hidden_size, width))
-
-
-def _untied(tie: bool) -> dict:
-    return {} if tie else {"tie_word_embeddings": False}
 
 
 def _uniform_config(config, widths: dict[str, int]):

@@ -91,6 +91,16 @@ def is_causal(name: str) -> bool:
     return name in ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: threads only add contention on a shared 2-core machine (modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param

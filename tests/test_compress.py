@@ -35,13 +35,7 @@ CLOSED, OPEN = -2.0, 2.0
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- gate patterns ---------------------------------------------------------------------------------
@@ -117,16 +111,21 @@ def everything_in_a_block_closed(model):
             gate.theta.data.fill_(CLOSED)
 
 
+def randomize(gates, seed: int, p_closed: float, p_fractional: float) -> None:
+    """Each gate closed with probability p_closed, fractional with p_fractional, else fully open."""
+    gen = torch.Generator().manual_seed(seed)
+    for gate in gates:
+        u = torch.rand(gate.theta.shape, generator=gen)
+        frac = torch.empty_like(u).uniform_(-0.5, 0.6, generator=gen)
+        gate.theta.data.copy_(
+            torch.where(u < p_closed, CLOSED, torch.where(u < p_closed + p_fractional, frac, OPEN))
+        )
+
+
 def random_pattern(seed: int, p_closed: float = 0.3, p_fractional: float = 0.2) -> Callable:
     def apply(model):
-        gen = torch.Generator().manual_seed(seed)
-        for layer in finegates.gated_layers(model).values():
-            for gate in layer.gates().values():
-                u = torch.rand(gate.theta.shape, generator=gen)
-                frac = torch.empty_like(u).uniform_(-0.5, 0.6, generator=gen)
-                gate.theta.data.copy_(
-                    torch.where(u < p_closed, CLOSED, torch.where(u < p_closed + p_fractional, frac, OPEN))
-                )
+        gates = [g for layer in finegates.gated_layers(model).values() for g in layer.gates().values()]
+        randomize(gates, seed, p_closed, p_fractional)
 
     return apply
 

@@ -17,12 +17,7 @@ from finegates.compress.onnx import export_onnx, generate_greedy
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ort_logits(folder, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
@@ -55,7 +50,7 @@ def test_onnx_runtime_matches_torch_on_every_architecture(arch, tmp_path):
 def test_runtime_structure_exports(arch_name, tmp_path):
     small = compress(runtime.patterned(arch_name, runtime.random_pattern(1)))
     folder = export_onnx(small, tmp_path / "onnx")
-    ids, mask = runtime.padded_batch()
+    ids, mask = fine.padded_batch()
     np.testing.assert_allclose(
         ort_logits(folder, ids, mask), torch_logits(small, ids, mask), atol=ATOL, rtol=0
     )

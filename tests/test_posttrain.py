@@ -53,13 +53,18 @@ def test_choice_logprob_scores_only_the_choice_tokens():
     assert choice_logprob(model, tok, "ctx", "ab") == pytest.approx(float(expected), abs=1e-5)
 
 
-def test_posttrain_runs_end_to_end(tmp_path, monkeypatch, caplog):
+def _tiny_workflow(monkeypatch) -> None:
+    """posttrain on a tiny LLaMA, a repeated sentence and three two-choice questions."""
     monkeypatch.setattr(workflow, "load_causal_lm", lambda name: (tiny_model("llama"), _CharTokenizer()))
     monkeypatch.setattr(
         workflow, "load_text_corpus", lambda name, column="text": ["the quick brown fox jumps " * 8] * 20
     )
     items = [MultipleChoiceItem("q?", ["yes", "no"], 0)] * 3
     monkeypatch.setattr(workflow, "load_multiple_choice", lambda name, fields=None: items)
+
+
+def test_posttrain_runs_end_to_end(tmp_path, monkeypatch, caplog):
+    _tiny_workflow(monkeypatch)
     cfg = workflow.PosttrainConfig(
         model="tiny",
         seq_len=16,
@@ -207,12 +212,7 @@ def test_distill_needs_gates():
 def test_posttrain_with_the_runtime_structure(tmp_path, monkeypatch):
     """--structure runtime through the whole workflow: tied gates train to the target with distillation,
     the compacted model (a narrower stream) computes what the gated one does, and reloads."""
-    monkeypatch.setattr(workflow, "load_causal_lm", lambda name: (tiny_model("llama"), _CharTokenizer()))
-    monkeypatch.setattr(
-        workflow, "load_text_corpus", lambda name, column="text": ["the quick brown fox jumps " * 8] * 20
-    )
-    items = [MultipleChoiceItem("q?", ["yes", "no"], 0)] * 3
-    monkeypatch.setattr(workflow, "load_multiple_choice", lambda name, fields=None: items)
+    _tiny_workflow(monkeypatch)
     cfg = workflow.PosttrainConfig(
         model="tiny", seq_len=16, batch_size=4, max_steps=30, eval_blocks=4, output_dir=str(tmp_path),
         quiet=True, zero_shot_items=3,

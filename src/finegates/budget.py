@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from finegates.gates import GATE_CLASSES, Gate, gate_margin, travel_to_close
+from finegates.gates import GATE_CLASSES, Gate, gate_margin, landed, travel_to_close
 from finegates.model import all_gates, controller, gates_config
 from finegates.objectives import warmup_steps
 from finegates.report import sparsity_report
@@ -92,13 +92,9 @@ class _Ranked:
     def apply(self, k: int) -> None:
         with torch.no_grad():
             for gate, original, rank in zip(self.gates, self.originals, self.ranks):
-                step = self.margin * gate.edge
-                moved = (
-                    torch.clamp(original, max=-gate.edge - step)
-                    if self.closing
-                    else torch.clamp(original, min=-gate.edge + step)
-                )
-                gate.param.copy_(torch.where(rank < k, moved, original))
+                chosen, untouched = rank < k, torch.zeros_like(rank, dtype=torch.bool)
+                close, reopen = (chosen, untouched) if self.closing else (untouched, chosen)
+                gate.param.copy_(landed(gate, original, close, reopen, self.margin))
 
 
 def project_budget(

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from finegates.cli_args import add_dataclass_arguments, build_configs
+from finegates.cli_args import add_dataclass_arguments, build_configs, changed_fields
 from finegates.cli_workflows import add_workflow_commands
 from finegates.config import GatesConfig
 from finegates.data.packaged import MissingPackageError
@@ -54,14 +54,9 @@ def _add_finetune(subparsers) -> None:
     add_dataclass_arguments(
         parser.add_argument_group("gate options (GatesConfig)"),
         sections["gates"],
-        _changed(default_finetune_gates()),
+        changed_fields(default_finetune_gates()),
     )
     parser.set_defaults(handler=_run_finetune)
-
-
-def _changed(config) -> dict:
-    """The fields a workflow's default config sets differently from its dataclass's defaults."""
-    return {k: v for k, v in config.to_dict().items() if v != getattr(type(config)(), k)}
 
 
 def _add_evaluate(subparsers) -> None:

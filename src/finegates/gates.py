@@ -183,6 +183,16 @@ def travel_to_close(cfg: GatesConfig) -> float:
     return initial_value(cfg) + GATE_CLASSES[cfg.gate_family].edge
 
 
+def landed(
+    gate: Gate, values: torch.Tensor, close: torch.Tensor, reopen: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """`values` (parameters of `gate`) with the gates in `close` moved at least `margin` x the edge past
+    their closing point, and those in `reopen` at least as far onto the open side."""
+    step = margin * gate.edge
+    values = torch.where(close, torch.clamp(values, max=-gate.edge - step), values)
+    return torch.where(reopen, torch.clamp(values, min=-gate.edge + step), values)
+
+
 def _force(
     param: torch.Tensor,
     margin: torch.Tensor,

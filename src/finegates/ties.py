@@ -116,7 +116,7 @@ def tie_runtime_gates(model: nn.Module, cfg: GatesConfig) -> RuntimeGates:
             f"structure='runtime' masks the residual stream in every layer that writes it, but {missing[:3]} "
             "are not gated; gate every attention-output and FFN-down projection (the default targets)."
         )
-    hidden = blocks[0].modules[next(r for r in blocks[0].modules if r in WRITERS)][1].out_features
+    hidden = next(m for r, (_, m) in blocks[0].modules.items() if r in WRITERS).out_features
     residual = make_gate(hidden, cfg)
     ties = RuntimeGates(residual, [_tie_block(block, residual, cfg) for block in blocks])
     ties.to(next(model.parameters()).device)

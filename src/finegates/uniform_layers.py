@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from finegates.gates import Gate, gate_margin
+from finegates.gates import Gate, gate_margin, landed
 from finegates.report import sparsity_report
 from finegates.ties import RuntimeGates, runtime_gates
 
@@ -30,11 +30,8 @@ def _keep_top(gate: Gate, keep: torch.Tensor, landing: float) -> int:
     the closed ones in `keep` just past it the other way; returns how many gates moved."""
     margin = gate_margin(gate)
     close, reopen = ~keep & (margin > 0), keep & (margin <= 0)
-    step = landing * gate.edge
     with torch.no_grad():
-        param = gate.param
-        param.copy_(torch.where(close, torch.clamp(param, max=-gate.edge - step), param))
-        param.copy_(torch.where(reopen, torch.clamp(param, min=-gate.edge + step), param))
+        gate.param.copy_(landed(gate, gate.param, close, reopen, landing))
     return int(close.sum() + reopen.sum())
 
 

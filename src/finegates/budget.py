@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from finegates.gates import GATE_CLASSES, Gate, gate_margin, landed, travel_to_close
+from finegates.latency import budget_fraction, budget_target
 from finegates.model import all_gates, controller, gates_config
 from finegates.objectives import warmup_steps
-from finegates.report import sparsity_report
 from finegates.uniform_layers import equalize_layers
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def project_budget(
     result lands above `low` (`at_least_low`, as finalize promises) or on the side nearer the band.
     `removed`: the current fraction, when the caller has just measured it.
     """
-    removed = sparsity_report(model).removed_fraction if removed is None else removed
+    removed = budget_fraction(model) if removed is None else removed
     if low <= removed <= high:
         return Projection(0, 0, removed)
     closing = removed < low
@@ -123,7 +123,7 @@ def project_budget(
     @functools.cache
     def measured(k: int) -> float:  # one exact plan per k: each costs ~0.07 s on a 135M-parameter model
         ranked.apply(k)
-        return sparsity_report(model).removed_fraction
+        return budget_fraction(model)
 
     def removed_with(k: int) -> float:
         value = measured(k)
@@ -184,9 +184,9 @@ def budget_step(model: nn.Module, step: int | None = None) -> Projection | None:
         return None
     ctrl = controller(model)
     warmup = warmup_steps(cfg)
-    target = ctrl.target(cfg.target_sparsity, warmup, step)
+    target = ctrl.target(budget_target(cfg), warmup, step)
     warmed_up = (int(ctrl.step) if step is None else step) >= warmup
-    removed = sparsity_report(model).removed_fraction
+    removed = budget_fraction(model)
     result = Projection(0, 0, removed)
     if removed - target > cfg.budget_tolerance or (warmed_up and target - removed > cfg.budget_tolerance):
         # back to the middle of the band, where the Lagrangian's dead band holds the multipliers
@@ -225,7 +225,7 @@ class BudgetOutcome:
         projection, `budget_tolerance=None`), else None."""
         if abs(self.removed_by_training - self.target) > 0.02:
             return (
-                f"training removed {self.removed_by_training:.1%} of the gated parameters for a target of "
+                f"training removed {self.removed_by_training:.1%} of the budget's measure for a target of "
                 f"{self.target:.1%}; finalize_gates made the rest of the cut from the gate ranking. Train "
                 "longer, or raise gate_lr."
             )
@@ -236,9 +236,9 @@ def budget_outcome(model: nn.Module, removed_by_training: float) -> BudgetOutcom
     """The outcome of a finished run (call after finalize_gates), given the fraction before it."""
     cfg, ctrl = gates_config(model), controller(model)
     return BudgetOutcome(
-        target=cfg.target_sparsity,
+        target=budget_target(cfg),
         removed_by_training=removed_by_training,
-        removed_after_finalize=sparsity_report(model).removed_fraction,
+        removed_after_finalize=budget_fraction(model),
         closed_gates=sum(int(gate.closed().sum()) for gate in all_gates(model)),
         projected_closed=int(ctrl.projected_closed),
         projected_reopened=int(ctrl.projected_reopened),

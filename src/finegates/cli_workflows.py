@@ -4,6 +4,7 @@ finegates posttrain --model smollm2-135m --target-sparsity 0.3 --max-steps 100
 finegates pretrain --max-steps 300 --gate-start-step 100 --target-sparsity 0.4
 finegates compress --gates runs/r8/gates --output-dir small/
 finegates bench --model small/ --base-model minilm --batch-size 32 --length 128
+finegates bench --calibrate --model smollm2-135m --batch-size 1 --length 256
 finegates bench --model runs/post/compressed --base-model smollm2-135m --batch-size 1 --length 256 \
     --decode-tokens 32
 finegates compare --model minilm --task reuters8 --methods full,lora,finegates --sparsity 0.2,0.4
@@ -95,9 +96,23 @@ def _run_compress(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from finegates.workflows.bench import BenchConfig, bench
+    from finegates.workflows.bench import BenchConfig, bench, calibrate
 
     cfg = build_configs(args, {"bench": BenchConfig})["bench"]
+    if cfg.calibrate:
+        from finegates.latency import FEATURES
+
+        costs, path = calibrate(cfg)
+        dense = costs.predict(costs.points[0])
+        print(f"per-unit costs (s): {costs.coefficients}")
+        for point in costs.points:
+            print(
+                f"  {', '.join(f'{k} {point[k]:,.0f}' for k in FEATURES[1:])}: measured "
+                f"{costs.points[0]['seconds'] / point['seconds']:.2f}x, "
+                f"predicted {dense / costs.predict(point):.2f}x"
+            )
+        print(f"Latency costs: {path} (GatesConfig(target_speedup=..., latency_costs=...))")
+        return 0
     result = bench(cfg)
     for name in ("dense", "checkpoint"):
         r = result[name]

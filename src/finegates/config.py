@@ -29,6 +29,17 @@ class GatesConfig:
         default=0.3,
         metadata={"help": "Fraction of gated-layer parameters to remove, in [0, 1)."},
     )
+    target_speedup: float | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of target_sparsity: the speedup of the compacted model to reach, predicted from "
+            "per-unit costs measured on this machine (latency_costs; `finegates bench --calibrate`)."
+        },
+    )
+    latency_costs: str | None = field(
+        default=None,
+        metadata={"help": "With target_speedup: the costs file `finegates bench --calibrate` wrote."},
+    )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
@@ -169,6 +180,11 @@ class GatesConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}.")
+        if self.target_speedup is not None:
+            if not self.target_speedup > 1.0:
+                raise ValueError(f"target_speedup must be > 1, got {self.target_speedup}.")
+            if self.objective != "budget":
+                raise ValueError("target_speedup is a budget: it needs objective='budget'.")
         _check_choice("gate_family", self.gate_family, GATE_FAMILIES)
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("bias", self.bias, BIAS_POLICIES)

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from finegates.coupling import OpenFn, expected_widths, find_blocks, full_shape, has_bias
+from finegates.latency import budget_fraction, budget_target, soft_time_fraction
 from finegates.layer import GatedLinear
 from finegates.model import controller, gated_layers, gates_config
-from finegates.report import sparsity_report
 
 
 def _prob_open(module: nn.Module, axis: str) -> torch.Tensor:
@@ -47,12 +47,14 @@ def expected_sparsity(model: nn.Module) -> torch.Tensor:
     'ste': the value is the fraction the current eval-mode gates remove (counted from the exact
     compaction plan), and the gradient is that of the expected fraction.
     """
-    total = gated_parameter_count(model)
-    soft = 1 - _kept_params(model, _prob_open) / total
-    if gates_config(model).budget_estimator == "expected":
+    cfg = gates_config(model)
+    if cfg.target_speedup:  # the removed share of predicted time (finegates.latency)
+        soft = soft_time_fraction(model)
+    else:
+        soft = 1 - _kept_params(model, _prob_open) / gated_parameter_count(model)
+    if cfg.budget_estimator == "expected":
         return soft
-    hard = sparsity_report(model).removed_fraction
-    return hard + soft - soft.detach()
+    return budget_fraction(model) + soft - soft.detach()
 
 
 def warmup_steps(cfg) -> int:
@@ -92,7 +94,7 @@ def sparsity_loss(model: nn.Module, step: int | None = None) -> torch.Tensor:
     if cfg.objective == "paper":
         return paper_loss(model)
     ctrl = controller(model)
-    target = ctrl.target(cfg.target_sparsity, warmup_steps(cfg), step)
+    target = ctrl.target(budget_target(cfg), warmup_steps(cfg), step)
     if step is None and model.training:
         ctrl.step += 1
     # Half the projection's band: the Lagrangian pushes before the projection (budget.budget_step) must.

@@ -10,8 +10,8 @@ from torch import nn
 
 from finegates.budget import FINAL_MARGIN, project_budget
 from finegates.budget import gate_lr as resolved_gate_lr
+from finegates.latency import budget_fraction, budget_target
 from finegates.model import CONTROLLER_ATTR, gate_parameter_ids, gates_config
-from finegates.report import sparsity_report
 from finegates.uniform_layers import equalize_layers
 
 logger = logging.getLogger(__name__)
@@ -79,11 +79,11 @@ def finalize_gates(model: nn.Module, target: float | None = None, tolerance: flo
     target, so this moves only the few gates at the margin.
     """
     cfg = gates_config(model)
-    target = cfg.target_sparsity if target is None else target
-    before = sparsity_report(model).removed_fraction
+    target = budget_target(cfg) if target is None else target
+    before = budget_fraction(model)
     achieved = project_budget(model, target, target + tolerance).removed
     if cfg.uniform_layers:  # equal counts, rounded down: at least the target stays removed
         equalize_layers(model, FINAL_MARGIN, final=True, target=target)
-        achieved = sparsity_report(model).removed_fraction
+        achieved = budget_fraction(model)
     logger.info("finalize_gates: removed fraction %.4f -> %.4f (target %.4f)", before, achieved, target)
     return achieved

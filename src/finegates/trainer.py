@@ -19,6 +19,7 @@ from transformers import Trainer
 from finegates.adapter import WEIGHTS_NAME, save_gates
 from finegates.budget import BudgetOutcome, budget_outcome, budget_step, set_training_steps
 from finegates.distill import DistillConfig, distill_loss, teacher_outputs
+from finegates.latency import budget_fraction, budget_target
 from finegates.model import controller, gates_config
 from finegates.objectives import expected_sparsity, sparsity_loss
 from finegates.optim import finalize_gates, keep_gate_lr_constant, optimizer_param_groups
@@ -120,10 +121,12 @@ class FineGatesTrainer(Trainer):
             cfg, ctrl = gates_config(model), controller(model)
             with torch.no_grad():
                 logs["sparsity_expected"] = float(expected_sparsity(model))
-            logs["sparsity_removed"] = sparsity_report(model).removed_fraction
+            logs["sparsity_removed"] = budget_fraction(model)
             logs["sparsity_target"] = ctrl.target(
-                cfg.target_sparsity, cfg.warmup_steps, max(self.sparsity_step(), 0)
+                budget_target(cfg), cfg.warmup_steps, max(self.sparsity_step(), 0)
             )
+            if cfg.target_speedup:  # the budget's measure is predicted time: parameters beside it
+                logs["params_removed"] = sparsity_report(model).removed_fraction
             logs["sparsity_term"] = self._sparsity_term
             if self.distill is not None:
                 logs["distill_term"] = self._distill_term
@@ -140,7 +143,7 @@ class FineGatesTrainer(Trainer):
         if self._use_cache is not None:
             model.config.use_cache = self._use_cache
         if gates_config(model).objective == "budget":
-            trained = sparsity_report(model).removed_fraction
+            trained = budget_fraction(model)
             if self.finalize:
                 finalize_gates(model)
             self.budget = budget_outcome(model, trained)

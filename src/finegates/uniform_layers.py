@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from finegates.gates import Gate, gate_margin, landed
-from finegates.report import sparsity_report
+from finegates.latency import budget_fraction
 from finegates.ties import RuntimeGates, runtime_gates
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def equalize_layers(
                 heads,
             )
             moved += _keep_top(ties.residual, _top_mask(gate_margin(ties.residual), width), landing)
-        while target is not None and sparsity_report(model).removed_fraction < target:
+        while target is not None and budget_fraction(model) < target:
             step = _equalize_channels(ties, True, landing, fewer=1)
             if step == 0:
                 break

@@ -24,9 +24,20 @@ class BenchConfig:
     decode_tokens: int = field(
         default=0, metadata={"help": "Causal LMs: also time greedy decoding of this many tokens (KV cache)."}
     )
+    calibrate: bool = field(
+        default=False,
+        metadata={
+            "help": "Measure the per-unit costs of --model (a dense model) at this batch shape for "
+            "target_speedup, and write them to --costs-file (default: the finegates cache)."
+        },
+    )
+    costs_file: str | None = field(default=None, metadata={"help": "With --calibrate: where to write."})
 
     def __post_init__(self) -> None:
-        if not self.model or not self.base_model:
+        if self.calibrate:
+            if not self.model:
+                raise ValueError("bench --calibrate needs --model (the dense model to measure).")
+        elif not self.model or not self.base_model:
             raise ValueError("bench needs --model (the checkpoint) and --base-model (its dense base).")
 
 
@@ -79,3 +90,76 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
             out[name]["decode_tokens_per_s"] = rate
         out["decode_speedup"] = decode["checkpoint"] / decode["dense"]
     return out
+
+
+# Calibration patterns: the share of query heads (per KV group), FFN channels and residual dims closed.
+CALIBRATION = ((0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.25), (0.25, 0.25, 0.1))
+CALIBRATION += ((0.5, 0.75, 0.4),)
+
+
+def _close_share(gate, share: float, groups: int = 1) -> None:
+    """Close the last `share` of each of `groups` equal slices of a gate vector (the same slots in every
+    group, so GQA groups stay regular)."""
+    theta = gate.theta.data.view(groups, -1)
+    n = round(share * theta.shape[1])
+    if n:
+        theta[:, theta.shape[1] - n :] = -2.0
+
+
+def calibrate(cfg: BenchConfig):
+    """Time compacted copies of the dense model at the patterns of CALIBRATION and fit the cost model's
+    per-unit costs (`finegates.latency`) by least squares, non-negative; returns them and the file they
+    were written to."""
+    import copy
+    from functools import partial
+
+    import numpy as np
+
+    from finegates import GatesConfig, compress, get_gated_model
+    from finegates.latency import FEATURES, LatencyCosts, default_costs_path, exact_features, model_shape
+    from finegates.latency import machine as machine_key
+    from finegates.ties import runtime_gates
+    from finegates.workflows.encoding import benchmark_batch
+    from finegates.workflows.evaluation import time_in_turns
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dense = _load(cfg.model)
+    batch = benchmark_batch(cfg.batch_size, cfg.length, dense.config.vocab_size)
+    models, points = {}, []
+    for i, (heads, channels, residual) in enumerate(CALIBRATION):
+        gated = get_gated_model(copy.deepcopy(dense), GatesConfig(structure="runtime")).eval()
+        ties = runtime_gates(gated)
+        with torch.no_grad():
+            for block in ties.blocks:
+                if "heads" in block:
+                    kv = block["kv_heads"].theta.numel() if "kv_heads" in block else 1
+                    _close_share(block["heads"], heads, groups=kv)
+                if "channels" in block:
+                    _close_share(block["channels"], channels)
+            _close_share(ties.residual, residual)
+        points.append(exact_features(gated))
+        models[i] = compress(gated).eval()
+    seconds = time_in_turns({i: partial(m, **batch) for i, m in models.items()}, repeats=cfg.repeats)
+    x = np.array([[p[k] for k in FEATURES] for p in points])
+    y = np.array([seconds[i] for i in range(len(points))])
+    active = list(range(len(FEATURES)))
+    while True:  # least squares; a feature whose cost comes out negative is dropped and the rest refitted
+        coef = np.zeros(len(FEATURES))
+        coef[active] = np.linalg.lstsq(x[:, active], y, rcond=None)[0]
+        negative = [j for j in active if coef[j] < 0]
+        if not negative:
+            break
+        active.remove(min(negative, key=lambda j: coef[j]))
+    threads = torch.get_num_threads()
+    costs = LatencyCosts(
+        model_shape=model_shape(dense.config),
+        machine=machine_key(),
+        batch_size=cfg.batch_size,
+        length=cfg.length,
+        threads=threads,
+        coefficients={k: float(c) for k, c in zip(FEATURES, coef)},
+        points=[{**p, "seconds": float(y[i])} for i, p in enumerate(points)],
+    )
+    path = cfg.costs_file or default_costs_path(dense.config, cfg.batch_size, cfg.length, threads)
+    return costs, costs.save(path)

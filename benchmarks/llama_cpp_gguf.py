@@ -76,7 +76,7 @@ def _decode_seconds(llm, ids: list[int], new_tokens: int) -> float:
     llm.eval(ids)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        llm.eval([int(np.argmax(llama_cpp.last_logits(llm)))])
     return time.perf_counter() - start
 
 

@@ -11,7 +11,8 @@ its attention there). Two shapes llama.cpp cannot express are written as equival
 - a layer whose KV groups kept different numbers of query heads gets closed heads (zero rows in q, zero
   columns in o) until every group has as many as the largest, so the grouping is regular;
 - a layer with heads but no FFN channel left gets one zero channel (llama.cpp's FFN-free layer also drops
-  the attention output);
+  the attention output), and a first layer without heads one closed head (llama.cpp takes the head size
+  from the first layer);
 - the residual and FFN widths are padded with zero dims to multiples of 32 (`align`), so llama.cpp's block
   quantizations (Q8_0, Q4_K_M and their fallbacks) apply to every matrix; the RMSNorm epsilon and weights
   absorb the padding (`pad_widths`).
@@ -190,7 +191,18 @@ def gguf_layers(model: nn.Module) -> list[GGUFLayer]:
     _family(config)
     check_runtime_structure(config)
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return [_layer(block, d) for block in model.model.layers]
+    layers = [_layer(block, d) for block in model.model.layers]
+    if layers and not layers[0].heads:  # llama.cpp reads the head size only where layer 0 has heads
+        width = model.config.hidden_size
+        block = model.model.layers[0]
+        layers[0].tensors = {
+            "attn_norm.weight": _array(block.input_layernorm.weight),
+            **{f"attn_{n}.weight": np.zeros((d, width), np.float32) for n in "qkv"},
+            "attn_output.weight": np.zeros((width, d), np.float32),  # a closed head: its output is zero
+            **layers[0].tensors,
+        }
+        layers[0].heads = layers[0].kv_heads = 1
+    return layers
 
 
 def _pre_tokenizer(tokenizer: dict) -> str | None:

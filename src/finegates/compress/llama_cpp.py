@@ -58,13 +58,20 @@ def token_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
+def last_logits(llm) -> np.ndarray:
+    """The logits of the last position evaluated, read from llama.cpp's context (llama-cpp-python keeps a
+    copy only with `all_logits`)."""
+    pointer = _binding().llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),)).copy()
+
+
 def greedy(llm, ids: list[int], new_tokens: int) -> list[int]:
     """`new_tokens` greedy tokens after `ids`, from an empty cache."""
     llm.reset()
     llm.eval(list(ids))
     out = []
     for _ in range(new_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits(llm)))
         out.append(token)
         llm.eval([token])
     return out

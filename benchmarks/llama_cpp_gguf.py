@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the GGUF files here")
+    parser.add_argument("--flash-attn", action="store_true", help="time with llama.cpp's fused attention")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -143,9 +144,17 @@ def main() -> None:
         del model
     dense = next(iter(models))
     n_ctx = args.prompt + args.new_tokens
-    print(f"\nprefill {args.prompt} tokens, decode {args.new_tokens} tokens, tokens/s (speedup vs {dense})")
+    print(
+        f"\nprefill {args.prompt} tokens, decode {args.new_tokens} tokens, tokens/s (speedup vs {dense}); "
+        f"flash attention {'on' if args.flash_attn else 'off'}"
+    )
     for kind in TYPES:
-        llms = {name: llama_cpp.load(files[name][kind], n_ctx=n_ctx, threads=args.threads) for name in models}
+        llms = {
+            name: llama_cpp.load(
+                files[name][kind], n_ctx=n_ctx, threads=args.threads, flash_attn=args.flash_attn
+            )
+            for name in models
+        }
         for llm in llms.values():  # warm-up
             _prefill_seconds(llm, ids)
         prefill = {name: [] for name in models}

@@ -38,6 +38,14 @@ PATTERNS |= {name: runtime.PATTERNS[name] for name in ("every_head_of_a_layer_cl
 PATTERNS["one_query_head_closed"] = one_query_head_closed
 
 
+def every_kv_group_of_a_layer_closed(ties) -> None:
+    """Layer 1's values are all closed (its output columns stay open): its attention adds nothing."""
+    ties.blocks[1]["kv_heads"].theta.data.fill_(fine.CLOSED)
+
+
+PATTERNS["every_kv_group_of_a_layer_closed"] = every_kv_group_of_a_layer_closed
+
+
 def compacted(family: str, pattern: str):
     return compress(runtime.patterned(family, PATTERNS[pattern]))
 
@@ -147,6 +155,14 @@ def test_per_layer_counts_are_written_as_deci_and_uniform_ones_as_llama(tmp_path
     assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 1} == {"F32"}
 
 
+def test_a_layer_whose_attention_adds_nothing_has_no_heads_and_layer_0_keeps_one():
+    layers = gguf_layers(compacted("llama", "every_kv_group_of_a_layer_closed"))
+    assert (layers[1].heads, layers[1].kv_heads) == (0, 0) and "attn_norm.weight" not in layers[1].tensors
+    layers = gguf_layers(compacted("llama", "every_head_of_a_layer_closed"))
+    assert (layers[0].heads, layers[0].kv_heads) == (1, 1)  # a closed head: llama.cpp reads its size
+    assert not layers[0].tensors["attn_output.weight"].any()
+
+
 def test_a_layer_with_heads_but_no_ffn_channel_keeps_one_zero_channel():
     layers = gguf_layers(compacted("llama", "ffn_closed"))
     assert layers[0].ffn == 1 and not layers[0].tensors["ffn_down.weight"].any()
@@ -195,11 +211,19 @@ def test_export_command_writes_the_file_with_the_folders_tokenizer(tmp_path):
 # -- llama.cpp itself ------------------------------------------------------------------------------
 @needs_llama_cpp
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("pattern", ["random", "one_query_head_closed", "every_head_of_a_layer_closed"])
+@pytest.mark.parametrize(
+    "pattern",
+    ["random", "one_query_head_closed", "every_head_of_a_layer_closed", "every_kv_group_of_a_layer_closed"],
+)
 def test_llama_cpp_computes_the_compacted_model(family, pattern, tmp_path):
     small = compacted(family, pattern)
-    llm = llama_cpp.load(export_gguf(small, tmp_path / "model.gguf", dtype="f32"), all_logits=True)
+    path = export_gguf(small, tmp_path / "model.gguf", dtype="f32")
     ids = tiny_inputs(batch=1, length=11)
+    fused = llama_cpp.load(path, all_logits=True, flash_attn=True)
+    np.testing.assert_allclose(
+        llama_cpp.token_logits(fused, ids[0].tolist()), torch_logits(small, ids)[0], atol=1e-4
+    )
+    llm = llama_cpp.load(path, all_logits=True)
     np.testing.assert_allclose(
         llama_cpp.token_logits(llm, ids[0].tolist()), torch_logits(small, ids)[0], atol=1e-4
     )

@@ -137,7 +137,8 @@ def _layer(block: nn.Module, d: int) -> GGUFLayer:
     q, k, v, o = (_array(getattr(attn, f"{n}_proj").weight) for n in "qkvo")
     q_bias, k_bias, v_bias, o_bias = (_array(getattr(attn, f"{n}_proj").bias) for n in "qkvo")
     spec = getattr(attn, "spec", None)
-    if not o.any() and o_bias is None:  # every head closed (compaction keeps a placeholder): no attention
+    silent = not o.any() or (not v.any() and v_bias is None)  # the layer's attention adds nothing
+    if silent and o_bias is None:  # every head closed (compaction keeps a placeholder head)
         heads = kv_heads = 0
     elif spec is not None and not spec.qk_dim == spec.v_dim == d:
         _refuse("heads kept only some of their dims")

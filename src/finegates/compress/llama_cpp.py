@@ -37,10 +37,14 @@ def _binding():
     return llama_cpp
 
 
-def load(path: str | Path, n_ctx: int = 512, threads: int = 2, all_logits: bool = False):
-    """A llama.cpp model and context for `path` (`all_logits`: keep every position's logits)."""
+def load(
+    path: str | Path, n_ctx: int = 512, threads: int = 2, all_logits: bool = False, flash_attn: bool = False
+):
+    """A llama.cpp model and context for `path` (`all_logits`: keep every position's logits; `flash_attn`:
+    llama.cpp's fused attention, which also keeps each layer's KV cache at its own width)."""
     binding = _binding()
     return binding.Llama(
+        flash_attn=flash_attn,
         model_path=str(path),
         n_ctx=n_ctx,
         n_batch=n_ctx,

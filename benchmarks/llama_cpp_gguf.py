@@ -53,6 +53,18 @@ def _files(name: str, model, tokenizer_dir, work: Path) -> dict[str, Path]:
     return files
 
 
+@torch.no_grad()
+def torch_greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy tokens with the KV cache and no stopping rule (llama.cpp's loop does not stop either)."""
+    out = model(input_ids=ids, use_cache=True)
+    tokens = []
+    for _ in range(new_tokens):
+        token = out.logits[0, -1].argmax().view(1, 1)
+        tokens.append(int(token))
+        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
 def _llama_cpp_perplexity(llm, blocks: torch.Tensor) -> float:
     total, count = 0.0, 0
     for block in blocks.tolist():
@@ -92,6 +104,7 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the GGUF files here")
     parser.add_argument("--flash-attn", action="store_true", help="time with llama.cpp's fused attention")
+    parser.add_argument("--no-speed", action="store_true", help="checks only")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -110,10 +123,7 @@ def main() -> None:
             ids = stream[: args.prompt]
         tokenizer_dir = source if Path(source).is_dir() else None
         files[name] = _files(name, model, tokenizer_dir, work)
-        with torch.no_grad():
-            expected = model.generate(
-                prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
-            )[0, prompt.shape[1] :].tolist()
+        expected = torch_greedy(model, prompt, args.new_tokens)
         torch_ppl = perplexity(model, heldout, quiet=True)
         llm = llama_cpp.load(
             files[name]["f32"],
@@ -142,6 +152,8 @@ def main() -> None:
             flush=True,
         )
         del model
+    if args.no_speed:
+        return
     dense = next(iter(models))
     n_ctx = args.prompt + args.new_tokens
     print(

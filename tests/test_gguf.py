@@ -234,8 +234,11 @@ def test_llama_cpp_generates_what_torch_generates(tmp_path):
     small = compacted("llama", "random")
     llm = llama_cpp.load(export_gguf(small, tmp_path / "model.gguf", dtype="f32"))
     ids = tiny_inputs(batch=1, length=5)
-    with torch.no_grad():
-        expected = small.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, 5:].tolist()
+    with torch.no_grad():  # greedy with the cache and no stopping rule, as llama.cpp's loop
+        out, expected = small(input_ids=ids, use_cache=True), []
+        for _ in range(32):
+            expected.append(int(out.logits[0, -1].argmax()))
+            out = small(input_ids=torch.tensor([expected[-1:]]), past_key_values=out.past_key_values)
     assert llama_cpp.greedy(llm, ids[0].tolist(), 32) == expected
 
 

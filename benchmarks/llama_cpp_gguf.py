@@ -7,7 +7,8 @@ f16) and quantized by llama.cpp (Q8_0, Q4_K_M). Checks, on the f32 file: greedy 
 `--eval-blocks` blocks of 256 tokens) beside torch's; the quantized files' perplexity too. Speed: prefill
 (a `--prompt`-token prompt, from an empty cache) and decode (`--new-tokens` tokens after it) tokens/s at
 `--threads` threads; speedups are medians over rounds of paired ratios (the dense file timed just before
-each compacted one, same type).
+each compacted one, same type). Run it without OMP_WAIT_POLICY=PASSIVE (which `make test` sets): llama.cpp's
+OpenMP threads then sleep between ops, and decoding slows ~3x.
 
     python benchmarks/llama_cpp_gguf.py --models dense=smollm2-135m c20=runs/post-runtime-0.2/compressed \
         c40=runs/post-runtime-0.4/compressed --threads 2 --rounds 3
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import tempfile
@@ -105,10 +107,15 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the GGUF files here")
     parser.add_argument("--flash-attn", action="store_true", help="time with llama.cpp's fused attention")
     parser.add_argument("--no-speed", action="store_true", help="checks only")
+    parser.add_argument("--speed-only", action="store_true", help="reuse --work-dir's files, no checks")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     print(f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads")
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        print(
+            "warning: OMP_WAIT_POLICY=PASSIVE makes llama.cpp's threads sleep between ops (decode ~3x slower)"
+        )
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     models = dict(pair.split("=", 1) for pair in args.models)
@@ -122,6 +129,10 @@ def main() -> None:
             stream = heldout.flatten().tolist()
             ids = stream[: args.prompt]
         tokenizer_dir = source if Path(source).is_dir() else None
+        kept = {kind: work / f"{name}.{kind}.gguf" for kind in ("f32", *TYPES)}
+        if args.speed_only and all(path.is_file() for path in kept.values()):
+            files[name] = kept  # the files of an earlier run in --work-dir, already checked
+            continue
         files[name] = _files(name, model, tokenizer_dir, work)
         expected = torch_greedy(model, prompt, args.new_tokens)
         torch_ppl = perplexity(model, heldout, quiet=True)

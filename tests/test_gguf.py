@@ -119,7 +119,7 @@ def test_the_file_computes_the_compacted_model(family, pattern, tmp_path):
     np.testing.assert_allclose(gguf_forward(path, ids[0].tolist()), torch_logits(small, ids)[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("align", [1, 32])
+@pytest.mark.parametrize("align", [1, 32, 64])
 def test_widths_padded_for_block_quantization_stay_exact(align, tmp_path):
     small = compacted("llama", "random")
     path = export_gguf(small, tmp_path / "model.gguf", dtype="f32", align=align)
@@ -131,7 +131,7 @@ def test_widths_padded_for_block_quantization_stay_exact(align, tmp_path):
     if align == 1:
         assert (width, ffn) == (small.config.hidden_size, unpadded)
     else:
-        assert (width, ffn) == (32, [32, 32])
+        assert (width, ffn) == (align, [align, align])
     ids = tiny_inputs(batch=1, length=11)
     np.testing.assert_allclose(gguf_forward(path, ids[0].tolist()), torch_logits(small, ids)[0], atol=1e-4)
 

@@ -141,7 +141,7 @@ def _posttrain_gate_defaults() -> dict:
 def _run_export(args: argparse.Namespace) -> int:
     from finegates.workflows.export import export_model
 
-    out = export_model(args.model, args.format, args.output_dir, args.dtype, args.tokenizer_pre)
+    out = export_model(args.model, args.format, args.output_dir, args.dtype, args.tokenizer_pre, args.align)
     print(f"Exported: {out}")
     return 0
 
@@ -163,6 +163,12 @@ def _add_export(subparsers) -> None:
         "--tokenizer-pre",
         default=None,
         help="GGUF: llama.cpp's pre-tokenizer name, where tokenizer.json does not make it plain.",
+    )
+    parser.add_argument(
+        "--align",
+        type=int,
+        default=64,
+        help="GGUF: pad the residual and FFN widths with zero dims to multiples of this (exact).",
     )
     parser.set_defaults(handler=_run_export)
 

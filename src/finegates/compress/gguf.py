@@ -13,9 +13,11 @@ its attention there). Two shapes llama.cpp cannot express are written as equival
 - a layer with heads but no FFN channel left gets one zero channel (llama.cpp's FFN-free layer also drops
   the attention output), and a first layer without heads one closed head (llama.cpp takes the head size
   from the first layer);
-- the residual and FFN widths are padded with zero dims to multiples of 32 (`align`), so llama.cpp's block
-  quantizations (Q8_0, Q4_K_M and their fallbacks) apply to every matrix; the RMSNorm epsilon and weights
-  absorb the padding (`pad_widths`).
+- the residual and FFN widths are padded with zero dims to multiples of 64 (`align`): llama.cpp's block
+  quantizations (Q8_0, Q4_K_M and their fallbacks) need multiples of 32 to apply to every matrix, and its
+  f16 dot products run 64 elements per step on AVX-512 (SmolLM2 decode at 20% removed: 86 tok/s at a
+  width of 544, 110 at 576, dense 97-102); the RMSNorm epsilon and weights absorb the padding
+  (`pad_widths`).
 
 The fine structure (per-layer residual dims, heads with some dims closed) has no GGUF form: it is refused
 with the option that trains the runtime structure. q and k rows are reordered per head from the
@@ -327,7 +329,7 @@ def export_gguf(
     dtype: str = "f16",
     tokenizer_dir: str | Path | None = None,
     tokenizer_pre: str | None = None,
-    align: int = 32,
+    align: int = 64,
 ) -> Path:
     """Write `model` (a LLaMA-family ForCausalLM, compacted from the runtime structure or stock) as one GGUF
     file: 2-D weights in `dtype` ("f16" or "f32"), norms in f32; the residual and FFN widths padded with zero

@@ -102,6 +102,7 @@ def export_model(
     output_dir: str | Path,
     dtype: str = "f16",
     tokenizer_pre: str | None = None,
+    align: int = 64,
 ) -> Path:
     """`finegates export`: a model folder (compacted or stock) -> `fmt` in `output_dir`. "onnx": the graph
     with the folder's tokenizer files beside it (returns the folder); "gguf" (LLaMA-family decoders of the
@@ -130,7 +131,9 @@ def export_model(
     model = load_checked(AutoModelForCausalLM if causal else AutoModelForSequenceClassification, folder)
     if fmt == "gguf":
         path = Path(output_dir) / f"model.{dtype}.gguf"
-        return export_gguf(model, path, dtype=dtype, tokenizer_dir=folder, tokenizer_pre=tokenizer_pre)
+        return export_gguf(
+            model, path, dtype=dtype, tokenizer_dir=folder, tokenizer_pre=tokenizer_pre, align=align
+        )
     out = export_onnx(model, output_dir)
     for name in _TOKENIZER_FILES:
         if (folder / name).is_file():

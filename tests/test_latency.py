@@ -107,3 +107,20 @@ def test_calibration_fits_non_negative_costs_and_caches_them(tmp_path):
     assert again == costs and len(again.points) >= len(FEATURES)
     assert all(c >= 0 for c in again.coefficients.values())
     assert again.points[0]["gemm"] > again.points[-1]["gemm"]  # the last pattern cuts every unit
+
+
+def test_reports_say_the_budget_is_in_predicted_time():
+    from finegates.workflows.run_report import budget_section
+
+    budget = {
+        "target": 1 / 3,
+        "removed_by_training": 0.33,
+        "removed_after_finalize": 1 / 3,
+        "closed_gates": 9,
+        "projected_closed": 4,
+        "projected_reopened": 0,
+        "predicted_speedup": 1.5,
+    }
+    text = budget_section({"budget": budget})
+    assert "share of predicted time" in text and "predicted speedup 1.50x" in text
+    assert "predicted" not in budget_section({"budget": {**budget, "predicted_speedup": None}})

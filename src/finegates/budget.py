@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from finegates.gates import GATE_CLASSES, Gate, gate_margin, landed, travel_to_close
-from finegates.latency import budget_fraction, budget_target
+from finegates.latency import budget_fraction, budget_target, predicted_speedup
 from finegates.model import all_gates, controller, gates_config
 from finegates.objectives import warmup_steps
 from finegates.uniform_layers import equalize_layers
@@ -216,6 +216,8 @@ class BudgetOutcome:
     closed_gates: int  # gates closed at the end of training
     projected_closed: int  # gate closings the projection made over the run
     projected_reopened: int
+    # target_speedup: the budget's measure is the removed share of predicted time; the speedup it predicts
+    predicted_speedup: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -242,4 +244,5 @@ def budget_outcome(model: nn.Module, removed_by_training: float) -> BudgetOutcom
         closed_gates=sum(int(gate.closed().sum()) for gate in all_gates(model)),
         projected_closed=int(ctrl.projected_closed),
         projected_reopened=int(ctrl.projected_reopened),
+        predicted_speedup=predicted_speedup(model) if cfg.target_speedup else None,
     )

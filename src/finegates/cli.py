@@ -100,6 +100,11 @@ def _run_finetune(args: argparse.Namespace) -> int:
     print(
         f"test accuracy: gated {acc['gated']:.4f}, compacted {_fmt(acc['compacted'])}; "
         f"removed {s['removed_fraction']:.2%} of gated-layer parameters"
+        + (
+            f"; predicted speedup {metrics['budget']['predicted_speedup']:.2f}x"
+            if (metrics.get("budget") or {}).get("predicted_speedup")
+            else ""
+        )
     )
     print(f"Report: {metrics['report']}")
     return 0

@@ -160,9 +160,10 @@ def budget_section(m: dict[str, Any]) -> str:
     b = m.get("budget")
     if not b:
         return ""
+    timed = b.get("predicted_speedup") is not None
     text = "## Budget\n\n" + _table(
         [
-            "target",
+            "target (share of predicted time)" if timed else "target",
             "removed by training",
             "after finalize",
             "gates closed",
@@ -178,6 +179,11 @@ def budget_section(m: dict[str, Any]) -> str:
             ]
         ],
     )
+    if timed:
+        text += (
+            f"\n\nBudget in predicted time (`target_speedup`): predicted speedup "
+            f"{b['predicted_speedup']:.2f}x at the latency costs' batch shape."
+        )
     if b.get("warning"):
         text += f"\n\n**Warning: {b['warning']}**"
     return text
@@ -212,9 +218,14 @@ def _acc(value: float | None, note: str = "not run") -> str:
 
 def _header(m: dict[str, Any]) -> str:
     task, t = m["task"], m["timings_s"]
+    speedup = (m.get("budget") or {}).get("predicted_speedup")
+    if speedup is not None:
+        target = f"Target speedup {1 / (1 - m['budget']['target']):.2f}x (predicted time)."
+    else:
+        target = f"Target sparsity {m['sparsity']['target']:.0%} of gated-layer parameters."
     return (
         f"# FineGates finetune: {m['model']} on {task['name']}\n\n"
-        f"Target sparsity {m['sparsity']['target']:.0%} of gated-layer parameters. Data: "
+        f"{target} Data: "
         f"{task['train_rows']:,d} train / {task['test_rows']:,d} test rows, {task['num_labels']} labels "
         f"({task['source']}). Wall time: {t.get('total', 0):.0f} s total, {t.get('train', 0):.0f} s training."
     )

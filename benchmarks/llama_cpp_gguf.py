@@ -11,7 +11,7 @@ each compacted one, same type). Run it without OMP_WAIT_POLICY=PASSIVE (which `m
 OpenMP threads then sleep between ops, and decoding slows ~3x.
 
     python benchmarks/llama_cpp_gguf.py --models dense=smollm2-135m c20=runs/post-runtime-0.2/compressed \
-        c40=runs/post-runtime-0.4/compressed --threads 2 --rounds 3
+        c40=runs/post-runtime-0.4/compressed --threads 2 --rounds 3 --flash-attn
 """
 
 from __future__ import annotations

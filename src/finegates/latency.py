@@ -13,8 +13,10 @@ same controller, projection and finalize as the parameter budget (`budget_fracti
 they all read). Exact values come from the compaction plan; the gradient from the gates' open
 probabilities, as for parameters.
 
->>> costs = calibrate("smollm2-135m", batch_size=1, length=256)  # doctest: +SKIP
->>> GatesConfig(target_speedup=1.5, latency_costs=str(costs.path))  # doctest: +SKIP
+>>> from finegates.workflows.bench import BenchConfig, calibrate
+>>> cfg = BenchConfig(model="smollm2-135m", calibrate=True, batch_size=1, length=256)
+>>> costs, path = calibrate(cfg)  # doctest: +SKIP
+>>> GatesConfig(target_speedup=1.5, latency_costs=str(path))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 
 from finegates.architectures import architecture_for
 from finegates.coupling import BlockGates, find_blocks, full_shape
+from finegates.layer import GatedLinear
 from finegates.model import gates_config
 from finegates.plan import compaction_plan, open_mask
 from finegates.ties import TIES_ATTR, stream_modules
@@ -174,7 +177,7 @@ def soft_features(model: nn.Module) -> dict[str, torch.Tensor]:
         full_shape(m)[0] * full_shape(m)[1]
         for b in blocks
         for _, m in b.modules.values()
-        if not hasattr(m, "gates")
+        if not isinstance(m, GatedLinear)
     )
     return {
         "fixed": torch.tensor(1.0),

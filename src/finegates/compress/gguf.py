@@ -56,9 +56,9 @@ class GGUFLayer:
     tensors: dict[str, np.ndarray]
 
 
-def _family(config) -> str:
-    family = config.model_type.removeprefix("finegates_")
-    if family not in _FAMILIES:
+def _check_family(config) -> None:
+    """Refuse families and RoPE variants the export does not write."""
+    if config.model_type.removeprefix("finegates_") not in _FAMILIES:
         raise ValueError(
             f"GGUF export supports LLaMA and Mistral models, not {config.model_type!r}; "
             "export it with --format onnx instead."
@@ -66,7 +66,6 @@ def _family(config) -> str:
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"GGUF export writes plain RoPE only, not rope_type={rope['rope_type']!r}.")
-    return family
 
 
 def context_length(config) -> int:
@@ -191,7 +190,7 @@ def _layer(block: nn.Module, d: int) -> GGUFLayer:
 def gguf_layers(model: nn.Module) -> list[GGUFLayer]:
     """The decoder layers of a LLaMA-family model (compacted or stock) in llama.cpp's form."""
     config = model.config
-    _family(config)
+    _check_family(config)
     check_runtime_structure(config)
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     layers = [_layer(block, d) for block in model.model.layers]

@@ -221,3 +221,50 @@ def test_gating_and_the_run_schedule_leave_the_callers_config_alone():
     finegates.set_training_steps(roberta, 6000)
     assert (cfg.modules_to_save, cfg.warmup_steps, cfg.gate_lr) == (None, None, None)
     assert (bert.finegates_config.warmup_steps, roberta.finegates_config.warmup_steps) == (18, 1800)
+
+
+@pytest.mark.parametrize("structure", ["fine", "runtime"])
+def test_the_plan_is_built_once_per_gate_state(structure, monkeypatch):
+    """One plan serves the objective, the projection and the log while the gates stay as they are; any
+    change to them (an optimizer step, a projection, a loaded state, an edit through .data) builds anew."""
+    from finegates import plan as plan_module
+    from finegates.budget import budget_step
+    from finegates.gates import force_gates
+    from finegates.model import all_gates
+    from finegates.trainer import budget_logs
+
+    built = []
+    build = plan_module._build_plan
+    monkeypatch.setattr(plan_module, "_build_plan", lambda model: built.append(1) or build(model))
+    cfg = GatesConfig(target_sparsity=0.3, warmup_steps=2, gate_lr=0.5, structure=structure)
+    model = get_gated_model(tiny_model("llama"), cfg).train()
+    first = plan_module.compaction_plan(model)
+    sparsity_loss(model, step=0).backward()
+    budget_logs(model, 0)
+    assert sparsity_report(model) is not None and len(built) == 1
+    assert plan_module.compaction_plan(model) is first
+
+    gates = all_gates(model)
+    optimizer = torch.optim.AdamW([p for g in gates for p in g.parameters()], lr=1.0)
+    optimizer.step()
+    plan_module.compaction_plan(model)
+    assert len(built) == 2
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        gates[0].param.data[:2] = -10.0  # .data does not bump the version counter: compared by value
+    closed = plan_module.compaction_plan(model)
+    assert len(built) == 3 and closed is not first
+    fresh = build(model)  # what the cached plan must say
+    assert all(torch.equal(closed.modules[n].rows, m.rows) for n, m in fresh.modules.items())
+    assert all(torch.equal(closed.modules[n].cols, m.cols) for n, m in fresh.modules.items())
+    model.load_state_dict(saved)
+    plan_module.compaction_plan(model)
+    assert len(built) == 4
+    force_gates(
+        gates[-1],
+        torch.ones_like(gates[-1].param, dtype=torch.bool),
+        torch.zeros_like(gates[-1].param, dtype=torch.bool),
+    )
+    assert finegates.latency.budget_fraction(model) > 0 and len(built) == 5
+    budget_step(model, 3)  # projects back into the band: new gates, new plans
+    assert len(built) > 5

@@ -153,6 +153,32 @@ def test_posttrain_one_shot_baselines(method, tmp_path, monkeypatch):
     assert f"({method})" in (tmp_path / "report.md").read_text()
 
 
+def test_lora_recovery_trains_in_the_trainer_and_resumes(tmp_path, monkeypatch, caplog):
+    """magnitude+lora trains through the same Trainer arguments as FineGates: logged, checkpointed, and
+    `--resume` continues it from its checkpoint."""
+    _tiny_workflow(monkeypatch)
+    cfg = workflow.PosttrainConfig(
+        model="tiny",
+        method="magnitude+lora",
+        seq_len=16,
+        batch_size=4,
+        max_steps=8,
+        eval_blocks=4,
+        output_dir=str(tmp_path),
+        quiet=True,
+        zero_shot_items=3,
+    )
+    first = workflow.posttrain(cfg, GatesConfig(target_sparsity=0.3))
+    history = json.loads((tmp_path / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == list(range(1, 9))  # logging_steps = 8 // 20 -> 1
+    with caplog.at_level(logging.INFO, logger="finegates.workflows.run_folder"):
+        again = workflow.posttrain(dataclasses.replace(cfg, resume=True), GatesConfig(target_sparsity=0.3))
+    assert "--resume: continuing from" in caplog.text and "checkpoint-8" in caplog.text
+    # the trained LoRA comes back from the checkpoint (a fresh one would give the pruned model's perplexity)
+    assert again["sparsity"] == first["sparsity"]
+    assert again["compressed"]["perplexity"] == pytest.approx(first["compressed"]["perplexity"], rel=1e-9)
+
+
 def test_posttrain_rejects_unknown_methods():
     with pytest.raises(ValueError, match="magnitude\\+lora"):
         workflow.PosttrainConfig(method="wanda")

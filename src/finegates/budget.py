@@ -222,6 +222,10 @@ class BudgetOutcome:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def metrics(self) -> dict:
+        """The outcome as metrics.json records it: its fields and its warning."""
+        return {**self.to_dict(), "warning": self.warning()}
+
     def warning(self) -> str | None:
         """A loud line when training did not remove the target itself (possible only without the budget
         projection, `budget_tolerance=None`), else None."""

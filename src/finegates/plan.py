@@ -19,7 +19,7 @@ from torch import nn
 
 from finegates.coupling import READERS, WRITERS, Block, BlockGates, find_blocks, full_shape
 from finegates.layer import GatedLinear
-from finegates.model import gated_layers, gates_config
+from finegates.model import all_gates, gated_layers, gates_config
 from finegates.ties import runtime_gates
 
 
@@ -151,8 +151,36 @@ def _block_plans(block: Block, min_removed: int, plan: CompactionPlan) -> None:
         plan.modules[name] = mp
 
 
+# The last plan of a model, with what it was computed from: the gate values, the gated layers, the config
+# entry it reads. A training step asks for it up to three times on the same gates (the budget objective
+# in the forward pass, the projection after the optimizer step, the log).
+_PLAN_CACHE = "_finegates_plan_cache"
+
+
+def _plan_inputs(model: nn.Module) -> tuple[torch.Tensor, tuple]:
+    gates = [p.detach().reshape(-1) for gate in all_gates(model) for p in gate.parameters()]
+    layers = tuple(id(m) for m in gated_layers(model).values())
+    values = torch.cat(gates) if gates else torch.zeros(0)
+    return values, (layers, gates_config(model).residual_min_removed)
+
+
 def compaction_plan(model: nn.Module) -> CompactionPlan:
-    """The exact plan for the model's current (eval-mode) gates."""
+    """The exact plan for the model's current (eval-mode) gates.
+
+    The result is kept on the model and returned again while its gate values, gated layers and
+    `residual_min_removed` are unchanged (compared by value, however the gates were changed); treat it
+    as read-only.
+    """
+    values, structure = _plan_inputs(model)
+    cached = model.__dict__.get(_PLAN_CACHE)
+    if cached is not None and cached[1] == structure and torch.equal(cached[0], values):
+        return cached[2]
+    plan = _build_plan(model)
+    model.__dict__[_PLAN_CACHE] = (values, structure, plan)
+    return plan
+
+
+def _build_plan(model: nn.Module) -> CompactionPlan:
     min_removed = gates_config(model).residual_min_removed
     plan = CompactionPlan()
     ties = runtime_gates(model)

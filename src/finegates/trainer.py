@@ -28,8 +28,31 @@ from finegates.report import sparsity_report
 logger = logging.getLogger(__name__)
 
 
-def _sums_token_losses(model) -> bool:
-    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+def average_loss_per_process(model) -> bool:
+    """True for models whose loss is a per-process mean (classification heads): Trainer scales the loss of
+    models that take loss kwargs by the number of processes, assuming they divide a summed token loss by
+    the global item count, which would double such a model's gradient on 2 ranks."""
+    name = type(model).__name__
+    return not name.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+
+
+def budget_logs(model, step: int) -> dict[str, float]:
+    """What a training log records of the budget at `step`: the removed fraction (exact, and as the
+    objective estimates it), the ramped target, the multipliers and the projection's counts."""
+    cfg, ctrl = gates_config(model), controller(model)
+    logs = {"sparsity_removed": budget_fraction(model)}  # the plan is cached: the step built it already
+    if cfg.budget_estimator == "ste":  # its value is the exact fraction (the soft part only adds a gradient)
+        logs["sparsity_expected"] = logs["sparsity_removed"]
+    else:
+        with torch.no_grad():
+            logs["sparsity_expected"] = float(expected_sparsity(model))
+    logs["sparsity_target"] = ctrl.target(budget_target(cfg), cfg.warmup_steps, step)
+    if cfg.target_speedup:  # the budget's measure is predicted time: parameters beside it
+        logs["params_removed"] = sparsity_report(model).removed_fraction
+    logs["lambda1"], logs["lambda2"] = ctrl.lambda1.item(), ctrl.lambda2.item()
+    logs["projected_closed"] = int(ctrl.projected_closed)
+    logs["projected_reopened"] = int(ctrl.projected_reopened)
+    return logs
 
 
 class FineGatesTrainer(Trainer):
@@ -53,12 +76,10 @@ class FineGatesTrainer(Trainer):
         self.distill = distill if distill is not None and distill.distill else None
         self._distill_term = 0.0
         gates_config(self.model)  # fail early on a model without gates
-        if not _sums_token_losses(self.accelerator.unwrap_model(self.model)):
-            # Trainer scales the loss by the number of processes for models that take loss kwargs,
-            # assuming they divide a summed loss by the global item count; classification heads
-            # average per process instead, so the scaling would double their gradient on 2 ranks.
+        if average_loss_per_process(self.accelerator.unwrap_model(self.model)):
             self.model_accepts_loss_kwargs = False
         self._sparsity_term = 0.0
+        self._task_losses: list[float] = []  # since the last log: the loss without the added terms
         self.budget: BudgetOutcome | None = None  # set by train(): removed by training vs after finalize
 
     def gate_steps(self, num_training_steps: int) -> int:
@@ -109,6 +130,8 @@ class FineGatesTrainer(Trainer):
             extra = distill_loss(outputs, teacher, inputs.get("attention_mask"), distill)
             self._distill_term = float(extra.detach())
             task_loss = task_loss + extra
+        if model.training:
+            self._task_losses.append(float(task_loss.detach()) - self._sparsity_term - self._distill_term)
         return (task_loss, outputs) if return_outputs else task_loss
 
     def sparsity_step(self) -> int:
@@ -116,25 +139,15 @@ class FineGatesTrainer(Trainer):
         return self.state.global_step
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._task_losses:
+            logs["task_loss"] = sum(self._task_losses) / len(self._task_losses)
+            self._task_losses.clear()
         if "loss" in logs:
             model = self.accelerator.unwrap_model(self.model)
-            cfg, ctrl = gates_config(model), controller(model)
-            with torch.no_grad():
-                logs["sparsity_expected"] = float(expected_sparsity(model))
-            logs["sparsity_removed"] = budget_fraction(model)
-            logs["sparsity_target"] = ctrl.target(
-                budget_target(cfg), cfg.warmup_steps, max(self.sparsity_step(), 0)
-            )
-            if cfg.target_speedup:  # the budget's measure is predicted time: parameters beside it
-                logs["params_removed"] = sparsity_report(model).removed_fraction
+            logs.update(budget_logs(model, max(self.sparsity_step(), 0)))
             logs["sparsity_term"] = self._sparsity_term
             if self.distill is not None:
                 logs["distill_term"] = self._distill_term
-            logs["lambda1"], logs["lambda2"] = ctrl.lambda1.item(), ctrl.lambda2.item()
-            logs["projected_closed"], logs["projected_reopened"] = (
-                int(ctrl.projected_closed),
-                int(ctrl.projected_reopened),
-            )
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from transformers import Trainer, TrainingArguments
 
 KINDS_OF_SPARSITY = ("none", "structured", "unstructured", "2:4")
 Batch = dict[str, torch.Tensor]
@@ -71,6 +72,15 @@ class Method(Protocol):
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]: ...
 
+    def trainer(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        train_dataset: Any,
+        teacher: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Trainer: ...
+
     def trainable_parameters(self, model: nn.Module) -> int: ...
 
     def removed_parameters(self, model: nn.Module) -> int: ...
@@ -118,6 +128,21 @@ class BaseMethod:
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def trainer(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        train_dataset: Any,
+        teacher: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Trainer:
+        """The Trainer that trains this method (any Trainer keyword in `kwargs`, e.g. data_collator)."""
+        from finegates.baselines.trainer import MethodTrainer  # imports this module
+
+        return MethodTrainer(
+            model=model, args=args, train_dataset=train_dataset, method=self, teacher=teacher, **kwargs
+        )
 
     def trainable_parameters(self, model: nn.Module) -> int:
         return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())

@@ -12,15 +12,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import Trainer, TrainingArguments
 
 from finegates.baselines.base import BaseMethod, Batch, MethodConfig
 from finegates.baselines.structured import compact, structured_removed
-from finegates.budget import budget_step, set_training_steps
+from finegates.baselines.trainer import MethodLoss
 from finegates.config import GatesConfig
 from finegates.distill import squarehead_loss
 from finegates.model import count_parameters, get_gated_model
-from finegates.objectives import sparsity_loss
-from finegates.optim import finalize_gates, optimizer_param_groups
+from finegates.optim import finalize_gates
+from finegates.trainer import FineGatesTrainer
 
 
 @dataclass
@@ -38,7 +39,7 @@ class FineGatesMethodConfig(MethodConfig):
 
 
 class FineGatesMethod(BaseMethod):
-    """Gates, gated biases and the head train; the sparsity loss drives the budget; finalize lands on it."""
+    """Gates, gated biases and the head train in `FineGatesTrainer`; finalize lands on the budget."""
 
     name = "finegates"
     kind_of_sparsity = "structured"
@@ -48,15 +49,16 @@ class FineGatesMethod(BaseMethod):
     def _prepare(self, model: nn.Module, calibration: Iterable[Batch] | None) -> nn.Module:
         return get_gated_model(model, self.config.gates_config())
 
-    def loss(self, model: nn.Module, batch: Batch, outputs: Any, teacher_outputs: Any = None) -> torch.Tensor:
-        return sparsity_loss(model)
-
-    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
-        set_training_steps(model, self.total_steps)
-        return optimizer_param_groups(model, head_lr=lr)
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        budget_step(model)
+    def trainer(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        train_dataset: Any,
+        teacher: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Trainer:
+        """`FineGatesTrainer`: the gates' own learning rate, sparsity loss, budget projection and logs."""
+        return FineGatesTrainer(model=model, args=args, train_dataset=train_dataset, **kwargs)
 
     def finalize(self, model: nn.Module) -> nn.Module:
         finalize_gates(model)
@@ -77,10 +79,11 @@ class FineGatesKD(FineGatesMethod):
     needs_hidden_states = True
 
     def loss(self, model: nn.Module, batch: Batch, outputs: Any, teacher_outputs: Any = None) -> torch.Tensor:
+        """The distillation terms (`FineGatesTrainer` adds the sparsity loss)."""
         if teacher_outputs is None:
             raise ValueError("finegates+kd needs the dense teacher's outputs (with hidden states).")
         cfg: FineGatesMethodConfig = self.config
-        distill = squarehead_loss(
+        return squarehead_loss(
             outputs,
             teacher_outputs,
             batch.get("attention_mask"),
@@ -88,4 +91,21 @@ class FineGatesKD(FineGatesMethod):
             cfg.feature_weight,
             cfg.temperature,
         )
-        return super().loss(model, batch, outputs) + distill
+
+    def trainer(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        train_dataset: Any,
+        teacher: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Trainer:
+        trainer = _TeacherFineGatesTrainer(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        trainer.method, trainer.teacher = self, teacher
+        if teacher is not None:
+            teacher.to(args.device).eval()
+        return trainer
+
+
+class _TeacherFineGatesTrainer(MethodLoss, FineGatesTrainer):
+    """`FineGatesTrainer` plus the method's distillation terms from a separate dense teacher."""

@@ -1,12 +1,13 @@
-"""`train_method`: one small training loop that runs every method the same way.
+"""`train_method`: prepare, train, finalize and evaluate any compared method the same way.
 
-The loop owns what must be identical across methods (data order, optimizer, schedule, timing); the
-method owns what differs (which parameters train, extra loss terms, per-step hooks, finalization).
+Every method trains through transformers' Trainer (`method.trainer`: `MethodTrainer` for the baselines,
+`FineGatesTrainer` for FineGates), on the same batches in the same order, with one optimizer and schedule.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,12 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import PrinterCallback, TrainingArguments
 
 from finegates.baselines.base import Batch, Method
 from finegates.baselines.registry import make_method
-from finegates.optim import keep_gate_lr_constant
+from finegates.baselines.trainer import PreBatched, unbatch
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +38,6 @@ class MethodResult:
     losses: list[float] = field(default_factory=list)
 
 
-def _teacher_outputs(teacher: nn.Module | None, batch: Batch, method: Method) -> Any:
-    if not method.needs_teacher:
-        return None
-    if teacher is None:
-        raise ValueError(f"Method {method.name!r} needs a dense teacher model (teacher=...).")
-    with torch.no_grad():
-        return teacher(**batch, output_hidden_states=method.needs_hidden_states)
-
-
-def _step(model: nn.Module, method: Method, batch: Batch, teacher: nn.Module | None) -> torch.Tensor:
-    outputs = model(**batch, output_hidden_states=method.needs_hidden_states)
-    return outputs.loss + method.loss(model, batch, outputs, _teacher_outputs(teacher, batch, method))
-
-
 def train_method(
     name: str,
     model: nn.Module,
@@ -66,6 +52,7 @@ def train_method(
     warmup_ratio: float = 0.0,
     calibration_batches: Sequence[Batch] | None = None,
     progress: bool = False,
+    seed: int = 0,
 ) -> MethodResult:
     """Prepare `model` with method `name`, train it on `train_batches`, finalize it and evaluate it.
 
@@ -89,6 +76,7 @@ def train_method(
         scheduler=scheduler,
         warmup_ratio=warmup_ratio,
         progress=progress,
+        seed=seed,
     )
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     model = method.finalize(model).eval()
@@ -120,28 +108,39 @@ def fit_method(
     scheduler: str = "linear",
     warmup_ratio: float = 0.0,
     progress: bool = False,
+    seed: int = 0,
 ) -> tuple[list[float], int, float]:
-    """Train a prepared model in place; returns (losses, steps, mean seconds per step)."""
-    method.total_steps = total = epochs * len(train_batches)
-    lr = method.default_lr if lr is None else lr
-    optimizer = torch.optim.AdamW(method.param_groups(model, lr), weight_decay=0.0)
-    schedule = get_scheduler(scheduler, optimizer, int(warmup_ratio * total), total)
-    if any("finegates" in group for group in optimizer.param_groups):
-        keep_gate_lr_constant(schedule)
-    if teacher is not None:
-        teacher.eval()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    model.train()
-    losses, start, step = [], time.perf_counter(), 0
-    for _ in range(epochs):
-        for batch in tqdm(train_batches, disable=not progress, desc=method.name):
-            loss = _step(model, method, batch, teacher)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            method.after_step(model, step)
-            losses.append(float(loss.detach()))
-    return losses, step, (time.perf_counter() - start) / max(step, 1)
+    """Train a prepared model in place through the method's Trainer (`method.trainer`), on the batches in
+    their order, `epochs` times; returns (logged losses, steps, mean seconds per step).
+
+    AdamW without weight decay and without gradient clipping, the schedule `scheduler` over the whole run;
+    no checkpoints (the run lives in a temporary folder)."""
+    steps = epochs * len(train_batches)
+    method.total_steps = steps
+    with tempfile.TemporaryDirectory(prefix="finegates-fit-") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            max_steps=steps,
+            per_device_train_batch_size=1,  # each item is a whole batch
+            learning_rate=method.default_lr if lr is None else lr,
+            lr_scheduler_type=scheduler,
+            warmup_steps=warmup_ratio,
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            logging_steps=max(1, steps // 20),
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=not progress,
+            seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = method.trainer(
+            model, args, PreBatched(list(train_batches), epochs), teacher=teacher, data_collator=unbatch
+        )
+        if not progress:
+            trainer.remove_callback(PrinterCallback)
+        begin = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - begin
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, trainer.state.global_step, seconds / max(trainer.state.global_step, 1)

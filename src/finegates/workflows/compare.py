@@ -235,6 +235,7 @@ def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str
         config=_method_config(name, sparsity, cfg.structure),
         teacher=teacher,
         epochs=cfg.epochs,
+        seed=cfg.seed,
     )
     wall = time.perf_counter() - begin
     if name == "full":  # full finetuning is the distillation teacher: trained once per comparison

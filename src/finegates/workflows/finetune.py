@@ -25,12 +25,12 @@ from finegates.data import ClassificationData, Columns, load_classification
 from finegates.distill import DistillConfig
 from finegates.model import count_parameters, get_gated_model
 from finegates.report import SparsityReport, sparsity_report
+from finegates.trainer import FineGatesTrainer
 from finegates.workflows.encoding import EncodedSplit, benchmark_batch
 from finegates.workflows.evaluation import classification_metrics, measure_latency
 from finegates.workflows.models import load_classifier
 from finegates.workflows.run_folder import RunFolder, RunFolderOptions
 from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
-from finegates.workflows.tracking import TaskLossTrainer, budget_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -264,12 +264,12 @@ def _train(
     out: Path,
     timings: dict[str, float],
     resume: str | None,
-) -> TaskLossTrainer:
+) -> FineGatesTrainer:
     gates = model.finegates_config
     args = training_arguments(
         cfg, out / "checkpoints", cfg.learning_rate or gates.head_lr, splits.validation is not None
     )
-    trainer = TaskLossTrainer(
+    trainer = FineGatesTrainer(
         model=model,
         args=args,
         train_dataset=splits.train,
@@ -375,5 +375,5 @@ def _summary(
         "full_widths": [vars(block) for block in full.blocks],
         "layers": [{**vars(row), "removed": row.removed} for row in report.layers],
         "compress": {"seconds": compacted.get("seconds")},
-        "budget": budget_metrics(trainer),
+        "budget": trainer.budget.metrics() if trainer.budget else None,
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from finegates.adapter import save_gates
 from finegates.config import GatesConfig
@@ -29,7 +29,6 @@ from finegates.workflows.causal_lm import SMOLLM2, load_causal_lm, perplexity, t
 from finegates.workflows.evaluation import measure_decode, measure_latency
 from finegates.workflows.run_folder import RunFolder, RunFolderOptions
 from finegates.workflows.run_report import REPORT_NAME, budget_section, write_run_outputs
-from finegates.workflows.tracking import budget_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -179,22 +178,18 @@ def evaluate_lm(
 
 
 def _one_shot(
-    model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConfig
-) -> tuple[Any, dict, int, float]:
+    model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConfig, folder: RunFolder
+) -> tuple[Any, dict, int, float, list]:
     """The one-shot baselines: prune at the gates' budget (`magnitude`: activation-weighted norms;
-    `importance`: mean activation magnitude, Minitron-style); `+lora` then trains LoRA for max_steps.
+    `importance`: mean activation magnitude, Minitron-style); `+lora` then trains LoRA for max_steps, in
+    the same Trainer loop, data order and schedule as FineGates.
 
-    Returns the compacted model, the sparsity report, the trainable parameters and the training seconds.
+    Returns the compacted model, the sparsity report, the trainable parameters, the training seconds and
+    the training log.
     """
-    from finegates.baselines.loop import fit_method
     from finegates.baselines.magnitude import MagnitudeConfig
     from finegates.baselines.registry import make_method
 
-    blocks = [train[i : i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
-    batches = [
-        {"input_ids": blocks[i % len(blocks)], "labels": blocks[i % len(blocks)]}
-        for i in range(cfg.max_steps)
-    ]
     method = make_method(cfg.method)
     config = MagnitudeConfig(
         target_sparsity=gates.target_sparsity,
@@ -202,24 +197,28 @@ def _one_shot(
         score="mean_activation" if cfg.method.startswith("importance") else "activation",
         recovery=cfg.method.endswith("+lora"),
     )
-    model = method.prepare(model, config, batches[:8])
+    blocks = [train[i : i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
+    calibration = [blocks[i % len(blocks)] for i in range(min(8, cfg.max_steps))]
+    model = method.prepare(model, config, [{"input_ids": b, "labels": b} for b in calibration])
     report = method.report.to_dict()
-    begin = time.perf_counter()
+    begin, log_history = time.perf_counter(), []
     if config.recovery:
-        fit_method(method, model, batches, scheduler="cosine", progress=not cfg.quiet)
+        log_history = _train(model, train, cfg, folder.work, folder.checkpoint(), method).state.log_history
     seconds = time.perf_counter() - begin
     trainable = method.trainable_parameters(model)
-    return method.finalize(model).eval(), report, trainable, seconds
+    return method.finalize(model).eval(), report, trainable, seconds, log_history
 
 
 def _train(
-    model, train: torch.Tensor, cfg: PosttrainConfig, out: Path, resume: str | None
-) -> FineGatesTrainer:
+    model, train: torch.Tensor, cfg: PosttrainConfig, out: Path, resume: str | None, method=None
+) -> Trainer:
+    """Train on the blocks of `train`: FineGates through `FineGatesTrainer`, a baseline `method` through
+    its own Trainer, with the same arguments (steps, batches, cosine schedule, logging, checkpoints)."""
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
-        learning_rate=model.finegates_config.head_lr,
+        learning_rate=model.finegates_config.head_lr if method is None else method.default_lr,
         lr_scheduler_type="cosine",
         weight_decay=0.0,
         logging_steps=max(1, cfg.max_steps // 20),
@@ -231,7 +230,10 @@ def _train(
         use_cpu=not torch.cuda.is_available(),
     )
     data = [{"input_ids": block, "labels": block} for block in train]
-    trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, distill=cfg)
+    if method is None:
+        trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, distill=cfg)
+    else:
+        trainer = method.trainer(model, args, data)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -274,8 +276,8 @@ def _run(model, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, data: EvalD
     if cfg.method == "finegates":
         small, log_history = _gates(model, train, heldout, tokenizer, cfg, gates, folder, metrics, data)
     else:
-        small, metrics["sparsity"], metrics["trainable_params"], metrics["train_s"] = _one_shot(
-            model, train, cfg, gates
+        small, metrics["sparsity"], metrics["trainable_params"], metrics["train_s"], log_history = _one_shot(
+            model, train, cfg, gates, folder
         )
     small.save_pretrained(out / "compressed")
     tokenizer.save_pretrained(out / "compressed")
@@ -312,7 +314,7 @@ def _gates(
     model.eval()
     save_gates(model, folder.work / "gates")
     metrics["sparsity"] = sparsity_report(model).to_dict()
-    metrics["budget"] = budget_metrics(trainer)
+    metrics["budget"] = trainer.budget.metrics() if trainer.budget else None
     metrics["gated"] = evaluate_lm(model, tokenizer, heldout, cfg, data)
     return compress(model), trainer.state.log_history
 

@@ -47,6 +47,7 @@ import finegates
 from finegates.compress.linear import CompactLinear, use_compact_linears
 from finegates.compress.quantize import quantize_linears
 from finegates.gates import _GAUSSIAN_THRESHOLD
+from finegates.model import parameter_count
 
 DECODE_PROMPT, DECODE_TOKENS = 32, 32
 
@@ -249,7 +250,7 @@ def bench_model(
                 weights_mb=weight_mb(model),
                 file_mb=file_mb(model),
                 gemm=gemm_route(model),
-                params=sum(p.numel() for p in model.parameters()),
+                params=parameter_count(model),
                 module=model,
                 scenarios={},
             )

@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 import finegates  # noqa: F401 (registers the compact classes)
 from finegates.compress import llama_cpp
 from finegates.compress.gguf import export_gguf
+from finegates.model import parameter_count
 from finegates.workflows.causal_lm import load_causal_lm, perplexity
 from finegates.workflows.posttrain import PosttrainConfig, _split_text, read_data
 
@@ -153,7 +154,7 @@ def main() -> None:
             del llm
         sizes = {kind: files[name][kind].stat().st_size / 2**20 for kind in ("f32", *TYPES)}
         print(
-            f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
+            f"{name}: {parameter_count(model) / 1e6:.2f}M params; "
             f"greedy {args.new_tokens} tokens "
             f"identical to torch: {same}; perplexity torch {torch_ppl:.3f}, llama.cpp f32 {ppl['f32']:.3f} "
             f"({100 * (ppl['f32'] / torch_ppl - 1):+.2f}%), "

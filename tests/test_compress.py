@@ -28,7 +28,6 @@ from finegates.architectures import architecture_for
 from finegates.compress import CompressedCheckpointError
 from finegates.compress.attention import _pad_head_dims, kernel_head_size
 from finegates.compress.linear import ONEDNN_MIN_ROWS
-from finegates.compress.uniform import export_uniform
 from finegates.coupling import READERS, WRITERS, Block, find_blocks
 
 CLOSED, OPEN = -2.0, 2.0
@@ -613,7 +612,7 @@ def test_uniform_export_loads_without_finegates(tmp_path):
             theta(block, "up", "row")[:5] = CLOSED
 
     model = patterned("llama", one_head_per_group_closed)
-    stock = export_uniform(model)
+    stock = compress(model, uniform=True)
     assert (stock.config.num_attention_heads, stock.config.num_key_value_heads) == (2, 2)
     assert stock.config.intermediate_size == 32
     stock.save_pretrained(tmp_path)

@@ -138,6 +138,12 @@ def trainable_state_dict(model: nn.Module) -> dict:
     }
 
 
+def parameter_count(model: nn.Module, trainable: bool = False) -> int:
+    """Parameters of a model, each tensor once (tied weights are one tensor); `trainable`: only those
+    that train."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, not counting the controller's two multipliers."""
     params = [(n, p) for n, p in model.named_parameters() if not n.startswith(CONTROLLER_ATTR)]

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from finegates.model import parameter_count
+
 KINDS_OF_SPARSITY = ("none", "structured", "unstructured", "2:4")
 Batch = dict[str, torch.Tensor]
 
@@ -86,11 +88,6 @@ class Method(Protocol):
     def removed_parameters(self, model: nn.Module) -> int: ...
 
 
-def parameter_count(model: nn.Module) -> int:
-    """Distinct parameters of a model (tied tensors once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 class BaseMethod:
     """Defaults: no extra loss, no hook, nothing merged, nothing removed, every trainable tensor one group."""
 
@@ -145,7 +142,7 @@ class BaseMethod:
         )
 
     def trainable_parameters(self, model: nn.Module) -> int:
-        return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+        return parameter_count(model, trainable=True)
 
     def removed_parameters(self, model: nn.Module) -> int:
         return 0

@@ -6,24 +6,21 @@ sparsity in 16-bit this stores 9/16 of the dense bytes; the matrix is decoded be
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Boolean tensor -> uint8 bytes, eight entries per byte, most significant bit first, zero padded."""
-    flat = mask.flatten().to(torch.uint8)
-    flat = F.pad(flat, (0, (-flat.numel()) % 8))
-    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
+    """Boolean tensor -> uint8 bytes, eight entries per byte, most significant bit first, zero padded
+    (numpy.packbits; on the mask's device)."""
+    packed = np.packbits(mask.detach().flatten().cpu().numpy())
+    return torch.from_numpy(packed).to(mask.device)
 
 
 def unpack_bits(bitmap: torch.Tensor, numel: int) -> torch.Tensor:
     """uint8 bytes -> the first `numel` bits as a flat boolean tensor."""
-    bits = (bitmap[:, None] >> _SHIFTS.to(bitmap.device)) & 1
-    return bits.flatten()[:numel].bool()
+    bits = np.unpackbits(bitmap.detach().cpu().numpy(), count=numel)
+    return torch.from_numpy(bits).to(device=bitmap.device, dtype=torch.bool)
 
 
 def encode(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,7 @@ import logging
 
 from torch import nn
 
-from finegates.baselines.base import parameter_count
-from finegates.model import is_gated
+from finegates.model import is_gated, parameter_count
 from finegates.report import sparsity_report
 
 logger = logging.getLogger(__name__)

@@ -4,8 +4,9 @@
 - `linear`, `attention`: the compact modules (GEMM routes for arbitrary widths, residual gather/scatter,
   kept heads and head dims);
 - `spec`: the per-layer shapes recorded in config.json; `models`: compact classes + Auto registration;
-- `build`: `compress`; `io`: `load_compressed`; `quantize`: int8 dynamic quantization;
-- `uniform`: the uniform-width export that stock classes load without finegates.
+- `build`: `compress`; `assemble`: loading a state dict into a meta-device model; `io`: `load_compressed`;
+  `quantize`: int8 dynamic quantization;
+- `uniform`: the uniform-width export that stock classes load without finegates (`compress(uniform=True)`).
 
 >>> from finegates import compress, load_compressed
 """
@@ -13,14 +14,12 @@
 from finegates.compress.build import compress
 from finegates.compress.io import CompressedCheckpointError, load_compressed
 from finegates.compress.models import register_compact_models
-from finegates.compress.uniform import export_uniform
 
 register_compact_models()
 
 __all__ = [
     "CompressedCheckpointError",
     "compress",
-    "export_uniform",
     "load_compressed",
     "register_compact_models",
 ]

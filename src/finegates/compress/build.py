@@ -10,13 +10,15 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from finegates.architectures import Architecture, architecture_for
+from finegates.compress.assemble import attention_path, family, load_into
 from finegates.compress.models import compact_class_for
 from finegates.compress.quantize import QUANTIZE_CHOICES, quantize_linears
 from finegates.compress.slicing import folded_linear, keep_cols, keep_rows
 from finegates.compress.spec import AttentionSpec, CompactSpec, LinearSpec
 from finegates.compress.stream import narrow_config, stream_state
+from finegates.compress.uniform import uniform_model
 from finegates.coupling import has_bias
-from finegates.model import CONTROLLER_ATTR, gates_config
+from finegates.model import CONTROLLER_ATTR, gates_config, parameter_count
 from finegates.plan import AttentionPlan, CompactionPlan, ModulePlan, compaction_plan
 from finegates.ties import TIES_ATTR
 
@@ -39,9 +41,7 @@ def compress(model: PreTrainedModel, quantize: str | None = None, uniform: bool 
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}.")
     gates_config(model)
     if uniform:
-        from finegates.compress.uniform import export_uniform  # imports this module
-
-        small = export_uniform(model)
+        small = uniform_model(model)
         return quantize_linears(small) if quantize else small
     compact_class = compact_class_for(model)
     arch = architecture_for(model.config.model_type)
@@ -65,20 +65,15 @@ def compress(model: PreTrainedModel, quantize: str | None = None, uniform: bool 
     config = compact_config(model.config, spec, compact_class.config_class, overrides)
     with torch.device("meta"):
         small = compact_class(config)
-    _load(small, state, model)
+    load_into(small, state, model)
     small.eval()
-    logger.info("Compressed %s: %d -> %d parameters", type(model).__name__, _count(model), _count(small))
+    logger.info(
+        "Compressed %s: %d -> %d parameters",
+        type(model).__name__,
+        parameter_count(model),
+        parameter_count(small),
+    )
     return quantize_linears(small) if quantize else small
-
-
-def family(arch: Architecture) -> str:
-    """Which compact attention module the architecture needs."""
-    return "rope" if arch.rope else ("gpt2" if "qkv" in arch.roles else "bert")
-
-
-def attention_path(arch: Architecture) -> str:
-    """Path of the attention module inside a block: the parent of the q (or fused qkv) projection."""
-    return arch.roles["qkv" if "qkv" in arch.roles else "q"].rpartition(".")[0]
 
 
 def _relative(model: PreTrainedModel, name: str) -> tuple[str, bool]:
@@ -160,32 +155,3 @@ def compact_config(
         data.pop(key, None)
     data = overrides(data) if overrides is not None else data
     return config_class.from_dict({**data, "finegates_compact": spec.to_dict()})
-
-
-def _non_persistent_buffers(model: nn.Module) -> list[str]:
-    return [
-        f"{m}.{b}" if m else b
-        for m, module in model.named_modules()
-        for b in module._non_persistent_buffers_set
-    ]
-
-
-def _load(small: PreTrainedModel, state: dict[str, torch.Tensor], source: nn.Module) -> None:
-    """Load `state` into the meta-device `small`; non-persistent buffers (e.g. RoPE) come from `source`."""
-    result = small.load_state_dict(state, strict=False, assign=True)
-    tied = set(getattr(small, "all_tied_weights_keys", {}) or {})
-    missing = set(result.missing_keys) - tied
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"compress built inconsistent shapes: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:5]} (a bug: please report it)."
-        )
-    for name in _non_persistent_buffers(small):
-        module_name, _, buffer = name.rpartition(".")
-        owner = small.get_submodule(module_name) if module_name else small
-        owner._buffers[buffer] = source.get_buffer(name).clone()
-    small.tie_weights()
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

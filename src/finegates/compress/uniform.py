@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from finegates.architectures import architecture_for
-from finegates.compress.build import _load, family
+from finegates.compress.assemble import family, load_into
 from finegates.compress.slicing import folded_linear, keep_cols, keep_rows
 from finegates.compress.stream import narrow_config, stream_state
 from finegates.coupling import READERS, WRITERS, Block, find_blocks, full_shape
@@ -116,10 +116,11 @@ def _state_dict(model: PreTrainedModel, slices: dict[str, tuple]) -> dict[str, t
     return state
 
 
-def export_uniform(model: PreTrainedModel) -> PreTrainedModel:
-    """A stock transformers model (same class as the gated model's) with uniform, exactly removable widths.
+def uniform_model(model: PreTrainedModel) -> PreTrainedModel:
+    """A stock transformers model (same class as the gated model's) with uniform, exactly removable widths:
+    what `compress(model, uniform=True)` returns.
 
-    >>> stock = export_uniform(gated_model)  # doctest: +SKIP
+    >>> stock = compress(gated_model, uniform=True)  # doctest: +SKIP
     >>> # loads with plain transformers, no finegates needed:
     >>> stock.save_pretrained("stock/")  # doctest: +SKIP
     """
@@ -153,7 +154,7 @@ def export_uniform(model: PreTrainedModel) -> PreTrainedModel:
     config = _uniform_config(type(model.config).from_dict(data), widths)
     with torch.device("meta"):
         stock = type(model)(config)
-    _load(stock, state, model)
+    load_into(stock, state, model)
     logger.info("Uniform export widths %s", widths)
     return stock.eval()
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from finegates.model import parameter_count
+
 
 @dataclass
 class BenchConfig:
@@ -77,7 +79,7 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
         name: {
             "ms": seconds * 1e3,
             "tokens_per_s": tokens / seconds,
-            "params": sum(p.numel() for p in models[name].parameters()),
+            "params": parameter_count(models[name]),
         }
         for name, seconds in (("dense", dense_s), ("checkpoint", checkpoint_s))
     }

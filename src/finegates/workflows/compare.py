@@ -316,6 +316,8 @@ def _compare(cfg: CompareConfig, out: Path) -> list[dict[str, Any]]:
     rows = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
     rows = [r for r in rows if r["method"] != TEACHER]
     atomic_write_text(out / "comparison.md", comparison_table(rows))
+    from finegates.workflows.plots import plot_pareto  # matplotlib: only once there is something to plot
+
     plot_pareto(rows, out / "pareto.png")
     return rows
 
@@ -363,26 +365,6 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         if "csr_b32" in r
     ]
     return "\n".join(lines) + "\n" + note + ("\n" + "\n".join(csr) + "\n" if csr else "")
-
-
-def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        axis.scatter(
-            r["latency_b32_s"] * 1e3, r["accuracy"], label=f"{r['method']} {r['sparsity'] or ''}".strip()
-        )
-    axis.set(xlabel="CPU latency, batch 32 (ms)", ylabel="test accuracy", title="Accuracy vs latency")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def _main(argv: list[str]) -> None:

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
+    TrainingArguments,
     set_seed,
 )
 
@@ -26,9 +28,9 @@ from finegates.data import ClassificationData, Columns, load_classification
 from finegates.io_utils import atomic_write_text
 from finegates.workflows.encoding import EncodedSplit
 from finegates.workflows.evaluation import classification_metrics
-from finegates.workflows.finetune import FinetuneConfig, silence_printer, training_arguments
+from finegates.workflows.finetune import silence_printer
 from finegates.workflows.models import load_classifier
-from finegates.workflows.run_config import RUN_CONFIG_NAME
+from finegates.workflows.run_config import base_model_of
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +95,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
         model = quantize_linears(model)
     test, _ = data.test.sample(cfg.max_test_samples, cfg.seed)
-    run = FinetuneConfig(eval_batch_size=cfg.eval_batch_size, quiet=cfg.quiet)
     with tempfile.TemporaryDirectory() as scratch:
-        args = training_arguments(run, Path(scratch), 0.0, False)
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_eval_batch_size=cfg.eval_batch_size,
+            report_to=[],
+            disable_tqdm=cfg.quiet,
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
         trainer = Trainer(
             model=model,
             args=args,
@@ -116,7 +123,7 @@ def load_for_evaluation(cfg: EvaluateConfig, data: ClassificationData):
 
     path = Path(cfg.model)
     if (path / WEIGHTS_NAME).is_file():
-        base = cfg.base_model or _base_from_run(path)
+        base = base_model_of(path, cfg.base_model)
         model, tokenizer = load_classifier(base, data.num_labels, data.label_names)
         return load_gates(model, path).eval(), tokenizer
     model, tokenizer = (
@@ -133,16 +140,6 @@ def _load_folder(path: Path):
     from finegates.compress.io import load_checked
 
     return load_checked(AutoModelForSequenceClassification, path), AutoTokenizer.from_pretrained(path)
-
-
-def _base_from_run(adapter: Path) -> str:
-    run_config = adapter.parent / RUN_CONFIG_NAME
-    if not run_config.is_file():
-        raise ValueError(
-            f"{adapter} is a gate adapter; pass --base-model (no {RUN_CONFIG_NAME} next to it to read it "
-            "from)."
-        )
-    return json.loads(run_config.read_text())["finetune"]["model"]
 
 
 def _check_labels(model, data: ClassificationData) -> None:

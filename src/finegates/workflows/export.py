@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from finegates.adapter import WEIGHTS_NAME, load_gates
-from finegates.workflows.run_config import RUN_CONFIG_NAME
+from finegates.workflows.run_config import base_model_of
 
 _HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
 
@@ -34,18 +34,6 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if not self.gates or not self.output_dir:
             raise ValueError("compress needs --gates (an adapter folder) and --output-dir.")
-
-
-def _base_model(adapter: Path, given: str | None) -> str:
-    if given:
-        return given
-    run_config = adapter.parent / RUN_CONFIG_NAME
-    if not run_config.is_file():
-        raise ValueError(f"No {RUN_CONFIG_NAME} next to {adapter}: pass --base-model.")
-    sections = json.loads(run_config.read_text())
-    return next(
-        section["model"] for section in sections.values() if isinstance(section, dict) and "model" in section
-    )
 
 
 def _num_labels(adapter: Path) -> int | None:
@@ -82,7 +70,7 @@ def export_compressed(cfg: CompressConfig) -> Path:
     adapter = Path(cfg.gates)
     if not (adapter / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{adapter} holds no {WEIGHTS_NAME}: not a gate adapter folder.")
-    model, tokenizer = _load_base(_base_model(adapter, cfg.base_model), _num_labels(adapter))
+    model, tokenizer = _load_base(base_model_of(adapter, cfg.base_model), _num_labels(adapter))
     small = compress(load_gates(model, adapter).eval(), uniform=cfg.uniform)
     small.save_pretrained(cfg.output_dir)
     tokenizer.save_pretrained(cfg.output_dir)

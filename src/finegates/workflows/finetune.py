@@ -23,7 +23,7 @@ from finegates.adapter import save_gates
 from finegates.config import GatesConfig
 from finegates.data import ClassificationData, Columns, load_classification
 from finegates.distill import DistillConfig
-from finegates.model import count_parameters, get_gated_model
+from finegates.model import count_parameters, get_gated_model, parameter_count
 from finegates.report import SparsityReport, sparsity_report
 from finegates.trainer import FineGatesTrainer
 from finegates.workflows.encoding import EncodedSplit, benchmark_batch
@@ -185,7 +185,7 @@ def _run(
 ) -> dict[str, Any]:
     out = folder.work
     splits = _encode(data, tokenizer, cfg)
-    metrics: dict[str, Any] = {"task": data.summary(), "model": cfg.model, "timings_s": {}}
+    metrics: dict[str, Any] = {"run": "finetune", "task": data.summary(), "model": cfg.model, "timings_s": {}}
     dense_acc = _dense_baseline(model, tokenizer, splits, cfg, out) if cfg.dense_baseline else None
     model = get_gated_model(model, gates)
     full = sparsity_report(model)
@@ -342,7 +342,7 @@ def _compress_and_evaluate(
     silence_printer(evaluator, cfg.quiet)
     result: dict[str, Any] = {
         "accuracy": evaluator.evaluate(test, metric_key_prefix="test")["test_accuracy"],
-        "params": sum(p.numel() for p in small.parameters()),
+        "params": parameter_count(small),
         "seconds": seconds,
         "model": small,
     }

@@ -155,6 +155,19 @@ def plot_tradeoff(points: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
+    """`finegates compare`: accuracy of each method's model against its batch-32 latency."""
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        axis.scatter(
+            r["latency_b32_s"] * 1e3, r["accuracy"], label=f"{r['method']} {r['sparsity'] or ''}".strip()
+        )
+    axis.set(xlabel="CPU latency, batch 32 (ms)", ylabel="test accuracy", title="Accuracy vs latency")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

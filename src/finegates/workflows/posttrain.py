@@ -28,7 +28,7 @@ from finegates.trainer import FineGatesTrainer
 from finegates.workflows.causal_lm import SMOLLM2, load_causal_lm, perplexity, text_blocks, zero_shot_accuracy
 from finegates.workflows.evaluation import measure_decode, measure_latency
 from finegates.workflows.run_folder import RunFolder, RunFolderOptions
-from finegates.workflows.run_report import REPORT_NAME, budget_section, write_run_outputs
+from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ def _run(model, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, data: EvalD
     out = folder.work
     train, heldout = _split_text(cfg, tokenizer, data.docs)
     metrics: dict[str, Any] = {
+        "run": "posttrain",
         "method": cfg.method,
         "dense": evaluate_lm(model, tokenizer, heldout, cfg, data),
     }
@@ -317,41 +318,3 @@ def _gates(
     metrics["budget"] = trainer.budget.metrics() if trainer.budget else None
     metrics["gated"] = evaluate_lm(model, tokenizer, heldout, cfg, data)
     return compress(model), trainer.state.log_history
-
-
-def posttrain_report(m: dict[str, Any]) -> str:
-    s = m["sparsity"]
-    rows = [(name, m[name]) for name in ("dense", "gated", "compressed") if name in m]
-    keys = [k for k in rows[0][1] if k not in ("prefill_s", "decode_tokens_per_s")]
-    method = m.get("method", "finegates")
-    lines = [
-        f"# Post-training report ({method})",
-        "",
-        "| model | " + " | ".join(keys) + " |",
-        "|---" * (len(keys) + 1) + "|",
-    ]
-    lines += [
-        f"| {name} | " + " | ".join(f"{v.get(k, float('nan')):.4g}" for k in keys) + " |" for name, v in rows
-    ]
-    dense, small = m["dense"], m["compressed"]
-    lines += [
-        "",
-        (
-            f"Removed {s['removed_fraction']:.2%} of gated-layer parameters ({s['gated_removed']:,d} of "
-            f"{s['gated_params']:,d}); {s['model_removed_fraction']:.2%} of the whole model."
-        ),
-        (
-            f"Prefill 1 x seq_len: dense {dense['prefill_s'] * 1e3:.1f} ms, compacted "
-            f"{small['prefill_s'] * 1e3:.1f} ms, speedup {m['prefill_speedup']:.2f}x."
-        ),
-        (
-            f"Greedy decode: dense {dense['decode_tokens_per_s']:.1f} tokens/s, compacted "
-            f"{small['decode_tokens_per_s']:.1f} tokens/s, speedup {m['decode_speedup']:.2f}x."
-        ),
-        (
-            f"Trainable parameters: {m['trainable_params']:,d} of {m['model_params']:,d}; training "
-            f"{m['train_s']:.0f} s."
-        ),
-    ]
-    budget = budget_section(m)
-    return "\n".join(lines) + ("\n\n" + budget if budget else "") + "\n"

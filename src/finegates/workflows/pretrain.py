@@ -29,6 +29,7 @@ from finegates.report import sparsity_report
 from finegates.trainer import FineGatesTrainer
 from finegates.workflows.causal_lm import perplexity
 from finegates.workflows.run_folder import RunFolder
+from finegates.workflows.run_report import REPORT_NAME, pretrain_markdown
 
 logger = logging.getLogger(__name__)
 EOS = 256
@@ -151,7 +152,7 @@ def _run(cfg: PretrainConfig, gates: GatesConfig, docs: list[str], out: Path) ->
     data = [{"input_ids": b, "labels": b} for b in train]
     dense = _model(cfg)
     gated = get_gated_model(copy.deepcopy(dense), gates).requires_grad_(True)
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"run": "pretrain"}
     for name, model, trainer_cls, extra in (
         ("dense", dense, Trainer, {}),
         ("gated", gated, GateSwitchTrainer, {"gate_start_step": cfg.gate_start_step}),
@@ -168,27 +169,5 @@ def _run(cfg: PretrainConfig, gates: GatesConfig, docs: list[str], out: Path) ->
     metrics["sparsity"] = sparsity_report(gated).to_dict()
     metrics["bits_per_byte"] = {k: math.log2(metrics[k]["perplexity"]) for k in ("dense", "gated")}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    atomic_write_text(out / "report.md", _report(metrics))
+    atomic_write_text(out / REPORT_NAME, pretrain_markdown(metrics))
     return metrics
-
-
-def _report(m: dict[str, Any]) -> str:
-    s = m["sparsity"]
-    return "\n".join(
-        [
-            "# Pretraining report",
-            "",
-            "| run | held-out perplexity (bytes) | bits per byte | train time (s) |",
-            "|---|---|---|---|",
-            *(
-                f"| {k} | {m[k]['perplexity']:.3f} | {m['bits_per_byte'][k]:.3f} | {m[k]['train_s']:.0f} |"
-                for k in ("dense", "gated")
-            ),
-            "",
-            (
-                f"The gated run removes {s['removed_fraction']:.2%} of gated-layer parameters "
-                f"({s['model_removed_fraction']:.2%} of the model)."
-            ),
-            "",
-        ]
-    )

@@ -81,3 +81,20 @@ def split_sections(data: dict[str, Any], sections: dict[str, type], where: str) 
     for key, value in data.items():
         out[owners[key]][key] = value
     return out
+
+
+def base_model_of(adapter: Path, given: str | None = None) -> str:
+    """The base model of a gate adapter: `given`, else the model its run's run_config.json names."""
+    if given:
+        return given
+    run_config = Path(adapter).parent / RUN_CONFIG_NAME
+    if not run_config.is_file():
+        raise ValueError(
+            f"{adapter} is a gate adapter with no {RUN_CONFIG_NAME} next to it to read its base model from: "
+            "pass --base-model."
+        )
+    sections = json.loads(run_config.read_text())
+    models = [s["model"] for s in sections.values() if isinstance(s, dict) and "model" in s]
+    if not models:
+        raise ValueError(f"{run_config} names no model: pass --base-model.")
+    return models[0]

@@ -32,10 +32,11 @@ def render_report(directory: str | Path) -> Path:
     """
     directory = Path(directory)
     metrics = _read_metrics(directory)
-    if "compressed" in metrics:  # a `finegates posttrain` run
-        from finegates.workflows.posttrain import posttrain_report
-
-        return atomic_write_text(directory / REPORT_NAME, posttrain_report(metrics))
+    kind = run_kind(metrics)
+    if kind == "posttrain":
+        return atomic_write_text(directory / REPORT_NAME, posttrain_markdown(metrics))
+    if kind == "pretrain":
+        return atomic_write_text(directory / REPORT_NAME, pretrain_markdown(metrics))
     history_path = directory / HISTORY_NAME
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     budget = metrics.get("budget") or {}
@@ -49,6 +50,16 @@ def render_report(directory: str | Path) -> Path:
     path = atomic_write_text(directory / REPORT_NAME, report_markdown(metrics))
     logger.info("Report written to %s", path)
     return path
+
+
+def run_kind(metrics: dict[str, Any]) -> str:
+    """'finetune', 'posttrain' or 'pretrain': the `run` entry of metrics.json (folders written before it
+    existed: told by their keys)."""
+    if "run" in metrics:
+        return metrics["run"]
+    if "compressed" in metrics:
+        return "posttrain"
+    return "pretrain" if "bits_per_byte" in metrics else "finetune"
 
 
 def _read_metrics(directory: Path) -> dict[str, Any]:
@@ -69,7 +80,9 @@ def _tradeoff_point(directory: Path) -> dict[str, Any]:
         "model_removed": s["model_removed_fraction"],
         "method": m.get("method", "finegates"),
     }
-    if "compressed" in m:  # posttrain: perplexity, lower is better
+    if run_kind(m) == "pretrain":
+        raise ValueError(f"{directory} is a pretrain run: the trade-off compares finetune or posttrain runs.")
+    if run_kind(m) == "posttrain":  # perplexity, lower is better
         dense, small = m["dense"], m["compressed"]
         extras = {
             f"{k} (compacted / dense)": f"{small[k]:.4f} / {dense[k]:.4f}"
@@ -326,4 +339,66 @@ def _footer() -> str:
         "## Plots\n\n![training curves](training_curves.png)\n\n![kept widths](kept_widths.png)\n\n"
         "Files: `run_config.json` (resolved config), `gates/` (gate adapter), `compressed/` (compacted "
         f"model), `{METRICS_NAME}`, `{HISTORY_NAME}`."
+    )
+
+
+def posttrain_markdown(m: dict[str, Any]) -> str:
+    """report.md of a `finegates posttrain` run."""
+    s = m["sparsity"]
+    rows = [(name, m[name]) for name in ("dense", "gated", "compressed") if name in m]
+    keys = [k for k in rows[0][1] if k not in ("prefill_s", "decode_tokens_per_s")]
+    method = m.get("method", "finegates")
+    lines = [
+        f"# Post-training report ({method})",
+        "",
+        "| model | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(f"{v.get(k, float('nan')):.4g}" for k in keys) + " |" for name, v in rows
+    ]
+    dense, small = m["dense"], m["compressed"]
+    lines += [
+        "",
+        (
+            f"Removed {s['removed_fraction']:.2%} of gated-layer parameters ({s['gated_removed']:,d} of "
+            f"{s['gated_params']:,d}); {s['model_removed_fraction']:.2%} of the whole model."
+        ),
+        (
+            f"Prefill 1 x seq_len: dense {dense['prefill_s'] * 1e3:.1f} ms, compacted "
+            f"{small['prefill_s'] * 1e3:.1f} ms, speedup {m['prefill_speedup']:.2f}x."
+        ),
+        (
+            f"Greedy decode: dense {dense['decode_tokens_per_s']:.1f} tokens/s, compacted "
+            f"{small['decode_tokens_per_s']:.1f} tokens/s, speedup {m['decode_speedup']:.2f}x."
+        ),
+        (
+            f"Trainable parameters: {m['trainable_params']:,d} of {m['model_params']:,d}; training "
+            f"{m['train_s']:.0f} s."
+        ),
+    ]
+    budget = budget_section(m)
+    return "\n".join(lines) + ("\n\n" + budget if budget else "") + "\n"
+
+
+def pretrain_markdown(m: dict[str, Any]) -> str:
+    """report.md of a `finegates pretrain` run."""
+    s = m["sparsity"]
+    return "\n".join(
+        [
+            "# Pretraining report",
+            "",
+            "| run | held-out perplexity (bytes) | bits per byte | train time (s) |",
+            "|---|---|---|---|",
+            *(
+                f"| {k} | {m[k]['perplexity']:.3f} | {m['bits_per_byte'][k]:.3f} | {m[k]['train_s']:.0f} |"
+                for k in ("dense", "gated")
+            ),
+            "",
+            (
+                f"The gated run removes {s['removed_fraction']:.2%} of gated-layer parameters "
+                f"({s['model_removed_fraction']:.2%} of the model)."
+            ),
+            "",
+        ]
     )

@@ -22,6 +22,20 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(module).__name__} is not a linear layer (nn.Linear or transformers Conv1D).")
 
 
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight of an nn.Linear or Conv1D (or a GatedLinear's base) as an (out, in) matrix: the weight
+    itself, or a transposed view of a Conv1D's (in, out) one (writes through it reach the module)."""
+    module = module.base_layer if isinstance(module, GatedLinear) else module
+    linear_shape(module)  # a clear error for anything else
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def as_stored(module: nn.Module, out_in: torch.Tensor) -> torch.Tensor:
+    """An (out, in) matrix in the orientation `module` (or a GatedLinear's base) stores its weight."""
+    module = module.base_layer if isinstance(module, GatedLinear) else module
+    return out_in.t().contiguous() if isinstance(module, Conv1D) else out_in
+
+
 class GatedLinear(nn.Module):
     """y = (W (x * g_col) + b) * g_row, with W and b those of the wrapped `base_layer`.
 
@@ -76,9 +90,9 @@ class GatedLinear(nn.Module):
         # The fused function reads the weight directly, so a wrapped base (e.g. a peft LoRA layer) keeps
         # its own forward.
         if torch.is_grad_enabled() and self.training and isinstance(self.base_layer, LINEAR_TYPES):
-            weight = self.base_layer.weight
-            weight = weight.t() if isinstance(self.base_layer, Conv1D) else weight
-            return GatedLinearFunction.apply(x, g_col, g_row, weight, self.base_layer.bias)
+            return GatedLinearFunction.apply(
+                x, g_col, g_row, weight_out_in(self.base_layer), self.base_layer.bias
+            )
         y = self.base_layer(x if g_col is None else x * g_col)
         return y if g_row is None else y * g_row
 
@@ -88,8 +102,7 @@ class GatedLinear(nn.Module):
 
     def folded_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Eval-mode (weight, bias) as an (out, in) matrix with the applied gate values multiplied in."""
-        weight = self.base_layer.weight
-        weight = weight.t() if isinstance(self.base_layer, Conv1D) else weight
+        weight = weight_out_in(self.base_layer)
         g_row, g_col = (self._applied(axis, weight.dtype, eval_values=True) for axis in ("row", "col"))
         folded = weight if g_row is None else g_row[:, None] * weight
         folded = folded if g_col is None else folded * g_col[None, :]

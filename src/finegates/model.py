@@ -44,10 +44,8 @@ def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.M
     if config.modules_to_save is None:
         config.modules_to_save = default_modules_to_save(model)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        setattr(parent, child, GatedLinear(base, config).train(base.training))
+        base = model.get_submodule(name)
+        model.set_submodule(name, GatedLinear(base, config).train(base.training))
     if config.structure == "runtime":
         model.add_module(TIES_ATTR, tie_runtime_gates(model, config))
     model.add_module(CONTROLLER_ATTR, SparsityController().to(next(model.parameters()).device))

@@ -53,8 +53,7 @@ def merge_lora_layers(model: nn.Module) -> nn.Module:
     for name, module in list(base.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(base.get_submodule(parent_name) if parent_name else base, child, module.get_base_layer())
+            base.set_submodule(name, module.get_base_layer())
     return base
 
 

@@ -21,11 +21,10 @@ from torch import nn
 
 from finegates.baselines.base import BaseMethod, Batch, MethodConfig
 from finegates.baselines.lora import apply_lora, merge_lora_layers
-from finegates.baselines.masks import weight_out_in
 from finegates.baselines.structured import compact, structured_removed, unwrap
 from finegates.config import GatesConfig
 from finegates.gates import Gate, gate_margin
-from finegates.layer import GatedLinear
+from finegates.layer import GatedLinear, weight_out_in
 from finegates.model import CONTROLLER_ATTR, gated_layers, get_gated_model, is_gated
 from finegates.optim import finalize_gates
 from finegates.report import SparsityReport, sparsity_report

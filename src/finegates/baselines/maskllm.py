@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from finegates.baselines.base import BaseMethod, Batch, MethodConfig
-from finegates.baselines.masks import target_linears, weight_out_in
+from finegates.baselines.masks import target_linears
+from finegates.layer import weight_out_in
 from finegates.targets import default_modules_to_save
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class MaskLLMLinear(nn.Module):
         """The original module with the hard mask multiplied into its weight."""
         with torch.no_grad():
             mask = self.hard_mask().reshape(weight_out_in(self.base_layer).shape)
-            self.base_layer.weight.mul_(mask.t() if isinstance(self.base_layer, Conv1D) else mask)
+            weight_out_in(self.base_layer).mul_(mask)  # a view: the module's weight changes
         return self.base_layer
 
 
@@ -162,9 +162,7 @@ class MaskLLM(BaseMethod):
             if weight_out_in(module).shape[1] % 4:
                 logger.warning("maskllm: %s skipped (in_features %% 4 != 0)", name)
                 continue
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, MaskLLMLinear(module, self.config))
+            model.set_submodule(name, MaskLLMLinear(module, self.config))
             self.names.append(name)
         for name in default_modules_to_save(model):
             model.get_submodule(name).requires_grad_(True)
@@ -194,9 +192,7 @@ class MaskLLM(BaseMethod):
     def finalize(self, model: nn.Module) -> nn.Module:
         """Bake the argmax masks into the weights, then use the 2:4 kernel where CUDA offers one."""
         for name in self.names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, getattr(parent, child).merged())
+            model.set_submodule(name, model.get_submodule(name).merged())
         self.removed = sum(weight_out_in(model.get_submodule(n)).numel() // 2 for n in self.names)
         semi_structured(model, self.names)
         return model

@@ -6,7 +6,6 @@ import math
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from finegates.targets import resolve_targets
 
@@ -14,11 +13,6 @@ from finegates.targets import resolve_targets
 def target_linears(model: nn.Module, target_modules: list[str] | str | None) -> dict[str, nn.Module]:
     """The linear layers a baseline sparsifies: by default the ones FineGates gates (same budget base)."""
     return {name: model.get_submodule(name) for name in resolve_targets(model, target_modules)}
-
-
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as an (out, in) matrix: a view of nn.Linear's, the transpose of a Conv1D's."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:

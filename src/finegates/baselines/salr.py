@@ -19,7 +19,8 @@ from torch import nn
 
 from finegates.baselines import bitmap
 from finegates.baselines.base import BaseMethod, Batch, MethodConfig
-from finegates.baselines.masks import magnitude_mask, target_linears, weight_out_in
+from finegates.baselines.masks import magnitude_mask, target_linears
+from finegates.layer import weight_out_in
 from finegates.targets import default_modules_to_save
 
 
@@ -105,9 +106,7 @@ class SALR(BaseMethod):
         targets = target_linears(model, cfg.target_modules)
         model.requires_grad_(False)
         for name, module in targets.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, SALRLinear(module, cfg).to(module.weight.device))
+            model.set_submodule(name, SALRLinear(module, cfg).to(module.weight.device))
         for name in default_modules_to_save(model):
             model.get_submodule(name).requires_grad_(True)
         return model

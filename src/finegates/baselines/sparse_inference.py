@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from finegates.baselines.masks import weight_out_in
+from finegates.layer import weight_out_in
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ def to_csr(model: nn.Module, names: list[str]) -> nn.Module:
     """A copy of `model` whose layers `names` compute with CSR weights."""
     sparse = copy.deepcopy(model).eval()
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = sparse.get_submodule(parent_name) if parent_name else sparse
-        setattr(parent, child, CSRLinear(getattr(parent, child)))
+        sparse.set_submodule(name, CSRLinear(sparse.get_submodule(name)))
     return sparse
 
 

@@ -102,11 +102,6 @@ COMPACT_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}  # stoc
 COMPACT_BY_NAME: dict[str, type[PreTrainedModel]] = {}
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 _RECORDING: dict[type, type] = {}  # stock base-model class -> subclass that also records compact attention
 
 
@@ -138,14 +133,14 @@ def apply_spec(model: PreTrainedModel, spec: CompactSpec) -> None:
     for path, attention in spec.attention.items():
         mine = {n.rpartition(".")[2]: linears.pop(n) for n in list(linears) if n.rpartition(".")[0] == path}
         compact = ATTENTION_CLASSES[spec.family](base.get_submodule(path), attention, mine)
-        _set_module(base, path, compact)
+        base.set_submodule(path, compact)
     for name, module in linears.items():
-        _set_module(base, name, module)
+        base.set_submodule(name, module)
     if model is not base:
         for name, s in spec.head_linears.items():
-            _set_module(model, name, build_linear(s))
+            model.set_submodule(name, build_linear(s))
     for name, norm in spec.norms.items():
-        _set_module(base, name, CompactLayerNorm(base.get_submodule(name), norm.full_width))
+        base.set_submodule(name, CompactLayerNorm(base.get_submodule(name), norm.full_width))
     if spec.head_norm_eps is not None:
         for module in base.modules():
             if isinstance(module, CompactAttention) and module.spec.qk_norm:

@@ -10,9 +10,8 @@ import warnings
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from finegates.layer import GatedLinear
+from finegates.layer import LINEAR_TYPES, GatedLinear, weight_out_in
 
 
 def new_linear(in_features: int, out_features: int, bias: bool, device: str | None = None) -> nn.Linear:
@@ -59,8 +58,6 @@ def folded_linear(module: nn.Module) -> nn.Linear:
     with torch.no_grad():
         if isinstance(module, GatedLinear):
             return linear_from(*module.folded_weight())
-        if isinstance(module, Conv1D):
-            return linear_from(module.weight.t(), module.bias)
-        if isinstance(module, nn.Linear):
-            return linear_from(module.weight, module.bias)
+        if isinstance(module, LINEAR_TYPES):
+            return linear_from(weight_out_in(module), module.bias)
     raise TypeError(f"Cannot slice a {type(module).__name__}: only GatedLinear, nn.Linear and Conv1D.")

@@ -23,11 +23,11 @@ import math
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from finegates.architectures import Architecture
 from finegates.compress.spec import LinearSpec, NormSpec
 from finegates.coupling import has_bias
+from finegates.layer import LINEAR_TYPES, weight_out_in
 from finegates.plan import CompactionPlan
 from finegates.ties import matches, runtime_gates, stream_modules
 
@@ -102,9 +102,9 @@ def stream_state(
                 state[f"{name}.weight"] = rescaled * scale if name in final else rescaled
         linears = {}
         for name, module in model.named_modules():
-            if not isinstance(module, (nn.Linear, Conv1D)) or name in plan.modules or _in_blocks(name, plan):
+            if not isinstance(module, LINEAR_TYPES) or name in plan.modules or _in_blocks(name, plan):
                 continue
-            weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
+            weight = weight_out_in(module)
             if full not in weight.shape:
                 continue
             if name in parts["readers"]:

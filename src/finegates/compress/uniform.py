@@ -25,13 +25,13 @@ import logging
 
 import torch
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from finegates.architectures import architecture_for
 from finegates.compress.assemble import family, load_into
 from finegates.compress.slicing import folded_linear, keep_cols, keep_rows
 from finegates.compress.stream import narrow_config, stream_state
 from finegates.coupling import READERS, WRITERS, Block, find_blocks, full_shape
+from finegates.layer import as_stored
 from finegates.model import CONTROLLER_ATTR, gated_layers, gates_config
 from finegates.plan import CompactionPlan, compaction_plan
 from finegates.ties import TIES_ATTR
@@ -99,8 +99,7 @@ def _state_dict(model: PreTrainedModel, slices: dict[str, tuple]) -> dict[str, t
         linear = folded_linear(module)
         linear = keep_rows(linear, rows) if rows is not None else linear
         linear = keep_cols(linear, cols) if cols is not None else linear
-        conv = isinstance(module.base_layer, Conv1D)
-        state[f"{name}.weight"] = linear.weight.t().contiguous() if conv else linear.weight
+        state[f"{name}.weight"] = as_stored(module, linear.weight)
         if linear.bias is not None:
             state[f"{name}.bias"] = linear.bias
     for name, (rows, cols) in slices.items():  # role modules without gates are sliced too
@@ -109,8 +108,7 @@ def _state_dict(model: PreTrainedModel, slices: dict[str, tuple]) -> dict[str, t
             linear = folded_linear(module)
             linear = keep_rows(linear, rows) if rows is not None else linear
             linear = keep_cols(linear, cols) if cols is not None else linear
-            conv = isinstance(module, Conv1D)
-            state[f"{name}.weight"] = linear.weight.t().contiguous() if conv else linear.weight
+            state[f"{name}.weight"] = as_stored(module, linear.weight)
             if linear.bias is not None:
                 state[f"{name}.bias"] = linear.bias
     return state

@@ -336,20 +336,40 @@ def _speedups(row: dict[str, Any], full: dict[str, Any] | None) -> str:
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
+    from finegates.workflows.run_report import markdown_table  # imports matplotlib
+
     dense = next((r for r in rows if r["method"] == "full"), None)
-    head = (
-        "| method | budget | accuracy | trainable params | removed params (kind) | size (MB) | latency b1 "
-        "(ms) | latency b32 (ms) | speedup b1 / b32 vs dense | step (s) | train wall (s) | peak RSS (MB) |"
-    )
-    lines = [head, "|" + "---|" * 12]
-    for r in rows:
-        speed = _speedups(r, dense)
-        lines.append(
-            f"| {r['method']} | {r['sparsity'] if r['sparsity'] is not None else '-'} | {r['accuracy']:.4f} "
-            f"| {r['trainable_params']:,d} | {r['removed_params']:,d} ({r['kind_of_sparsity']}) | "
-            f"{r['size_bytes'] / 2**20:.1f} | {r['latency_b1_s'] * 1e3:.1f} | {r['latency_b32_s'] * 1e3:.0f} "
-            f"| {speed} | {r['step_s']:.2f} | {r.get('wall_s', float('nan')):.0f} | {r['peak_rss_mb']:.0f} |"
-        )
+    header = [
+        "method",
+        "budget",
+        "accuracy",
+        "trainable params",
+        "removed params (kind)",
+        "size (MB)",
+        "latency b1 (ms)",
+        "latency b32 (ms)",
+        "speedup b1 / b32 vs dense",
+        "step (s)",
+        "train wall (s)",
+        "peak RSS (MB)",
+    ]
+    table = [
+        [
+            r["method"],
+            r["sparsity"] if r["sparsity"] is not None else "-",
+            f"{r['accuracy']:.4f}",
+            f"{r['trainable_params']:,d}",
+            f"{r['removed_params']:,d} ({r['kind_of_sparsity']})",
+            f"{r['size_bytes'] / 2**20:.1f}",
+            f"{r['latency_b1_s'] * 1e3:.1f}",
+            f"{r['latency_b32_s'] * 1e3:.0f}",
+            _speedups(r, dense),
+            f"{r['step_s']:.2f}",
+            f"{r.get('wall_s', float('nan')):.0f}",
+            f"{r['peak_rss_mb']:.0f}",
+        ]
+        for r in rows
+    ]
     note = (
         "\nSpeedups: the dense base model timed in turns with each method's model in the same process, "
         "median of the per-round ratios (older rows: ratio of the medians, or against the `full` row).\nCPU "
@@ -364,7 +384,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         for r in rows
         if "csr_b32" in r
     ]
-    return "\n".join(lines) + "\n" + note + ("\n" + "\n".join(csr) + "\n" if csr else "")
+    return markdown_table(header, table) + "\n" + note + ("\n" + "\n".join(csr) + "\n" if csr else "")
 
 
 def _main(argv: list[str]) -> None:

@@ -147,7 +147,7 @@ def render_tradeoff(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
         ]
         for p in points
     ]
-    table = _table(
+    table = markdown_table(
         [
             "run",
             "method",
@@ -174,7 +174,7 @@ def budget_section(m: dict[str, Any]) -> str:
     if not b:
         return ""
     timed = b.get("predicted_speedup") is not None
-    text = "## Budget\n\n" + _table(
+    text = "## Budget\n\n" + markdown_table(
         [
             "target (share of predicted time)" if timed else "target",
             "removed by training",
@@ -215,7 +215,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table: one header row, one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -251,7 +252,7 @@ def _accuracy(m: dict[str, Any]) -> str:
         ["FineGates gated (eval-mode gates)", _acc(acc["gated"])],
         ["FineGates compacted", _acc(acc["compacted"], "not run")],
     ]
-    text = "## Test accuracy\n\n" + _table(["model", "accuracy"], rows)
+    text = "## Test accuracy\n\n" + markdown_table(["model", "accuracy"], rows)
     if m.get("validation"):
         text += "\n\nValidation accuracy per epoch: " + ", ".join(
             f"{v['epoch']:.2g}: {v['accuracy']:.4f}" for v in m["validation"]
@@ -285,13 +286,13 @@ def _parameters(m: dict[str, Any]) -> str:
                 _pct(removed / p["dense_model"]),
             ]
         )
-    trainable = _table(
+    trainable = markdown_table(
         ["trainable", "total", "trainable %"],
         [[f"{p['trainable']:,d}", f"{p['total']:,d}", _pct(p["trainable"] / p["total"])]],
     )
     return (
         "## Parameters removed\n\n"
-        + _table(["scope", "parameters", "removed", "removed %"], rows)
+        + markdown_table(["scope", "parameters", "removed", "removed %"], rows)
         + "\n\n## Trainable parameters (gates, biases of gated layers, task head)\n\n"
         + trainable
     )
@@ -308,7 +309,7 @@ def _latency(m: dict[str, Any]) -> str:
     first = next(iter(lat.values()))
     text = (
         f"## Latency (batch {first['batch_size']} x {first['length']} tokens, {first['threads']} threads, "
-        f"median of {first['runs']})\n\n" + _table(["model", "ms / batch", "IQR ms"], rows)
+        f"median of {first['runs']})\n\n" + markdown_table(["model", "ms / batch", "IQR ms"], rows)
     )
     if "dense" in lat and "compacted" in lat:
         text += (
@@ -329,7 +330,7 @@ def _widths(m: dict[str, Any]) -> str:
         ]
         for b, f in zip(m["sparsity"]["blocks"], m["full_widths"])
     ]
-    return "## Kept widths per block\n\n" + _table(
+    return "## Kept widths per block\n\n" + markdown_table(
         ["block", "heads", "q/k dims", "v dims", "FFN channels"], rows
     )
 
@@ -348,15 +349,8 @@ def posttrain_markdown(m: dict[str, Any]) -> str:
     rows = [(name, m[name]) for name in ("dense", "gated", "compressed") if name in m]
     keys = [k for k in rows[0][1] if k not in ("prefill_s", "decode_tokens_per_s")]
     method = m.get("method", "finegates")
-    lines = [
-        f"# Post-training report ({method})",
-        "",
-        "| model | " + " | ".join(keys) + " |",
-        "|---" * (len(keys) + 1) + "|",
-    ]
-    lines += [
-        f"| {name} | " + " | ".join(f"{v.get(k, float('nan')):.4g}" for k in keys) + " |" for name, v in rows
-    ]
+    table = [[name, *(f"{v.get(k, float('nan')):.4g}" for k in keys)] for name, v in rows]
+    lines = [f"# Post-training report ({method})", "", markdown_table(["model", *keys], table)]
     dense, small = m["dense"], m["compressed"]
     lines += [
         "",
@@ -388,11 +382,12 @@ def pretrain_markdown(m: dict[str, Any]) -> str:
         [
             "# Pretraining report",
             "",
-            "| run | held-out perplexity (bytes) | bits per byte | train time (s) |",
-            "|---|---|---|---|",
-            *(
-                f"| {k} | {m[k]['perplexity']:.3f} | {m['bits_per_byte'][k]:.3f} | {m[k]['train_s']:.0f} |"
-                for k in ("dense", "gated")
+            markdown_table(
+                ["run", "held-out perplexity (bytes)", "bits per byte", "train time (s)"],
+                [
+                    [k, f"{m[k]['perplexity']:.3f}", f"{m['bits_per_byte'][k]:.3f}", f"{m[k]['train_s']:.0f}"]
+                    for k in ("dense", "gated")
+                ],
             ),
             "",
             (

@@ -138,7 +138,7 @@ def test_invalid_config_values(kwargs, error, match):
 
 
 def test_unknown_config_key_is_rejected():
-    with pytest.raises(ValueError, match="Unknown GatesConfig keys: \\['lamda'\\]"):
+    with pytest.raises(ValueError, match="GatesConfig: unknown keys \\['lamda'\\]"):
         GatesConfig.from_dict({"lamda": 3})
 
 

@@ -12,7 +12,8 @@ import types
 import typing
 from typing import Any
 
-from finegates.workflows.run_config import dataclass_from_dict, read_config_file, split_sections
+from finegates.config import dataclass_from_dict
+from finegates.workflows.run_config import read_config_file, split_sections
 
 NONE_WORDS = ("none", "null")
 _REGEX_CHARS = re.compile(r"[*?\[\]()|^$\\+{}]")

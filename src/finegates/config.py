@@ -7,13 +7,25 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 GATE_FAMILIES = ("gaussian", "hard_concrete")
 OBJECTIVES = ("budget", "paper")
 BIAS_POLICIES = ("none", "gated", "all")
 STRUCTURES = ("fine", "runtime")
 CONFIG_NAME = "finegates_config.json"
+
+
+T = TypeVar("T")
+
+
+def dataclass_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """`cls(**data)`, refusing keys the dataclass does not have with a message naming `where`."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}. Known keys: {sorted(known)}.")
+    return cls(**data)
 
 
 @dataclass
@@ -251,11 +263,7 @@ class GatesConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GatesConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown GatesConfig keys: {unknown}. Known keys: {sorted(known)}.")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, cls.__name__)
 
     @classmethod
     def from_json(cls, text: str) -> GatesConfig:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from finegates.config import dataclass_from_dict
 from finegates.model import parameter_count
 
 KINDS_OF_SPARSITY = ("none", "structured", "unstructured", "2:4")
@@ -38,11 +39,7 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Any:
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown {cls.__name__} keys: {unknown}. Known keys: {sorted(known)}.")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, cls.__name__)
 
 
 @dataclasses.dataclass

@@ -24,11 +24,10 @@ from safetensors.torch import save_model
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from finegates.config import STRUCTURES
+from finegates.config import STRUCTURES, dataclass_from_dict
 from finegates.io_utils import atomic_write_text
 from finegates.workflows.run_config import (
     RUN_CONFIG_NAME,
-    dataclass_from_dict,
     run_config_payload,
     write_run_config,
 )

@@ -5,21 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from finegates.io_utils import atomic_write_text
 
 RUN_CONFIG_NAME = "run_config.json"
-T = TypeVar("T")
-
-
-def dataclass_from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
-    """Build `cls` from `data`, rejecting keys the dataclass does not have."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}. Known keys: {sorted(known)}.")
-    return cls(**data)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

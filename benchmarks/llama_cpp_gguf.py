@@ -35,7 +35,7 @@ from finegates.compress import llama_cpp
 from finegates.compress.gguf import export_gguf
 from finegates.model import parameter_count
 from finegates.workflows.causal_lm import load_causal_lm, perplexity
-from finegates.workflows.posttrain import PosttrainConfig, _split_text, read_data
+from finegates.workflows.posttrain import PosttrainConfig, read_data, split_text
 
 TYPES = ("f16", "q8_0", "q4_k_m")
 
@@ -125,7 +125,7 @@ def main() -> None:
     for name, source in models.items():
         model, tokenizer = _load(source)
         if ids is None:
-            _, heldout = _split_text(cfg, tokenizer, read_data(cfg).docs)
+            _, heldout = split_text(cfg, tokenizer, read_data(cfg).docs)
             prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
             stream = heldout.flatten().tolist()
             ids = stream[: args.prompt]

@@ -103,6 +103,14 @@ def text_blocks(tokenizer, documents: list[str], length: int) -> torch.Tensor:
     return torch.tensor(ids[: n * length]).view(n, length)
 
 
+def split_documents(docs: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
+    """(training, held-out) documents, disjoint: the held-out ones are a fixed random sample (the same for
+    every seed and method), so corpora stored by genre are held out across genres."""
+    held = max(1, int(len(docs) * heldout_fraction))
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()
+    return [docs[i] for i in sorted(order[held:])], [docs[i] for i in sorted(order[:held])]
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, quiet: bool = False) -> float:
     """exp(mean next-token negative log-likelihood) over all blocks."""

@@ -25,7 +25,14 @@ from finegates.distill import DistillConfig
 from finegates.model import count_parameters, get_gated_model
 from finegates.report import sparsity_report
 from finegates.trainer import FineGatesTrainer
-from finegates.workflows.causal_lm import SMOLLM2, load_causal_lm, perplexity, text_blocks, zero_shot_accuracy
+from finegates.workflows.causal_lm import (
+    SMOLLM2,
+    load_causal_lm,
+    perplexity,
+    split_documents,
+    text_blocks,
+    zero_shot_accuracy,
+)
 from finegates.workflows.evaluation import measure_decode, measure_latency
 from finegates.workflows.run_folder import RunFolder, RunFolderOptions
 from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
@@ -149,19 +156,12 @@ def read_data(cfg: PosttrainConfig) -> EvalData:
     return EvalData(docs, items, name)
 
 
-def _split_text(cfg: PosttrainConfig, tokenizer, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and held-out blocks from disjoint documents; the held-out documents are a fixed random
-    sample (the same for every seed and method), so corpora stored by genre are held out across genres."""
-    held = max(1, int(len(docs) * cfg.heldout_fraction))
-    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist()
-    heldout_docs, train_docs = (
-        [docs[i] for i in sorted(order[:held])],
-        [docs[i] for i in sorted(order[held:])],
-    )
-    train, heldout = (
-        text_blocks(tokenizer, train_docs, cfg.seq_len),
-        text_blocks(tokenizer, heldout_docs, cfg.seq_len),
-    )
+def split_text(cfg: PosttrainConfig, tokenizer, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out blocks from disjoint documents (`split_documents`); at most `eval_blocks`
+    held-out blocks."""
+    train_docs, heldout_docs = split_documents(docs, cfg.heldout_fraction)
+    train = text_blocks(tokenizer, train_docs, cfg.seq_len)
+    heldout = text_blocks(tokenizer, heldout_docs, cfg.seq_len)
     return train, heldout[: cfg.eval_blocks] if cfg.eval_blocks else heldout
 
 
@@ -265,7 +265,7 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
 
 def _run(model, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, data: EvalData, folder: RunFolder):
     out = folder.work
-    train, heldout = _split_text(cfg, tokenizer, data.docs)
+    train, heldout = split_text(cfg, tokenizer, data.docs)
     metrics: dict[str, Any] = {
         "run": "posttrain",
         "method": cfg.method,

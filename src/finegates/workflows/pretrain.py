@@ -27,7 +27,7 @@ from finegates.io_utils import atomic_write_text
 from finegates.model import get_gated_model, set_gates_enabled
 from finegates.report import sparsity_report
 from finegates.trainer import FineGatesTrainer
-from finegates.workflows.causal_lm import perplexity
+from finegates.workflows.causal_lm import perplexity, split_documents
 from finegates.workflows.run_folder import RunFolder
 from finegates.workflows.run_report import REPORT_NAME, pretrain_markdown
 
@@ -147,8 +147,8 @@ def pretrain(cfg: PretrainConfig, gates: GatesConfig | None = None) -> dict[str,
 
 
 def _run(cfg: PretrainConfig, gates: GatesConfig, docs: list[str], out: Path) -> dict[str, Any]:
-    held = max(1, int(len(docs) * cfg.heldout_fraction))
-    train, heldout = byte_blocks(docs[:-held], cfg.seq_len), byte_blocks(docs[-held:], cfg.seq_len)[:64]
+    train_docs, heldout_docs = split_documents(docs, cfg.heldout_fraction)
+    train, heldout = byte_blocks(train_docs, cfg.seq_len), byte_blocks(heldout_docs, cfg.seq_len)[:64]
     data = [{"input_ids": b, "labels": b} for b in train]
     dense = _model(cfg)
     gated = get_gated_model(copy.deepcopy(dense), gates).requires_grad_(True)

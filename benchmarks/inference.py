@@ -44,9 +44,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging as hf_logging
 
 import finegates
+from finegates.baselines.magnitude import freeze_gates, prune_to_budget
 from finegates.compress.linear import CompactLinear, use_compact_linears
 from finegates.compress.quantize import quantize_linears
-from finegates.gates import _GAUSSIAN_THRESHOLD
 from finegates.model import parameter_count
 
 DECODE_PROMPT, DECODE_TOKENS = 32, 32
@@ -71,24 +71,13 @@ def load_smollm2() -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
 
 
-def magnitude_gates(model: torch.nn.Module) -> None:
-    """Open every gate with a margin equal to its weight row/column norm over the layer's mean norm."""
-    for layer in finegates.gated_layers(model).values():
-        weight, _ = layer.folded_weight()
-        for gate, norms in ((layer.row_gate, weight.norm(dim=1)), (layer.col_gate, weight.norm(dim=0))):
-            gate.theta.data.copy_(_GAUSSIAN_THRESHOLD + norms / norms.mean().clamp_min(1e-12))
-
-
 def prune(dense: torch.nn.Module, fraction: float) -> torch.nn.Module:
-    """A gated copy of `dense` whose exact plan removes `fraction` of the gated-layer parameters."""
+    """A gated copy of `dense` whose exact plan removes `fraction` of the gated-layer parameters: the
+    magnitude baseline's cut (row and column weight norms, `prune_to_budget`), the kept gates fully open."""
     model = finegates.get_gated_model(copy.deepcopy(dense), finegates.GatesConfig(target_sparsity=fraction))
     model.eval()
-    with torch.no_grad():
-        magnitude_gates(model)
-        finegates.finalize_gates(model, fraction)
-        for layer in finegates.gated_layers(model).values():
-            for gate in layer.gates().values():
-                gate.theta.data[~gate.closed()] = 3.0  # fully open: only the closed set matters here
+    prune_to_budget(model, fraction)
+    freeze_gates(model)
     return model
 
 

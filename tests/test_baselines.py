@@ -111,7 +111,7 @@ def test_squarehead_masks_stay_exact_after_steps(arch, pruning):
     model = tiny_model(arch)
     teacher = copy.deepcopy(model)
     method = make_method("squarehead")
-    cfg = SquareHeadConfig(sparsity=0.6, pruning=pruning, prune_every=1)
+    cfg = SquareHeadConfig(target_sparsity=0.6, pruning=pruning, prune_every=1)
     model = run_steps(method, method.prepare(model, cfg), batches(arch, 3), teacher)
     for name, mask in method.masks.items():
         weight = model.get_submodule(name).weight
@@ -133,7 +133,7 @@ def test_squarehead_loss_is_zero_for_identical_models(arch):
 def test_csr_inference_matches_dense_and_is_timed():
     model = tiny_model("bert")
     method = make_method("squarehead")
-    model = method.prepare(model, SquareHeadConfig(sparsity=0.75))
+    model = method.prepare(model, SquareHeadConfig(target_sparsity=0.75))
     ids = batches("bert")[0]["input_ids"]
     torch.testing.assert_close(
         to_csr(model, list(method.masks))(input_ids=ids).logits, model(input_ids=ids).logits
@@ -324,7 +324,7 @@ def test_finegates_compaction_removes_what_the_report_counts(arch):
 
 
 def test_configs_round_trip_and_reject_unknown_keys():
-    cfg = SquareHeadConfig(sparsity=0.7, pruning="gradual")
+    cfg = SquareHeadConfig(target_sparsity=0.7, pruning="gradual")
     assert SquareHeadConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="Unknown"):
         SquareHeadConfig.from_dict({"sparsty": 0.5})

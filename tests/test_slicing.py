@@ -140,3 +140,20 @@ def test_use_compact_linears_switches_plain_linears_only():
     use_compact_linears(model)
     assert type(model[0]) is CompactLinear and type(model[1].linear) is CompactLinear
     assert type(model[2]) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_one_switch_turns_the_gemm_routes_off():
+    """gemm_routes(False): a compact linear is plain F.linear (a contiguous result, not the row-aligned
+    view the BLAS route writes), with the same values; the routes come back after the block."""
+    from finegates.compress.linear import MIN_ROWS, compact_linear, gemm_routes
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(MIN_ROWS, 8), torch.randn(17, 8), torch.randn(17)
+    with torch.backends.mkldnn.flags(enabled=False):  # the aligned BLAS route, whatever the CPU
+        routed = compact_linear(x, weight, bias)
+        with gemm_routes(False):
+            plain = compact_linear(x, weight, bias)
+        again = compact_linear(x, weight, bias)
+    assert not routed.is_contiguous() and plain.is_contiguous() and not again.is_contiguous()
+    torch.testing.assert_close(routed, plain)
+    torch.testing.assert_close(plain, torch.nn.functional.linear(x, weight, bias), rtol=0, atol=0)

@@ -26,7 +26,7 @@ from finegates.targets import default_modules_to_save
 
 @dataclass
 class SALRConfig(MethodConfig):
-    sparsity: float = field(
+    target_sparsity: float = field(
         default=0.5, metadata={"help": "Unstructured sparsity of each frozen base weight."}
     )
     svd_rank: int = field(
@@ -53,7 +53,7 @@ class SALRLinear(nn.Module):
     def __init__(self, base: nn.Module, cfg: SALRConfig) -> None:
         super().__init__()
         weight = weight_out_in(base).detach()
-        mask = magnitude_mask(weight, cfg.sparsity)
+        mask = magnitude_mask(weight, cfg.target_sparsity)
         packed, values = bitmap.encode(weight, mask)
         self.register_buffer("bitmap", packed)
         self.register_buffer("values", values)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SquareHeadConfig(MethodConfig):
-    sparsity: float = field(
+    target_sparsity: float = field(
         default=0.5, metadata={"help": "Unstructured sparsity of each target layer (0.5-0.75)."}
     )
     pruning: str = field(default="oneshot", metadata={"help": "'oneshot' magnitude mask or 'gradual' (GMP)."})
@@ -64,7 +64,7 @@ class SquareHead(BaseMethod):
     def _prepare(self, model: nn.Module, calibration: Iterable[Batch] | None) -> nn.Module:
         model.requires_grad_(True)
         cfg: SquareHeadConfig = self.config
-        initial = cfg.sparsity if cfg.pruning == "oneshot" else 0.0
+        initial = cfg.target_sparsity if cfg.pruning == "oneshot" else 0.0
         self._update_masks(model, initial)
         return model
 
@@ -76,8 +76,8 @@ class SquareHead(BaseMethod):
     def current_sparsity(self, step: int) -> float:
         cfg: SquareHeadConfig = self.config
         if cfg.pruning == "oneshot":
-            return cfg.sparsity
-        return cubic_sparsity(step, self.total_steps or step, cfg.sparsity, cfg.gradual_end)
+            return cfg.target_sparsity
+        return cubic_sparsity(step, self.total_steps or step, cfg.target_sparsity, cfg.gradual_end)
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Re-apply the mask (optimizer updates touch pruned weights); with GMP, grow it on schedule."""

@@ -159,12 +159,9 @@ def _kv_cache(cache, past_key_values):
 def kernel_head_size(size: int) -> int:
     """The head size a fused attention kernel gets for heads of `size` dims (q/k and v padded to it).
 
-    The CPU flash kernel runs fastest at multiples of 8 and slowest at odd sizes. `benchmarks/layout_ops.py`
-    (torch 2.13, x86 AVX-512, 1 thread, 9 query heads over 3 KV heads, 256 tokens, causal; two runs)
-    measured sizes 3-7 above a multiple of 8 at 1.02-1.37x the time of the next multiple (63 dims 2.18 ms
-    vs 1.84 at 64, 47 dims 1.88 vs 1.49 at 48; 28, 36 and 52 dims were exceptions in one run, 0.94-0.96x),
-    so those are rounded up. Sizes one or two above a multiple of 8 gave mixed results (0.90-1.12x), so
-    they stay.
+    The CPU flash kernel runs fastest at multiples of 8 and slowest at odd sizes: sizes 3-7 above a
+    multiple of 8 are rounded up, sizes one or two above stay (measured with `benchmarks/layout_ops.py`,
+    BENCHMARKS.md inference run 5).
     """
     return size + (8 - size % 8) if size % 8 >= 3 else size
 

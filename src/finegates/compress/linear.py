@@ -8,6 +8,8 @@ over the last dim of a 3-D tensor are several times slower than over dim 1 of a 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 
 import torch
@@ -43,6 +45,27 @@ def _onednn_linear_works() -> bool:
 
 
 ONEDNN = _onednn_linear_works()
+# The one switch for the GEMM routes of compact linears (`gemm_routes`): off, every compact linear is
+# plain F.linear. The environment variable FINEGATES_GEMM_ROUTES=0 turns them off for a whole process.
+_ROUTES = {"enabled": os.environ.get("FINEGATES_GEMM_ROUTES", "1") != "0"}
+
+
+@contextlib.contextmanager
+def gemm_routes(enabled: bool):
+    """Run compact linears through their measured CPU GEMM routes (oneDNN from ONEDNN_MIN_ROWS rows,
+    row-aligned output buffers from MIN_ROWS rows; the default) or as plain F.linear (`enabled=False`),
+    within the block. The routes change speed only; outputs agree to float32 rounding. Their
+    measurements: BENCHMARKS.md, inference run 4 and `benchmarks/gemm_routes.py`.
+
+    >>> with gemm_routes(False):  # doctest: +SKIP
+    ...     slow = small(**batch)
+    """
+    before = _ROUTES["enabled"]
+    _ROUTES["enabled"] = enabled
+    try:
+        yield
+    finally:
+        _ROUTES["enabled"] = before
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -67,7 +90,8 @@ def compact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """
     rows, n = x.shape[0], weight.shape[0]
     if (
-        rows < MIN_ROWS
+        not _ROUTES["enabled"]
+        or rows < MIN_ROWS
         or x.device.type != "cpu"
         or torch.compiler.is_compiling()
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -86,16 +110,13 @@ def compact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 class CompactLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) with an inference forward for arbitrary widths.
 
-    Kept widths are arbitrary (e.g. 923 FFN channels by 531 inputs). Measured on an x86 CPU (AMD EPYC,
-    AVX-512, 1 thread, `benchmarks/gemm_routes.py --rows N`, SmolLM2-135M layer shapes summed, compact /
-    dense): oneDNN's matmul ran 1.11x / 1.10x faster than the BLAS (MKL) GEMM behind F.linear at 256
-    rows, 1.16x / 1.14x at 128, 1.09x / 1.06x at 64 and 1.03x / 1.03x at 32; single small shapes
-    timed alone at 16-64 rows (e.g. 192 x 531, 241 x 317) ran 0.7-1.2x. So float32 inputs of at least
-    ONEDNN_MIN_ROWS rows go through oneDNN (`torch.backends.mkldnn.flags(enabled=False)` turns it off). Fewer
-    rows, down to MIN_ROWS, are written into a buffer whose rows have a stride rounded up to ALIGN (about 25%
-    faster than rows of an odd width) and returned as a view; a GEMV (decoding) is plain F.linear, which was
-    faster there. Autograd uses F.linear. `use_compact_linears` gives a dense model the same GEMMs, for
-    like-for-like speed comparisons.
+    Kept widths are arbitrary (e.g. 923 FFN channels by 531 inputs), and the GEMM that runs them fastest
+    depends on the row count (measured per SmolLM2 layer shape, BENCHMARKS.md inference run 4): float32
+    inputs of at least ONEDNN_MIN_ROWS rows go through oneDNN's matmul on x86; fewer, down to MIN_ROWS,
+    are written into a buffer whose rows have a stride rounded up to ALIGN and returned as a view; a GEMV
+    (decoding) and autograd are plain F.linear. `gemm_routes(False)` (or FINEGATES_GEMM_ROUTES=0) turns
+    the routes off; `torch.backends.mkldnn.flags(enabled=False)` only the oneDNN one.
+    `use_compact_linears` gives a dense model the same GEMMs, for like-for-like speed comparisons.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

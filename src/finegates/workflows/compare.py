@@ -137,8 +137,7 @@ def _method_config(method: str, sparsity: float | None, structure: str = "fine")
         return cls()
     if method in ("finegates", "finegates+kd"):
         return cls(gates={"target_sparsity": sparsity, "structure": structure})
-    key = "target_sparsity" if method.startswith(("magnitude", "importance")) else "sparsity"
-    return cls(**{key: sparsity})
+    return cls(target_sparsity=sparsity)
 
 
 def _batches(cfg: CompareConfig):

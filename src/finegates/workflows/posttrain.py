@@ -104,8 +104,7 @@ class PosttrainConfig(DistillConfig, RunFolderOptions):
         metadata={
             "help": "Distil from the same frozen weights with the gates bypassed (no second model copy): "
             "logit KL, and optionally SquareHead's hidden-state L2. None: on for --method finegates "
-            "(SmolLM2, 100 steps at 20%: perplexity 67 vs 75, 1.26x the step time), off for the one-shot "
-            "baselines."
+            "(lower perplexity for about 1.3x the step time, BENCHMARKS.md), off for the one-shot baselines."
         },
     )
 
@@ -132,8 +131,8 @@ def choice_fields(cfg: PosttrainConfig) -> ChoiceFields:
 
 def default_posttrain_gates() -> GatesConfig:
     """The reference's post-training setting: every linear gated, gates only, target 0.3. Warm-up and gate
-    lr follow the run's length: the target ramps over 70% of the run (measured on SmolLM2, 100 steps at
-    20%: held-out perplexity 80 at 70%, 85 at 90%, 102 at 30%; BENCHMARKS.md)."""
+    lr follow the run's length: the target ramps over 70% of the run (the best of the warm-up lengths
+    measured on SmolLM2, BENCHMARKS.md "What the post-training quality depends on")."""
     return GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[], warmup_fraction=0.7)
 
 

@@ -107,7 +107,7 @@ class FinetuneConfig(DistillConfig, RunFolderOptions):
     bench_repeats: int = field(
         default=5, metadata={"help": "Timed forward passes per model in the benchmark (interleaved)."}
     )
-    num_threads: int | None = field(
+    threads: int | None = field(
         default=None,
         metadata={
             "help": "CPU threads for torch (default: torch's choice; 1 can be faster on a busy machine)."
@@ -162,8 +162,8 @@ def finetune(cfg: FinetuneConfig, gates: GatesConfig | None = None) -> dict[str,
     gates = gates or default_finetune_gates()
     start = time.perf_counter()
     set_seed(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     # every input is read and checked before the run folder is touched
     data = _load_data(cfg)
     model, tokenizer = load_classifier(cfg.model, data.num_labels, data.label_names)

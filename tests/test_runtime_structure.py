@@ -380,3 +380,14 @@ def test_a_stream_width_no_head_count_divides_saves_and_reloads(arch, tmp_path):
     again = finegates.load_compressed(tmp_path / "small")
     ids, mask = padded_batch()
     torch.testing.assert_close(outputs(again, ids, mask)[0], outputs(model, ids, mask)[0], atol=ATOL, rtol=0)
+
+
+def test_uniform_layers_name_the_nearest_shape_when_the_target_is_out_of_reach():
+    """A target no equal-layer shape can meet (each layer keeps a KV group, a head and a channel) is a
+    clear error at finalize naming the smallest shape reached and what it removes."""
+    model = runtime_model("llama", target_sparsity=0.3, uniform_layers=True).eval()
+    with pytest.raises(
+        ValueError,
+        match=r"cannot remove 99\.99%: .*1 KV groups, 1 query heads, 1 FFN channels, 1 residual dims",
+    ):
+        finegates.finalize_gates(model, 0.9999)

@@ -121,6 +121,25 @@ def equalize_layers(
         while target is not None and budget_fraction(model) < target:
             step = _equalize_channels(ties, True, landing, fewer=1)
             if step == 0:
-                break
+                raise ValueError(
+                    f"uniform_layers cannot remove {target:.2%}: the smallest equal-layer shape it reached, "
+                    f"{uniform_shape(ties)}, removes {budget_fraction(model):.2%}. Lower the target to at "
+                    "most that, or train without uniform_layers (per-layer widths)."
+                )
             moved += step
     return moved
+
+
+def uniform_shape(ties: RuntimeGates) -> str:
+    """The equal-layer shape the open gates keep, in words (KV groups, heads, FFN channels, residual)."""
+    b = next((b for b in ties.blocks if "heads" in b), None)
+    parts = []
+    if b is not None and "kv_heads" in b:
+        parts.append(f"{_open_count(b['kv_heads'])} KV groups")
+    if b is not None:
+        parts.append(f"{head_count(ties)} query heads")
+    channels = next((b["channels"] for b in ties.blocks if "channels" in b), None)
+    if channels is not None:
+        parts.append(f"{_open_count(channels)} FFN channels")
+    parts.append(f"{_open_count(ties.residual)} residual dims")
+    return ", ".join(parts) + " per layer"

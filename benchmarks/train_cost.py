@@ -1,4 +1,5 @@
-"""Training cost side by side: FineGates (alone, and with self-distillation from its bypassed gates:
+"""Training cost side by side: FineGates (the fine structure and the runtime structure, finetune's default;
+alone, and with self-distillation from its bypassed gates:
 logit KL, and logit KL plus SquareHead's hidden-state L2) vs LoRA (r=8, query/value, peft) vs full
 finetuning.
 
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("finegates", "finegates+distill", "finegates+distill-hidden", "lora", "full")
+METHODS = ("finegates", "finegates-runtime", "finegates+distill", "finegates+distill-hidden", "lora", "full")
 HEAD = ["classifier", "pooler"]
 
 
@@ -49,9 +50,11 @@ def _prepare(method: str, steps: int):
     if method.startswith("finegates"):
         import finegates
 
-        finegates.get_gated_model(
-            model, finegates.GatesConfig(target_sparsity=0.3, modules_to_save=["classifier", "bert.pooler"])
+        structure = "runtime" if method == "finegates-runtime" else "fine"  # runtime: finetune's default
+        config = finegates.GatesConfig(
+            target_sparsity=0.3, modules_to_save=["classifier", "bert.pooler"], structure=structure
         )
+        finegates.get_gated_model(model, config)
         finegates.set_training_steps(model, steps)
         groups = finegates.optimizer_param_groups(model)
     elif method == "lora":

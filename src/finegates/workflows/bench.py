@@ -48,10 +48,9 @@ def _load(name: str):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import finegates.compress  # noqa: F401  (registers the compacted classes)
-    from finegates.workflows.causal_lm import SMOLLM2, resolve_causal_lm
     from finegates.workflows.models import resolve_model
 
-    path = resolve_causal_lm(name) if name == SMOLLM2 else resolve_model(name)
+    path = resolve_model(name)
     try:
         architecture = (AutoConfig.from_pretrained(path).architectures or [""])[0]
         if architecture.endswith(("ForCausalLM", "LMHeadModel")):

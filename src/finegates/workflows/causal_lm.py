@@ -68,15 +68,13 @@ def smollm2_path() -> Path:
     return target
 
 
-def resolve_causal_lm(name: str) -> str:
-    return str(smollm2_path()) if name == SMOLLM2 else name
-
-
 def load_causal_lm(name: str):
     """(model, tokenizer) for `smollm2-135m`, a hub id or a local folder, in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_causal_lm(name)
+    from finegates.workflows.models import resolve_model
+
+    path = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

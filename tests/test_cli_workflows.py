@@ -21,7 +21,7 @@ def captured(monkeypatch):
 
     lm = {
         "dense": {"perplexity": 2.0},
-        "compressed": {"perplexity": 2.5},
+        "compacted": {"perplexity": 2.5},
         "gated": {"perplexity": 2.5},
         "sparsity": {"removed_fraction": 0.3},
         "prefill_speedup": 1.2,

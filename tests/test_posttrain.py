@@ -84,8 +84,8 @@ def test_posttrain_runs_end_to_end(tmp_path, monkeypatch, caplog):
     )
     assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
     # the compacted model computes what the gated model computes
-    assert metrics["compressed"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
-    assert metrics["compressed"]["piqa_accuracy"] == metrics["gated"]["piqa_accuracy"]
+    assert metrics["compacted"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
+    assert metrics["compacted"]["piqa_accuracy"] == metrics["gated"]["piqa_accuracy"]
     for name in (
         "run_config.json",
         "metrics.json",
@@ -145,7 +145,7 @@ def test_posttrain_one_shot_baselines(method, tmp_path, monkeypatch):
         == metrics["model_params"] - metrics["sparsity"]["model_removed"]
     )
     assert (metrics["trainable_params"] > 0) == method.endswith("+lora")  # only the recovery LoRA trains
-    dense, small = metrics["dense"], metrics["compressed"]
+    dense, small = metrics["dense"], metrics["compacted"]
     assert metrics["prefill_speedup"] == pytest.approx(dense["prefill_s"] / small["prefill_s"])
     assert metrics["decode_speedup"] == pytest.approx(
         small["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
@@ -176,7 +176,7 @@ def test_lora_recovery_trains_in_the_trainer_and_resumes(tmp_path, monkeypatch, 
     assert "--resume: continuing from" in caplog.text and "checkpoint-8" in caplog.text
     # the trained LoRA comes back from the checkpoint (a fresh one would give the pruned model's perplexity)
     assert again["sparsity"] == first["sparsity"]
-    assert again["compressed"]["perplexity"] == pytest.approx(first["compressed"]["perplexity"], rel=1e-9)
+    assert again["compacted"]["perplexity"] == pytest.approx(first["compacted"]["perplexity"], rel=1e-9)
 
 
 def test_posttrain_rejects_unknown_methods():
@@ -214,7 +214,7 @@ def test_posttrain_on_the_users_own_files_with_distillation(tmp_path, monkeypatc
     budget = metrics["budget"]
     assert abs(budget["removed_by_training"] - 0.3) <= 0.02 and budget["warning"] is None
     assert 0.3 <= budget["removed_after_finalize"] <= 0.31
-    assert metrics["compressed"]["quiz_accuracy"] == metrics["gated"]["quiz_accuracy"]
+    assert metrics["compacted"]["quiz_accuracy"] == metrics["gated"]["quiz_accuracy"]
     logged = json.loads((tmp_path / "run" / "log_history.json").read_text())
     assert any(row.get("distill_term", 0) > 0 for row in logged)
     report = (tmp_path / "run" / "report.md").read_text()
@@ -246,6 +246,6 @@ def test_posttrain_with_the_runtime_structure(tmp_path, monkeypatch):
     gates = GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[], structure="runtime")
     metrics = workflow.posttrain(cfg, gates)
     assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
-    assert metrics["compressed"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
+    assert metrics["compacted"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
     small = load_compressed(tmp_path / "compressed")
     assert small.config.hidden_size < 32 and small.config.finegates_compact["residual_from"] == 32

@@ -55,7 +55,7 @@ def _run_posttrain(args: argparse.Namespace) -> int:
     s = metrics["sparsity"]
     print(
         f"perplexity: dense {metrics['dense']['perplexity']:.2f}, compacted "
-        f"{metrics['compressed']['perplexity']:.2f}; removed {s['removed_fraction']:.2%} of gated-layer "
+        f"{metrics['compacted']['perplexity']:.2f}; removed {s['removed_fraction']:.2%} of gated-layer "
         f"parameters; prefill speedup {metrics['prefill_speedup']:.2f}x"
     )
     print(f"Report: {configs['posttrain'].output_dir}/report.md")

@@ -29,6 +29,7 @@ from finegates.trainer import FineGatesTrainer
 from finegates.workflows.encoding import EncodedSplit, benchmark_batch
 from finegates.workflows.evaluation import classification_metrics, measure_latency
 from finegates.workflows.models import load_classifier
+from finegates.workflows.results import result_from_dict
 from finegates.workflows.run_folder import RunFolder, RunFolderOptions
 from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
 
@@ -201,8 +202,9 @@ def _run(
     metrics.update(_summary(model, full, report, trainer, dense_acc, gated_acc, compacted))
     metrics["timings_s"]["total"] = time.perf_counter() - start
     metrics["report"] = str(folder.final / REPORT_NAME)  # where it is once the run folder is swapped in
-    write_run_outputs(out, metrics, trainer.state.log_history)
-    return metrics
+    result = result_from_dict(metrics)
+    write_run_outputs(out, result, trainer.state.log_history)
+    return result.to_dict()
 
 
 def _load_data(cfg: FinetuneConfig) -> ClassificationData:

@@ -34,6 +34,7 @@ from finegates.workflows.causal_lm import (
     zero_shot_accuracy,
 )
 from finegates.workflows.evaluation import measure_decode, measure_latency
+from finegates.workflows.results import result_from_dict
 from finegates.workflows.run_folder import RunFolder, RunFolderOptions
 from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
 
@@ -256,10 +257,11 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
     with RunFolder.claim(cfg.output_dir, cfg.overwrite, cfg.resume) as folder:
         folder.write_config({"posttrain": cfg, "gates": gates})
         metrics, log_history = _run(model, tokenizer, cfg, gates, data, folder)
-        write_run_outputs(folder.work, metrics, log_history)
+        result = result_from_dict(metrics)
+        write_run_outputs(folder.work, result, log_history)
         folder.commit()
     logger.info("Report: %s", folder.final / REPORT_NAME)
-    return metrics
+    return result.to_dict()
 
 
 def _run(model, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, data: EvalData, folder: RunFolder):
@@ -281,13 +283,13 @@ def _run(model, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, data: EvalD
         )
     small.save_pretrained(out / "compressed")
     tokenizer.save_pretrained(out / "compressed")
-    metrics["compressed"] = evaluate_lm(small, tokenizer, heldout, cfg, data)
-    latency = _prefill_latency({"dense": dense, "compressed": small}, cfg)
-    decode = measure_decode({"dense": dense, "compressed": small})
+    metrics["compacted"] = evaluate_lm(small, tokenizer, heldout, cfg, data)
+    latency = _prefill_latency({"dense": dense, "compacted": small}, cfg)
+    decode = measure_decode({"dense": dense, "compacted": small})
     for name in latency:
         metrics[name]["prefill_s"], metrics[name]["decode_tokens_per_s"] = latency[name], decode[name]
-    metrics["prefill_speedup"] = metrics["dense"]["prefill_s"] / metrics["compressed"]["prefill_s"]
-    metrics["decode_speedup"] = decode["compressed"] / decode["dense"]
+    metrics["prefill_speedup"] = metrics["dense"]["prefill_s"] / metrics["compacted"]["prefill_s"]
+    metrics["decode_speedup"] = decode["compacted"] / decode["dense"]
     return metrics, log_history
 
 

@@ -10,7 +10,6 @@ EOS), so the workflow needs no tokenizer file.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -23,13 +22,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from finegates.config import GatesConfig
 from finegates.data.registry import load_text_corpus
-from finegates.io_utils import atomic_write_text
 from finegates.model import get_gated_model, set_gates_enabled
 from finegates.report import sparsity_report
 from finegates.trainer import FineGatesTrainer
 from finegates.workflows.causal_lm import perplexity, split_documents
+from finegates.workflows.results import result_from_dict
 from finegates.workflows.run_folder import RunFolder
-from finegates.workflows.run_report import REPORT_NAME, pretrain_markdown
+from finegates.workflows.run_report import write_run_outputs
 
 logger = logging.getLogger(__name__)
 EOS = 256
@@ -168,6 +167,6 @@ def _run(cfg: PretrainConfig, gates: GatesConfig, docs: list[str], out: Path) ->
         }
     metrics["sparsity"] = sparsity_report(gated).to_dict()
     metrics["bits_per_byte"] = {k: math.log2(metrics[k]["perplexity"]) for k in ("dense", "gated")}
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    atomic_write_text(out / REPORT_NAME, pretrain_markdown(metrics))
-    return metrics
+    result = result_from_dict(metrics)
+    write_run_outputs(out, result)  # each model's training log is in its entry
+    return result.to_dict()

@@ -9,18 +9,30 @@ from typing import Any
 
 from finegates.io_utils import atomic_write_text
 from finegates.workflows.plots import plot_kept_widths, plot_tradeoff, plot_training_curves
+from finegates.workflows.results import (
+    METRICS_NAME,
+    FinetuneResult,
+    PosttrainResult,
+    PretrainResult,
+    RunResult,
+    read_result,
+)
 
 logger = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.json"
 HISTORY_NAME = "log_history.json"
 REPORT_NAME = "report.md"
 
 
-def write_run_outputs(directory: Path, metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> Path:
-    """Write the metrics and training log, then render the report; returns the report path."""
-    atomic_write_text(directory / METRICS_NAME, json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    atomic_write_text(directory / HISTORY_NAME, json.dumps(log_history, indent=2, default=str))
+def write_run_outputs(
+    directory: Path, result: RunResult, log_history: list[dict[str, Any]] | None = None
+) -> Path:
+    """Write the run's record and training log (where it has one), then render the report; returns the
+    report path."""
+    text = json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str)
+    atomic_write_text(directory / METRICS_NAME, text)
+    if log_history is not None:
+        atomic_write_text(directory / HISTORY_NAME, json.dumps(log_history, indent=2, default=str))
     return render_report(directory)
 
 
@@ -31,76 +43,57 @@ def render_report(directory: str | Path) -> Path:
     PosixPath('runs/minilm-reuters8/report.md')
     """
     directory = Path(directory)
-    metrics = _read_metrics(directory)
-    kind = run_kind(metrics)
-    if kind == "posttrain":
-        return atomic_write_text(directory / REPORT_NAME, posttrain_markdown(metrics))
-    if kind == "pretrain":
-        return atomic_write_text(directory / REPORT_NAME, pretrain_markdown(metrics))
+    m = read_result(directory)
+    if isinstance(m, PosttrainResult):
+        return atomic_write_text(directory / REPORT_NAME, posttrain_markdown(m))
+    if isinstance(m, PretrainResult):
+        return atomic_write_text(directory / REPORT_NAME, pretrain_markdown(m))
     history_path = directory / HISTORY_NAME
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
-    budget = metrics.get("budget") or {}
     plot_training_curves(
         history,
         directory / "training_curves.png",
-        final_removed=metrics["sparsity"]["removed_fraction"],
-        trained_removed=budget.get("removed_by_training"),
+        final_removed=m.sparsity["removed_fraction"],
+        trained_removed=(m.budget or {}).get("removed_by_training"),
     )
-    plot_kept_widths(metrics, directory / "kept_widths.png")
-    path = atomic_write_text(directory / REPORT_NAME, report_markdown(metrics))
+    plot_kept_widths(m.to_dict(), directory / "kept_widths.png")
+    path = atomic_write_text(directory / REPORT_NAME, report_markdown(m))
     logger.info("Report written to %s", path)
     return path
 
 
-def run_kind(metrics: dict[str, Any]) -> str:
-    """'finetune', 'posttrain' or 'pretrain': the `run` entry of metrics.json (folders written before it
-    existed: told by their keys)."""
-    if "run" in metrics:
-        return metrics["run"]
-    if "compressed" in metrics:
-        return "posttrain"
-    return "pretrain" if "bits_per_byte" in metrics else "finetune"
-
-
-def _read_metrics(directory: Path) -> dict[str, Any]:
-    path = directory / METRICS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: is {directory} a finished finegates run?")
-    return json.loads(path.read_text())
-
-
 def _tradeoff_point(directory: Path) -> dict[str, Any]:
     """One run's row: removed fractions, its main metric (compacted and dense), and what else it measured."""
-    m = _read_metrics(directory)
-    s = m["sparsity"]
+    m = read_result(directory)
+    s = m.sparsity
     point = {
         "run": str(directory),
         "target": s.get("target"),
         "removed": s["removed_fraction"],
         "model_removed": s["model_removed_fraction"],
-        "method": m.get("method", "finegates"),
+        "method": getattr(m, "method", "finegates"),
     }
-    if run_kind(m) == "pretrain":
+    if m.kind == "pretrain":
         raise ValueError(f"{directory} is a pretrain run: the trade-off compares finetune or posttrain runs.")
-    if run_kind(m) == "posttrain":  # perplexity, lower is better
-        dense, small = m["dense"], m["compressed"]
+    if isinstance(m, PosttrainResult):  # perplexity, lower is better
+        dense, small = m.dense, m.compacted
         extras = {
             f"{k} (compacted / dense)": f"{small[k]:.4f} / {dense[k]:.4f}"
             for k in small
             if k.endswith("_accuracy")
         }
         extras["prefill / decode speedup"] = (
-            f"{m['prefill_speedup']:.2f}x / {m.get('decode_speedup', float('nan')):.2f}x"
+            f"{m.prefill_speedup:.2f}x / {m.decode_speedup or float('nan'):.2f}x"
         )
         return {
             **point,
             "metric": "held-out perplexity",
             "value": small["perplexity"],
             "dense": dense["perplexity"],
-            "train_s": m.get("train_s"),
+            "train_s": m.train_s,
             "extras": extras,
         }
-    acc, latency = m["accuracy"], m.get("latency") or {}
+    acc, latency = m.accuracy, m.latency or {}
     value = acc["compacted"] if acc.get("compacted") is not None else acc["gated"]
     extras = {}
     if "dense" in latency and "compacted" in latency:
@@ -110,7 +103,7 @@ def _tradeoff_point(directory: Path) -> dict[str, Any]:
         "metric": "test accuracy",
         "value": value,
         "dense": acc.get("dense_baseline"),
-        "train_s": m.get("timings_s", {}).get("train"),
+        "train_s": m.timings_s.get("train"),
         "extras": extras,
     }
 
@@ -167,10 +160,10 @@ def render_tradeoff(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
     )
 
 
-def budget_section(m: dict[str, Any]) -> str:
+def budget_section(m: FinetuneResult | PosttrainResult) -> str:
     """Removed by training beside after finalize, and who made the cut; a warning line when the gates
     did not reach the target themselves."""
-    b = m.get("budget")
+    b = m.budget
     if not b:
         return ""
     timed = b.get("predicted_speedup") is not None
@@ -202,7 +195,7 @@ def budget_section(m: dict[str, Any]) -> str:
     return text
 
 
-def report_markdown(metrics: dict[str, Any]) -> str:
+def report_markdown(metrics: FinetuneResult) -> str:
     sections = [
         _header(metrics),
         budget_section(metrics),
@@ -230,38 +223,38 @@ def _acc(value: float | None, note: str = "not run") -> str:
     return note if value is None else f"{value:.4f}"
 
 
-def _header(m: dict[str, Any]) -> str:
-    task, t = m["task"], m["timings_s"]
-    speedup = (m.get("budget") or {}).get("predicted_speedup")
+def _header(m: FinetuneResult) -> str:
+    task, t = m.task, m.timings_s
+    speedup = (m.budget or {}).get("predicted_speedup")
     if speedup is not None:
-        target = f"Target speedup {1 / (1 - m['budget']['target']):.2f}x (predicted time)."
+        target = f"Target speedup {1 / (1 - m.budget['target']):.2f}x (predicted time)."
     else:
-        target = f"Target sparsity {m['sparsity']['target']:.0%} of gated-layer parameters."
+        target = f"Target sparsity {m.sparsity['target']:.0%} of gated-layer parameters."
     return (
-        f"# FineGates finetune: {m['model']} on {task['name']}\n\n"
+        f"# FineGates finetune: {m.model} on {task['name']}\n\n"
         f"{target} Data: "
         f"{task['train_rows']:,d} train / {task['test_rows']:,d} test rows, {task['num_labels']} labels "
         f"({task['source']}). Wall time: {t.get('total', 0):.0f} s total, {t.get('train', 0):.0f} s training."
     )
 
 
-def _accuracy(m: dict[str, Any]) -> str:
-    acc = m["accuracy"]
+def _accuracy(m: FinetuneResult) -> str:
+    acc = m.accuracy
     rows = [
         ["dense, full finetuning (baseline)", _acc(acc["dense_baseline"])],
         ["FineGates gated (eval-mode gates)", _acc(acc["gated"])],
         ["FineGates compacted", _acc(acc["compacted"], "not run")],
     ]
     text = "## Test accuracy\n\n" + markdown_table(["model", "accuracy"], rows)
-    if m.get("validation"):
+    if m.validation:
         text += "\n\nValidation accuracy per epoch: " + ", ".join(
-            f"{v['epoch']:.2g}: {v['accuracy']:.4f}" for v in m["validation"]
+            f"{v['epoch']:.2g}: {v['accuracy']:.4f}" for v in m.validation
         )
     return text
 
 
-def _parameters(m: dict[str, Any]) -> str:
-    s, p = m["sparsity"], m["parameters"]
+def _parameters(m: FinetuneResult) -> str:
+    s, p = m.sparsity, m.parameters
     rows = [
         [
             "gated linear layers",
@@ -298,8 +291,8 @@ def _parameters(m: dict[str, Any]) -> str:
     )
 
 
-def _latency(m: dict[str, Any]) -> str:
-    lat = m.get("latency") or {}
+def _latency(m: FinetuneResult) -> str:
+    lat = m.latency or {}
     if not lat:
         return ""
     order = sorted(lat, key=lambda name: (name != "dense", name))
@@ -319,7 +312,7 @@ def _latency(m: dict[str, Any]) -> str:
     return text
 
 
-def _widths(m: dict[str, Any]) -> str:
+def _widths(m: FinetuneResult) -> str:
     rows = [
         [
             b["name"],
@@ -328,7 +321,7 @@ def _widths(m: dict[str, Any]) -> str:
             f"{b['vo_dims']}/{f['vo_dims']}",
             f"{b['ffn_channels']}/{f['ffn_channels']}",
         ]
-        for b, f in zip(m["sparsity"]["blocks"], m["full_widths"])
+        for b, f in zip(m.sparsity["blocks"], m.full_widths)
     ]
     return "## Kept widths per block\n\n" + markdown_table(
         ["block", "heads", "q/k dims", "v dims", "FFN channels"], rows
@@ -343,15 +336,15 @@ def _footer() -> str:
     )
 
 
-def posttrain_markdown(m: dict[str, Any]) -> str:
+def posttrain_markdown(m: PosttrainResult) -> str:
     """report.md of a `finegates posttrain` run."""
-    s = m["sparsity"]
-    rows = [(name, m[name]) for name in ("dense", "gated", "compressed") if name in m]
+    s = m.sparsity
+    rows = [(name, getattr(m, name)) for name in ("dense", "gated", "compacted") if getattr(m, name)]
     keys = [k for k in rows[0][1] if k not in ("prefill_s", "decode_tokens_per_s")]
-    method = m.get("method", "finegates")
+    method = m.method
     table = [[name, *(f"{v.get(k, float('nan')):.4g}" for k in keys)] for name, v in rows]
     lines = [f"# Post-training report ({method})", "", markdown_table(["model", *keys], table)]
-    dense, small = m["dense"], m["compressed"]
+    dense, small = m.dense, m.compacted
     lines += [
         "",
         (
@@ -360,24 +353,24 @@ def posttrain_markdown(m: dict[str, Any]) -> str:
         ),
         (
             f"Prefill 1 x seq_len: dense {dense['prefill_s'] * 1e3:.1f} ms, compacted "
-            f"{small['prefill_s'] * 1e3:.1f} ms, speedup {m['prefill_speedup']:.2f}x."
+            f"{small['prefill_s'] * 1e3:.1f} ms, speedup {m.prefill_speedup:.2f}x."
         ),
         (
             f"Greedy decode: dense {dense['decode_tokens_per_s']:.1f} tokens/s, compacted "
-            f"{small['decode_tokens_per_s']:.1f} tokens/s, speedup {m['decode_speedup']:.2f}x."
+            f"{small['decode_tokens_per_s']:.1f} tokens/s, speedup {m.decode_speedup:.2f}x."
         ),
         (
-            f"Trainable parameters: {m['trainable_params']:,d} of {m['model_params']:,d}; training "
-            f"{m['train_s']:.0f} s."
+            f"Trainable parameters: {m.trainable_params:,d} of {m.model_params:,d}; training "
+            f"{m.train_s:.0f} s."
         ),
     ]
     budget = budget_section(m)
     return "\n".join(lines) + ("\n\n" + budget if budget else "") + "\n"
 
 
-def pretrain_markdown(m: dict[str, Any]) -> str:
+def pretrain_markdown(m: PretrainResult) -> str:
     """report.md of a `finegates pretrain` run."""
-    s = m["sparsity"]
+    s = m.sparsity
     return "\n".join(
         [
             "# Pretraining report",
@@ -385,7 +378,12 @@ def pretrain_markdown(m: dict[str, Any]) -> str:
             markdown_table(
                 ["run", "held-out perplexity (bytes)", "bits per byte", "train time (s)"],
                 [
-                    [k, f"{m[k]['perplexity']:.3f}", f"{m['bits_per_byte'][k]:.3f}", f"{m[k]['train_s']:.0f}"]
+                    [
+                        k,
+                        f"{getattr(m, k)['perplexity']:.3f}",
+                        f"{m.bits_per_byte[k]:.3f}",
+                        f"{getattr(m, k)['train_s']:.0f}",
+                    ]
                     for k in ("dense", "gated")
                 ],
             ),

@@ -110,6 +110,7 @@ def test_calibration_fits_non_negative_costs_and_caches_them(tmp_path):
 
 
 def test_reports_say_the_budget_is_in_predicted_time():
+    from finegates.workflows.results import PosttrainResult
     from finegates.workflows.run_report import budget_section
 
     budget = {
@@ -121,6 +122,8 @@ def test_reports_say_the_budget_is_in_predicted_time():
         "projected_reopened": 0,
         "predicted_speedup": 1.5,
     }
-    text = budget_section({"budget": budget})
+    text = budget_section(PosttrainResult(dense={}, budget=budget))
     assert "share of predicted time" in text and "predicted speedup 1.50x" in text
-    assert "predicted" not in budget_section({"budget": {**budget, "predicted_speedup": None}})
+    assert "predicted" not in budget_section(
+        PosttrainResult(dense={}, budget={**budget, "predicted_speedup": None})
+    )

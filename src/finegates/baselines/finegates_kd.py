@@ -101,9 +101,7 @@ class FineGatesKD(FineGatesMethod):
         **kwargs: Any,
     ) -> Trainer:
         trainer = _TeacherFineGatesTrainer(model=model, args=args, train_dataset=train_dataset, **kwargs)
-        trainer.method, trainer.teacher = self, teacher
-        if teacher is not None:
-            teacher.to(args.device).eval()
+        trainer.use_method(self, teacher)
         return trainer
 
 

@@ -115,8 +115,7 @@ def fit_method(
 
     AdamW without weight decay and without gradient clipping, the schedule `scheduler` over the whole run;
     no checkpoints (the run lives in a temporary folder)."""
-    steps = epochs * len(train_batches)
-    method.total_steps = steps
+    steps = epochs * len(train_batches)  # the method's Trainer gives it the run's length
     with tempfile.TemporaryDirectory(prefix="finegates-fit-") as tmp:
         args = TrainingArguments(
             output_dir=tmp,

@@ -48,6 +48,12 @@ class MethodLoss:
     method: Method
     teacher: torch.nn.Module | None
 
+    def use_method(self, method: Method, teacher: torch.nn.Module | None) -> None:
+        """Train for `method`, with `teacher` (frozen, in eval mode, on the training device) if it has one."""
+        self.method, self.teacher = method, teacher
+        if teacher is not None:
+            teacher.to(self.args.device).eval()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -87,9 +93,7 @@ class MethodTrainer(MethodLoss, Trainer):
 
     def __init__(self, *args, method: Method, teacher: torch.nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.method, self.teacher = method, teacher
-        if teacher is not None:
-            teacher.to(self.args.device).eval()
+        self.use_method(method, teacher)
         if average_loss_per_process(self.accelerator.unwrap_model(self.model)):
             self.model_accepts_loss_kwargs = False
         self.add_callback(_AfterStep(self))

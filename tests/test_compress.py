@@ -295,9 +295,11 @@ def test_rope_table_columns_follow_the_index_buffers():
 
 def test_output_attentions_are_those_of_the_kept_heads(arch):
     """With eager attention, `output_attentions=True` returns the compact weights: the gated model's, minus
-    the heads that left (head 1 of the first layer; the second layer keeps all four)."""
+    the heads that left (head 1 of the first layer; the second layer keeps all four), also when a stock
+    model of the same class is built after the compaction."""
     model = patterned(arch, whole_heads_closed)
     small = compress(model)
+    tiny_model(arch)
     for m in (model, small):
         m.set_attn_implementation("eager")
     ids, mask = padded_batch()
@@ -307,6 +309,20 @@ def test_output_attentions_are_those_of_the_kept_heads(arch):
     assert len(compact) == len(reference) == 2
     torch.testing.assert_close(compact[0], reference[0][:, [0, 2, 3]], atol=ATOL, rtol=0)
     torch.testing.assert_close(compact[1], reference[1], atol=ATOL, rtol=0)
+
+
+def test_compact_classes_are_attributes_of_their_module():
+    """What pickle and `__module__` look up: `finegates.compress.models.CompactLlamaForCausalLM` is the class
+    `compress` makes, and its config class round-trips through pickle."""
+    import pickle
+
+    from finegates.compress import models
+
+    small = compress(patterned("llama", whole_heads_closed))
+    assert models.CompactLlamaForCausalLM is type(small)
+    assert pickle.loads(pickle.dumps(small.config)).to_dict() == small.config.to_dict()
+    with pytest.raises(AttributeError, match="CompactNothing"):
+        getattr(models, "CompactNothing")  # noqa: B009
 
 
 @pytest.mark.parametrize(

@@ -99,31 +99,42 @@ _STOCK: dict[str, tuple[str, dict[str, str]]] = {
     ),
 }
 COMPACT_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}  # stock class -> compact class
-COMPACT_BY_NAME: dict[str, type[PreTrainedModel]] = {}
+COMPACT_BY_NAME: dict[str, type[PreTrainedModel]] = {}  # class name -> compact model class
+_CONFIG_BY_NAME: dict[str, type] = {}  # class name -> compact config class
 
 
-_RECORDING: dict[type, type] = {}  # stock base-model class -> subclass that also records compact attention
+def __getattr__(name: str) -> type:
+    """The compact classes are attributes of this module (`from finegates.compress.models import
+    CompactLlamaForCausalLM`, and what pickle and `__module__` look up), made on first use."""
+    if name.startswith(COMPACT):
+        register_compact_models()
+        found = COMPACT_BY_NAME.get(name) or _CONFIG_BY_NAME.get(name)
+        if found is not None:
+            return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _record_compact_attention(model: PreTrainedModel, base: PreTrainedModel) -> None:
-    """Make `output_attentions=True` return the compact attention weights.
-
-    transformers collects attention weights with forward hooks on the classes that a base model's
-    `_can_record_outputs` lists, looked up by the model's class; the compact attention is not one of
-    them. A base model inside a task model gets its own class (a subclass of the stock one, same
-    name), so the added entry never reaches stock models; a compact base model has its own already.
-    """
-    stock = type(base)
-    if base is not model:
-        if stock not in _RECORDING:
-            _RECORDING[stock] = type(stock.__name__, (stock,), {"__module__": stock.__module__})
-        base.__class__ = _RECORDING[stock]
+def _can_record(stock: type[PreTrainedModel]) -> dict:
+    """`stock._can_record_outputs` plus the compact attention, whose weights `output_attentions=True`
+    then returns (transformers records outputs with hooks on the classes a base model lists)."""
     can_record = dict(getattr(stock, "_can_record_outputs", None) or {})
     if "attentions" in can_record:
         entries = can_record["attentions"]
         entries = entries if isinstance(entries, list) else [entries]
         can_record["attentions"] = [*entries, OutputRecorder(CompactAttention, index=1)]
-    _CAN_RECORD_REGISTRY[base] = can_record
+    return can_record
+
+
+def _record_compact_attention(base: PreTrainedModel) -> None:
+    """Give a stock base model built inside a compact task model the compact base class, which records the
+    compact attention. transformers reads what a model records from a registry keyed by class name, which
+    only `PreTrainedModel.__init__` fills: the one write to that private registry, under the compact class's
+    own name, so constructing stock models afterwards leaves it alone."""
+    compact = COMPACT_CLASSES.get(type(base))
+    if compact is None:  # a compact base model (its own __init__ registered it) or a class not listed
+        return
+    base.__class__ = compact
+    _CAN_RECORD_REGISTRY[base] = compact._can_record_outputs
 
 
 def apply_spec(model: PreTrainedModel, spec: CompactSpec) -> None:
@@ -145,7 +156,8 @@ def apply_spec(model: PreTrainedModel, spec: CompactSpec) -> None:
         for module in base.modules():
             if isinstance(module, CompactAttention) and module.spec.qk_norm:
                 module.q_norm.eps = module.k_norm.eps = spec.head_norm_eps
-    _record_compact_attention(model, base)
+    if base is not model:
+        _record_compact_attention(base)
 
 
 @contextmanager
@@ -211,6 +223,7 @@ def _compact_model_class(stock: type[PreTrainedModel], config_class: type) -> ty
     )
     attrs = {
         "config_class": config_class,
+        "_can_record_outputs": _can_record(stock),
         "__init__": __init__,
         "from_pretrained": from_pretrained,
         "__module__": __name__,
@@ -227,14 +240,13 @@ def register_compact_models() -> None:
     for model_type, (config_name, heads) in _STOCK.items():
         config_class = _compact_config_class(model_type, getattr(transformers, config_name))
         AutoConfig.register(PREFIX + model_type, config_class, exist_ok=True)
-        globals()[config_class.__name__] = config_class
+        _CONFIG_BY_NAME[config_class.__name__] = config_class
         for auto_name, stock_name in heads.items():
             stock = getattr(transformers, stock_name)
             compact = _compact_model_class(stock, config_class)
             _AUTO[auto_name].register(config_class, compact, exist_ok=True)
             COMPACT_CLASSES[stock] = compact
             COMPACT_BY_NAME[compact.__name__] = compact
-            globals()[compact.__name__] = compact
     logger.debug("Registered %d compact model classes", len(COMPACT_CLASSES))
 
 

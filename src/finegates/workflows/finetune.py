@@ -30,7 +30,7 @@ from finegates.workflows.encoding import EncodedSplit, benchmark_batch
 from finegates.workflows.evaluation import classification_metrics, measure_latency
 from finegates.workflows.models import load_classifier
 from finegates.workflows.results import result_from_dict
-from finegates.workflows.run_folder import RunFolder, RunFolderOptions
+from finegates.workflows.run_folder import RunFolder, RunFolderOptions, trainer_loggers
 from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
 
 logger = logging.getLogger(__name__)
@@ -115,13 +115,14 @@ class FinetuneConfig(DistillConfig, RunFolderOptions):
         },
     )
     quiet: bool = field(default=False, metadata={"help": "No progress bars; warnings and errors only."})
-    report_to: str = field(
-        default="none",
-        metadata={"help": "Trainer integrations to log to, e.g. 'tensorboard' (as in transformers)."},
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Trainer integrations to log to, e.g. tensorboard (as in transformers)."},
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.report_to = trainer_loggers(self.report_to)
         for name in (
             "batch_size",
             "eval_batch_size",

@@ -35,7 +35,7 @@ from finegates.workflows.causal_lm import (
 )
 from finegates.workflows.evaluation import measure_decode, measure_latency
 from finegates.workflows.results import result_from_dict
-from finegates.workflows.run_folder import RunFolder, RunFolderOptions
+from finegates.workflows.run_folder import RunFolder, RunFolderOptions, trainer_loggers
 from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class PosttrainConfig(DistillConfig, RunFolderOptions):
         if self.distill is None:
             self.distill = self.method == "finegates"
         super().__post_init__()
+        self.report_to = trainer_loggers(self.report_to)
         if self.distill and self.method != "finegates":
             raise ValueError(
                 "--distill needs gates to bypass (the teacher is the gated model with its gates off); "

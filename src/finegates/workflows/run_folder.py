@@ -52,6 +52,20 @@ class RunFolderOptions:
     )
 
 
+def trainer_loggers(report_to: list[str] | str | None) -> list[str]:
+    """`report_to` as the list of Trainer loggers: `--report-to none` and configs written when it was a
+    string ("none", "tensorboard") read as lists.
+
+    >>> [trainer_loggers(value) for value in (None, "none", "tensorboard", ["wandb"])]
+    [[], [], ['tensorboard'], ['wandb']]
+    """
+    if report_to is None:
+        return []
+    if isinstance(report_to, str):
+        return [] if report_to.lower() in ("none", "") else [report_to]
+    return list(report_to)
+
+
 class RunFolderError(ValueError):
     """The output folder cannot take this run (the message says why and what to do)."""
 

@@ -14,10 +14,11 @@ import statistics
 import time
 
 import torch
-from inference import load_smollm2, prune, seconds
+from inference import load_smollm2, prune
 from transformers.utils import logging as hf_logging
 
 import finegates
+from finegates.timing import seconds
 
 
 def main() -> None:

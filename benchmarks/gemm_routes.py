@@ -21,10 +21,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from inference import load_smollm2, prune, seconds
+from inference import load_smollm2, prune
 
 import finegates
 from finegates.compress.linear import ONEDNN, compact_linear, onednn_linear
+from finegates.timing import seconds
 
 
 def role_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, int]]]:

@@ -8,7 +8,7 @@ target fraction, and the gates left open are set fully open; `--trained-gates` a
 models of trained gate adapters ("compacted, trained gates"). "uniform (stock class)" is
 `compress(..., uniform=True)`: every layer as wide as the widest, loadable without finegates.
 
-For each row: time (fastest block of `torch.utils.benchmark.Timer.blocked_autorange`), measured speedup
+For each row: time (the fastest of the runs `finegates.timing.seconds` makes), measured speedup
 over the stock dense model (median over rounds of paired ratios to the dense model timed just before
 and after: see `bench_model`), speedup over the dense model with the same GEMM route (compacted models
 run their linears through `CompactLinear`, which on x86 uses oneDNN; "dense, compact GEMMs" is the
@@ -39,7 +39,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging as hf_logging
 
@@ -48,6 +47,7 @@ from finegates.baselines.magnitude import freeze_gates, prune_to_budget
 from finegates.compress.linear import CompactLinear, use_compact_linears
 from finegates.compress.quantize import quantize_linears
 from finegates.model import parameter_count
+from finegates.timing import seconds
 
 DECODE_PROMPT, DECODE_TOKENS = 32, 32
 
@@ -82,13 +82,6 @@ def prune(dense: torch.nn.Module, fraction: float) -> torch.nn.Module:
 
 
 # -- measurements ----------------------------------------------------------------------------------
-def seconds(fn: Callable[[], object], min_run_time: float) -> float:
-    """Fastest block of `Timer.blocked_autorange`: the least disturbed by other load on a shared machine."""
-    fn()  # warm-up
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return min(timer.blocked_autorange(min_run_time=min_run_time).times)
-
-
 def flops(fn: Callable[[], object], model: torch.nn.Module) -> int:
     """FLOPs of one call, attention included: counted with the model switched to eager attention.
 

@@ -17,9 +17,9 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
-from inference import seconds
 
 from finegates.compress.attention import kernel_head_size
+from finegates.timing import seconds
 
 
 def attention(tokens: int, size: int, min_run_time: float) -> float:

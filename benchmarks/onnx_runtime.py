@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +29,11 @@ from transformers.utils import logging as hf_logging
 
 import finegates
 from finegates.compress.onnx import export_onnx
+from finegates.timing import time_in_turns
 
 
 def _best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return time_in_turns({0: fn}, repeats, reduce=min)[0]
 
 
 def main() -> None:

@@ -24,11 +24,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from inference import flop_counter, load_smollm2, prune, seconds
+from inference import flop_counter, load_smollm2, prune
 from torch.profiler import ProfilerActivity, profile
 
 import finegates
 from finegates.compress.linear import use_compact_linears
+from finegates.timing import seconds
 
 DECODE_TOKENS = 16
 MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")

@@ -10,12 +10,13 @@ import copy
 import logging
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from finegates.layer import weight_out_in
+from finegates.timing import time_in_turns
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +62,6 @@ class InferenceTiming:
         return self.dense_ms / self.sparse_ms
 
 
-def _time_ms(model: nn.Module, inputs: dict[str, torch.Tensor], min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt="run(**inputs)", globals={"run": model, "inputs": inputs})
-    with torch.inference_mode():
-        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
 def measure_cpu_inference(
     model: nn.Module, names: list[str], inputs: dict[str, torch.Tensor], min_run_time: float = 1.0
 ) -> InferenceTiming:
@@ -80,11 +75,10 @@ def measure_cpu_inference(
     layers = [sparse.get_submodule(n) for n in names]
     zeros = sum((1 - m.density) * m.in_features * m.out_features for m in layers)
     total = sum(m.in_features * m.out_features for m in layers)
-    timing = InferenceTiming(
-        dense_ms=_time_ms(model, inputs, min_run_time),
-        sparse_ms=_time_ms(sparse, inputs, min_run_time),
-        sparsity=zeros / max(total, 1),
+    seconds = time_in_turns(
+        {"dense": partial(model, **inputs), "sparse": partial(sparse, **inputs)}, min_run_time=min_run_time
     )
+    timing = InferenceTiming(1e3 * seconds["dense"], 1e3 * seconds["sparse"], zeros / max(total, 1))
     logger.info(
         "CSR vs dense on CPU at %.1f%% sparsity: %.3f ms vs %.3f ms (speedup %.2fx)",
         100 * timing.sparsity,

@@ -120,8 +120,8 @@ def calibrate(cfg: BenchConfig):
     from finegates.latency import FEATURES, LatencyCosts, default_costs_path, exact_features, model_shape
     from finegates.latency import machine as machine_key
     from finegates.ties import runtime_gates
+    from finegates.timing import time_in_turns
     from finegates.workflows.encoding import benchmark_batch
-    from finegates.workflows.evaluation import time_in_turns
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -1,10 +1,9 @@
-"""Accuracy (scikit-learn) of classification models; latency and decoding speed timed in turns."""
+"""Accuracy (scikit-learn) of classification models; latency and decoding speed (`finegates.timing`)."""
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -12,6 +11,8 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
+
+from finegates.timing import time_in_turns, time_rounds
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def measure_latency(
     One warm-up call each, then `repeats` rounds that time every model once in turn, so a change in
     the machine's load during the measurement affects all models alike.
     """
-    runs = _rounds({name: partial(model.eval(), **batch) for name, model in models.items()}, repeats)
+    runs = time_rounds({name: partial(model.eval(), **batch) for name, model in models.items()}, repeats)
     size, length = batch["input_ids"].shape
     return {name: _summarise(times, size, length) for name, times in runs.items()}
 
@@ -63,29 +64,11 @@ def paired_speedup(
     Both run once per round, back to back, so each round's ratio sees nearly the same machine load; the
     median of those ratios is steadier on a shared machine than the ratio of the two medians.
     """
-    runs = _rounds(
+    runs = time_rounds(
         {"model": partial(model.eval(), **batch), "reference": partial(reference.eval(), **batch)}, repeats
     )
     ratios = [r / m for m, r in zip(runs["model"], runs["reference"])]
     return float(np.median(runs["model"])), float(np.median(runs["reference"])), float(np.median(ratios))
-
-
-def time_in_turns(calls: dict[Hashable, Callable[[], object]], repeats: int = 3) -> dict[Hashable, float]:
-    """Median seconds of each call: one warm-up each, then `repeats` rounds calling each once in turn."""
-    return {name: float(np.median(times)) for name, times in _rounds(calls, repeats).items()}
-
-
-def _rounds(calls: dict[Hashable, Callable[[], object]], repeats: int) -> dict[Hashable, list[float]]:
-    runs: dict[Hashable, list[float]] = {name: [] for name in calls}
-    with torch.inference_mode():
-        for call in calls.values():
-            call()
-        for _ in range(repeats):
-            for name, call in calls.items():
-                begin = time.perf_counter()
-                call()
-                runs[name].append(time.perf_counter() - begin)
-    return runs
 
 
 def measure_decode(

@@ -13,11 +13,11 @@ Run it with another checkout first on PYTHONPATH to compare two versions side by
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
+from common import benchmark_parser, parse_benchmark_args
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import finegates
@@ -68,12 +68,10 @@ def log(model, step: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--structure", default="fine", choices=["fine", "runtime"])
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
     cfg = finegates.GatesConfig(

@@ -9,29 +9,23 @@ within a round (same machine load). Compilation (Inductor, needs a C++ compiler)
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
+from common import benchmark_parser, parse_benchmark_args
 from inference import load_smollm2, prune
-from transformers.utils import logging as hf_logging
 
 import finegates
 from finegates.timing import seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser)
     dense = load_smollm2().eval()
     small = finegates.compress(prune(dense, args.fraction)).eval()
     ids = torch.randint(100, 40000, (1, 256), generator=torch.Generator().manual_seed(0))

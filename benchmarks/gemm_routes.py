@@ -14,13 +14,13 @@ FLOP rate).
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections import defaultdict
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from common import benchmark_parser, parse_benchmark_args
 from inference import load_smollm2, prune
 
 import finegates
@@ -39,15 +39,13 @@ def role_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, int]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, threads=None)
     parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
     parser.add_argument("--rows", type=int, default=256, help="rows of the GEMM input (tokens)")
     parser.add_argument(
         "--min-run-time", type=float, default=0.05, help="seconds of timing per shape and route"
     )
-    args = parser.parse_args()
+    args = parse_benchmark_args(parser)
     torch.set_num_threads(1)
     warnings.filterwarnings(
         "ignore", message="TF32 acceleration on top of oneDNN"

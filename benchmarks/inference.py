@@ -26,7 +26,6 @@ the ratio of the same-GEMM speedup to the ideal, the in-memory weight size and t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import json
@@ -39,8 +38,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from common import benchmark_parser, parse_benchmark_args
 from torch.utils.flop_counter import FlopCounterMode
-from transformers.utils import logging as hf_logging
 
 import finegates
 from finegates.baselines.magnitude import freeze_gates, prune_to_budget
@@ -342,9 +341,7 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, threads=None)
     parser.add_argument(
         "--models",
         nargs="*",
@@ -390,10 +387,7 @@ def main() -> None:
     )
     parser.add_argument("--eval-docs", type=int, default=2189, help="test documents for --accuracy")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per document for --accuracy")
-    args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser)
     torch.manual_seed(0)
     trained: dict[str, list[Path]] = {}
     for item in args.trained_gates:

@@ -10,11 +10,11 @@ fp32, and the largest logit difference from fp32. torchao is not a dependency of
 
 from __future__ import annotations
 
-import argparse
 import copy
 import platform
 
 import torch
+from common import benchmark_parser, parse_benchmark_args
 from inference import load_minilm
 
 from finegates.compress.quantize import quantize_linears
@@ -22,11 +22,11 @@ from finegates.timing import time_in_turns
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__, threads=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parse_benchmark_args(parser)
 
     dense = load_minilm()
     models = {"fp32": dense, "torch quantize_dynamic": quantize_linears(copy.deepcopy(dense))}

@@ -13,12 +13,10 @@ median ratio), in this process.
 
 from __future__ import annotations
 
-import argparse
 import platform
 from pathlib import Path
 
-import torch
-from transformers.utils import logging as hf_logging
+from common import benchmark_parser, parse_benchmark_args
 
 from finegates import compress, load_gates
 from finegates.compress.linear import use_compact_linears
@@ -30,19 +28,14 @@ from finegates.workflows.export import _load_base, _num_labels
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--model", required=True)
     parser.add_argument("--gates", nargs="+", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--costs-file", default=None, help="reuse these costs instead of calibrating")
-    args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser)
     print(f"CPU: {platform.processor() or platform.machine()}, {args.threads} thread(s)")
     if args.costs_file and Path(args.costs_file).is_file():
         costs = LatencyCosts.load(args.costs_file)

@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import benchmark_parser, parse_benchmark_args
 
 from finegates.compress.attention import kernel_head_size
 from finegates.timing import seconds
@@ -57,14 +57,12 @@ def gathers_and_scatters(tokens: int, width: int, kept: int) -> dict[str, object
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, threads=None)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--width", type=int, default=576, help="hidden size (SmolLM2-135M: 576)")
     parser.add_argument("--kept", type=int, default=480, help="residual dims a layer keeps")
     parser.add_argument("--min-run-time", type=float, default=0.2)
-    args = parser.parse_args()
+    args = parse_benchmark_args(parser)
     torch.set_num_threads(1)
     with torch.inference_mode():
         times = {size: attention(args.tokens, size, args.min_run_time) for size in range(24, 65)}

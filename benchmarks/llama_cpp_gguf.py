@@ -16,7 +16,6 @@ OpenMP threads then sleep between ops, and decoding slows ~3x.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import platform
@@ -27,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import benchmark_parser, parse_benchmark_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 import finegates  # noqa: F401 (registers the compact classes)
 from finegates.compress import llama_cpp
@@ -96,11 +95,8 @@ def _decode_seconds(llm, ids: list[int], new_tokens: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, threads=2)
     parser.add_argument("--models", nargs="+", required=True, help="NAME=SOURCE pairs; the first is dense")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=256, help="prefill length (tokens)")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -109,9 +105,7 @@ def main() -> None:
     parser.add_argument("--flash-attn", action="store_true", help="time with llama.cpp's fused attention")
     parser.add_argument("--no-speed", action="store_true", help="checks only")
     parser.add_argument("--speed-only", action="store_true", help="reuse --work-dir's files, no checks")
-    args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser)
     print(f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads")
     if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         print(

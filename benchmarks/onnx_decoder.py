@@ -13,7 +13,6 @@ over rounds of paired ratios (the dense model timed just before and just after e
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import tempfile
@@ -23,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import benchmark_parser, parse_benchmark_args
 from transformers import AutoModelForCausalLM
-from transformers.utils import logging as hf_logging
 
 import finegates  # noqa: F401 (registers the compact classes)
 from finegates.compress.onnx import export_onnx
@@ -76,17 +75,12 @@ def _torch_run(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, threads=2)
     parser.add_argument("--models", nargs="+", required=True, help="NAME=SOURCE pairs; the first is dense")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
-    args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1

@@ -13,7 +13,6 @@ each model, as in `inference.py`), so slow drifts of a shared machine's load can
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import platform
@@ -24,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import benchmark_parser, parse_benchmark_args
 from inference import load_minilm, prune
-from transformers.utils import logging as hf_logging
 
 import finegates
 from finegates.compress.onnx import export_onnx
@@ -37,19 +36,14 @@ def _best(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--fractions", nargs="*", type=float, default=[0.4])
     parser.add_argument("--trained-gates", nargs="*", type=Path, default=[])
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="calls per timing (the fastest counts)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
-    args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser)
     dense = load_minilm().eval()
     models = [("dense", 0.0, dense)]
     for folder in args.trained_gates:

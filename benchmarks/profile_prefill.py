@@ -18,12 +18,12 @@ RoPE, activations, the last-token logits GEMV, timed apart) took its dense time;
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable
 from functools import partial
 
 import torch
+from common import benchmark_parser, parse_benchmark_args
 from inference import flop_counter, load_smollm2, prune
 from torch.profiler import ProfilerActivity, profile
 
@@ -122,16 +122,13 @@ def print_bound(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
     parser.add_argument(
         "--compacted",
         default=None,
         help="a saved compacted SmolLM2 folder (e.g. runs/post/compressed) instead of the magnitude pattern",
     )
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument(
         "--decode",
@@ -139,8 +136,7 @@ def main() -> None:
         help=f"profile greedy decoding ({DECODE_TOKENS} tokens after a 32-token prompt, prompt "
         "included; figures per token) instead of the prefill",
     )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser)
     dense = load_smollm2().eval()
     if args.compacted:
         from transformers import AutoModelForCausalLM

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from common import benchmark_parser
+
 METHODS = ("finegates", "finegates-runtime", "finegates+distill", "finegates+distill-hidden", "lora", "full")
 HEAD = ["classifier", "pooler"]
 
@@ -127,9 +129,7 @@ def run_one(method: str, steps: int, batch: int, length: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, threads=None)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)

@@ -47,7 +47,8 @@ def _load(name: str):
     """The checkpoint with the head its config names (a causal LM stays a causal LM)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    import finegates.compress  # noqa: F401  (registers the compacted classes)
+    from finegates.compress import CompressedCheckpointError
+    from finegates.compress.io import load_checked
     from finegates.workflows.models import resolve_model
 
     path = resolve_model(name)
@@ -59,7 +60,9 @@ def _load(name: str):
             auto = AutoModelForSequenceClassification
         else:
             auto = AutoModel
-        return auto.from_pretrained(path).eval()
+        return load_checked(auto, path)
+    except CompressedCheckpointError:
+        raise
     except (OSError, ValueError) as err:
         raise ValueError(f"Could not load {name!r} as a transformers model ({err}).") from err
 

@@ -206,3 +206,53 @@ def test_training_gradients_match_plain_autograd(base):
     torch.testing.assert_close(fused, plain)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_gates_give_autograd_gradients_at_tiny_and_closed_gates(bias):
+    """Gates folded into the weight: outputs and gradients of the plain formula to float precision, also
+    for gates of 1e-7 (recovered through the division) and closed ones (whose gradient is 0 by the clamp)."""
+    from finegates.gated_fn import GatedLinearFunction
+
+    torch.manual_seed(0)
+    weight, b = torch.randn(7, 9, requires_grad=True), (torch.randn(7, requires_grad=True) if bias else None)
+    x = torch.randn(3, 5, 9, requires_grad=True)
+    g_col = torch.rand(9).clamp(min=0.2)
+    g_row = torch.rand(7).clamp(min=0.2)
+    g_col[:2], g_col[2], g_row[0], g_row[1] = 0.0, 1e-7, 0.0, 1e-7
+    g_col.requires_grad_(), g_row.requires_grad_()
+    dy = torch.randn(3, 5, 7)
+    inputs = [x, g_col, g_row, weight] + ([b] if bias else [])
+    folded = GatedLinearFunction.apply(x, g_col, g_row, weight, b)
+    got = torch.autograd.grad(folded, inputs, dy)
+    plain = nn.functional.linear(x * g_col, weight, b) * g_row
+    want = torch.autograd.grad(plain, inputs, dy)
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-6)
+    closed = {1: g_col == 0, 2: g_row == 0}
+    for i, (g, w) in enumerate(zip(got, want)):
+        if i in closed:
+            assert torch.all(g[closed[i]] == 0)
+            g, w = g[~closed[i]], w[~closed[i]]
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def _saved_activations(fn) -> list[int]:
+    """Sizes of the tensors over 1,000 elements (activations here) autograd keeps while `fn()` runs."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        fn()
+    return sorted(n for n in saved if n > 1000)
+
+
+def test_a_layer_keeps_only_what_its_trained_gates_need():
+    """No applied gate (q/k in the runtime structure): plain F.linear, no activation kept. A frozen column
+    gate: the input is not kept. Both gates training: input and output."""
+    base = nn.Linear(16, 8)
+    base.requires_grad_(False)
+    x = torch.randn(4, 64, 16, requires_grad=True)
+    layer = GatedLinear(base, GatesConfig()).train()
+    assert _saved_activations(lambda: layer(x)) == [4 * 64 * 8, x.numel()]
+    layer.col_gate.requires_grad_(False)
+    assert _saved_activations(lambda: layer(x)) == [4 * 64 * 8]
+    layer.set_gates(None, None)
+    assert _saved_activations(lambda: layer(x)) == []

@@ -1,10 +1,18 @@
-"""The gated linear map as one autograd function that saves less for backward.
+"""The gated linear map as one autograd function: the gates folded into the weight, little saved.
 
-Autograd on `base(x * g_col) * g_row` keeps the pre-gate output z of every layer for g_row's
-gradient. This function keeps the output y = z * g_row instead, which the next operation (attention,
-the activation) usually keeps anyway, and uses sum(dy * z) = sum(dy * y) / g_row where g_row > 0.
-Where g_row == 0 the gate was clamped, so its gradient is zero whatever z is. Either gate may be None
-(that axis is not gated): nothing is multiplied or saved for it.
+y = (W (x * g_col) + b) * g_row = x (g_row W g_col)^T + b * g_row. Scaling the (out x in) weight costs
+out * in products where gating the activations costs tokens * (in + out), and the backward pass needs no
+elementwise pass to form dz = dy * g_row or to gate dx: dx = dy (g_row W g_col). The gates' gradients come
+from what the backward pass has anyway:
+
+    dL/dg_row = sum_t dy * z = sum_t (dy * y) / g_row     (z = y / g_row, the pre-gate output)
+    dL/dg_col = sum_t du * x = sum_t (dx * x) / g_col     (du = dx / g_col, the gradient before the gate)
+
+so the function keeps the layer's input x (for the column gate) and output y (for the row gate; the next
+operation, attention or the activation, usually keeps it anyway), each only when that gate trains. Where a
+gate is 0 it was clamped, so its gradient is zero whatever the sum is; the division is by gates above
+`OPEN` (1e-30: the products stay normal floats, so the quotient keeps float precision). Either gate may be
+None (that axis is not gated): nothing is multiplied or saved for it.
 """
 
 from __future__ import annotations
@@ -12,17 +20,40 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+OPEN = 1e-30
+
 
 def _sum_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).sum(0)
 
 
+def gated_weight(
+    weight: torch.Tensor, g_row: torch.Tensor | None, g_col: torch.Tensor | None
+) -> torch.Tensor:
+    """g_row[:, None] * weight * g_col[None, :], `weight` (out, in); the weight itself if both are None."""
+    scaled = weight if g_row is None else weight * g_row[:, None]
+    if g_col is not None:
+        scaled = scaled * g_col if scaled is weight else scaled.mul_(g_col)
+    return scaled
+
+
+def _unscale(total: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """total / gate where the gate is open, 0 where it is closed."""
+    open_ = gate > OPEN
+    return torch.where(open_, total / torch.where(open_, gate, torch.ones_like(gate)), 0.0)
+
+
 class GatedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g_col, g_row, weight, bias):  # weight is (out, in), as for F.linear
-        y = F.linear(x if g_col is None else x * g_col, weight, bias)
-        y = y if g_row is None else y * g_row
-        ctx.save_for_backward(x, y, g_col, g_row, weight)
+        gated_bias = bias if bias is None or g_row is None else bias * g_row
+        y = F.linear(x, gated_weight(weight, g_row, g_col), gated_bias)
+        col_trains = g_col is not None and ctx.needs_input_grad[1]
+        row_trains = g_row is not None and ctx.needs_input_grad[2]
+        weight_trains = ctx.needs_input_grad[3]
+        ctx.save_for_backward(
+            x if col_trains or weight_trains else None, y if row_trains else None, g_col, g_row, weight
+        )
         ctx.has_bias = bias is not None
         return y
 
@@ -30,16 +61,15 @@ class GatedLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, y, g_col, g_row, weight = ctx.saved_tensors
         need_x, need_col, need_row, need_w, need_b = ctx.needs_input_grad
-        dz = dy if g_row is None else dy * g_row
-        du = dz @ weight
-        grad_x = (du if g_col is None else du * g_col) if need_x else None
-        grad_col = _sum_rows(du * x) if need_col else None
-        grad_row = None
-        if need_row:  # sum(dy * z) = sum(dy * y) / g_row: one division per row, not per element
-            open_rows = g_row > 0
-            safe = torch.where(open_rows, g_row, torch.ones_like(g_row))
-            grad_row = torch.where(open_rows, _sum_rows(dy * y) / safe, 0.0)
-        x_in = x if g_col is None else x * g_col
-        grad_w = dz.reshape(-1, dz.shape[-1]).t() @ x_in.reshape(-1, x.shape[-1]) if need_w else None
-        grad_b = _sum_rows(dz) if ctx.has_bias and need_b else None
-        return grad_x, grad_col, grad_row, grad_w, grad_b
+        grad_x = grad_col = grad_row = grad_w = grad_b = None
+        if need_x or need_col:
+            grad_x = dy @ gated_weight(weight, g_row, g_col)
+        if need_col:
+            grad_col = _unscale(_sum_rows(grad_x * x), g_col)
+        if need_row:
+            grad_row = _unscale(_sum_rows(dy * y), g_row)
+        if need_w:  # dL/dW = g_row[:, None] * (dy^T x) * g_col[None, :]
+            grad_w = gated_weight(dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]), g_row, g_col)
+        if ctx.has_bias and need_b:
+            grad_b = _sum_rows(dy) if g_row is None else _sum_rows(dy) * g_row
+        return grad_x if need_x else None, grad_col, grad_row, grad_w, grad_b

@@ -87,6 +87,8 @@ class GatedLinear(nn.Module):
         if not self.enabled:
             return self.base_layer(x)
         g_col, g_row = self._applied("col", x.dtype), self._applied("row", x.dtype)
+        if g_col is None and g_row is None:  # e.g. q/k in the runtime structure: nothing to multiply or save
+            return self.base_layer(x)
         # The fused function reads the weight directly, so a wrapped base (e.g. a peft LoRA layer) keeps
         # its own forward.
         if torch.is_grad_enabled() and self.training and isinstance(self.base_layer, LINEAR_TYPES):

@@ -440,3 +440,19 @@ def test_an_output_dir_that_is_a_file_is_refused(tiny_run_inputs, tmp_path, caps
     assert main([*_tiny_argv(*tiny_run_inputs), "--output-dir", str(tmp_path / "file" / "run")]) == 2
     err = capsys.readouterr().err
     assert "is a file, not a folder" in err and "Traceback" not in err
+
+
+def test_python_dash_m_runs_the_command_line():
+    """`python -m finegates` is the `finegates` command."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "finegates", "posttrain", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--target-sparsity" in out.stdout

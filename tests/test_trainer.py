@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 import finegates
 from conftest import tiny_model
 from finegates import GatesConfig, get_gated_model
 from finegates.adapter import WEIGHTS_NAME
+from finegates.model import trainable_state_dict
+from finegates.progressive import removed_weights
 from finegates.trainer import FineGatesTrainer
 
 
@@ -19,9 +23,10 @@ def _dataset(n: int = 48) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
 
 
-def _trainer(tmp_path, max_steps: int, **kwargs) -> FineGatesTrainer:
+def _trainer(tmp_path, max_steps: int, gates: dict | None = None, **kwargs) -> FineGatesTrainer:
     model = get_gated_model(
-        tiny_model("bert"), GatesConfig(target_sparsity=0.3, warmup_steps=4, gate_lr=0.05)
+        tiny_model("bert"),
+        GatesConfig(**{"target_sparsity": 0.3, "warmup_steps": 4, "gate_lr": 0.05, **(gates or {})}),
     )
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -61,17 +66,35 @@ def test_gate_learning_rate_is_separate(tmp_path):
     assert lrs == sorted([0.05, 0.05 * trainer.model.finegates_config.lagrangian_lr_scale, 1e-3])
 
 
-def test_resume_from_checkpoint_is_exact(tmp_path):
-    straight = _trainer(tmp_path / "a", max_steps=6)
+# progressive compaction every step, margin 0, gates starting near closing: units leave before the
+# checkpoint at step 3 and after it
+PROGRESSIVE = {"compact_every": 1, "compact_margin": 0.0, "gate_lr": 0.5, "init_mean": 0.0}
+
+
+@pytest.mark.parametrize("gates", [None, PROGRESSIVE], ids=["plain", "progressive"])
+def test_resume_from_checkpoint_is_exact(tmp_path, gates):
+    straight = _trainer(tmp_path / "a", max_steps=6, gates=gates)
     straight.train()
-    interrupted = _trainer(tmp_path / "b", max_steps=6)
+    interrupted = _trainer(tmp_path / "b", max_steps=6, gates=gates)
     interrupted.train()  # writes checkpoint-3 on its way; resume a fresh trainer from it
-    resumed = _trainer(tmp_path / "b", max_steps=6)
+    resumed = _trainer(tmp_path / "b", max_steps=6, gates=gates)
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
     expected, actual = _gates(straight.model), _gates(resumed.model)
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=0, rtol=0, msg=name)
+    if gates:
+        cut = removed_weights(straight.model)
+        assert cut > 0 and removed_weights(resumed.model) == cut
+        saved = load_file(str(tmp_path / "b" / "checkpoint-3" / WEIGHTS_NAME))
+        marks = {n: int(v.sum()) for n, v in saved.items() if n.endswith(".removed")}
+        final = {
+            n: int(v.sum()) for n, v in trainable_state_dict(straight.model).items() if n.endswith(".removed")
+        }
+        # units left before the checkpoint, and more after it
+        assert marks and sum(marks.values()) < sum(final.values())
+        logged = [e for e in straight.state.log_history if "weights_cut" in e]
+        assert logged and logged[-1]["weights_cut"] > 0
 
 
 def test_finalize_lands_on_the_target(tmp_path):

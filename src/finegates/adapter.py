@@ -11,7 +11,7 @@ from torch import nn
 
 from finegates.config import GatesConfig
 from finegates.io_utils import atomic_write
-from finegates.model import OPTIONAL_STATE, gates_config, get_gated_model, trainable_state_dict
+from finegates.model import gates_config, get_gated_model, optional_state, trainable_state_dict
 
 WEIGHTS_NAME = "finegates_adapter.safetensors"
 
@@ -55,7 +55,7 @@ def load_gates(model: nn.Module, directory: str | Path, config: GatesConfig | No
 
 def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     state = model.state_dict()
-    missing = sorted(set(trainable_state_dict(model)) - set(tensors) - set(OPTIONAL_STATE))
+    missing = sorted(n for n in set(trainable_state_dict(model)) - set(tensors) if not optional_state(n))
     unknown = sorted(set(tensors) - set(state))
     if missing or unknown:
         raise ValueError(

@@ -31,6 +31,10 @@ class Architecture:
     layer_norm: bool = False  # norms are LayerNorms (statistics over the full width) rather than RMSNorms
     stream_readers: tuple[str, ...] = ()  # linears outside the blocks that read the stream
     final_norm: str | None = None  # the norm between the last block and the head (suffix), if any
+    # Attributes of the stock attention module that count heads, reset when progressive compaction drops
+    # heads in training: attribute -> "group_size" (query heads per KV head) or "q_width" (query rows).
+    # The modules read the head count itself off the projections' widths.
+    head_attrs: dict[str, str] = field(default_factory=dict)
 
 
 _LLAMA = Architecture(
@@ -51,6 +55,7 @@ _LLAMA = Architecture(
     norms=("input_layernorm", "post_attention_layernorm", "norm"),
     stream_readers=("lm_head", "score"),
     final_norm="norm",
+    head_attrs={"num_key_value_groups": "group_size"},
 )
 
 _BERT = Architecture(
@@ -88,6 +93,7 @@ _GPT2 = Architecture(
     layer_norm=True,
     stream_readers=("lm_head", "score"),
     final_norm="ln_f",
+    head_attrs={"split_size": "q_width"},
 )
 
 # Qwen3 normalises every q and k head over all its dims before RoPE, so a q/k dim leaves only when it

@@ -80,7 +80,8 @@ class _Ranked:
         self.originals = [gate.param.detach().clone() for gate in gates]
         margins = [gate_margin(gate) for gate in gates]
         flat = torch.cat(margins)
-        candidate = flat > 0 if closing else flat <= 0
+        # removed gates (progressive compaction) are closed for good: never reopened
+        candidate = flat > 0 if closing else (flat <= 0) & ~torch.cat([gate.removed for gate in gates])
         # closing: open gates nearest their closing point first; reopening: closed gates nearest it first
         key = torch.where(candidate, flat if closing else -flat, torch.full_like(flat, float("inf")))
         order = key.argsort(stable=True)

@@ -188,6 +188,21 @@ class GatesConfig:
             "many of them are closed (gathering costs a copy)."
         },
     )
+    compact_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Progressive compaction: every this many steps, heads and FFN channels whose gates are "
+            "closed past compact_margin leave the frozen weights for good, so training gets cheaper as "
+            "gates close (None: off; see finegates.progressive)."
+        },
+    )
+    compact_margin: float = field(
+        default=0.25,
+        metadata={
+            "help": "How far past its closing point (x the distance from the centre to it) a gate must be "
+            "before progressive compaction removes its unit."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_sparsity < 1.0:
@@ -205,6 +220,15 @@ class GatesConfig:
             raise ValueError(
                 "uniform_layers=True equalises whole heads and channels across layers: it needs "
                 "structure='runtime'."
+            )
+        if self.compact_every is not None and self.compact_every < 1:
+            raise ValueError(f"compact_every must be >= 1 (or None: off), got {self.compact_every}.")
+        if not (math.isfinite(self.compact_margin) and self.compact_margin >= 0):
+            raise ValueError(f"compact_margin must be a number >= 0, got {self.compact_margin}.")
+        if self.compact_every is not None and self.uniform_layers:
+            raise ValueError(
+                "compact_every (progressive compaction) and uniform_layers cannot be combined: equalising "
+                "layers may reopen gates that compaction has removed for good. Use one of them."
             )
         if self.structure == "runtime" and self.objective == "paper":
             raise ValueError(

@@ -161,7 +161,10 @@ def expected_widths(block: Block, open_fn: OpenFn) -> dict[str, tuple[torch.Tens
 
 
 def full_shape(module: nn.Module) -> tuple[int, int]:
-    return linear_shape(module.base_layer if isinstance(module, GatedLinear) else module)
+    """(out, in) of a layer as the base model has it, before any compaction in training."""
+    if isinstance(module, GatedLinear):
+        return module.out_features, module.in_features
+    return linear_shape(module)
 
 
 def has_bias(module: nn.Module) -> bool:

@@ -29,14 +29,23 @@ _HC_CLOSED_LOG_ALPHA = math.log(-_HC_LEFT / (_HC_RIGHT - _HC_LEFT)) - math.log1p
 _UNBOUNDED_INIT = {"gaussian": 1.0, "hard_concrete": 3.0}
 
 
+# Where a removed gate is held (x the edge, past closing): no nearer than two gate steps usually move.
+_PINNED = 1.5
+REMOVED = "removed"  # the buffer of gates whose unit left the weights in training (`finegates.progressive`)
+
+
 class Gate(nn.Module):
     """Base class: one learnable gate per row or column of a linear layer.
 
     Every family has one parameter per gate whose eval value is exactly 0 at or below `-edge` and
-    exactly 1 at or above `+edge`; in between the gate scales its row or column.
+    exactly 1 at or above `+edge`; in between the gate scales its row or column. `removed` marks gates
+    whose unit progressive compaction took out of the weights: they stay closed for good.
     """
 
     edge: float
+
+    def _init_removed(self, size: int) -> None:
+        self.register_buffer(REMOVED, torch.zeros(size, dtype=torch.bool))
 
     @property
     def param(self) -> nn.Parameter:
@@ -44,10 +53,18 @@ class Gate(nn.Module):
 
     def clamp_(self, bound: float | None) -> None:
         """Keep the parameters within +-bound x edge (no-op for None), so a gate is never further
-        from closing, or from fully open, than a fixed distance."""
-        if bound is not None:
-            with torch.no_grad():
+        from closing, or from fully open, than a fixed distance; removed gates stay closed."""
+        with torch.no_grad():
+            if bound is not None:
                 self.param.clamp_(-bound * self.edge, bound * self.edge)
+            if self.removed.any():
+                pinned = -self.edge * (_PINNED if bound is None else min(_PINNED, bound))
+                self.param.copy_(torch.where(self.removed, self.param.clamp(max=pinned), self.param))
+
+    def remove_(self, units: torch.Tensor, bound: float | None) -> None:
+        """Mark `units` (a boolean mask) removed for good and close them."""
+        self.removed |= units.to(self.removed.device)
+        self.clamp_(bound)
 
     def deterministic(self) -> torch.Tensor:
         raise NotImplementedError
@@ -74,6 +91,7 @@ class GaussianGate(Gate):
     def __init__(self, size: int, cfg: GatesConfig) -> None:
         super().__init__()
         self.theta = nn.Parameter(torch.randn(size) * cfg.init_std + initial_value(cfg))
+        self._init_removed(size)
         self.noise_std = cfg.noise_std
         self.paper_scale = cfg.paper_prob_scale
         self.temperature = cfg.budget_temperature
@@ -110,6 +128,7 @@ class HardConcreteGate(Gate):
     def __init__(self, size: int, cfg: GatesConfig) -> None:
         super().__init__()
         self.log_alpha = nn.Parameter(torch.full((size,), initial_value(cfg)))
+        self._init_removed(size)
 
     @property
     def param(self) -> nn.Parameter:
@@ -143,6 +162,14 @@ class TiedGate:
 
     def _expand(self, values: torch.Tensor) -> torch.Tensor:
         return values if self.repeat == 1 else values.repeat_interleave(self.repeat)
+
+    def expand(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-unit `values` of the source as the layer's per-row (or per-column) values."""
+        return self._expand(values)
+
+    def units(self, mask: torch.Tensor) -> torch.Tensor:
+        """The source units whose every row (or column) of this view is in `mask`."""
+        return mask.view(-1, self.repeat).all(1)
 
     def value(self) -> torch.Tensor:
         return self._expand(self.source.value())

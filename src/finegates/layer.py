@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -57,6 +58,12 @@ class GatedLinear(nn.Module):
         self.enabled = True  # False: the gates are bypassed (e.g. before they switch on in pretraining)
         self.row_gate.to(base_layer.weight.device)
         self.col_gate.to(base_layer.weight.device)
+        # Progressive compaction (`finegates.progressive`): the kept rows and columns (original indices) and
+        # the frozen weight cut to them, (kept rows, kept cols). None: the layer has its full width.
+        self.register_buffer("kept_rows", None, persistent=False)
+        self.register_buffer("kept_cols", None, persistent=False)
+        self.register_buffer("kept_weight", None, persistent=False)
+        self.dense_kept = True  # False once compaction dropped the full weight (no bypass any more)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -85,7 +92,14 @@ class GatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
+            if not self.dense_kept:
+                raise RuntimeError(
+                    "The gates of this layer cannot be bypassed: progressive compaction dropped its full "
+                    "weight. Keep it (keep_dense=True, as distillation does) to run the dense model."
+                )
             return self.base_layer(x)
+        if self.kept_weight is not None:
+            return self._compacted_forward(x)
         g_col, g_row = self._applied("col", x.dtype), self._applied("row", x.dtype)
         if g_col is None and g_row is None:  # e.g. q/k in the runtime structure: nothing to multiply or save
             return self.base_layer(x)
@@ -98,13 +112,70 @@ class GatedLinear(nn.Module):
         y = self.base_layer(x if g_col is None else x * g_col)
         return y if g_row is None else y * g_row
 
+    def _compacted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same map on the kept rows and columns: the trained bias and the gate vectors keep their
+        full length (the optimizer's state and saved adapters too) and are read at the kept indices."""
+        weight, bias = self.kept_weight, self.base_layer.bias
+        bias = None if bias is None else bias.index_select(0, self.kept_rows)
+        g_col, g_row = self._applied("col", x.dtype), self._applied("row", x.dtype)
+        g_col = None if g_col is None else g_col.index_select(0, self.kept_cols)
+        g_row = None if g_row is None else g_row.index_select(0, self.kept_rows)
+        if g_col is None and g_row is None:
+            return F.linear(x, weight, bias)
+        if torch.is_grad_enabled() and self.training:
+            return GatedLinearFunction.apply(x, g_col, g_row, weight, bias)
+        y = F.linear(x if g_col is None else x * g_col, weight, bias)
+        return y if g_row is None else y * g_row
+
+    def keep_(self, rows: torch.Tensor, cols: torch.Tensor, keep_dense: bool = False) -> None:
+        """Cut the frozen weight to rows `rows` and columns `cols` (sorted original indices, a subset of
+        what the layer keeps now). `keep_dense=False` frees the full weight; True keeps it for running
+        the layer with its gates bypassed (a distillation teacher)."""
+        if not isinstance(self.base_layer, LINEAR_TYPES):
+            raise TypeError(
+                "Progressive compaction cuts nn.Linear / Conv1D weights only; this layer wraps a "
+                f"{type(self.base_layer).__name__}."
+            )
+        if self.base_layer.weight.requires_grad:
+            raise ValueError(
+                "Progressive compaction cuts frozen weights only; this layer's weight trains (pretraining?)."
+            )
+        with torch.no_grad():
+            weight = self.kept_weight if self.kept_weight is not None else weight_out_in(self.base_layer)
+            had_rows, had_cols = self.kept_axes()
+            weight = weight.index_select(0, _positions(had_rows, rows)).index_select(
+                1, _positions(had_cols, cols)
+            )
+            self.kept_rows, self.kept_cols = rows.to(weight.device), cols.to(weight.device)
+            self.kept_weight = weight.contiguous()
+        if not keep_dense and self.dense_kept:
+            stored = self.base_layer.weight
+            self.base_layer.weight = nn.Parameter(stored.new_empty(0), requires_grad=False)
+            self.dense_kept = False
+
+    def kept_axes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) the layer computes, as original indices."""
+        if self.kept_weight is not None:
+            return self.kept_rows, self.kept_cols
+        device = self.base_layer.weight.device
+        return torch.arange(self.out_features, device=device), torch.arange(self.in_features, device=device)
+
+    def full_weight(self) -> torch.Tensor:
+        """The (out, in) weight at the base model's width: after compaction, removed rows and columns are
+        zero (their gates are closed, so nothing the model computes changes)."""
+        if self.kept_weight is None:
+            return weight_out_in(self.base_layer)
+        full = self.kept_weight.new_zeros(self.out_features, self.in_features)
+        full[self.kept_rows[:, None], self.kept_cols[None, :]] = self.kept_weight
+        return full
+
     def gates(self) -> dict[str, Gate | TiedGate]:
         """The gates of the axes that have one ("row", "col")."""
         return {axis: g for axis, g in (("row", self.row_gate), ("col", self.col_gate)) if g is not None}
 
     def folded_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Eval-mode (weight, bias) as an (out, in) matrix with the applied gate values multiplied in."""
-        weight = weight_out_in(self.base_layer)
+        weight = self.full_weight()
         g_row, g_col = (self._applied(axis, weight.dtype, eval_values=True) for axis in ("row", "col"))
         folded = weight if g_row is None else g_row[:, None] * weight
         folded = folded if g_col is None else folded * g_col[None, :]
@@ -112,4 +183,14 @@ class GatedLinear(nn.Module):
         return folded, (bias * g_row if bias is not None and g_row is not None else bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        kept = "" if self.kept_weight is None else f", kept={tuple(self.kept_weight.shape)}"
+        return f"in_features={self.in_features}, out_features={self.out_features}{kept}"
+
+
+def _positions(have: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Where each of `keep` sits in `have` (both sorted); a clear error for an index `have` lacks."""
+    keep = keep.to(have.device)
+    at = torch.searchsorted(have, keep)
+    if len(keep) and (at.max() >= len(have) or not torch.equal(have[at], keep)):
+        raise ValueError("keep_ can only narrow a layer: some indices were removed before.")
+    return at

@@ -9,7 +9,7 @@ from torch import nn
 
 from finegates.config import GatesConfig
 from finegates.controller import SparsityController
-from finegates.gates import Gate, TiedGate
+from finegates.gates import REMOVED, Gate, TiedGate
 from finegates.layer import GatedLinear
 from finegates.targets import default_modules_to_save, resolve_targets
 from finegates.ties import TIES_ATTR, runtime_gates, tie_runtime_gates
@@ -17,6 +17,8 @@ from finegates.ties import TIES_ATTR, runtime_gates, tie_runtime_gates
 logger = logging.getLogger(__name__)
 
 CONTROLLER_ATTR = "finegates_controller"
+# On an attention module that progressive compaction narrowed: {gates enabled: {attribute: value}}
+HEAD_ATTRS = "finegates_head_attrs"
 CONTROLLER_STATE = ("lambda1", "lambda2", "step", "projected_closed", "projected_reopened")
 # Controller entries that adapters saved before they existed may lack.
 OPTIONAL_STATE = tuple(f"{CONTROLLER_ATTR}.{n}" for n in ("projected_closed", "projected_reopened"))
@@ -85,6 +87,9 @@ def set_gates_enabled(model: nn.Module, enabled: bool) -> None:
     """Run every gated layer (and the runtime structure's stream mask) with its gates, or bypassed."""
     for layer in gated_layers(model).values():
         layer.enabled = enabled
+    for module in model.modules():  # attention narrowed by progressive compaction: its head counts
+        for attr, value in module.__dict__.get(HEAD_ATTRS, {}).get(enabled, {}).items():
+            setattr(module, attr, value)
     ties = runtime_gates(model)
     if ties is not None:
         ties.enabled = enabled
@@ -127,13 +132,23 @@ def _set_trainable(model: nn.Module, config: GatesConfig) -> None:
 
 
 def trainable_state_dict(model: nn.Module) -> dict:
-    """Everything the gate adapter holds: gates, trained biases, modules_to_save, the controller."""
+    """Everything the gate adapter holds: gates (and which of them progressive compaction removed),
+    trained biases, modules_to_save, the controller."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    # only the gates progressive compaction has cut units of (plain runs save what they always saved)
+    removed = {
+        f"{name}.{REMOVED}" for name, m in model.named_modules() if isinstance(m, Gate) and m.removed.any()
+    }
     return {
         name: tensor
         for name, tensor in model.state_dict().items()
-        if name in trainable or name.startswith(CONTROLLER_ATTR + ".")
+        if name in trainable or name in removed or name.startswith(CONTROLLER_ATTR + ".")
     }
+
+
+def optional_state(name: str) -> bool:
+    """Adapter entries that adapters saved before they existed may lack."""
+    return name in OPTIONAL_STATE or name.endswith(f".{REMOVED}")
 
 
 def parameter_count(model: nn.Module, trainable: bool = False) -> int:

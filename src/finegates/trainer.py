@@ -23,6 +23,7 @@ from finegates.latency import budget_fraction, budget_target
 from finegates.model import controller, gates_config
 from finegates.objectives import expected_sparsity, sparsity_loss
 from finegates.optim import finalize_gates, keep_gate_lr_constant, optimizer_param_groups
+from finegates.progressive import ProgressiveCompaction, apply_removed, gated_weight_count, removed_weights
 from finegates.report import sparsity_report
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def budget_logs(model, step: int) -> dict[str, float]:
         with torch.no_grad():
             logs["sparsity_expected"] = float(expected_sparsity(model))
     logs["sparsity_target"] = ctrl.target(budget_target(cfg), cfg.warmup_steps, step)
+    if cfg.compact_every is not None:  # progressive compaction: gated-layer weights no longer multiplied
+        logs["weights_cut"] = removed_weights(model) / gated_weight_count(model)
     if cfg.target_speedup:  # the budget's measure is predicted time: parameters beside it
         logs["params_removed"] = sparsity_report(model).removed_fraction
     logs["lambda1"], logs["lambda2"] = ctrl.lambda1.item(), ctrl.lambda2.item()
@@ -81,6 +84,16 @@ class FineGatesTrainer(Trainer):
         self._sparsity_term = 0.0
         self._task_losses: list[float] = []  # since the last log: the loss without the added terms
         self.budget: BudgetOutcome | None = None  # set by train(): removed by training vs after finalize
+        cfg = gates_config(self.accelerator.unwrap_model(self.model))
+        self.compaction = None
+        if cfg.compact_every is not None:
+            # a distillation teacher is the same weights with the gates bypassed: it needs them in full
+            self.compaction = ProgressiveCompaction(
+                self.accelerator.unwrap_model(self.model),
+                cfg.compact_every,
+                keep_dense=self.distill is not None,
+            )
+            self.add_callback(self.compaction)
 
     def gate_steps(self, num_training_steps: int) -> int:
         """Steps during which the gates train (all of them unless a subclass delays the gates)."""
@@ -181,6 +194,8 @@ class FineGatesTrainer(Trainer):
             )
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         model.load_state_dict(load_file(path), strict=False)
+        if self.compaction is not None:  # the units removed before the checkpoint leave the weights again
+            apply_removed(model, self.compaction.keep_dense)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

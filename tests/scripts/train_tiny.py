@@ -1,7 +1,7 @@
 """Train a tiny gated BERT with FineGatesTrainer; run alone or under torchrun (gloo on CPU).
 
-    python train_tiny.py OUT PER_DEVICE_BATCH
-    torchrun --nproc_per_node 2 train_tiny.py OUT PER_DEVICE_BATCH
+    python train_tiny.py OUT PER_DEVICE_BATCH [progressive]
+    torchrun --nproc_per_node 2 train_tiny.py OUT PER_DEVICE_BATCH [progressive]
 Each rank writes its trained gates to OUT/rank{RANK}.safetensors.
 """
 
@@ -19,7 +19,7 @@ from finegates.model import trainable_state_dict
 from finegates.trainer import FineGatesTrainer
 
 
-def main(out: str, per_device_batch: int) -> None:
+def main(out: str, per_device_batch: int, progressive: bool = False) -> None:
     torch.manual_seed(0)
     config = BertConfig(
         hidden_size=32,
@@ -34,6 +34,8 @@ def main(out: str, per_device_batch: int) -> None:
     # Nearly noise-free gates: each rank draws its own gate noise, so only then can two processes
     # match one process step for step.
     gates = GatesConfig(target_sparsity=0.3, warmup_steps=2, gate_lr=0.5, init_mean=0.0, noise_std=1e-6)
+    if progressive:  # units whose gates closed leave the weights every step
+        gates = GatesConfig(**{**gates.to_dict(), "compact_every": 1, "compact_margin": 0.0})
     model = get_gated_model(BertForSequenceClassification(config), gates)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 99, (32, 10), generator=gen)
@@ -59,4 +61,4 @@ def main(out: str, per_device_batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), progressive=sys.argv[3:] == ["progressive"])

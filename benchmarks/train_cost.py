@@ -10,11 +10,21 @@ memory added by training (peak minus RSS after loading), and trainable parameter
 same task head (classifier + pooler).
 
     python benchmarks/train_cost.py [--steps 8] [--batch 16] [--length 128]
+
+`--whole-run`: whole runs instead of steps, on `make run`'s settings (Reuters-8, 2,000 training documents
+of 64 tokens, 3 epochs of batch 16, the finetune workflow's Trainer arguments) at `--target` (0.4):
+FineGates (finetune's default runtime structure) without and with progressive compaction
+(`--compact-every`, 10) beside LoRA r=8 (query/value) on the same Trainer, each in its own process;
+training wall time (evaluation on the validation slice every epoch included, as in `finetune`) and test
+accuracy (FineGates: the compacted model).
+
+    python benchmarks/train_cost.py --whole-run [--target 0.4] [--compact-every 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import statistics
@@ -128,15 +138,122 @@ def run_one(method: str, steps: int, batch: int, length: int) -> dict:
     }
 
 
+WHOLE_RUNS = ("finegates", "finegates+progressive", "lora")
+
+
+def _make_run_config(output_dir: str):
+    from finegates.workflows.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        model="minilm",
+        task="reuters8",
+        max_train_samples=2000,
+        max_length=64,
+        epochs=3,
+        output_dir=output_dir,
+        overwrite=True,
+        benchmark=False,
+        quiet=True,
+    )
+
+
+def whole_run(method: str, target: float, compact_every: int) -> dict:
+    """One whole training run on `make run`'s settings: (training seconds, test accuracy, steps)."""
+    import tempfile
+
+    import finegates
+    from finegates.workflows.finetune import finetune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _make_run_config(tmp + "/run")
+        if method.startswith("finegates"):
+            every = compact_every if method.endswith("progressive") else None
+            gates = finegates.GatesConfig(structure="runtime", target_sparsity=target, compact_every=every)
+            metrics = finetune(cfg, gates)
+            return {
+                "method": method,
+                "train_s": metrics["timings_s"]["train"],
+                "accuracy": metrics["accuracy"]["compacted"],
+                "removed": metrics["sparsity"]["removed_fraction"],
+            }
+        return _lora_run(cfg)
+
+
+def _lora_run(cfg) -> dict:
+    """LoRA r=8 on query/value (and the task head) through the same Trainer arguments as `finetune`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
+
+    from finegates.workflows.models import load_classifier
+
+    workflow = importlib.import_module("finegates.workflows.finetune")  # the package exports the function
+
+    set_seed(cfg.seed)
+    data = workflow._load_data(cfg)
+    model, tokenizer = load_classifier(cfg.model, data.num_labels, data.label_names)
+    splits = workflow._encode(data, tokenizer, cfg)
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=HEAD, task_type="SEQ_CLS"
+    )
+    model = get_peft_model(model, lora)
+    args = workflow.training_arguments(cfg, cfg.output_dir, 1e-3, splits.validation is not None)
+    args.save_strategy = "no"
+    trainer = workflow.silence_printer(
+        Trainer(
+            model=model,
+            args=args,
+            train_dataset=splits.train,
+            eval_dataset=splits.validation,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=workflow.classification_metrics,
+        ),
+        cfg.quiet,
+    )
+    begin = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - begin
+    accuracy = trainer.evaluate(splits.test, metric_key_prefix="test")["test_accuracy"]
+    return {"method": "lora", "train_s": seconds, "accuracy": accuracy, "removed": 0.0}
+
+
+def _print_whole_runs(rows: list[dict], target: float, compact_every: int) -> None:
+    lora = next(r for r in rows if r["method"] == "lora")
+    plain = next(r for r in rows if r["method"] == "finegates")
+    print(f"MiniLM on Reuters-8, make run's settings, target {target}, compaction every {compact_every} steps\n")
+    print("| method | training (s) | vs LoRA | vs FineGates without compaction | test accuracy | removed |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['train_s']:.0f} | {r['train_s'] / lora['train_s']:.2f}x | "
+            f"{r['train_s'] / plain['train_s']:.2f}x | {r['accuracy']:.4f} | {r['removed']:.2%} |"
+        )
+
+
+def _subprocess_json(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__, threads=None)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--whole-run", action="store_true", help="whole runs on make run's settings")
+    parser.add_argument("--target", type=float, default=0.4, help="--whole-run: target sparsity")
+    parser.add_argument("--compact-every", type=int, default=10, help="--whole-run: compaction period")
+    parser.add_argument("--method", choices=METHODS + WHOLE_RUNS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.method and args.whole_run:
+        print(json.dumps(whole_run(args.method, args.target, args.compact_every)))
+        return
     if args.method:
         print(json.dumps(run_one(args.method, args.steps, args.batch, args.length)))
+        return
+    if args.whole_run:
+        options = ["--whole-run", "--target", str(args.target), "--compact-every", str(args.compact_every)]
+        rows = [_subprocess_json(["--method", method, *options]) for method in WHOLE_RUNS]
+        _print_whole_runs(rows, args.target, args.compact_every)
         return
     rows = []
     for method in METHODS:

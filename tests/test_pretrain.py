@@ -20,6 +20,13 @@ def test_gate_start_must_fall_inside_the_run():
         workflow.PretrainConfig(max_steps=10, gate_start_step=10)
 
 
+def test_progressive_compaction_is_refused_before_the_run(tmp_path):
+    cfg = workflow.PretrainConfig(max_steps=10, gate_start_step=2, output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="pretraining trains them"):
+        workflow.pretrain(cfg, GatesConfig(compact_every=5))
+    assert not (tmp_path / "run").exists()
+
+
 def test_pretrain_compares_dense_and_gated(tmp_path, monkeypatch):
     text = "pack my box with five dozen liquor jugs. "
     monkeypatch.setattr(workflow, "load_text_corpus", lambda name: [text * 6] * 12)

@@ -137,6 +137,11 @@ def _args(cfg: PretrainConfig, out: Path) -> TrainingArguments:
 def pretrain(cfg: PretrainConfig, gates: GatesConfig | None = None) -> dict[str, Any]:
     """Train the dense and the gated model at equal steps; returns (and writes) their metrics."""
     gates = gates or default_pretrain_gates()
+    if gates.compact_every is not None:
+        raise ValueError(
+            "--compact-every (progressive compaction) cuts frozen weights; pretraining trains them. Leave "
+            "it unset for pretrain."
+        )
     docs = load_text_corpus(cfg.text)  # checked before the run folder is touched
     with RunFolder.claim(cfg.output_dir, cfg.overwrite) as folder:
         folder.write_config({"pretrain": cfg, "gates": gates})

@@ -219,7 +219,7 @@ def _lora_run(cfg) -> dict:
 def _print_whole_runs(rows: list[dict], target: float, compact_every: int) -> None:
     lora = next(r for r in rows if r["method"] == "lora")
     plain = next(r for r in rows if r["method"] == "finegates")
-    print(f"MiniLM on Reuters-8, make run's settings, target {target}, compaction every {compact_every} steps")
+    print(f"MiniLM, Reuters-8, make run's settings, target {target}, compaction every {compact_every} steps")
     print()
     print("| method | training (s) | vs LoRA | vs FineGates without compaction | test accuracy | removed |")
     print("|---|---|---|---|---|---|")

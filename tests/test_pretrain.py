@@ -54,3 +54,8 @@ def test_pretrain_compares_dense_and_gated(tmp_path, monkeypatch):
     assert metrics["gated"]["perplexity"] < 1.1 * metrics["dense"]["perplexity"]
     assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
     assert (tmp_path / "report.md").is_file()
+    # the compacted model: the gated model's perplexity, fewer parameters, timed beside the dense one
+    compacted = metrics["compacted"]
+    assert compacted["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
+    assert compacted["params"] < compacted["dense_params"] and compacted["speedup"] > 0
+    assert "Compacted:" in (tmp_path / "report.md").read_text()

@@ -77,6 +77,7 @@ class PretrainResult(RunResult):
     gated: dict[str, Any]
     sparsity: dict[str, Any]
     bits_per_byte: dict[str, float]
+    compacted: dict[str, Any] = field(default_factory=dict)  # perplexity, parameters, speed (older: none)
 
 
 RESULTS: dict[str, type[RunResult]] = {c.kind: c for c in (FinetuneResult, PosttrainResult, PretrainResult)}

@@ -393,5 +393,18 @@ def pretrain_markdown(m: PretrainResult) -> str:
                 f"({s['model_removed_fraction']:.2%} of the model)."
             ),
             "",
+            *_pretrain_compacted(m.compacted),
         ]
     )
+
+
+def _pretrain_compacted(c: dict) -> list[str]:
+    if not c:  # folders written before the compacted model was recorded
+        return []
+    return [
+        f"Compacted: {c['params']:,d} parameters (dense {c['dense_params']:,d}), held-out perplexity "
+        f"{c['perplexity']:.3f}, forward {1000 * c['forward_s']:.1f} ms vs dense "
+        f"{1000 * c['dense_forward_s']:.1f} ms on {c['batch'][0]} x {c['batch'][1]} bytes "
+        f"({c['speedup']:.2f}x, median of paired rounds).",
+        "",
+    ]

@@ -401,10 +401,10 @@ def pretrain_markdown(m: PretrainResult) -> str:
 def _pretrain_compacted(c: dict) -> list[str]:
     if not c:  # folders written before the compacted model was recorded
         return []
-    return [
+    line = (
         f"Compacted: {c['params']:,d} parameters (dense {c['dense_params']:,d}), held-out perplexity "
         f"{c['perplexity']:.3f}, forward {1000 * c['forward_s']:.1f} ms vs dense "
         f"{1000 * c['dense_forward_s']:.1f} ms on {c['batch'][0]} x {c['batch'][1]} bytes "
-        f"({c['speedup']:.2f}x, median of paired rounds).",
-        "",
-    ]
+        f"({c['speedup']:.2f}x, median of paired rounds)."
+    )
+    return [line, ""]

@@ -80,7 +80,24 @@ class Gate(nn.Module):
         return self.deterministic() == 0
 
     def value(self) -> torch.Tensor:
-        return self.forward() if self.training else self.deterministic()
+        """The values a forward pass multiplies in: sampled in training (once per pass for a gate that
+        `shares_samples`), deterministic in eval."""
+        if not self.training:
+            return self.deterministic()
+        if not getattr(self, "shares_samples", False):
+            return self.forward()
+        if self.__dict__.get("_sample") is None:
+            self.__dict__["_sample"] = self.forward()
+        return self.__dict__["_sample"]
+
+    def new_sample(self) -> None:
+        """Draw afresh at the next `value()` (a gate that `shares_samples` keeps one draw until then)."""
+        self.__dict__["_sample"] = None
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_sample", None)  # a tensor of the last forward pass's graph: not copied
+        return state
 
 
 class GaussianGate(Gate):

@@ -51,6 +51,17 @@ class _StreamMask:
         return output * self.gates.residual.value().to(output.dtype)
 
 
+class _NewSample:
+    """Forward pre-hook on the module that runs the embeddings: one residual-gate draw per forward pass,
+    shared by every embedding, norm and layer that applies it (the mask is one vector, in training too)."""
+
+    def __init__(self, gates: RuntimeGates) -> None:
+        self.gates = gates
+
+    def __call__(self, module: nn.Module, args) -> None:
+        self.gates.residual.new_sample()
+
+
 def matches(name: str, suffixes: tuple[str, ...]) -> bool:
     """`name` is one of `suffixes` or ends with '.' + one of them."""
     return any(name == s or name.endswith("." + s) for s in suffixes)
@@ -128,6 +139,9 @@ def tie_runtime_gates(model: nn.Module, cfg: GatesConfig) -> RuntimeGates:
     hooked = [*parts["embeddings"].values(), *(parts["norms"].values() if arch.layer_norm else ())]
     for module in hooked:
         module.register_forward_hook(_StreamMask(ties))
+    residual.shares_samples = True
+    for parent in {name.rpartition(".")[0] for name in parts["embeddings"]}:
+        model.get_submodule(parent).register_forward_pre_hook(_NewSample(ties))
     return ties
 
 

@@ -149,7 +149,8 @@ def uniform_model(model: PreTrainedModel) -> PreTrainedModel:
         stream, _, _ = stream_state(model, plan, arch, full_width=not narrow)
         state.update(stream)
         data = narrow_config(data, plan, arch) if narrow else data
-    config = _uniform_config(type(model.config).from_dict(data), widths)
+    # the widths go in before the config is built: a stock config validates hidden size against head count
+    config = type(model.config).from_dict(_uniform_config(data, widths))
     with torch.device("meta"):
         stock = type(model)(config)
     load_into(stock, state, model)
@@ -173,13 +174,13 @@ def _divisible_stream(model: PreTrainedModel, plan: CompactionPlan, widths: dict
     return dataclasses.replace(plan, residual=_pad(plan.residual, plan.hidden_size, width))
 
 
-def _uniform_config(config, widths: dict[str, int]):
+def _uniform_config(data: dict, widths: dict[str, int]) -> dict:
+    """The config dict with every layer's equal widths."""
+    data = dict(data)
     if "ffn" in widths:
-        key = next(k for k in FFN_CONFIG_KEYS if hasattr(config, k))
-        setattr(config, key, widths["ffn"])
+        data[next(k for k in FFN_CONFIG_KEYS if k in data)] = widths["ffn"]
     if "kv_heads" in widths:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        config.head_dim = head_dim
-        config.num_key_value_heads = widths["kv_heads"]
-        config.num_attention_heads = widths["kv_heads"] * widths["group"]
-    return config
+        data["head_dim"] = data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"]
+        data["num_key_value_heads"] = widths["kv_heads"]
+        data["num_attention_heads"] = widths["kv_heads"] * widths["group"]
+    return data

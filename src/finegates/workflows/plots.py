@@ -50,6 +50,7 @@ def plot_training_curves(
         ("sparsity_removed", "removed (exact plan)"),
         ("sparsity_expected", "expected"),
         ("sparsity_target", "target"),
+        ("weights_cut", "cut from the weights in training (progressive compaction)"),
     ):
         steps, values = _series(log_history, key)
         if steps:

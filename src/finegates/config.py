@@ -197,10 +197,11 @@ class GatesConfig:
         },
     )
     compact_margin: float = field(
-        default=0.25,
+        default=0.1,
         metadata={
             "help": "How far past its closing point (x the distance from the centre to it) a gate must be "
-            "before progressive compaction removes its unit."
+            "before progressive compaction removes its unit (0.1: where the budget projection lands the "
+            "gates it closes, so they leave at the next compaction)."
         },
     )
 

@@ -1,8 +1,9 @@
 """Progressive compaction: what the gates closed in training leaves the frozen weights while training goes on.
 
 Every `GatesConfig.compact_every` steps, the FFN channels and attention heads (and with them KV groups left
-without a head) whose gates are past their closing point by `compact_margin` x the edge are cut out of the
-frozen weights of their layers (`GatedLinear.keep_`), so the remaining steps multiply smaller matrices.
+without a head) whose gates are past their closing point by `compact_margin` x the edge (0.1: where the
+budget projection lands the gates it closes) are cut out of the frozen weights of their layers
+(`GatedLinear.keep_`), so the remaining steps multiply smaller matrices.
 
 - **Closed for good.** A removed unit's gates are marked `removed` and held closed: the budget projection and
   `finalize_gates` never reopen them, and the marks travel in checkpoints and adapters.
@@ -80,7 +81,11 @@ _present = _open_fn(lambda gate: gate.removed)
 
 
 def _removable(margin: float):
-    return _open_fn(lambda gate: gate.removed | (gate_margin(gate) < -margin * gate.edge))
+    # closed, and `margin` past closing (a relative slack: gates the projection landed exactly there count)
+    def closed(gate: Gate) -> torch.Tensor:
+        return gate.removed | (gate.closed() & (gate_margin(gate) <= -margin * gate.edge * (1 - 1e-6)))
+
+    return _open_fn(closed)
 
 
 def _gated(block: Block, roles: tuple[str, ...]) -> bool:

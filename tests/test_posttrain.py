@@ -245,7 +245,8 @@ def test_posttrain_with_the_runtime_structure(tmp_path, monkeypatch):
     )  # fmt: skip
     gates = GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[], structure="runtime")
     metrics = workflow.posttrain(cfg, gates)
-    assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
+    # at least the target; one residual dim of this tiny model is ~3% of its gated weights (a whole unit)
+    assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.34
     assert metrics["compacted"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
     small = load_compressed(tmp_path / "compressed")
     assert small.config.hidden_size < 32 and small.config.finegates_compact["residual_from"] == 32

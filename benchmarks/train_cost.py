@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from common import benchmark_parser
 
@@ -182,7 +183,7 @@ def whole_run(method: str, target: float, compact_every: int) -> dict:
 def _lora_run(cfg) -> dict:
     """LoRA r=8 on query/value (and the task head) through the same Trainer arguments as `finetune`."""
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorWithPadding, Trainer, set_seed
+    from transformers import set_seed
 
     from finegates.workflows.models import load_classifier
 
@@ -196,19 +197,7 @@ def _lora_run(cfg) -> dict:
         r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=HEAD, task_type="SEQ_CLS"
     )
     model = get_peft_model(model, lora)
-    args = workflow.training_arguments(cfg, cfg.output_dir, 1e-3, splits.validation is not None)
-    args.save_strategy = "no"
-    trainer = workflow.silence_printer(
-        Trainer(
-            model=model,
-            args=args,
-            train_dataset=splits.train,
-            eval_dataset=splits.validation,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=workflow.classification_metrics,
-        ),
-        cfg.quiet,
-    )
+    trainer = workflow.baseline_trainer(model, tokenizer, splits, cfg, Path(cfg.output_dir), 1e-3)
     begin = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - begin

@@ -296,25 +296,28 @@ def silence_printer(trainer: Trainer, quiet: bool) -> Trainer:
     return trainer
 
 
+def baseline_trainer(
+    model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path, learning_rate: float
+) -> Trainer:
+    """A plain Trainer for a baseline (dense, LoRA) on the run's data and arguments, without checkpoints."""
+    args = training_arguments(cfg, out, learning_rate, splits.validation is not None)
+    args.save_strategy = "no"
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=splits.train,
+        eval_dataset=splits.validation,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=classification_metrics,
+    )
+    return silence_printer(trainer, cfg.quiet)
+
+
 def _dense_baseline(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: Path) -> float:
     """Test accuracy of full finetuning (every weight trains) on the same data and epochs; the model is
     saved in `out/dense` (to evaluate, benchmark or quantize it beside the compacted one)."""
     dense = copy.deepcopy(model)
-    args = training_arguments(
-        cfg, out / "dense-baseline", cfg.dense_learning_rate, splits.validation is not None
-    )
-    args.save_strategy = "no"
-    trainer = silence_printer(
-        Trainer(
-            model=dense,
-            args=args,
-            train_dataset=splits.train,
-            eval_dataset=splits.validation,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=classification_metrics,
-        ),
-        cfg.quiet,
-    )
+    trainer = baseline_trainer(dense, tokenizer, splits, cfg, out / "dense-baseline", cfg.dense_learning_rate)
     trainer.train()
     dense.save_pretrained(out / "dense")
     tokenizer.save_pretrained(out / "dense")

@@ -12,6 +12,7 @@ from finegates.adapter import load_gates, save_gates
 from finegates.budget import project_budget
 from finegates.compress import compress
 from finegates.coupling import find_blocks
+from finegates.distill import gates_bypassed
 from finegates.gates import TiedGate, force_gates
 from finegates.model import all_gates, gated_layers, set_gates_enabled
 from finegates.optim import finalize_gates
@@ -184,6 +185,11 @@ def test_the_dense_weights_stay_for_a_teacher_or_go():
         model = _gated("llama", "runtime")
         _random_closures(model)
         compact_closed(model, keep_dense=keep_dense)
+        gated = logits(model, ids)
+        if keep_dense:  # the distillation teacher: the same weights with every gate bypassed
+            with gates_bypassed(model):
+                torch.testing.assert_close(logits(model, ids), dense, atol=1e-6, rtol=0)
+            torch.testing.assert_close(logits(model, ids), gated, atol=0, rtol=0)
         set_gates_enabled(model, False)
         if keep_dense:
             torch.testing.assert_close(logits(model, ids), dense, atol=1e-6, rtol=0)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finegates.layer import GatedLinear
+from finegates.model import set_head_counts
 from finegates.ties import RuntimeGates
 
 
@@ -133,10 +134,12 @@ def gates_bypassed(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for switch in switches:
             switch.enabled = False
+        set_head_counts(model, gated=False)
         yield model
     finally:
         for switch, state in zip(switches, states):
             switch.enabled = state
+        set_head_counts(model, gated=all(s for m, s in zip(switches, states) if isinstance(m, GatedLinear)))
 
 
 def teacher_outputs(model: nn.Module, inputs: dict[str, Any], cfg: DistillConfig) -> Any:

@@ -87,12 +87,18 @@ def set_gates_enabled(model: nn.Module, enabled: bool) -> None:
     """Run every gated layer (and the runtime structure's stream mask) with its gates, or bypassed."""
     for layer in gated_layers(model).values():
         layer.enabled = enabled
-    for module in model.modules():  # attention narrowed by progressive compaction: its head counts
-        for attr, value in module.__dict__.get(HEAD_ATTRS, {}).get(enabled, {}).items():
-            setattr(module, attr, value)
+    set_head_counts(model, enabled)
     ties = runtime_gates(model)
     if ties is not None:
         ties.enabled = enabled
+
+
+def set_head_counts(model: nn.Module, gated: bool) -> None:
+    """Attention modules that progressive compaction narrowed count heads as their gated (narrower) or
+    bypassed (full) projections need."""
+    for module in model.modules():
+        for attr, value in module.__dict__.get(HEAD_ATTRS, {}).get(gated, {}).items():
+            setattr(module, attr, value)
 
 
 def gate_parameter_ids(model: nn.Module) -> set[int]:

@@ -235,6 +235,29 @@ def test_distill_needs_gates():
         workflow.PosttrainConfig(method="magnitude+lora", distill=True)
 
 
+@pytest.mark.parametrize("structure", ["fine", "runtime"])
+def test_posttrain_with_progressive_compaction(tmp_path, monkeypatch, structure):
+    """--compact-every with the default distillation: units leave the weights during training (the teacher
+    keeps the full weights), and the compacted model still computes what the gated one does."""
+    _tiny_workflow(monkeypatch)
+    cfg = workflow.PosttrainConfig(
+        model="tiny", seq_len=16, batch_size=4, max_steps=30, eval_blocks=4, output_dir=str(tmp_path),
+        quiet=True, zero_shot_items=3,
+    )  # fmt: skip
+    gates = GatesConfig(
+        target_sparsity=0.4, bias="none", modules_to_save=[], structure=structure, compact_every=2
+    )
+    metrics = workflow.posttrain(cfg, gates)
+    cut = [
+        e["weights_cut"]
+        for e in json.loads((tmp_path / "log_history.json").read_text())
+        if "weights_cut" in e
+    ]
+    assert cut and cut[-1] > 0
+    assert metrics["sparsity"]["removed_fraction"] >= 0.4
+    assert metrics["compacted"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
+
+
 def test_posttrain_with_the_runtime_structure(tmp_path, monkeypatch):
     """--structure runtime through the whole workflow: tied gates train to the target with distillation,
     the compacted model (a narrower stream) computes what the gated one does, and reloads."""

@@ -256,6 +256,8 @@ def test_posttrain_with_progressive_compaction(tmp_path, monkeypatch, structure)
     assert cut and cut[-1] > 0
     assert metrics["sparsity"]["removed_fraction"] >= 0.4
     assert metrics["compacted"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
+    assert metrics["budget"]["weights_cut"] == pytest.approx(cut[-1], abs=0.05)
+    assert "Progressive compaction cut" in (tmp_path / "report.md").read_text()
 
 
 def test_posttrain_with_the_runtime_structure(tmp_path, monkeypatch):

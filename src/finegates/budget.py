@@ -20,6 +20,7 @@ from finegates.gates import GATE_CLASSES, Gate, gate_margin, landed, travel_to_c
 from finegates.latency import budget_fraction, budget_target, predicted_speedup
 from finegates.model import all_gates, controller, gates_config
 from finegates.objectives import warmup_steps
+from finegates.progressive import gated_weight_count, removed_weights
 from finegates.uniform_layers import equalize_layers
 
 logger = logging.getLogger(__name__)
@@ -219,6 +220,8 @@ class BudgetOutcome:
     projected_reopened: int
     # target_speedup: the budget's measure is the removed share of predicted time; the speedup it predicts
     predicted_speedup: float | None = None
+    # progressive compaction: the share of gated-layer weights cut out during training (None: off)
+    weights_cut: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -250,4 +253,5 @@ def budget_outcome(model: nn.Module, removed_by_training: float) -> BudgetOutcom
         projected_closed=int(ctrl.projected_closed),
         projected_reopened=int(ctrl.projected_reopened),
         predicted_speedup=predicted_speedup(model) if cfg.target_speedup else None,
+        weights_cut=removed_weights(model) / gated_weight_count(model) if cfg.compact_every else None,
     )

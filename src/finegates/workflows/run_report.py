@@ -190,6 +190,11 @@ def budget_section(m: FinetuneResult | PosttrainResult) -> str:
             f"\n\nBudget in predicted time (`target_speedup`): predicted speedup "
             f"{b['predicted_speedup']:.2f}x at the latency costs' batch shape."
         )
+    if b.get("weights_cut") is not None:
+        text += (
+            f"\n\nProgressive compaction cut {_pct(b['weights_cut'])} of the gated layers' weights out "
+            "during training (closed heads and FFN channels; residual dims and partial heads go at `compress`)."
+        )
     if b.get("warning"):
         text += f"\n\n**Warning: {b['warning']}**"
     return text

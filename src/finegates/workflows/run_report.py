@@ -193,7 +193,8 @@ def budget_section(m: FinetuneResult | PosttrainResult) -> str:
     if b.get("weights_cut") is not None:
         text += (
             f"\n\nProgressive compaction cut {_pct(b['weights_cut'])} of the gated layers' weights out "
-            "during training (closed heads and FFN channels; residual dims and partial heads go at `compress`)."
+            "during training (closed heads and FFN channels; residual dims and partial heads leave at "
+            "`compress`)."
         )
     if b.get("warning"):
         text += f"\n\n**Warning: {b['warning']}**"

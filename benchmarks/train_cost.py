@@ -19,6 +19,12 @@ training wall time (evaluation on the validation slice every epoch included, as 
 accuracy (FineGates: the compacted model).
 
     python benchmarks/train_cost.py --whole-run [--target 0.4] [--compact-every 10]
+
+`--whole-run posttrain`: SmolLM2-135M post-training on Brown (`posttrain`'s defaults, distillation on;
+`--posttrain-steps` of 4 x 256 tokens, 32 held-out blocks, PIQA on 300 items) without and with progressive
+compaction: training wall time, held-out perplexity and PIQA of the compacted model.
+
+    python benchmarks/train_cost.py --whole-run posttrain [--target 0.4] [--compact-every 5]
 """
 
 from __future__ import annotations
@@ -139,7 +145,10 @@ def run_one(method: str, steps: int, batch: int, length: int) -> dict:
     }
 
 
-WHOLE_RUNS = ("finegates", "finegates+progressive", "lora")
+WHOLE_RUNS = {
+    "finetune": ("finegates", "finegates+progressive", "lora"),
+    "posttrain": ("finegates", "finegates+progressive"),
+}
 
 
 def _make_run_config(output_dir: str):
@@ -158,8 +167,48 @@ def _make_run_config(output_dir: str):
     )
 
 
-def whole_run(method: str, target: float, compact_every: int) -> dict:
-    """One whole training run on `make run`'s settings: (training seconds, test accuracy, steps)."""
+def whole_run(kind: str, method: str, target: float, compact_every: int, steps: int) -> dict:
+    """One whole training run: `make run`'s settings (kind "finetune") or SmolLM2 post-training."""
+    if kind == "posttrain":
+        return _posttrain_run(
+            method, target, compact_every if method.endswith("progressive") else None, steps
+        )
+    return _finetune_run(method, target, compact_every)
+
+
+def _posttrain_run(method: str, target: float, compact_every: int | None, steps: int) -> dict:
+    import dataclasses
+    import tempfile
+
+    from finegates.workflows.posttrain import PosttrainConfig, default_posttrain_gates, posttrain
+
+    gates = dataclasses.replace(
+        default_posttrain_gates(), target_sparsity=target, compact_every=compact_every
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = PosttrainConfig(
+            text="brown",
+            max_steps=steps,
+            seq_len=256,
+            batch_size=4,
+            zero_shot_items=300,
+            eval_blocks=32,
+            quiet=True,
+            output_dir=tmp + "/run",
+        )
+        m = posttrain(cfg, gates)
+    return {
+        "method": method,
+        "train_s": m["train_s"],
+        "perplexity": m["compacted"]["perplexity"],
+        "piqa": m["compacted"]["piqa_accuracy"],
+        "removed": m["sparsity"]["removed_fraction"],
+        "weights_cut": m["budget"]["weights_cut"],
+    }
+
+
+def _finetune_run(method: str, target: float, compact_every: int) -> dict:
+    """One whole training run on `make run`'s settings: training seconds, test accuracy, removed fraction."""
     import tempfile
 
     import finegates
@@ -205,6 +254,23 @@ def _lora_run(cfg) -> dict:
     return {"method": "lora", "train_s": seconds, "accuracy": accuracy, "removed": 0.0}
 
 
+def _print_posttrain_runs(rows: list[dict], target: float, compact_every: int, steps: int) -> None:
+    plain = rows[0]
+    print(
+        f"SmolLM2-135M on Brown, {steps} steps of 4 x 256 tokens, target {target}, "
+        f"compaction every {compact_every} steps"
+    )
+    print()
+    print("| method | training (s) | vs without compaction | perplexity | PIQA | removed | cut in training |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cut = "-" if r["weights_cut"] is None else f"{r['weights_cut']:.2%}"
+        print(
+            f"| {r['method']} | {r['train_s']:.0f} | {r['train_s'] / plain['train_s']:.2f}x | "
+            f"{r['perplexity']:.2f} | {r['piqa']:.3f} | {r['removed']:.2%} | {cut} |"
+        )
+
+
 def _print_whole_runs(rows: list[dict], target: float, compact_every: int) -> None:
     lora = next(r for r in rows if r["method"] == "lora")
     plain = next(r for r in rows if r["method"] == "finegates")
@@ -229,21 +295,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--whole-run", action="store_true", help="whole runs on make run's settings")
+    parser.add_argument(
+        "--whole-run", nargs="?", const="finetune", choices=tuple(WHOLE_RUNS), help="whole runs (above)"
+    )
     parser.add_argument("--target", type=float, default=0.4, help="--whole-run: target sparsity")
     parser.add_argument("--compact-every", type=int, default=10, help="--whole-run: compaction period")
-    parser.add_argument("--method", choices=METHODS + WHOLE_RUNS, help=argparse.SUPPRESS)
+    parser.add_argument("--posttrain-steps", type=int, default=100, help="--whole-run posttrain: steps")
+    parser.add_argument("--method", choices=METHODS + WHOLE_RUNS["finetune"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method and args.whole_run:
-        print(json.dumps(whole_run(args.method, args.target, args.compact_every)))
+        run = whole_run(args.whole_run, args.method, args.target, args.compact_every, args.posttrain_steps)
+        print(json.dumps(run))
         return
     if args.method:
         print(json.dumps(run_one(args.method, args.steps, args.batch, args.length)))
         return
     if args.whole_run:
-        options = ["--whole-run", "--target", str(args.target), "--compact-every", str(args.compact_every)]
-        rows = [_subprocess_json(["--method", method, *options]) for method in WHOLE_RUNS]
-        _print_whole_runs(rows, args.target, args.compact_every)
+        options = [
+            *("--whole-run", args.whole_run, "--target", str(args.target)),
+            *("--compact-every", str(args.compact_every), "--posttrain-steps", str(args.posttrain_steps)),
+        ]
+        rows = [_subprocess_json(["--method", method, *options]) for method in WHOLE_RUNS[args.whole_run]]
+        if args.whole_run == "posttrain":
+            _print_posttrain_runs(rows, args.target, args.compact_every, args.posttrain_steps)
+        else:
+            _print_whole_runs(rows, args.target, args.compact_every)
         return
     rows = []
     for method in METHODS:

@@ -122,7 +122,10 @@ def test_training_forward_and_gate_gradients_are_unchanged(name):
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     _random_closures(model, share=0.3)
-    _close(find_blocks(model)[0].modules["o"][1], "col", list(range(16)))
+    first, last = find_blocks(model)[0], find_blocks(model)[-1]
+    _close(first.modules["o"][1], "col", list(range(16)))
+    down = last.modules["down"][1]
+    _close(down, "col", list(range(down.in_features)))  # a layer left with no FFN channel at all
     ids = tiny_inputs()
     kwargs = {"labels": ids} if is_causal(name) else {"labels": torch.tensor([0, 1, 2])}
 

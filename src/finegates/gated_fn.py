@@ -23,8 +23,13 @@ from torch.nn import functional as F
 OPEN = 1e-30
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (tokens, n); also for n = 0 (a layer cut to no rows or columns)."""
+    return t.flatten(0, -2)
+
+
 def _sum_rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1]).sum(0)
+    return _rows(t).sum(0)
 
 
 def gated_weight(
@@ -69,7 +74,7 @@ class GatedLinearFunction(torch.autograd.Function):
         if need_row:
             grad_row = _unscale(_sum_rows(dy * y), g_row)
         if need_w:  # dL/dW = g_row[:, None] * (dy^T x) * g_col[None, :]
-            grad_w = gated_weight(dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]), g_row, g_col)
+            grad_w = gated_weight(_rows(dy).t() @ _rows(x), g_row, g_col)
         if ctx.has_bias and need_b:
             grad_b = _sum_rows(dy) if g_row is None else _sum_rows(dy) * g_row
         return grad_x if need_x else None, grad_col, grad_row, grad_w, grad_b

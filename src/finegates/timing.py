@@ -16,9 +16,13 @@ import torch
 
 
 def time_rounds(
-    calls: dict[Hashable, Callable[[], object]], repeats: int = 3, min_run_time: float = 0.0
+    calls: dict[Hashable, Callable[[], object]],
+    repeats: int = 3,
+    min_run_time: float = 0.0,
+    inference: bool = True,
 ) -> dict[Hashable, list[float]]:
-    """Seconds of each call in every round (see the module docstring).
+    """Seconds of each call in every round (see the module docstring); under `torch.inference_mode`
+    unless `inference=False` (calls that train).
 
     >>> runs = time_rounds({"a": lambda: None, "b": lambda: sum(range(100))}, repeats=4)
     >>> sorted(runs), [len(t) for t in runs.values()]
@@ -29,7 +33,7 @@ def time_rounds(
     runs: dict[Hashable, list[float]] = {name: [] for name in calls}
     if not calls:
         return runs
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         for call in calls.values():
             call()
         while len(next(iter(runs.values()))) < repeats or min(map(sum, runs.values())) < min_run_time:
@@ -45,10 +49,12 @@ def time_in_turns(
     repeats: int = 3,
     min_run_time: float = 0.0,
     reduce: Callable[[list[float]], float] = np.median,
+    inference: bool = True,
 ) -> dict[Hashable, float]:
     """Seconds of each call: the median of its rounds (`reduce=min`: the fastest, the round least
     disturbed by other load on a shared machine)."""
-    return {name: float(reduce(t)) for name, t in time_rounds(calls, repeats, min_run_time).items()}
+    runs = time_rounds(calls, repeats, min_run_time, inference)
+    return {name: float(reduce(t)) for name, t in runs.items()}
 
 
 def seconds(call: Callable[[], object], min_run_time: float, reduce=min) -> float:

@@ -273,20 +273,23 @@ def _train(
         cfg, out / "checkpoints", cfg.learning_rate or gates.head_lr, splits.validation is not None
     )
     trainer = FineGatesTrainer(
-        model=model,
-        args=args,
-        train_dataset=splits.train,
-        eval_dataset=splits.validation,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
-        compute_metrics=classification_metrics,
-        distill=cfg,
+        model=model, args=args, processing_class=tokenizer, distill=cfg, **_data(splits, tokenizer)
     )
     silence_printer(trainer, cfg.quiet)
     begin = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     timings["train"] = time.perf_counter() - begin
     return trainer
+
+
+def _data(splits: Splits, tokenizer) -> dict[str, Any]:
+    """The Trainer arguments every classification run shares: splits, collator, metrics."""
+    return {
+        "train_dataset": splits.train,
+        "eval_dataset": splits.validation,
+        "data_collator": DataCollatorWithPadding(tokenizer),
+        "compute_metrics": classification_metrics,
+    }
 
 
 def silence_printer(trainer: Trainer, quiet: bool) -> Trainer:
@@ -302,14 +305,7 @@ def baseline_trainer(
     """A plain Trainer for a baseline (dense, LoRA) on the run's data and arguments, without checkpoints."""
     args = training_arguments(cfg, out, learning_rate, splits.validation is not None)
     args.save_strategy = "no"
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=splits.train,
-        eval_dataset=splits.validation,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=classification_metrics,
-    )
+    trainer = Trainer(model=model, args=args, **_data(splits, tokenizer))
     return silence_printer(trainer, cfg.quiet)
 
 

@@ -104,7 +104,6 @@ def test_uneven_query_heads_are_padded_until_every_group_can_shrink(structure):
     compact_closed(model)
     assert attention.q_proj.kept_weight is None and attention.num_key_value_groups == 2  # head 0 pads group 0
     ids = tiny_inputs()
-    before = logits(model, ids)
     _close(block.modules["o"][1], "col", _head_rows(block, [2]))
     before = logits(model, ids)
     cut = compact_closed(model)

@@ -20,7 +20,7 @@ from finegates.gates import GATE_CLASSES, Gate, gate_margin, landed, travel_to_c
 from finegates.latency import budget_fraction, budget_target, predicted_speedup
 from finegates.model import all_gates, controller, gates_config
 from finegates.objectives import warmup_steps
-from finegates.progressive import gated_weight_count, removed_weights
+from finegates.progressive import weights_cut
 from finegates.uniform_layers import equalize_layers
 
 logger = logging.getLogger(__name__)
@@ -253,5 +253,5 @@ def budget_outcome(model: nn.Module, removed_by_training: float) -> BudgetOutcom
         projected_closed=int(ctrl.projected_closed),
         projected_reopened=int(ctrl.projected_reopened),
         predicted_speedup=predicted_speedup(model) if cfg.target_speedup else None,
-        weights_cut=removed_weights(model) / gated_weight_count(model) if cfg.compact_every else None,
+        weights_cut=weights_cut(model) if cfg.compact_every else None,
     )

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from finegates.architectures import Architecture, AttentionShape, architecture_for, attention_shape
+from finegates.gates import Gate, TiedGate
 from finegates.layer import GatedLinear, linear_shape
 
 READERS = ("q", "k", "v", "qkv", "up", "gate")  # read the residual stream through their columns
@@ -58,6 +59,22 @@ def find_blocks(model: nn.Module) -> list[Block]:
 
 
 OpenFn = Callable[[nn.Module, str], torch.Tensor]
+
+
+def open_where(closed: Callable[[Gate], torch.Tensor]) -> OpenFn:
+    """An open-state function of 0/1 masks: 0 where `closed` (asked of each gate vector, of a tied view's
+    shared source) says so; ungated modules and axes are all ones."""
+
+    def open_fn(module: nn.Module, axis: str) -> torch.Tensor:
+        gate = module.gates().get(axis) if isinstance(module, GatedLinear) else None
+        if gate is None:
+            out_features, in_features = full_shape(module)
+            return torch.ones(out_features if axis == "row" else in_features)
+        if isinstance(gate, TiedGate):
+            return (~gate.expand(closed(gate.source))).float()
+        return (~closed(gate)).float()
+
+    return open_fn
 
 
 def any_open(p: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:

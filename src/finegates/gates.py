@@ -43,6 +43,8 @@ class Gate(nn.Module):
     """
 
     edge: float
+    shares_samples = False  # True: one training draw per forward pass, kept until `new_sample()`
+    _sample: torch.Tensor | None = None
 
     def _init_removed(self, size: int) -> None:
         self.register_buffer(REMOVED, torch.zeros(size, dtype=torch.bool))
@@ -84,15 +86,15 @@ class Gate(nn.Module):
         `shares_samples`), deterministic in eval."""
         if not self.training:
             return self.deterministic()
-        if not getattr(self, "shares_samples", False):
+        if not self.shares_samples:
             return self.forward()
-        if self.__dict__.get("_sample") is None:
-            self.__dict__["_sample"] = self.forward()
-        return self.__dict__["_sample"]
+        if self._sample is None:
+            self._sample = self.forward()
+        return self._sample
 
     def new_sample(self) -> None:
         """Draw afresh at the next `value()` (a gate that `shares_samples` keeps one draw until then)."""
-        self.__dict__["_sample"] = None
+        self._sample = None
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from finegates.coupling import READERS, WRITERS, Block, BlockGates, find_blocks, full_shape
-from finegates.layer import GatedLinear
+from finegates.coupling import READERS, WRITERS, Block, BlockGates, find_blocks, full_shape, open_where
+from finegates.gates import Gate
 from finegates.model import all_gates, gated_layers, gates_config
 from finegates.ties import runtime_gates
 
@@ -57,13 +57,8 @@ class CompactionPlan:
     hidden_size: int | None = None  # the stream's full width, with `residual`
 
 
-def open_mask(module: nn.Module, axis: str) -> torch.Tensor:
-    """1.0 where a gate's eval value is non-zero (ungated modules and axes: all ones)."""
-    gate = module.gates().get(axis) if isinstance(module, GatedLinear) else None
-    if gate is not None:
-        return (~gate.closed()).float().detach()
-    out_features, in_features = full_shape(module)
-    return torch.ones(out_features if axis == "row" else in_features)
+# 1.0 where a gate's eval value is non-zero (ungated modules and axes: all ones)
+open_mask = open_where(Gate.closed)
 
 
 def _nonzero(mask: torch.Tensor) -> torch.Tensor:

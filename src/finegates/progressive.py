@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from finegates.architectures import architecture_for
-from finegates.coupling import Block, BlockGates, find_blocks, full_shape
+from finegates.coupling import Block, BlockGates, find_blocks, full_shape, open_where
 from finegates.gates import Gate, TiedGate, gate_margin
 from finegates.layer import GatedLinear
 from finegates.model import HEAD_ATTRS, gated_layers, gates_config
@@ -58,26 +57,7 @@ class Cut:
         return Cut(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
-def _per_row(gate: Gate | TiedGate, values: Callable[[Gate], torch.Tensor]) -> torch.Tensor:
-    if isinstance(gate, TiedGate):
-        return gate.expand(values(gate.source))
-    return values(gate)
-
-
-def _open_fn(closed: Callable[[Gate], torch.Tensor]):
-    """An open-state function for `BlockGates`: 0/1 masks, 0 where `closed` says so."""
-
-    def open_fn(module: nn.Module, axis: str) -> torch.Tensor:
-        gate = module.gates().get(axis) if isinstance(module, GatedLinear) else None
-        if gate is None:
-            out_features, in_features = full_shape(module)
-            return torch.ones(out_features if axis == "row" else in_features)
-        return (~_per_row(gate, closed)).float().cpu()
-
-    return open_fn
-
-
-_present = _open_fn(lambda gate: gate.removed)
+_present = open_where(lambda gate: gate.removed)
 
 
 def _removable(margin: float):
@@ -85,7 +65,7 @@ def _removable(margin: float):
     def closed(gate: Gate) -> torch.Tensor:
         return gate.removed | (gate.closed() & (gate_margin(gate) <= -margin * gate.edge * (1 - 1e-6)))
 
-    return _open_fn(closed)
+    return open_where(closed)
 
 
 def _gated(block: Block, roles: tuple[str, ...]) -> bool:
@@ -204,9 +184,9 @@ def _attention_widths(model: nn.Module, block: Block, arch) -> dict[str, torch.T
 
 
 def apply_removed(model: nn.Module, keep_dense: bool = False) -> int:
-    """Cut every gated layer's frozen weight to the units its gates' `removed` marks leave (after a
-    checkpoint or adapter with marks is loaded into a full model, or after `mark_removable`); returns the
-    number of weight entries the model no longer multiplies."""
+    """Cut every gated layer's frozen weight to the units its gates' `removed` marks leave (after
+    `compact_closed` marked them, or a checkpoint or adapter with marks was loaded into a full model);
+    returns the number of weight entries the model no longer multiplies."""
     arch = architecture_for(model.config.model_type)
     for block in find_blocks(model):
         rows: dict[str, torch.Tensor] = {}
@@ -244,6 +224,11 @@ def gated_weight_count(model: nn.Module) -> int:
     return sum(layer.out_features * layer.in_features for layer in gated_layers(model).values())
 
 
+def weights_cut(model: nn.Module) -> float:
+    """The share of the gated layers' weights that progressive compaction has cut out."""
+    return removed_weights(model) / gated_weight_count(model)
+
+
 def compact_closed(model: nn.Module, keep_dense: bool = False, margin: float | None = None) -> Cut:
     """Mark the heads and FFN channels whose gates are closed past `margin` (default
     `GatesConfig.compact_margin`) as removed for good, and cut them out of the frozen weights.
@@ -270,9 +255,8 @@ class ProgressiveCompaction(TrainerCallback):
         if every < 1:
             raise ValueError(f"compact_every must be >= 1, got {every}.")
         self.model, self.every, self.keep_dense = model, every, keep_dense
-        self.total = Cut()
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
-            self.total = self.total + compact_closed(self.model, self.keep_dense)
+            compact_closed(self.model, self.keep_dense)
         return control

@@ -23,7 +23,7 @@ from finegates.latency import budget_fraction, budget_target
 from finegates.model import controller, gates_config
 from finegates.objectives import expected_sparsity, sparsity_loss
 from finegates.optim import finalize_gates, keep_gate_lr_constant, optimizer_param_groups
-from finegates.progressive import ProgressiveCompaction, apply_removed, gated_weight_count, removed_weights
+from finegates.progressive import ProgressiveCompaction, apply_removed, weights_cut
 from finegates.report import sparsity_report
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def budget_logs(model, step: int) -> dict[str, float]:
             logs["sparsity_expected"] = float(expected_sparsity(model))
     logs["sparsity_target"] = ctrl.target(budget_target(cfg), cfg.warmup_steps, step)
     if cfg.compact_every is not None:  # progressive compaction: gated-layer weights no longer multiplied
-        logs["weights_cut"] = removed_weights(model) / gated_weight_count(model)
+        logs["weights_cut"] = weights_cut(model)
     if cfg.target_speedup:  # the budget's measure is predicted time: parameters beside it
         logs["params_removed"] = sparsity_report(model).removed_fraction
     logs["lambda1"], logs["lambda2"] = ctrl.lambda1.item(), ctrl.lambda2.item()

@@ -11,6 +11,10 @@ same task head (classifier + pooler).
 
     python benchmarks/train_cost.py [--steps 8] [--batch 16] [--length 128]
 
+`--paired lora,finegates-runtime,finegates`: the step times again with the methods in one process, one
+step of each in turn, as median per-round ratios against the first (less exposed to a shared machine's
+drift than separate processes; no memory figures, the process holds them all).
+
 `--whole-run`: whole runs instead of steps, on `make run`'s settings (Reuters-8, 2,000 training documents
 of 64 tokens, 3 epochs of batch 16, the finetune workflow's Trainer arguments) at `--target` (0.4):
 FineGates (finetune's default runtime structure) without and with progressive compaction
@@ -99,40 +103,48 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _step(method: str, model, optimizer, ids, labels) -> float:
+    """One training step (forward, backward, AdamW; the budget's step for FineGates); its seconds."""
+    start = time.perf_counter()
+    distill = _distill_config(method)
+    if distill is not None:
+        from finegates.distill import distill_loss, teacher_outputs
+
+        teacher = teacher_outputs(model, {"input_ids": ids}, distill)
+    outputs = model(
+        input_ids=ids, labels=labels, output_hidden_states=bool(distill and distill.distill_hidden_weight)
+    )
+    loss = outputs.loss
+    if method.startswith("finegates"):
+        import finegates
+
+        loss = loss + finegates.sparsity_loss(model)
+    if distill is not None:
+        loss = loss + distill_loss(outputs, teacher, None, distill)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if method.startswith("finegates"):
+        finegates.budget_step(model)
+    return time.perf_counter() - start
+
+
+def _batch(batch: int, length: int):
+    import torch
+
+    return torch.randint(1000, 20000, (batch, length)), torch.randint(0, 8, (batch,))
+
+
 def run_one(method: str, steps: int, batch: int, length: int) -> dict:
     import torch
 
     torch.manual_seed(0)
     model, optimizer = _prepare(method, steps + 2)
-    distill = _distill_config(method)
     model.train()
-    ids = torch.randint(1000, 20000, (batch, length))
-    labels = torch.randint(0, 8, (batch,))
+    ids, labels = _batch(batch, length)
     loaded = _rss_mb()
-    times = []
-    for step in range(steps + 2):
-        start = time.perf_counter()
-        if distill is not None:
-            from finegates.distill import distill_loss, teacher_outputs
-
-            teacher = teacher_outputs(model, {"input_ids": ids}, distill)
-        outputs = model(
-            input_ids=ids, labels=labels, output_hidden_states=bool(distill and distill.distill_hidden_weight)
-        )
-        loss = outputs.loss
-        if method.startswith("finegates"):
-            import finegates
-
-            loss = loss + finegates.sparsity_loss(model)
-        if distill is not None:
-            loss = loss + distill_loss(outputs, teacher, None, distill)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if method.startswith("finegates"):
-            finegates.budget_step(model)
-        if step >= 2:  # the first steps allocate optimizer state
-            times.append(time.perf_counter() - start)
+    # the first steps allocate optimizer state
+    times = [_step(method, model, optimizer, ids, labels) for _ in range(steps + 2)][2:]
     trainable = sum(
         p.numel() for n, p in model.named_parameters() if p.requires_grad and "finegates_controller" not in n
     )
@@ -143,6 +155,32 @@ def run_one(method: str, steps: int, batch: int, length: int) -> dict:
         "train_mem_mb": _rss_mb() - loaded,
         "trainable": trainable,
     }
+
+
+def paired_steps(methods: list[str], steps: int, batch: int, length: int) -> None:
+    """The methods in one process, one step of each in turn: per-round step-time ratios against the first
+    method (machine drift hits every method of a round alike), median over `steps` rounds."""
+    import torch
+
+    ids, labels = _batch(batch, length)
+    runs = {}
+    for method in methods:
+        torch.manual_seed(0)
+        model, optimizer = _prepare(method, steps + 2)
+        runs[method] = (model.train(), optimizer)
+    times = {m: [] for m in methods}
+    for round_ in range(steps + 2):
+        for method in methods:
+            seconds = _step(method, *runs[method], ids, labels)
+            if round_ >= 2:
+                times[method].append(seconds)
+    base = methods[0]
+    print(f"MiniLM, batch {batch} x {length}, one process, {steps} rounds of one step per method\n")
+    print(f"| method | median step (s) | median per-round ratio vs {base} |")
+    print("|---|---|---|")
+    for method in methods:
+        ratio = statistics.median(a / b for a, b in zip(times[method], times[base]))
+        print(f"| {method} | {statistics.median(times[method]):.3f} | {ratio:.3f}x |")
 
 
 WHOLE_RUNS = {
@@ -301,8 +339,19 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.4, help="--whole-run: target sparsity")
     parser.add_argument("--compact-every", type=int, default=10, help="--whole-run: compaction period")
     parser.add_argument("--posttrain-steps", type=int, default=100, help="--whole-run posttrain: steps")
+    parser.add_argument(
+        "--paired",
+        help="comma-separated methods (the first is the reference) stepped in turn in one process",
+    )
     parser.add_argument("--method", choices=METHODS + WHOLE_RUNS["finetune"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paired:
+        methods = args.paired.split(",")
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            parser.error(f"--paired: unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        paired_steps(methods, args.steps, args.batch, args.length)
+        return
     if args.method and args.whole_run:
         run = whole_run(args.whole_run, args.method, args.target, args.compact_every, args.posttrain_steps)
         print(json.dumps(run))

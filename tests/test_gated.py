@@ -256,3 +256,96 @@ def test_a_layer_keeps_only_what_its_trained_gates_need():
     assert _saved_activations(lambda: layer(x)) == [4 * 64 * 8]
     layer.set_gates(None, None)
     assert _saved_activations(lambda: layer(x)) == []
+
+
+@pytest.mark.parametrize(
+    "act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()], ids=["gelu", "gelu-tanh", "silu"]
+)
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_an_activation_moved_into_the_layer_gives_autograd_gradients(act, weight_trains):
+    """y = act(x) W'^T + b', act(x) recomputed in the backward pass: the plain formula's gradients."""
+    from finegates.gated_fn import GatedLinearFunction
+
+    torch.manual_seed(0)
+    weight, b = torch.randn(7, 9, requires_grad=weight_trains), torch.randn(7, requires_grad=True)
+    x = torch.randn(3, 5, 9, requires_grad=True)
+    g_col = torch.rand(9).clamp(min=0.2).requires_grad_()
+    g_row = torch.rand(7).clamp(min=0.2).requires_grad_()
+    dy = torch.randn(3, 5, 7)
+    inputs = [x, g_col, g_row, b] + ([weight] if weight_trains else [])
+    fused = GatedLinearFunction.apply(x, g_col, g_row, weight, b, act)
+    plain = nn.functional.linear(act(x) * g_col, weight, b) * g_row
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(fused, inputs, dy), torch.autograd.grad(plain, inputs, dy)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # only the activation's input is kept, not its output as well
+    big = torch.randn(40, 5, 9, requires_grad=True)
+    kept = _saved_activations(lambda: GatedLinearFunction.apply(big, g_col, None, weight, b, act))
+    assert kept == [big.numel()]
+
+
+def _ffn_wide_tensors_kept(model: nn.Module, ids: torch.Tensor, width: int) -> int:
+    """How many distinct tensors of the FFN's width autograd keeps in one training forward pass."""
+    storages = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[-1] == width and t.numel() == ids.numel() * width:
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids)
+    return len(storages)
+
+
+@pytest.mark.parametrize(
+    "arch_name, structure, per_layer",
+    # one FFN activation's input; LLaMA's GLU: the activation's input and the product's two factors (the
+    # channel gate sits on the up projection's rows, whose output the product keeps anyway)
+    [("bert", "fine", 1), ("bert", "runtime", 1), ("gpt2", "fine", 1), ("gpt2", "runtime", 1)]
+    + [("llama", "runtime", 3)],
+)
+def test_training_keeps_one_tensor_per_ffn_activation(arch_name, structure, per_layer):
+    """Before, the activation kept its input and the gated down projection its output (for the channel
+    gates' gradient): two FFN-wide tensors per layer, four in LLaMA's GLU."""
+    model = get_gated_model(tiny_model(arch_name), GatesConfig(structure=structure)).train()
+    width = model.config.intermediate_size if arch_name != "gpt2" else 4 * model.config.n_embd
+    kept = _ffn_wide_tensors_kept(model, tiny_inputs(), width)
+    assert kept == per_layer * model.config.num_hidden_layers
+    from finegates.layer import DeferredActivation
+
+    deferred = [m for m in model.modules() if isinstance(m, DeferredActivation)]
+    assert len(deferred) == (0 if arch_name == "llama" else model.config.num_hidden_layers)
+
+
+@pytest.mark.parametrize("arch_name", ["bert", "gpt2"])
+def test_a_moved_activation_still_runs_in_every_mode(arch_name):
+    """All gates open: the base model's outputs in eval, in training mode without dropout, and with the
+    gates bypassed; calibration hooks see the activation's output as the down projection's input."""
+    from finegates.baselines.magnitude import input_norms
+    from finegates.model import set_gates_enabled
+
+    base, ids = tiny_model(arch_name), tiny_inputs()
+    for m in base.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    model = get_gated_model(tiny_model(arch_name), GatesConfig(init_mean=20.0))  # gates at 1
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    reference = logits(base, ids)
+    torch.testing.assert_close(logits(model, ids), reference)
+    model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-5)
+    set_gates_enabled(model, False)
+    torch.testing.assert_close(logits(model.eval(), ids), reference)
+    set_gates_enabled(model, True)
+    down = "bert.encoder.layer.0.output.dense" if arch_name == "bert" else "transformer.h.0.mlp.c_proj"
+    up = "bert.encoder.layer.0.intermediate" if arch_name == "bert" else "transformer.h.0.mlp.act"
+    seen = []
+    handle = base.get_submodule(up).register_forward_hook(lambda m, a, out: seen.append(out))
+    logits(base, ids)
+    handle.remove()
+    expected = seen[0].reshape(-1, seen[0].shape[-1]).norm(dim=0)
+    torch.testing.assert_close(input_norms(model, [{"input_ids": ids}])[down], expected)

@@ -273,6 +273,36 @@ def test_one_residual_draw_per_forward_pass(arch, monkeypatch):
     assert len(draws) == 2  # eval values are deterministic
 
 
+@pytest.mark.parametrize("arch_name", ["bert", "gpt2"])
+def test_layer_norms_take_the_residual_gate_into_their_affine_map(arch_name):
+    """LN(x) * r computed as x_hat * (w * r) + b * r: the output and the gradients of the product, with
+    only the norm's input kept for the backward pass (not its output as well)."""
+    from finegates.ties import StreamLayerNorm
+
+    model = runtime_model(arch_name, init_mean=0.0).train()
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(type(m) is StreamLayerNorm for m in norms)
+    residual, norm = runtime_gates(model).residual, norms[1]
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-1, 1)
+    norm.requires_grad_(True)
+    x = torch.randn(40, 5, norm.weight.numel(), requires_grad=True)
+    residual.new_sample()
+    folded = norm(x)
+    r = residual.value()  # the same draw
+    plain = nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps) * r
+    torch.testing.assert_close(folded, plain)
+    inputs, dy = [x, norm.weight, norm.bias, *residual.parameters()], torch.randn_like(x)
+    got = torch.autograd.grad(folded, inputs, dy, retain_graph=True)
+    for g, w in zip(got, torch.autograd.grad(plain, inputs, dy, retain_graph=True)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    residual.new_sample()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        norm(x)
+    assert [n for n in kept if n > 1000] == [x.numel()]
+
+
 def test_bypassed_gates_give_the_dense_model():
     dense = tiny_model("bert")
     model = patterned("bert", random_pattern(0))

@@ -35,6 +35,10 @@ class Architecture:
     # heads in training: attribute -> "group_size" (query heads per KV head) or "q_width" (query rows).
     # The modules read the head count itself off the projections' widths.
     head_attrs: dict[str, str] = field(default_factory=dict)
+    # The elementwise activation between the FFN's up and down projections (path relative to the block),
+    # where it is a module of its own and the down projection reads its output alone (not in GLU FFNs):
+    # training moves it into the gated down projection (`layer.defer_activation`).
+    activation: str | None = None
 
 
 _LLAMA = Architecture(
@@ -81,6 +85,7 @@ _BERT = Architecture(
     norms=("LayerNorm",),
     layer_norm=True,
     stream_readers=("pooler.dense", "classifier.dense"),
+    activation="intermediate.intermediate_act_fn",
 )
 
 _GPT2 = Architecture(
@@ -94,6 +99,7 @@ _GPT2 = Architecture(
     stream_readers=("lm_head", "score"),
     final_norm="ln_f",
     head_attrs={"split_size": "q_width"},
+    activation="mlp.act",
 )
 
 # Qwen3 normalises every q and k head over all its dims before RoPE, so a q/k dim leaves only when it

@@ -13,6 +13,12 @@ operation, attention or the activation, usually keeps it anyway), each only when
 gate is 0 it was clamped, so its gradient is zero whatever the sum is; the division is by gates above
 `OPEN` (1e-30: the products stay normal floats, so the quotient keeps float precision). Either gate may be
 None (that axis is not gated): nothing is multiplied or saved for it.
+
+`act` (optional): an elementwise activation applied to the input first, y = act(x) W'^T + b', the FFN's
+activation moved into its down projection (`GatedLinear.input_act`). The function then keeps the
+activation's input x instead of both x (for the activation's backward) and act(x) (for the column gate)
+and recomputes act(x) in the backward pass: one activation less per token kept, for one elementwise
+activation more computed.
 """
 
 from __future__ import annotations
@@ -50,31 +56,37 @@ def _unscale(total: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 class GatedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, g_col, g_row, weight, bias):  # weight is (out, in), as for F.linear
+    def forward(ctx, x, g_col, g_row, weight, bias, act=None):  # weight is (out, in), as for F.linear
         gated_bias = bias if bias is None or g_row is None else bias * g_row
-        y = F.linear(x, gated_weight(weight, g_row, g_col), gated_bias)
+        y = F.linear(x if act is None else act(x), gated_weight(weight, g_row, g_col), gated_bias)
         col_trains = g_col is not None and ctx.needs_input_grad[1]
         row_trains = g_row is not None and ctx.needs_input_grad[2]
         weight_trains = ctx.needs_input_grad[3]
-        ctx.save_for_backward(
-            x if col_trains or weight_trains else None, y if row_trains else None, g_col, g_row, weight
-        )
-        ctx.has_bias = bias is not None
+        keep_x = col_trains or weight_trains or (act is not None and ctx.needs_input_grad[0])
+        ctx.save_for_backward(x if keep_x else None, y if row_trains else None, g_col, g_row, weight)
+        ctx.has_bias, ctx.act = bias is not None, act
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, y, g_col, g_row, weight = ctx.saved_tensors
-        need_x, need_col, need_row, need_w, need_b = ctx.needs_input_grad
+        need_x, need_col, need_row, need_w, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_col = grad_row = grad_w = grad_b = None
+        a, x_in = x, None  # the linear map's input, and the activation's input where one is fused in
+        if ctx.act is not None and x is not None:
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(need_x)
+                a = ctx.act(x_in)
         if need_x or need_col:
             grad_x = dy @ gated_weight(weight, g_row, g_col)
         if need_col:
-            grad_col = _unscale(_sum_rows(grad_x * x), g_col)
+            grad_col = _unscale(_sum_rows(grad_x * a.detach()), g_col)
         if need_row:
             grad_row = _unscale(_sum_rows(dy * y), g_row)
-        if need_w:  # dL/dW = g_row[:, None] * (dy^T x) * g_col[None, :]
-            grad_w = gated_weight(_rows(dy).t() @ _rows(x), g_row, g_col)
+        if need_w:  # dL/dW = g_row[:, None] * (dy^T a) * g_col[None, :]
+            grad_w = gated_weight(_rows(dy).t() @ _rows(a.detach()), g_row, g_col)
         if ctx.has_bias and need_b:
             grad_b = _sum_rows(dy) if g_row is None else _sum_rows(dy) * g_row
-        return grad_x if need_x else None, grad_col, grad_row, grad_w, grad_b
+        if need_x and x_in is not None:
+            (grad_x,) = torch.autograd.grad(a, x_in, grad_x)
+        return grad_x if need_x else None, grad_col, grad_row, grad_w, grad_b, None

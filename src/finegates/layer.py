@@ -64,6 +64,9 @@ class GatedLinear(nn.Module):
         self.register_buffer("kept_cols", None, persistent=False)
         self.register_buffer("kept_weight", None, persistent=False)
         self.dense_kept = True  # False once compaction dropped the full weight (no bypass any more)
+        # The FFN activation moved into this (down) projection (`defer_activation`): the layer receives
+        # the activation's input and applies it first, so training keeps one tensor, not two.
+        self.input_act: nn.Module | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -90,6 +93,11 @@ class GatedLinear(nn.Module):
             return None
         return (gate.deterministic() if eval_values else gate.value()).to(dtype)
 
+    def layer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the linear map reads from the module's input `x`: `x`, or its activation where the FFN's
+        activation was moved into this layer."""
+        return x if self.input_act is None else self.input_act(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             if not self.dense_kept:
@@ -97,18 +105,19 @@ class GatedLinear(nn.Module):
                     "The gates of this layer cannot be bypassed: progressive compaction dropped its full "
                     "weight. Keep it (keep_dense=True, as distillation does) to run the dense model."
                 )
-            return self.base_layer(x)
+            return self.base_layer(self.layer_input(x))
         if self.kept_weight is not None:
             return self._compacted_forward(x)
         g_col, g_row = self._applied("col", x.dtype), self._applied("row", x.dtype)
         if g_col is None and g_row is None:  # e.g. q/k in the runtime structure: nothing to multiply or save
-            return self.base_layer(x)
+            return self.base_layer(self.layer_input(x))
         # The fused function reads the weight directly, so a wrapped base (e.g. a peft LoRA layer) keeps
         # its own forward.
         if torch.is_grad_enabled() and self.training and isinstance(self.base_layer, LINEAR_TYPES):
             return GatedLinearFunction.apply(
-                x, g_col, g_row, weight_out_in(self.base_layer), self.base_layer.bias
+                x, g_col, g_row, weight_out_in(self.base_layer), self.base_layer.bias, self.input_act
             )
+        x = self.layer_input(x)
         y = self.base_layer(x if g_col is None else x * g_col)
         return y if g_row is None else y * g_row
 
@@ -120,10 +129,11 @@ class GatedLinear(nn.Module):
         g_col, g_row = self._applied("col", x.dtype), self._applied("row", x.dtype)
         g_col = None if g_col is None else g_col.index_select(0, self.kept_cols)
         g_row = None if g_row is None else g_row.index_select(0, self.kept_rows)
+        if torch.is_grad_enabled() and self.training and (g_col is not None or g_row is not None):
+            return GatedLinearFunction.apply(x, g_col, g_row, weight, bias, self.input_act)
+        x = self.layer_input(x)
         if g_col is None and g_row is None:
             return F.linear(x, weight, bias)
-        if torch.is_grad_enabled() and self.training:
-            return GatedLinearFunction.apply(x, g_col, g_row, weight, bias)
         y = F.linear(x if g_col is None else x * g_col, weight, bias)
         return y if g_row is None else y * g_row
 
@@ -185,6 +195,29 @@ class GatedLinear(nn.Module):
     def extra_repr(self) -> str:
         kept = "" if self.kept_weight is None else f", kept={tuple(self.kept_weight.shape)}"
         return f"in_features={self.in_features}, out_features={self.out_features}{kept}"
+
+
+class DeferredActivation(nn.Module):
+    """Stands in for an FFN's activation that `defer_activation` moved into the down projection: passes
+    its input through (the original module is kept as `act`)."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def defer_activation(block: nn.Module, act_path: str, down: GatedLinear) -> None:
+    """Move the elementwise activation at `act_path` (relative to `block`) into `down`, the gated layer
+    that reads its output: `down` then keeps the activation's input for its backward pass and recomputes
+    the activation, where the activation and the gated layer would each keep a tensor of the FFN's width."""
+    act = block.get_submodule(act_path)
+    if isinstance(act, DeferredActivation) or down.input_act is not None:
+        return
+    block.set_submodule(act_path, DeferredActivation(act))
+    object.__setattr__(down, "input_act", act)  # not a submodule: the module tree holds it once
 
 
 def _positions(have: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

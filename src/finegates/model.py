@@ -7,10 +7,12 @@ import logging
 
 from torch import nn
 
+from finegates.architectures import architecture_for
 from finegates.config import GatesConfig
 from finegates.controller import SparsityController
+from finegates.coupling import find_blocks
 from finegates.gates import REMOVED, Gate, TiedGate
-from finegates.layer import GatedLinear
+from finegates.layer import GatedLinear, defer_activation
 from finegates.targets import default_modules_to_save, resolve_targets
 from finegates.ties import TIES_ATTR, runtime_gates, tie_runtime_gates
 
@@ -50,6 +52,7 @@ def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.M
         model.set_submodule(name, GatedLinear(base, config).train(base.training))
     if config.structure == "runtime":
         model.add_module(TIES_ATTR, tie_runtime_gates(model, config))
+    _defer_activations(model)
     model.add_module(CONTROLLER_ATTR, SparsityController().to(next(model.parameters()).device))
     model.finegates_config = config
     # The multipliers live outside forward() and get the same gradient on every rank (the gates are
@@ -62,6 +65,19 @@ def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.M
     _set_trainable(model, config)
     logger.info("Gated %d linear layers of %s", len(names), type(model).__name__)
     return model
+
+
+def _defer_activations(model: nn.Module) -> None:
+    """Move each block's FFN activation into its down projection where a gate there is multiplied in
+    (the architecture table names the activation; GLU FFNs have none to move)."""
+    arch = architecture_for(getattr(getattr(model, "config", None), "model_type", None))
+    if arch is None or arch.activation is None:
+        return
+    for block in find_blocks(model):
+        down = block.modules.get("down", (None, None))[1]
+        col = down.gates().get("col") if isinstance(down, GatedLinear) else None
+        if col is not None and getattr(col, "applied", True):
+            defer_activation(model.get_submodule(block.name), arch.activation, down)
 
 
 def is_gated(model: nn.Module) -> bool:

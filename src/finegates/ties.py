@@ -1,11 +1,13 @@
 """`structure="runtime"`: gates tied to the units every runtime can drop without gathers.
 
 One gate per attention head (on its output columns), one per KV group where groups hold several query
-heads (on its value rows), one per FFN channel (on the down projection's input columns), and one gate
+heads (on its value rows), one per FFN channel (on the down projection's input columns; in GLU FFNs on
+the up projection's rows, where the product with the activation keeps the values it needs), and one gate
 vector over the residual stream shared by the whole model: it multiplies every embedding output, every
 row of every layer that writes the stream (attention output, FFN down projection) and, in LayerNorm
-models, every norm output. A closed residual dim is then zero everywhere in the stream, so compaction
-drops it from the embeddings, the norms, every layer and the head at once (`finegates.compress`); the
+models, every norm output (folded into the norm's affine map: `StreamLayerNorm`). A closed residual dim
+is then zero everywhere in the stream, so compaction drops it from the embeddings, the norms, every layer
+and the head at once (`finegates.compress`); the
 readers' columns carry a view of the same gate that the budget counts but that is not multiplied in.
 
 Which modules play which part comes from the architecture table (`finegates.architectures`). The
@@ -17,6 +19,7 @@ from __future__ import annotations
 import re
 
 from torch import nn
+from torch.nn import functional as F
 
 from finegates.architectures import Architecture, architecture_for
 from finegates.config import GatesConfig
@@ -49,6 +52,35 @@ class _StreamMask:
         if not self.gates.enabled:
             return output
         return output * self.gates.residual.value().to(output.dtype)
+
+
+class StreamLayerNorm(nn.LayerNorm):
+    """A LayerNorm whose output the residual gate r scales, with r folded into its affine map:
+    LN(x) * r = x_hat * (w * r) + b * r. The norm's own backward then yields r's gradient from what it
+    keeps anyway (its input and statistics), where multiplying its output would keep that output too.
+    `tie_runtime_gates` gives the model's stock LayerNorms this class (same state, only the forward
+    differs); `finegates_ties` is the shared gates' module."""
+
+    finegates_ties: RuntimeGates
+
+    def forward(self, x):
+        ties = self.finegates_ties
+        if not ties.enabled:
+            return super().forward(x)
+        r = ties.residual.value().to(x.dtype if self.weight is None else self.weight.dtype)
+        weight = r if self.weight is None else self.weight * r
+        bias = None if self.bias is None else self.bias * r
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+def _mask_stream_at(module: nn.Module, ties: RuntimeGates) -> None:
+    """Scale `module`'s output by the residual gate: folded into a stock LayerNorm's affine map, by a
+    forward hook elsewhere (embeddings)."""
+    if type(module) is nn.LayerNorm:
+        module.__class__ = StreamLayerNorm
+        object.__setattr__(module, "finegates_ties", ties)  # a reference, not a submodule
+    else:
+        module.register_forward_hook(_StreamMask(ties))
 
 
 class _NewSample:
@@ -96,7 +128,7 @@ def _tie_block(block: Block, residual: Gate, cfg: GatesConfig) -> dict[str, Gate
             row = TiedGate(residual) if role in WRITERS else None
             col = TiedGate(residual, applied=False) if role in READERS else None
             module.set_gates(row, col)
-    o, v, down = _gated(block, "o"), _gated(block, "v"), _gated(block, "down")
+    o, v, up, down = (_gated(block, role) for role in ("o", "v", "up", "down"))
     if o is not None:
         shared["heads"] = make_gate(s.num_heads, cfg)
         o.set_gates(o.row_gate, TiedGate(shared["heads"], s.head_dim))
@@ -105,7 +137,13 @@ def _tie_block(block: Block, residual: Gate, cfg: GatesConfig) -> dict[str, Gate
         v.set_gates(TiedGate(shared["kv_heads"], s.head_dim), v.col_gate)
     if down is not None:
         shared["channels"] = make_gate(down.in_features, cfg)
-        down.set_gates(down.row_gate, TiedGate(shared["channels"]))
+        if block.has("gate") and up is not None:
+            # GLU: act(gate x) * (up x) * c. On the up projection's rows the gate needs the up output,
+            # which the product keeps anyway; on the down projection's columns it would need the product.
+            up.set_gates(TiedGate(shared["channels"]), up.col_gate)
+            down.set_gates(down.row_gate, None)
+        else:
+            down.set_gates(down.row_gate, TiedGate(shared["channels"]))
     return shared
 
 
@@ -138,7 +176,7 @@ def tie_runtime_gates(model: nn.Module, cfg: GatesConfig) -> RuntimeGates:
         )
     hooked = [*parts["embeddings"].values(), *(parts["norms"].values() if arch.layer_norm else ())]
     for module in hooked:
-        module.register_forward_hook(_StreamMask(ties))
+        _mask_stream_at(module, ties)
     residual.shares_samples = True
     for parent in {name.rpartition(".")[0] for name in parts["embeddings"]}:
         model.get_submodule(parent).register_forward_pre_hook(_NewSample(ties))

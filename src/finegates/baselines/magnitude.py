@@ -66,8 +66,8 @@ class MagnitudeConfig(MethodConfig):
 def _calibrate(model: nn.Module, calibration: Iterable[Batch], record) -> None:
     """Run the calibration batches with `record(name, inputs, outputs)` hooked on every gated layer."""
 
-    def hook(name: str):
-        return lambda module, args, output: record(name, args[0].detach(), output.detach())
+    def hook(name: str):  # a moved FFN activation runs inside the layer: its output is the layer's input
+        return lambda layer, args, output: record(name, layer.layer_input(args[0]).detach(), output.detach())
 
     handles = [layer.register_forward_hook(hook(n)) for n, layer in gated_layers(model).items()]
     try:

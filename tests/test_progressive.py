@@ -17,7 +17,7 @@ from finegates.gates import TiedGate, force_gates
 from finegates.model import all_gates, gated_layers, set_gates_enabled
 from finegates.optim import finalize_gates
 from finegates.progressive import apply_removed, compact_closed, removed_weights
-from finegates.report import sparsity_report
+from finegates.report import base_parameter_count, sparsity_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STRUCTURES = ["fine", "runtime"]
@@ -88,8 +88,9 @@ def test_outputs_are_identical_before_and_after_compaction(arch, structure, patt
         torch.testing.assert_close(
             model(input_ids=ids, attention_mask=mask).logits, before_masked, atol=1e-5, rtol=0
         )
-    # the plan, the report and compress see the same model
+    # the plan, the report and compress see the same model (the freed weights counted at full size)
     assert sparsity_report(model).gated_removed == report.gated_removed
+    assert base_parameter_count(model) == report.model_params
     torch.testing.assert_close(logits(compress(model), ids), small_before, atol=1e-5, rtol=0)
     # a second compaction of the same gates cuts nothing more
     assert compact_closed(model).weights == 0

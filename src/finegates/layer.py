@@ -213,7 +213,10 @@ def defer_activation(block: nn.Module, act_path: str, down: GatedLinear) -> None
     """Move the elementwise activation at `act_path` (relative to `block`) into `down`, the gated layer
     that reads its output: `down` then keeps the activation's input for its backward pass and recomputes
     the activation, where the activation and the gated layer would each keep a tensor of the FFN's width."""
-    act = block.get_submodule(act_path)
+    try:
+        act = block.get_submodule(act_path)
+    except AttributeError:  # a plain function, not a module: it stays where it is
+        return
     if isinstance(act, DeferredActivation) or down.input_act is not None:
         return
     block.set_submodule(act_path, DeferredActivation(act))

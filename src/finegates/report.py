@@ -163,13 +163,24 @@ def _block_rows(plan: CompactionPlan) -> list[BlockRow]:
 
 
 def base_parameter_count(model: nn.Module) -> int:
-    """Parameters of the underlying model: gates and the controller excluded."""
+    """Parameters of the underlying model: gates and the controller excluded; a weight that progressive
+    compaction freed counts at its original size."""
     gate_ids = gate_parameter_ids(model)
+    freed = {
+        id(layer.weight): layer.out_features * layer.in_features
+        for layer in gated_layers(model).values()
+        if not layer.dense_kept
+    }
     return sum(
-        p.numel()
+        freed.get(id(p), p.numel())
         for n, p in model.named_parameters()
         if id(p) not in gate_ids and not n.startswith(CONTROLLER_ATTR)
     )
+
+
+# The report of the cached compaction plan (`plan.compaction_plan`): a training step asks for the removed
+# fraction two or three times on the same gates. Treat it as read-only.
+_REPORT_CACHE = "_finegates_report_cache"
 
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
@@ -177,11 +188,16 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 
     >>> print(sparsity_report(model))  # doctest: +SKIP
     """
-    plan = compaction_plan(model)
+    plan, target = compaction_plan(model), gates_config(model).target_sparsity
+    cached = model.__dict__.get(_REPORT_CACHE)
+    if cached is not None and cached[0] is plan and cached[1] == target:
+        return cached[2]  # the plan is the cached one: the gates have not changed since
     stream = _stream_rows(model, plan) if plan.residual is not None else []
-    return SparsityReport(
-        target=gates_config(model).target_sparsity,
+    report = SparsityReport(
+        target=target,
         layers=_layer_rows(model, plan) + stream,
         blocks=_block_rows(plan),
         model_params=base_parameter_count(model),
     )
+    model.__dict__[_REPORT_CACHE] = (plan, target, report)
+    return report

@@ -413,6 +413,31 @@ def test_uniform_layers_train_to_one_stock_shape(arch_name):
     torch.testing.assert_close(outputs(stock, ids, mask)[0], outputs(model, ids, mask)[0], atol=ATOL, rtol=0)
 
 
+def test_uniform_finalize_rounds_kv_groups_to_the_nearest_and_channels_take_the_rest():
+    """Two of three layers keep both KV groups, one keeps one: finalize keeps two in every layer (the
+    nearest to the mean) and lands on the target through FFN channels, instead of taking a whole KV group
+    out of every layer (rounding down: about half of the attention weights at once)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finegates.gates import force_gates
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=37, vocab_size=99,
+    )  # fmt: skip
+    model = get_gated_model(
+        LlamaForCausalLM(config), GatesConfig(structure="runtime", uniform_layers=True, target_sparsity=0.1)
+    ).eval()
+    kv = runtime_gates(model).blocks[2]["kv_heads"]
+    force_gates(kv, torch.tensor([False, True]), torch.tensor([False, False]))
+    removed = finegates.finalize_gates(model)
+    assert layer_counts(model) == {(2, 4, layer_counts(model).pop()[2])}
+    # above the target by less than a KV group would take (about 23% of these layers' weights); the rest
+    # comes from whole residual dims (a multiple of the head count) and FFN channels
+    assert 0.1 <= removed < 0.2
+
+
 def test_uniform_layers_need_the_runtime_structure():
     with pytest.raises(ValueError, match="structure='runtime'"):
         GatesConfig(uniform_layers=True)

@@ -82,7 +82,7 @@ def finalize_gates(model: nn.Module, target: float | None = None, tolerance: flo
     target = budget_target(cfg) if target is None else target
     before = budget_fraction(model)
     achieved = project_budget(model, target, target + tolerance).removed
-    if cfg.uniform_layers:  # equal counts, rounded down: at least the target stays removed
+    if cfg.uniform_layers:  # equal counts; FFN channels leave alike until at least the target is removed
         equalize_layers(model, FINAL_MARGIN, final=True, target=target)
         achieved = budget_fraction(model)
     logger.info("finalize_gates: removed fraction %.4f -> %.4f (target %.4f)", before, achieved, target)

@@ -183,3 +183,15 @@ def test_the_trainer_keeps_the_removed_fraction_near_the_target(tmp_path):
     assert all(row["sparsity_removed"] <= row["sparsity_target"] + 0.02 for row in rows)
     assert all(abs(row["sparsity_removed"] - 0.4) <= 0.02 for row in rows if row["step"] >= 12)
     assert abs(trainer.budget.removed_after_finalize - trainer.budget.removed_by_training) <= 0.01
+
+
+def test_a_finalize_that_overshoots_the_target_says_so():
+    """Training on target, finalize far past it (whole units too coarse for the target): a warning naming
+    both fractions; on target both ways: none."""
+    from finegates.budget import BudgetOutcome
+
+    over = BudgetOutcome(0.4, 0.395, 0.463, closed_gates=10, projected_closed=10, projected_reopened=0)
+    assert "46.3%" in over.warning() and "40.0%" in over.warning()
+    assert over.metrics()["warning"] == over.warning()
+    on = BudgetOutcome(0.4, 0.395, 0.401, closed_gates=10, projected_closed=10, projected_reopened=0)
+    assert on.warning() is None

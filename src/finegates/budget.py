@@ -232,12 +232,20 @@ class BudgetOutcome:
 
     def warning(self) -> str | None:
         """A loud line when training did not remove the target itself (possible only without the budget
-        projection, `budget_tolerance=None`), else None."""
+        projection, `budget_tolerance=None`), or when finalize overshot it (whole units too coarse for the
+        target, e.g. an equal-layer shape), else None."""
         if abs(self.removed_by_training - self.target) > 0.02:
             return (
                 f"training removed {self.removed_by_training:.1%} of the budget's measure for a target of "
                 f"{self.target:.1%}; finalize_gates made the rest of the cut from the gate ranking. Train "
                 "longer, or raise gate_lr."
+            )
+        if self.removed_after_finalize - self.target > 0.02:
+            return (
+                f"finalize_gates removed {self.removed_after_finalize:.1%} of the budget's measure for a "
+                f"target of {self.target:.1%}: the whole units it cuts (with uniform_layers, the same KV "
+                "groups, heads and residual dims in every layer) could not land closer. Lower the target, or "
+                "train without uniform_layers (per-layer widths)."
             )
         return None
 

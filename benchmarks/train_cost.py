@@ -183,22 +183,21 @@ def run_one(method: str, steps: int, batch: int, length: int) -> dict:
 
 
 def paired_steps(methods: list[str], steps: int, batch: int, length: int) -> None:
-    """The methods in one process, one step of each in turn: per-round step-time ratios against the first
-    method (machine drift hits every method of a round alike), median over `steps` rounds."""
+    """The methods in one process, one step of each in turn (`finegates.timing.time_rounds`, after one
+    warm-up step each): per-round step-time ratios against the first method (machine drift hits every
+    method of a round alike), median over `steps` rounds."""
     import torch
 
+    from finegates.timing import time_rounds
+
     ids, labels = _batch(batch, length)
-    runs = {}
+    calls = {}
     for method in methods:
         torch.manual_seed(0)
-        model, optimizer = _prepare(method, steps + 2)
-        runs[method] = (model.train(), optimizer)
-    times = {m: [] for m in methods}
-    for round_ in range(steps + 2):
-        for method in methods:
-            seconds = _step(method, *runs[method], ids, labels)
-            if round_ >= 2:
-                times[method].append(seconds)
+        model, optimizer = _prepare(method, steps + 1)
+        model.train()
+        calls[method] = lambda m=method, mo=model, o=optimizer: _step(m, mo, o, ids, labels)
+    times = time_rounds(calls, repeats=steps, inference=False)
     base = methods[0]
     print(f"MiniLM, batch {batch} x {length}, one process, {steps} rounds of one step per method\n")
     print(f"| method | median step (s) | median per-round ratio vs {base} |")

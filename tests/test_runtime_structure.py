@@ -432,7 +432,8 @@ def test_uniform_finalize_rounds_kv_groups_to_the_nearest_and_channels_take_the_
     kv = runtime_gates(model).blocks[2]["kv_heads"]
     force_gates(kv, torch.tensor([False, True]), torch.tensor([False, False]))
     removed = finegates.finalize_gates(model)
-    assert layer_counts(model) == {(2, 4, layer_counts(model).pop()[2])}
+    (shape,) = layer_counts(model)  # one shape for every layer
+    assert shape[:2] == (2, 4)  # both KV groups, all four query heads
     # above the target by less than a KV group would take (about 23% of these layers' weights); the rest
     # comes from whole residual dims (a multiple of the head count) and FFN channels
     assert 0.1 <= removed < 0.2

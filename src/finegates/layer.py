@@ -217,8 +217,6 @@ def defer_activation(block: nn.Module, act_path: str, down: GatedLinear) -> None
         act = block.get_submodule(act_path)
     except AttributeError:  # a plain function, not a module: it stays where it is
         return
-    if isinstance(act, DeferredActivation) or down.input_act is not None:
-        return
     block.set_submodule(act_path, DeferredActivation(act))
     object.__setattr__(down, "input_act", act)  # not a submodule: the module tree holds it once
 

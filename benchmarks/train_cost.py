@@ -14,7 +14,8 @@ same task head (classifier + pooler).
 
 `--paired lora,finegates-runtime,finegates`: the step times again with the methods in one process, one
 step of each in turn, as median per-round ratios against the first (less exposed to a shared machine's
-drift than separate processes; no memory figures, the process holds them all).
+drift than separate processes; no memory figures, the process holds them all). A method name ending in
+`@bf16` (e.g. `lora@bf16`) steps under bfloat16 autocast, as `--bf16` trains.
 
 `--whole-run`: whole runs instead of steps, on `make run`'s settings (Reuters-8, 2,000 training documents
 of 64 tokens, 3 epochs of batch 16, the finetune workflow's Trainer arguments) at `--target` (0.4):
@@ -106,8 +107,27 @@ def _rss_mb() -> float:
 
 def _step(method: str, model, optimizer, ids, labels, backward: bool = True) -> float:
     """One training step (forward, backward, AdamW; the budget's step for FineGates); its seconds.
-    `backward=False`: the forward pass and the losses only."""
+    `backward=False`: the forward pass and the losses only. `method@bf16`: the forward pass under bfloat16
+    autocast (as transformers' bf16=True runs it)."""
+    import torch
+
+    method, _, precision = method.partition("@")
     start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = _loss(method, model, ids, labels)
+    if not backward:
+        return time.perf_counter() - start
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if method.startswith("finegates"):
+        import finegates
+
+        finegates.budget_step(model)
+    return time.perf_counter() - start
+
+
+def _loss(method: str, model, ids, labels):
     distill = _distill_config(method)
     if distill is not None:
         from finegates.distill import distill_loss, teacher_outputs
@@ -123,14 +143,7 @@ def _step(method: str, model, optimizer, ids, labels, backward: bool = True) -> 
         loss = loss + finegates.sparsity_loss(model)
     if distill is not None:
         loss = loss + distill_loss(outputs, teacher, None, distill)
-    if not backward:
-        return time.perf_counter() - start
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if method.startswith("finegates"):
-        finegates.budget_step(model)
-    return time.perf_counter() - start
+    return loss
 
 
 def _batch(batch: int, length: int):
@@ -194,7 +207,7 @@ def paired_steps(methods: list[str], steps: int, batch: int, length: int) -> Non
     calls = {}
     for method in methods:
         torch.manual_seed(0)
-        model, optimizer = _prepare(method, steps + 1)
+        model, optimizer = _prepare(method.partition("@")[0], steps + 1)
         model.train()
         calls[method] = lambda m=method, mo=model, o=optimizer: _step(m, mo, o, ids, labels)
     times = time_rounds(calls, repeats=steps, inference=False)
@@ -371,7 +384,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.paired:
         methods = args.paired.split(",")
-        unknown = sorted(set(methods) - set(METHODS))
+        unknown = sorted({m.removesuffix("@bf16") for m in methods} - set(METHODS))
         if unknown:
             parser.error(f"--paired: unknown methods {unknown}; choose from {', '.join(METHODS)}")
         paired_steps(methods, args.steps, args.batch, args.length)

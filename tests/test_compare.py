@@ -127,3 +127,35 @@ def test_compare_trains_finegates_in_the_structure_asked_for():
     assert _method_config("finegates+kd", 0.3).gates_config().structure == "fine"
     with pytest.raises(ValueError, match="structure"):
         CompareConfig(structure="coarse")
+
+
+def test_compare_takes_a_learning_rate_per_method_and_bf16(tiny_task, tmp_path, monkeypatch):
+    """`learning_rates` reaches the method's training (others keep their defaults), with `bf16`; bad
+    items are refused when the config is made, not in a method's own process."""
+    from finegates.baselines import loop
+    from finegates.workflows.compare import learning_rates, run_one
+
+    model_dir, csv = tiny_task
+    cfg = CompareConfig(
+        model=str(model_dir), task=str(csv), text_column="sentence", label_column="topic",
+        max_train_samples=16, max_test_samples=8, max_length=12, output_dir=str(tmp_path),
+        learning_rates=["full=3e-4,lora=1e-3"], bf16=True,
+    )  # fmt: skip
+    assert learning_rates(cfg) == {"full": 3e-4, "lora": 1e-3}
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fit(method, model, batches, **kwargs):
+        seen.append((type(method).__name__, kwargs["lr"], kwargs["bf16"]))
+        raise Stop
+
+    monkeypatch.setattr(loop, "fit_method", fit)
+    for method in ("full", "magnitude+lora"):
+        with pytest.raises(Stop):
+            run_one(cfg, method, None if method == "full" else 0.3)
+    assert [s[1:] for s in seen] == [(3e-4, True), (None, True)]  # None: the method's default
+    for bad, message in (("full", "METHOD=LR"), ("full=-1", "positive"), ("adapters=1e-3", "unknown method")):
+        with pytest.raises(ValueError, match=message):
+            CompareConfig(learning_rates=[bad])

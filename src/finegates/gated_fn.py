@@ -19,6 +19,11 @@ activation moved into its down projection (`GatedLinear.input_act`). The functio
 activation's input x instead of both x (for the activation's backward) and act(x) (for the column gate)
 and recomputes act(x) in the backward pass: one activation less per token kept, for one elementwise
 activation more computed.
+
+Mixed precision (`torch.autocast`, e.g. transformers' `bf16=True`): the gates are folded into the float32
+weight first and the product cast once to the autocast dtype, so the GEMMs of both passes run in it, as
+an autocast `F.linear` would; the gates' gradients are summed in float32 and every gradient leaves in
+the dtype of its input (float32 gates and weights, whatever the activations are).
 """
 
 from __future__ import annotations
@@ -35,7 +40,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_rows(t: torch.Tensor) -> torch.Tensor:
-    return _rows(t).sum(0)
+    return _rows(t).sum(0, dtype=torch.float32 if t.dtype in LOW_PRECISION else t.dtype)
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype an `F.linear` of `x` and `weight` computes in here: autocast's where it is on for the
+    input's device type, else the weight's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
 def gated_weight(
@@ -57,14 +74,17 @@ def _unscale(total: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 class GatedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g_col, g_row, weight, bias, act=None):  # weight is (out, in), as for F.linear
+        dtype = compute_dtype(x, weight)
         gated_bias = bias if bias is None or g_row is None else bias * g_row
-        y = F.linear(x if act is None else act(x), gated_weight(weight, g_row, g_col), gated_bias)
+        a = x if act is None else act(x)
+        y = F.linear(a.to(dtype), gated_weight(weight, g_row, g_col).to(dtype), _cast(gated_bias, dtype))
         col_trains = g_col is not None and ctx.needs_input_grad[1]
         row_trains = g_row is not None and ctx.needs_input_grad[2]
         weight_trains = ctx.needs_input_grad[3]
         keep_x = col_trains or weight_trains or (act is not None and ctx.needs_input_grad[0])
         ctx.save_for_backward(x if keep_x else None, y if row_trains else None, g_col, g_row, weight)
-        ctx.has_bias, ctx.act = bias is not None, act
+        ctx.act, ctx.dtype, ctx.x_dtype = act, dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -72,21 +92,34 @@ class GatedLinearFunction(torch.autograd.Function):
         x, y, g_col, g_row, weight = ctx.saved_tensors
         need_x, need_col, need_row, need_w, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_col = grad_row = grad_w = grad_b = None
-        a, x_in = x, None  # the linear map's input, and the activation's input where one is fused in
+        dy = dy.to(ctx.dtype)
+        act_out, x_in = x, None  # the activation's output (with its graph) and input, where one is fused in
         if ctx.act is not None and x is not None:
             with torch.enable_grad():
                 x_in = x.detach().requires_grad_(need_x)
-                a = ctx.act(x_in)
+                act_out = ctx.act(x_in)
+        a = None if act_out is None else act_out.detach().to(ctx.dtype)  # the linear map's input
         if need_x or need_col:
-            grad_x = dy @ gated_weight(weight, g_row, g_col)
+            grad_x = dy @ gated_weight(weight, g_row, g_col).to(ctx.dtype)
         if need_col:
-            grad_col = _unscale(_sum_rows(grad_x * a.detach()), g_col)
+            grad_col = _unscale(_sum_rows(grad_x * a), g_col)
         if need_row:
             grad_row = _unscale(_sum_rows(dy * y), g_row)
         if need_w:  # dL/dW = g_row[:, None] * (dy^T a) * g_col[None, :]
-            grad_w = gated_weight(_rows(dy).t() @ _rows(a.detach()), g_row, g_col)
-        if ctx.has_bias and need_b:
+            grad_w = gated_weight((_rows(dy).t() @ _rows(a)).to(weight.dtype), g_row, g_col)
+        if ctx.bias_dtype is not None and need_b:
             grad_b = _sum_rows(dy) if g_row is None else _sum_rows(dy) * g_row
         if need_x and x_in is not None:
-            (grad_x,) = torch.autograd.grad(a, x_in, grad_x)
-        return grad_x if need_x else None, grad_col, grad_row, grad_w, grad_b, None
+            (grad_x,) = torch.autograd.grad(act_out, x_in, grad_x.to(act_out.dtype))
+        return (
+            _cast(grad_x, ctx.x_dtype) if need_x else None,
+            _cast(grad_col, None if g_col is None else g_col.dtype),
+            _cast(grad_row, None if g_row is None else g_row.dtype),
+            grad_w,
+            _cast(grad_b, ctx.bias_dtype),
+            None,
+        )
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)

@@ -108,12 +108,14 @@ class GatedLinear(nn.Module):
             return self.base_layer(self.layer_input(x))
         if self.kept_weight is not None:
             return self._compacted_forward(x)
-        g_col, g_row = self._applied("col", x.dtype), self._applied("row", x.dtype)
+        # The fused function reads the weight directly, so a wrapped base (e.g. a peft LoRA layer) keeps
+        # its own forward. It folds the gates into the weight in the weight's dtype (float32 under autocast).
+        fused = torch.is_grad_enabled() and self.training and isinstance(self.base_layer, LINEAR_TYPES)
+        dtype = self.weight.dtype if fused else x.dtype
+        g_col, g_row = self._applied("col", dtype), self._applied("row", dtype)
         if g_col is None and g_row is None:  # e.g. q/k in the runtime structure: nothing to multiply or save
             return self.base_layer(self.layer_input(x))
-        # The fused function reads the weight directly, so a wrapped base (e.g. a peft LoRA layer) keeps
-        # its own forward.
-        if torch.is_grad_enabled() and self.training and isinstance(self.base_layer, LINEAR_TYPES):
+        if fused:
             return GatedLinearFunction.apply(
                 x, g_col, g_row, weight_out_in(self.base_layer), self.base_layer.bias, self.input_act
             )
@@ -126,10 +128,12 @@ class GatedLinear(nn.Module):
         full length (the optimizer's state and saved adapters too) and are read at the kept indices."""
         weight, bias = self.kept_weight, self.base_layer.bias
         bias = None if bias is None else bias.index_select(0, self.kept_rows)
-        g_col, g_row = self._applied("col", x.dtype), self._applied("row", x.dtype)
+        fused = torch.is_grad_enabled() and self.training
+        dtype = weight.dtype if fused else x.dtype
+        g_col, g_row = self._applied("col", dtype), self._applied("row", dtype)
         g_col = None if g_col is None else g_col.index_select(0, self.kept_cols)
         g_row = None if g_row is None else g_row.index_select(0, self.kept_rows)
-        if torch.is_grad_enabled() and self.training and (g_col is not None or g_row is not None):
+        if fused and (g_col is not None or g_row is not None):
             return GatedLinearFunction.apply(x, g_col, g_row, weight, bias, self.input_act)
         x = self.layer_input(x)
         if g_col is None and g_row is None:

@@ -37,6 +37,15 @@ def average_loss_per_process(model) -> bool:
     return not name.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
 
 
+def train_model(trainer: Trainer, resume: str | bool | None = None):
+    """`trainer.train(resume_from_checkpoint=resume)`, then the model's own forward back in place: with
+    `bf16=True` accelerate wraps the model's forward in autocast for good, and what a workflow does with
+    the model after training (perplexity, zero-shot scores, compaction checks) must run in float32."""
+    output = trainer.train(resume_from_checkpoint=resume)
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    return output
+
+
 def budget_logs(model, step: int) -> dict[str, float]:
     """What a training log records of the budget at `step`: the removed fraction (exact, and as the
     objective estimates it), the ramped target, the multipliers and the projection's counts."""

@@ -20,6 +20,7 @@ from transformers import PrinterCallback, TrainingArguments
 from finegates.baselines.base import Batch, Method
 from finegates.baselines.registry import make_method
 from finegates.baselines.trainer import PreBatched, unbatch
+from finegates.trainer import train_model
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def train_method(
     calibration_batches: Sequence[Batch] | None = None,
     progress: bool = False,
     seed: int = 0,
+    bf16: bool = False,
 ) -> MethodResult:
     """Prepare `model` with method `name`, train it on `train_batches`, finalize it and evaluate it.
 
@@ -77,6 +79,7 @@ def train_method(
         warmup_ratio=warmup_ratio,
         progress=progress,
         seed=seed,
+        bf16=bf16,
     )
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     model = method.finalize(model).eval()
@@ -109,12 +112,13 @@ def fit_method(
     warmup_ratio: float = 0.0,
     progress: bool = False,
     seed: int = 0,
+    bf16: bool = False,
 ) -> tuple[list[float], int, float]:
     """Train a prepared model in place through the method's Trainer (`method.trainer`), on the batches in
     their order, `epochs` times; returns (logged losses, steps, mean seconds per step).
 
     AdamW without weight decay and without gradient clipping, the schedule `scheduler` over the whole run;
-    no checkpoints (the run lives in a temporary folder)."""
+    no checkpoints (the run lives in a temporary folder). `bf16`: bfloat16 autocast (transformers' bf16)."""
     steps = epochs * len(train_batches)  # the method's Trainer gives it the run's length
     with tempfile.TemporaryDirectory(prefix="finegates-fit-") as tmp:
         args = TrainingArguments(
@@ -132,6 +136,7 @@ def fit_method(
             disable_tqdm=not progress,
             seed=seed,
             use_cpu=not torch.cuda.is_available(),
+            bf16=bf16,
         )
         trainer = method.trainer(
             model, args, PreBatched(list(train_batches), epochs), teacher=teacher, data_collator=unbatch
@@ -139,7 +144,7 @@ def fit_method(
         if not progress:
             trainer.remove_callback(PrinterCallback)
         begin = time.perf_counter()
-        trainer.train()
+        train_model(trainer)
         seconds = time.perf_counter() - begin
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses, trainer.state.global_step, seconds / max(trainer.state.global_step, 1)

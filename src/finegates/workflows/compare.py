@@ -28,6 +28,7 @@ from finegates.config import STRUCTURES, dataclass_from_dict
 from finegates.io_utils import atomic_write_text
 from finegates.workflows.run_config import (
     RUN_CONFIG_NAME,
+    PrecisionOptions,
     run_config_payload,
     write_run_config,
 )
@@ -53,7 +54,7 @@ TEACHER = "teacher"
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(PrecisionOptions):
     """What to compare and on how much data."""
 
     model: str = field(default="minilm", metadata={"help": "Embedded name, hub id or local folder."})
@@ -90,9 +91,19 @@ class CompareConfig:
         },
     )
 
+    learning_rates: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Learning rates other than a method's default, as METHOD=LR (e.g. full=3e-4 lora=1e-3); "
+            "for finegates methods the head's (the gates keep gate_lr)."
+        },
+    )
+
     def __post_init__(self) -> None:
         # The command line gives "full,lora" or "full lora"; both mean the same list.
         self.methods = _split(self.methods)
+        self.learning_rates = _split(self.learning_rates)
+        learning_rates(self)  # a clear error now rather than in a method's own process
         try:
             self.sparsity = [float(s) for s in _split(self.sparsity)]
         except ValueError as err:
@@ -114,6 +125,25 @@ def _split(values: list | str) -> list:
         for part in (v.split(",") if isinstance(v, str) else [v])
         if part != ""
     ]
+
+
+def learning_rates(cfg: CompareConfig) -> dict[str, float]:
+    """`cfg.learning_rates` as {method: lr}."""
+    rates = {}
+    for item in cfg.learning_rates:
+        method, sep, value = str(item).partition("=")
+        try:
+            rate = float(value) if sep else None
+        except ValueError:
+            rate = None
+        if rate is None or not rate > 0 or rate == float("inf"):
+            raise ValueError(
+                f"learning_rates: {item!r} is not METHOD=LR with a positive number (e.g. full=3e-4)."
+            )
+        if method not in ALL_METHODS:
+            raise ValueError(f"learning_rates: unknown method {method!r}; choose from {list(ALL_METHODS)}.")
+        rates[method] = rate
+    return rates
 
 
 def _runs(cfg: CompareConfig) -> list[tuple[str, float | None]]:
@@ -233,7 +263,9 @@ def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str
         config=_method_config(name, sparsity, cfg.structure),
         teacher=teacher,
         epochs=cfg.epochs,
+        lr=learning_rates(cfg).get(method),
         seed=cfg.seed,
+        bf16=cfg.bf16,
     )
     wall = time.perf_counter() - begin
     if name == "full":  # full finetuning is the distillation teacher: trained once per comparison

@@ -25,11 +25,12 @@ from finegates.data import ClassificationData, Columns, load_classification
 from finegates.distill import DistillConfig
 from finegates.model import count_parameters, get_gated_model, parameter_count
 from finegates.report import SparsityReport, sparsity_report
-from finegates.trainer import FineGatesTrainer
+from finegates.trainer import FineGatesTrainer, train_model
 from finegates.workflows.encoding import EncodedSplit, benchmark_batch
 from finegates.workflows.evaluation import classification_metrics, measure_latency
 from finegates.workflows.models import load_classifier
 from finegates.workflows.results import result_from_dict
+from finegates.workflows.run_config import PrecisionOptions
 from finegates.workflows.run_folder import RunFolder, RunFolderOptions, trainer_loggers
 from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
 
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class FinetuneConfig(DistillConfig, RunFolderOptions):
+class FinetuneConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
     """Run options of `finetune` (the gate options live in `GatesConfig`).
 
     >>> FinetuneConfig(task="boolq", epochs=1).batch_size
@@ -256,6 +257,7 @@ def training_arguments(
         disable_tqdm=cfg.quiet,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=cfg.bf16,
     )
 
 
@@ -277,7 +279,7 @@ def _train(
     )
     silence_printer(trainer, cfg.quiet)
     begin = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    train_model(trainer, resume)
     timings["train"] = time.perf_counter() - begin
     return trainer
 
@@ -314,7 +316,7 @@ def _dense_baseline(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: 
     saved in `out/dense` (to evaluate, benchmark or quantize it beside the compacted one)."""
     dense = copy.deepcopy(model)
     trainer = baseline_trainer(dense, tokenizer, splits, cfg, out / "dense-baseline", cfg.dense_learning_rate)
-    trainer.train()
+    train_model(trainer)
     dense.save_pretrained(out / "dense")
     tokenizer.save_pretrained(out / "dense")
     return trainer.evaluate(splits.test, metric_key_prefix="test")["test_accuracy"]

@@ -24,7 +24,7 @@ from finegates.data.user_text import ChoiceFields
 from finegates.distill import DistillConfig
 from finegates.model import count_parameters, get_gated_model
 from finegates.report import sparsity_report
-from finegates.trainer import FineGatesTrainer
+from finegates.trainer import FineGatesTrainer, train_model
 from finegates.workflows.causal_lm import (
     SMOLLM2,
     load_causal_lm,
@@ -35,6 +35,7 @@ from finegates.workflows.causal_lm import (
 )
 from finegates.workflows.evaluation import measure_decode, measure_latency
 from finegates.workflows.results import result_from_dict
+from finegates.workflows.run_config import PrecisionOptions
 from finegates.workflows.run_folder import RunFolder, RunFolderOptions, trainer_loggers
 from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
 
@@ -45,7 +46,7 @@ POSTTRAIN_METHODS = ("finegates", "magnitude", "magnitude+lora", "importance", "
 
 
 @dataclass
-class PosttrainConfig(DistillConfig, RunFolderOptions):
+class PosttrainConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
     """Options of a post-training run (the gate options live in GatesConfig)."""
 
     model: str = field(default=SMOLLM2, metadata={"help": "'smollm2-135m', a hub id or a local folder."})
@@ -229,13 +230,14 @@ def _train(
         report_to=cfg.report_to,
         disable_tqdm=cfg.quiet,
         use_cpu=not torch.cuda.is_available(),
+        bf16=cfg.bf16,
     )
     data = [{"input_ids": block, "labels": block} for block in train]
     if method is None:
         trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, distill=cfg)
     else:
         trainer = method.trainer(model, args, data)
-    trainer.train(resume_from_checkpoint=resume)
+    train_model(trainer, resume)
     return trainer
 
 

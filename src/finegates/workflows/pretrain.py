@@ -25,10 +25,11 @@ from finegates.config import GatesConfig
 from finegates.data.registry import load_text_corpus
 from finegates.model import get_gated_model, parameter_count, set_gates_enabled
 from finegates.report import sparsity_report
-from finegates.trainer import FineGatesTrainer
+from finegates.trainer import FineGatesTrainer, train_model
 from finegates.workflows.causal_lm import perplexity, split_documents
 from finegates.workflows.evaluation import paired_speedup
 from finegates.workflows.results import result_from_dict
+from finegates.workflows.run_config import PrecisionOptions
 from finegates.workflows.run_folder import RunFolder
 from finegates.workflows.run_report import write_run_outputs
 
@@ -37,7 +38,7 @@ EOS = 256
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(PrecisionOptions):
     """Model size, data and schedule of a pretraining comparison."""
 
     text: str = field(default="book-excerpts", metadata={"help": "Embedded corpus to train on."})
@@ -133,6 +134,7 @@ def _args(cfg: PretrainConfig, out: Path) -> TrainingArguments:
         report_to=[],
         disable_tqdm=cfg.quiet,
         use_cpu=not torch.cuda.is_available(),
+        bf16=cfg.bf16,
     )
 
 
@@ -182,7 +184,7 @@ def _run(cfg: PretrainConfig, gates: GatesConfig, docs: list[str], out: Path) ->
     ):
         begin = time.perf_counter()
         trainer = trainer_cls(model=model, args=_args(cfg, out / name), train_dataset=data, **extra)
-        trainer.train()
+        train_model(trainer)
         model.eval()
         metrics[name] = {
             "train_s": time.perf_counter() - begin,

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finegates.io_utils import atomic_write_text
 
 RUN_CONFIG_NAME = "run_config.json"
+
+
+@dataclass
+class PrecisionOptions:
+    """The training step's floating-point precision."""
+
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Train with bfloat16 autocast (transformers' bf16=True): the GEMMs of both passes run in "
+            "bfloat16, weights, gates and optimizer state stay float32. Faster on CPUs with AVX512-BF16 or "
+            "AMX and on GPUs with bfloat16 (Ampere and later); evaluation stays float32."
+        },
+    )
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,123 @@
+"""bfloat16 autocast training (`--bf16`): the gated layer's GEMMs run in bfloat16, everything that trains
+stays float32, and the workflows pass the option to the Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_inputs, tiny_model
+from finegates.config import GatesConfig
+from finegates.gated_fn import GatedLinearFunction
+from finegates.model import get_gated_model
+
+BF16 = torch.bfloat16
+
+
+def _autocast():
+    return torch.autocast("cpu", dtype=BF16)
+
+
+@pytest.mark.parametrize("act", [None, nn.GELU()], ids=["plain", "activation"])
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_the_fused_function_computes_in_the_autocast_dtype_and_returns_float32_gradients(act, weight_trains):
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40, requires_grad=weight_trains)
+    b = torch.randn(24, requires_grad=True)
+    x = torch.randn(8, 16, 40, requires_grad=True)
+    g_col = torch.rand(40).clamp(min=0.2)
+    g_row = torch.rand(24).clamp(min=0.2)
+    g_col[:3], g_row[:2] = 0.0, 0.0
+    g_col.requires_grad_(), g_row.requires_grad_()
+    dy = torch.randn(8, 16, 24)
+    inputs = [x, g_col, g_row, b] + ([weight] if weight_trains else [])
+    with _autocast():
+        fused = GatedLinearFunction.apply(x, g_col, g_row, weight, b, act)
+    assert fused.dtype == BF16
+    got = torch.autograd.grad(fused, inputs, dy.to(BF16))
+    # the float32 formula: bfloat16 keeps 8 significant bits, so agreement to about 1%
+    plain = nn.functional.linear(x if act is None else act(x), weight * g_col, b) * g_row
+    want = torch.autograd.grad(plain, inputs, dy)
+    torch.testing.assert_close(fused.float(), plain, rtol=0.02, atol=0.05 * plain.abs().mean().item())
+    # closed gates get no gradient, as in float32 (the clamp's convention; autograd's formula gives one)
+    assert torch.all(got[1][:3] == 0) and torch.all(got[2][:2] == 0)
+    open_only = {1: slice(3, None), 2: slice(2, None)}
+    for i, (g, w, t) in enumerate(zip(got, want, inputs)):
+        assert g.dtype == t.dtype == torch.float32
+        g, w = g[open_only.get(i, slice(None))], w[open_only.get(i, slice(None))]
+        torch.testing.assert_close(g, w, rtol=0.03, atol=0.03 * w.abs().mean().item())
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("structure", ["fine", "runtime"])
+def test_a_gated_training_step_under_autocast_gives_the_float32_gradients(name, structure):
+    """One training step of a tiny gated model in bfloat16 autocast: its gated GEMMs run in bfloat16, its
+    gates' gradients are float32 and point where the float32 step's do."""
+    torch.manual_seed(0)
+    model = get_gated_model(tiny_model(name), GatesConfig(target_sparsity=0.3, structure=structure)).train()
+    ids = tiny_inputs(batch=4, length=12)
+    gates = [p for n, p in model.named_parameters() if p.requires_grad and "gate" in n]
+    assert gates
+    with torch.no_grad():  # mid-way gates (they start fully open, where the clamp has no gradient)
+        for p in gates:
+            p.uniform_(-0.3, 0.3)
+
+    def step(autocast: bool) -> torch.Tensor:
+        torch.manual_seed(1)  # the same gate noise in both steps
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+            out = model(input_ids=ids)
+        out.logits.float().square().mean().backward()
+        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in gates])
+
+    dtypes = set()
+    hooks = [
+        m.register_forward_hook(lambda m, a, y: dtypes.add(y.dtype))
+        for m in model.modules()
+        if type(m).__name__ == "GatedLinear"
+    ]
+    low = step(True)
+    for h in hooks:
+        h.remove()
+    full = step(False)
+    assert dtypes == {BF16}
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in gates)
+    assert torch.isfinite(low).all()
+    assert nn.functional.cosine_similarity(low, full, dim=0) > 0.98
+
+
+def test_posttrain_with_bf16_trains_in_bfloat16_and_evaluates_in_float32(tmp_path, monkeypatch):
+    from finegates.workflows import posttrain as workflow
+    from test_posttrain import _tiny_workflow
+
+    _tiny_workflow(monkeypatch)
+    seen: dict[str, set] = {"trainer": set(), "outside": set()}
+    phase = ["outside"]
+    load, train = workflow.load_causal_lm, workflow.train_model
+
+    def load_and_watch(name):
+        model, tokenizer = load(name)
+        model.lm_head.register_forward_hook(lambda m, a, y: seen[phase[0]].add(y.dtype))
+        return model, tokenizer
+
+    def train_and_watch(*args):
+        phase[0] = "trainer"
+        try:
+            return train(*args)
+        finally:
+            phase[0] = "outside"
+
+    monkeypatch.setattr(workflow, "load_causal_lm", load_and_watch)
+    monkeypatch.setattr(workflow, "train_model", train_and_watch)
+    cfg = workflow.PosttrainConfig(
+        model="tiny", seq_len=16, batch_size=4, max_steps=8, eval_blocks=4, output_dir=str(tmp_path),
+        quiet=True, zero_shot_items=3, bf16=True, distill=True,
+    )  # fmt: skip
+    gates = GatesConfig(target_sparsity=0.3, bias="none", modules_to_save=[], warmup_steps=4)
+    metrics = workflow.posttrain(cfg, gates)
+    assert seen["trainer"] == {BF16}  # the Trainer's autocast: student and teacher
+    # perplexity, zero-shot scores and compaction checks, before and after training
+    assert seen["outside"] == {torch.float32}
+    assert 0.29 <= metrics["sparsity"]["removed_fraction"] <= 0.31
+    assert metrics["compacted"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)

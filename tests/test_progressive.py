@@ -16,8 +16,9 @@ from finegates.distill import gates_bypassed
 from finegates.gates import TiedGate, force_gates
 from finegates.model import all_gates, gated_layers, set_gates_enabled
 from finegates.optim import finalize_gates
-from finegates.progressive import apply_removed, compact_closed, removed_weights
+from finegates.progressive import ProgressiveCompaction, apply_removed, compact_closed, removed_weights
 from finegates.report import base_parameter_count, sparsity_report
+from finegates.ties import runtime_gates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STRUCTURES = ["fine", "runtime"]
@@ -145,6 +146,91 @@ def test_training_forward_and_gate_gradients_are_unchanged(name):
     assert grads.keys() == grads_after.keys()
     for n in grads:
         torch.testing.assert_close(grads_after[n], grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def _no_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+def test_the_narrowed_stream_trains_as_the_full_one(name):
+    """The runtime structure with residual dims closed: after compaction the stream carries only the kept
+    dims (embeddings, norms, every reader and writer), and training computes the same loss and the same
+    gradients for every gate and trained parameter, the task head's included."""
+    model = _gated(name, "runtime", noise_std=1e-6)
+    _no_dropout(model)
+    _random_closures(model, share=0.3)
+    ids = tiny_inputs()
+    kwargs = {"labels": ids} if is_causal(name) else {"labels": torch.tensor([0, 1, 2])}
+
+    def loss_and_grads():
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss = model(input_ids=ids, **kwargs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    cut = compact_closed(model)
+    ties = runtime_gates(model)
+    kept = int((~ties.residual.removed).sum())
+    assert cut.residual == len(ties.residual.removed) - kept > 0
+    assert torch.equal(ties.stream_kept, (~ties.residual.removed).nonzero().flatten())
+    q = find_blocks(model)[0].modules["qkv" if name == "gpt2" else "q"][1]
+    assert q.kept_weight.shape[1] == kept  # readers read only the kept dims
+    with torch.no_grad():  # and the stream between the blocks is that narrow
+        states = model.eval()(input_ids=ids, output_hidden_states=True).hidden_states
+    assert {h.shape[-1] for h in states} == {kept}
+    loss_after, grads_after = loss_and_grads()
+    torch.testing.assert_close(loss_after, loss, atol=1e-6, rtol=0)
+    assert grads.keys() == grads_after.keys()
+    for n in grads:
+        torch.testing.assert_close(grads_after[n], grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_hidden_state_distillation_reads_the_narrowed_stream_at_the_full_width():
+    """SquareHead's hidden-state term against the bypassed teacher is the same before and after the stream
+    narrows (the student's states are compared at the full width, zeros at the removed dims)."""
+    from finegates.distill import DistillConfig, distill_loss, teacher_outputs
+
+    model = _gated("llama", "runtime", noise_std=1e-6)
+    _random_closures(model, share=0.3)
+    ids = tiny_inputs()
+    cfg = DistillConfig(distill=True, distill_hidden_weight=1.0)
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(0)
+        teacher = teacher_outputs(model, {"input_ids": ids}, cfg)
+        student = model.train()(input_ids=ids, output_hidden_states=True)
+        return distill_loss(student, teacher, None, cfg, runtime_gates(model).stream_kept)
+
+    before = loss()
+    compact_closed(model, keep_dense=True)
+    assert runtime_gates(model).stream_kept is not None
+    torch.testing.assert_close(loss(), before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_norm_the_narrowed_stream_cannot_take_is_refused_by_name():
+    """An RMSNorm of another form (Gemma's 1 + w) fails the check on its own output and is named."""
+    model = _gated("llama", "runtime")
+    norm = model.model.norm
+
+    class OnePlusRMSNorm(type(norm)):
+        def forward(self, x):
+            return super().forward(x) / self.weight * (1 + self.weight)
+
+    norm.__class__ = OnePlusRMSNorm
+    with pytest.raises(TypeError, match=r"model\.norm \(OnePlusRMSNorm\)"):
+        ProgressiveCompaction(model, every=10)  # when training is set up
+    _random_closures(model)
+    expected = logits(model, tiny_inputs())
+    with pytest.raises(TypeError, match=r"model\.norm \(OnePlusRMSNorm\)"):
+        compact_closed(model)
+    assert removed_weights(model) == 0  # refused before anything was cut
+    torch.testing.assert_close(logits(model, tiny_inputs()), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)

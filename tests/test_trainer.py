@@ -13,6 +13,7 @@ from finegates import GatesConfig, get_gated_model
 from finegates.adapter import WEIGHTS_NAME
 from finegates.model import trainable_state_dict
 from finegates.progressive import removed_weights
+from finegates.ties import runtime_gates
 from finegates.trainer import FineGatesTrainer
 
 
@@ -71,7 +72,11 @@ def test_gate_learning_rate_is_separate(tmp_path):
 PROGRESSIVE = {"compact_every": 1, "compact_margin": 0.0, "gate_lr": 0.5, "init_mean": 0.0}
 
 
-@pytest.mark.parametrize("gates", [None, PROGRESSIVE], ids=["plain", "progressive"])
+@pytest.mark.parametrize(
+    "gates",
+    [None, PROGRESSIVE, {**PROGRESSIVE, "structure": "runtime"}],
+    ids=["plain", "progressive", "progressive-runtime"],
+)
 def test_resume_from_checkpoint_is_exact(tmp_path, gates):
     straight = _trainer(tmp_path / "a", max_steps=6, gates=gates)
     straight.train()
@@ -95,6 +100,10 @@ def test_resume_from_checkpoint_is_exact(tmp_path, gates):
         assert marks and sum(marks.values()) < sum(final.values())
         logged = [e for e in straight.state.log_history if "weights_cut" in e]
         assert logged and logged[-1]["weights_cut"] > 0
+    if gates and gates.get("structure") == "runtime":  # the stream narrowed, and narrows again on resume
+        kept = runtime_gates(straight.model).stream_kept
+        assert kept is not None and len(kept) < straight.model.config.hidden_size
+        torch.testing.assert_close(runtime_gates(resumed.model).stream_kept, kept, atol=0, rtol=0)
 
 
 def test_finalize_lands_on_the_target(tmp_path):

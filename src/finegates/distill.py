@@ -49,10 +49,14 @@ def logit_kl(
 
 
 def feature_loss(
-    student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor
+    student: tuple[torch.Tensor, ...],
+    teacher: tuple[torch.Tensor, ...],
+    mask: torch.Tensor,
+    stream_kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over layer outputs (the embedding output excluded) of ||h_s - h_t||^2 / ||h_t||^2 on real
-    tokens."""
+    tokens. `stream_kept`: the dims a narrowed student stream carries (progressive compaction of the
+    runtime structure); its states are compared at the full width, zeros at the other dims."""
     if len(student) != len(teacher):
         raise ValueError(
             f"Student has {len(student)} hidden states, teacher {len(teacher)}: same depth needed."
@@ -60,6 +64,8 @@ def feature_loss(
     weights = mask[..., None].float()
     terms = []
     for h_s, h_t in zip(student[1:], teacher[1:]):
+        if stream_kept is not None and h_s.shape[-1] != h_t.shape[-1]:
+            h_s = h_s.new_zeros(h_t.shape).index_copy(-1, stream_kept, h_s)
         diff = ((h_s.float() - h_t.float()) ** 2 * weights).sum()
         terms.append(diff / ((h_t.float() ** 2) * weights).sum().clamp_min(1e-12))
     return torch.stack(terms).sum()
@@ -72,9 +78,10 @@ def squarehead_loss(
     kl_weight: float = 1.0,
     feature_weight: float = 1.0,
     temperature: float = 1.0,
+    stream_kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The distillation terms added to the task loss; with `feature_weight` > 0 both outputs need
-    `output_hidden_states=True`.
+    `output_hidden_states=True` (`stream_kept`: see `feature_loss`).
 
     >>> extra = squarehead_loss(student(**batch, output_hidden_states=True),  # doctest: +SKIP
     ...                         teacher(**batch, output_hidden_states=True), batch["attention_mask"])
@@ -87,7 +94,7 @@ def squarehead_loss(
     states = student_outputs.hidden_states
     hidden_mask = mask if mask is not None else token_mask(attention_mask, states[-1])
     teacher_states = tuple(h.detach() for h in teacher_outputs.hidden_states)
-    return loss + feature_weight * feature_loss(states, teacher_states, hidden_mask)
+    return loss + feature_weight * feature_loss(states, teacher_states, hidden_mask, stream_kept)
 
 
 @dataclass
@@ -155,9 +162,14 @@ def teacher_outputs(model: nn.Module, inputs: dict[str, Any], cfg: DistillConfig
 
 
 def distill_loss(
-    student: Any, teacher: Any, attention_mask: torch.Tensor | None, cfg: DistillConfig
+    student: Any,
+    teacher: Any,
+    attention_mask: torch.Tensor | None,
+    cfg: DistillConfig,
+    stream_kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted logit KL (and hidden-state L2) of the student's outputs against the teacher's."""
+    """Weighted logit KL (and hidden-state L2) of the student's outputs against the teacher's
+    (`stream_kept`: see `feature_loss`)."""
     return squarehead_loss(
         student,
         teacher,
@@ -165,4 +177,5 @@ def distill_loss(
         cfg.distill_logit_weight,
         cfg.distill_hidden_weight,
         cfg.distill_temperature,
+        stream_kept,
     )

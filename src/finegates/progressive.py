@@ -13,13 +13,18 @@ budget projection lands the gates it closes) are cut out of the frozen weights o
 - **Stock modules.** The attention modules read their head count off the projections' widths; the
   architecture table names the attributes that count heads (`Architecture.head_attrs`). Under grouped-query
   attention every KV group keeps the same number of query heads, padded with its own dead heads.
-- **What stays until `compress`:** residual-stream dims and partial head dims (the fine structure's q/k and
-  v/o dims inside a live head): cutting them needs gathers or the compact attention module.
+- **The stream narrows too** (the runtime structure): residual dims whose shared gate is closed past the
+  margin leave every reader's columns and writer's rows, the embeddings' outputs, the norms (over the
+  kept dims with the full width's statistics: the closed dims are zero) and, through a scatter back to
+  the full width, the heads outside the blocks (`narrow_stream`); the stock weights of the embeddings,
+  norms and heads are kept, so `compress`, reports and a bypassed teacher read them as before.
+- **What stays until `compress`:** the fine structure's residual dims (per layer) and partial head dims (its
+  q/k and v/o dims inside a live head): cutting them needs gathers or the compact attention module.
 - **Teachers.** Distillation runs the same weights with the gates bypassed, so it needs the full weights:
   `keep_dense=True` keeps them beside the cut copy.
 
 >>> compact_closed(model)  # doctest: +SKIP
-Cut(heads=3, kv_heads=1, channels=120, weights=95232)
+Cut(heads=3, kv_heads=1, channels=120, weights=95232, residual=0)
 """
 
 from __future__ import annotations
@@ -33,10 +38,18 @@ from torch import nn
 from transformers import TrainerCallback
 
 from finegates.architectures import architecture_for
-from finegates.coupling import Block, BlockGates, find_blocks, full_shape, open_where
+from finegates.coupling import READERS, WRITERS, Block, BlockGates, find_blocks, full_shape, open_where
 from finegates.gates import Gate, TiedGate, gate_margin
-from finegates.layer import GatedLinear
+from finegates.layer import LINEAR_TYPES, GatedLinear
 from finegates.model import HEAD_ATTRS, gated_layers, gates_config
+from finegates.ties import (
+    StreamLayerNorm,
+    StreamRMSNorm,
+    _ScatterToFullWidth,
+    rms_norm_over_kept,
+    runtime_gates,
+    stream_modules,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +65,7 @@ class Cut:
     kv_heads: int = 0
     channels: int = 0
     weights: int = 0
+    residual: int = 0  # residual-stream dims (the runtime structure's shared mask)
 
     def __add__(self, other: Cut) -> Cut:
         return Cut(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -60,12 +74,16 @@ class Cut:
 _present = open_where(lambda gate: gate.removed)
 
 
-def _removable(margin: float):
+def _closed_past(margin: float):
     # closed, and `margin` past closing (a relative slack: gates the projection landed exactly there count)
     def closed(gate: Gate) -> torch.Tensor:
         return gate.removed | (gate.closed() & (gate_margin(gate) <= -margin * gate.edge * (1 - 1e-6)))
 
-    return open_where(closed)
+    return closed
+
+
+def _removable(margin: float):
+    return open_where(_closed_past(margin))
 
 
 def _gated(block: Block, roles: tuple[str, ...]) -> bool:
@@ -183,14 +201,41 @@ def _attention_widths(model: nn.Module, block: Block, arch) -> dict[str, torch.T
     return {**_role_masks(block, {"q": q, "k": kv, "v": kv}), "o_cols": q}
 
 
+def _stream_kept(model: nn.Module) -> torch.Tensor | None:
+    """The residual dims the stream keeps (a mask; at least one), None where it cannot narrow: the fine
+    structure, or a block that reads or writes the stream through a layer progressive compaction cannot
+    cut."""
+    ties = runtime_gates(model)
+    if ties is None or not ties.residual.removed.any():
+        return None
+    for block in find_blocks(model):
+        for role, (_, module) in block.modules.items():
+            if role in READERS + WRITERS and not (
+                isinstance(module, GatedLinear) and isinstance(module.base_layer, LINEAR_TYPES)
+            ):
+                return None
+    kept = ~ties.residual.removed
+    if not kept.any():
+        kept = kept.clone()
+        kept[0] = True  # the stream keeps one dim (zero): the layers still have an input
+    return kept
+
+
 def apply_removed(model: nn.Module, keep_dense: bool = False) -> int:
     """Cut every gated layer's frozen weight to the units its gates' `removed` marks leave (after
-    `compact_closed` marked them, or a checkpoint or adapter with marks was loaded into a full model);
-    returns the number of weight entries the model no longer multiplies."""
+    `compact_closed` marked them, or a checkpoint or adapter with marks was loaded into a full model),
+    and narrow the runtime structure's stream to its kept residual dims; returns the number of weight
+    entries the model no longer multiplies."""
     arch = architecture_for(model.config.model_type)
+    stream = _stream_kept(model)
+    if stream is not None:
+        check_stream_norms(model)
     for block in find_blocks(model):
         rows: dict[str, torch.Tensor] = {}
         cols: dict[str, torch.Tensor] = {}
+        if stream is not None:
+            cols.update({role: stream for role in block.modules if role in READERS})
+            rows.update({role: stream for role in block.modules if role in WRITERS})
         if _has_attention(block):
             widths = _attention_widths(model, block, arch)
             cols["o"] = widths.pop("o_cols")
@@ -207,7 +252,62 @@ def apply_removed(model: nn.Module, keep_dense: bool = False) -> int:
             had_rows, had_cols = layer.kept_axes()
             if len(keep_rows) != len(had_rows) or len(keep_cols) != len(had_cols):
                 layer.keep_(keep_rows, keep_cols, keep_dense)
+    if stream is not None:
+        narrow_stream(model, _indices(stream))
     return removed_weights(model)
+
+
+def narrow_stream(model: nn.Module, kept: torch.Tensor) -> None:
+    """Make the runtime structure's stream carry only the residual dims `kept` (sorted indices) outside
+    the gated layers, whose weights `apply_removed` cuts: the embeddings' stream mask keeps those dims of
+    their outputs, the norms compute over them with the full width's statistics, and the modules outside
+    the blocks that read the stream (heads) get their input scattered back to the full width. The stock
+    weights stay as they are."""
+    ties = runtime_gates(model)
+    device = ties.residual.param.device
+    first = ties.stream_kept is None
+    ties.stream_kept = kept.to(device)
+    if not first:
+        return
+    parts = _stream_parts(model)
+    for norm in parts["norms"].values():
+        if not isinstance(norm, StreamLayerNorm):
+            cls = type(norm)
+            norm.__class__ = type(f"Stream{cls.__name__}", (StreamRMSNorm, cls), {})
+            object.__setattr__(norm, "finegates_ties", ties)  # a reference, not a submodule
+    for module in parts["readers"].values():
+        module.register_forward_pre_hook(_ScatterToFullWidth(ties))
+
+
+def _stream_parts(model: nn.Module) -> dict[str, dict[str, nn.Module]]:
+    ties = runtime_gates(model)
+    return stream_modules(model, architecture_for(model.config.model_type), len(ties.residual.param))
+
+
+def check_stream_norms(model: nn.Module) -> None:
+    """Refuse, naming it, a norm on the runtime structure's stream that a narrowed stream cannot take: not
+    a LayerNorm (`StreamLayerNorm`) and not an RMSNorm of LLaMA's form, checked on its own output for a
+    random input with zeros at some dims. Runs before anything is cut."""
+    ties = runtime_gates(model)
+    if ties is None:
+        return
+    for name, norm in _stream_parts(model)["norms"].items():
+        if isinstance(norm, StreamLayerNorm | StreamRMSNorm):
+            continue
+        width = len(norm.weight)
+        kept = torch.arange(0, width, 2, device=norm.weight.device)
+        x = torch.zeros(2, width, dtype=norm.weight.dtype, device=norm.weight.device)
+        x[:, kept] = torch.randn(2, len(kept), dtype=x.dtype, device=x.device)
+        with torch.no_grad():
+            ok = hasattr(norm, "variance_epsilon") and torch.allclose(
+                rms_norm_over_kept(norm, x[:, kept], kept), norm(x)[:, kept], atol=1e-5
+            )
+        if not ok:
+            raise TypeError(
+                f"Progressive compaction cannot narrow the stream through {name} ({type(norm).__name__}): it "
+                "is not a LayerNorm or an RMSNorm of LLaMA's form. Leave compact_every unset, or use "
+                "structure='fine'."
+            )
 
 
 def removed_weights(model: nn.Module) -> int:
@@ -242,6 +342,12 @@ def compact_closed(model: nn.Module, keep_dense: bool = False, margin: float | N
     with torch.no_grad():
         for block in find_blocks(model):
             cut = cut + _mark_block(block, margin, cfg.param_bound)
+        ties = runtime_gates(model)
+        if ties is not None:
+            residual = ties.residual
+            dims = _closed_past(margin)(residual)
+            cut.residual = int((dims & ~residual.removed).sum())
+            residual.remove_(dims, cfg.param_bound)
     cut.weights = apply_removed(model, keep_dense) - before
     if cut.weights:
         logger.info("Progressive compaction: %s", cut)
@@ -254,6 +360,7 @@ class ProgressiveCompaction(TrainerCallback):
     def __init__(self, model: nn.Module, every: int, keep_dense: bool = False) -> None:
         if every < 1:
             raise ValueError(f"compact_every must be >= 1, got {every}.")
+        check_stream_norms(model)  # before training, not at the first compaction
         self.model, self.every, self.keep_dense = model, every, keep_dense
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -32,18 +33,28 @@ TIES_ATTR = "finegates_gates"
 
 class RuntimeGates(nn.Module):
     """The shared gate vectors: `residual` (the stream's width) and, per block, `heads`, `kv_heads`
-    (GQA only) and `channels`. `enabled=False` bypasses the stream mask (the dense model)."""
+    (GQA only) and `channels`. `enabled=False` bypasses the stream mask (the dense model).
+
+    `stream_kept`: the residual dims the stream carries once progressive compaction narrowed it
+    (`finegates.progressive`), None while it has its full width."""
 
     def __init__(self, residual: Gate, blocks: list[dict[str, Gate]]) -> None:
         super().__init__()
         self.residual = residual
         self.blocks = nn.ModuleList(nn.ModuleDict(b) for b in blocks)
         self.enabled = True
+        self.register_buffer("stream_kept", None, persistent=False)
+
+    def stream_gate(self, dtype: torch.dtype) -> torch.Tensor:
+        """The residual gate's values at the dims the stream carries."""
+        r = self.residual.value().to(dtype)
+        return r if self.stream_kept is None else r.index_select(0, self.stream_kept)
 
 
 class _StreamMask:
-    """Forward hook multiplying a module's output by the residual gate (a class, so that a deep copy of
-    the model gets a hook bound to the copy's gates)."""
+    """Forward hook multiplying a module's output by the residual gate, and keeping only the dims the
+    stream carries once it is narrowed (a class, so that a deep copy of the model gets a hook bound to
+    the copy's gates)."""
 
     def __init__(self, gates: RuntimeGates) -> None:
         self.gates = gates
@@ -51,7 +62,23 @@ class _StreamMask:
     def __call__(self, module: nn.Module, args, output):
         if not self.gates.enabled:
             return output
-        return output * self.gates.residual.value().to(output.dtype)
+        kept = self.gates.stream_kept
+        if kept is not None:
+            output = output.index_select(-1, kept)
+        return output * self.gates.stream_gate(output.dtype)
+
+
+def full_width_layer_norm(
+    x: torch.Tensor, full_width: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """LayerNorm over `full_width` dims of which `x` holds the nonzero ones (the rest are zero):
+    mean = sum x / H, var = (sum (x - mean)^2 + (H - K) mean^2) / H."""
+    mean = x.sum(-1, keepdim=True) / full_width
+    centred = x - mean
+    var = (centred.pow(2).sum(-1, keepdim=True) + (full_width - x.shape[-1]) * mean.pow(2)) / full_width
+    out = centred * torch.rsqrt(var + eps)
+    out = out if weight is None else out * weight
+    return out if bias is None else out + bias
 
 
 class StreamLayerNorm(nn.LayerNorm):
@@ -59,7 +86,8 @@ class StreamLayerNorm(nn.LayerNorm):
     LN(x) * r = x_hat * (w * r) + b * r. The norm's own backward then yields r's gradient from what it
     keeps anyway (its input and statistics), where multiplying its output would keep that output too.
     `tie_runtime_gates` gives the model's stock LayerNorms this class (same state, only the forward
-    differs); `finegates_ties` is the shared gates' module."""
+    differs); `finegates_ties` is the shared gates' module. On a narrowed stream it reads the kept dims
+    with the full width's statistics (the closed dims are zero)."""
 
     finegates_ties: RuntimeGates
 
@@ -67,10 +95,55 @@ class StreamLayerNorm(nn.LayerNorm):
         ties = self.finegates_ties
         if not ties.enabled:
             return super().forward(x)
-        r = ties.residual.value().to(x.dtype if self.weight is None else self.weight.dtype)
-        weight = r if self.weight is None else self.weight * r
-        bias = None if self.bias is None else self.bias * r
+        r = ties.stream_gate(x.dtype if self.weight is None else self.weight.dtype)
+        kept = ties.stream_kept
+        weight = self.weight if self.weight is None or kept is None else self.weight.index_select(0, kept)
+        bias = self.bias if self.bias is None or kept is None else self.bias.index_select(0, kept)
+        weight = r if weight is None else weight * r
+        bias = None if bias is None else bias * r
+        if kept is not None:
+            return full_width_layer_norm(x, self.normalized_shape[0], weight, bias, self.eps)
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+class StreamRMSNorm(nn.Module):
+    """Mixed into a stock RMSNorm's class (LLaMA's form: w * x / sqrt(mean x^2 + eps), statistics in
+    float32) when progressive compaction narrows the stream: over the kept dims with the full width's
+    mean (the closed dims are zero). `narrow_stream` checks the form against the stock forward first."""
+
+    finegates_ties: RuntimeGates
+
+    def forward(self, x):
+        kept = self.finegates_ties.stream_kept
+        if kept is None or x.shape[-1] == self.weight.shape[0]:
+            return super().forward(x)
+        return rms_norm_over_kept(self, x, kept)
+
+
+def rms_norm_over_kept(norm: nn.Module, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """LLaMA's RMSNorm `norm` over the full width, of which `x` holds the dims `kept` (the rest are zero):
+    w * x / sqrt(sum x^2 / H + eps), statistics in float32."""
+    dtype = x.dtype
+    h = x.float()
+    var = h.pow(2).sum(-1, keepdim=True) / norm.weight.shape[0]
+    h = h * torch.rsqrt(var + norm.variance_epsilon)
+    return norm.weight.index_select(0, kept) * h.to(dtype)
+
+
+class _ScatterToFullWidth:
+    """Forward pre-hook on a module outside the blocks that reads the stream (a task head, an LM head):
+    on a narrowed stream its input goes back to the full width, zeros at the closed dims."""
+
+    def __init__(self, gates: RuntimeGates) -> None:
+        self.gates = gates
+
+    def __call__(self, module: nn.Module, args):
+        kept = self.gates.stream_kept
+        if kept is None or not args or args[0].shape[-1] != len(kept):
+            return None
+        x = args[0]
+        full = x.new_zeros(*x.shape[:-1], len(self.gates.residual.param))
+        return (full.index_copy(-1, kept, x), *args[1:])
 
 
 def _mask_stream_at(module: nn.Module, ties: RuntimeGates) -> None:

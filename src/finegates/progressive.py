@@ -15,9 +15,10 @@ budget projection lands the gates it closes) are cut out of the frozen weights o
   attention every KV group keeps the same number of query heads, padded with its own dead heads.
 - **The stream narrows too** (the runtime structure): residual dims whose shared gate is closed past the
   margin leave every reader's columns and writer's rows, the embeddings' outputs, the norms (over the
-  kept dims with the full width's statistics: the closed dims are zero) and, through a scatter back to
-  the full width, the heads outside the blocks (`narrow_stream`); the stock weights of the embeddings,
-  norms and heads are kept, so `compress`, reports and a bypassed teacher read them as before.
+  kept dims with the full width's statistics: the closed dims are zero) and the frozen heads outside the
+  blocks (an LM head: a copy of its kept columns); a trained head reads the stream scattered back to the
+  full width (`narrow_stream`). The stock weights of the embeddings, norms and heads are kept, so
+  `compress`, reports and a bypassed teacher read them as before.
 - **What stays until `compress`:** the fine structure's residual dims (per layer) and partial head dims (its
   q/k and v/o dims inside a live head): cutting them needs gathers or the compact attention module.
 - **Teachers.** Distillation runs the same weights with the gates bypassed, so it needs the full weights:
@@ -44,6 +45,7 @@ from finegates.layer import LINEAR_TYPES, GatedLinear
 from finegates.model import HEAD_ATTRS, gated_layers, gates_config
 from finegates.ties import (
     StreamLayerNorm,
+    StreamReader,
     StreamRMSNorm,
     _ScatterToFullWidth,
     rms_norm_over_kept,
@@ -260,9 +262,9 @@ def apply_removed(model: nn.Module, keep_dense: bool = False) -> int:
 def narrow_stream(model: nn.Module, kept: torch.Tensor) -> None:
     """Make the runtime structure's stream carry only the residual dims `kept` (sorted indices) outside
     the gated layers, whose weights `apply_removed` cuts: the embeddings' stream mask keeps those dims of
-    their outputs, the norms compute over them with the full width's statistics, and the modules outside
-    the blocks that read the stream (heads) get their input scattered back to the full width. The stock
-    weights stay as they are."""
+    their outputs, the norms compute over them with the full width's statistics, a frozen linear head
+    outside the blocks multiplies them by its kept columns, and a trained one gets its input scattered
+    back to the full width. The stock weights stay as they are."""
     ties = runtime_gates(model)
     device = ties.residual.param.device
     first = ties.stream_kept is None
@@ -276,7 +278,12 @@ def narrow_stream(model: nn.Module, kept: torch.Tensor) -> None:
             norm.__class__ = type(f"Stream{cls.__name__}", (StreamRMSNorm, cls), {})
             object.__setattr__(norm, "finegates_ties", ties)  # a reference, not a submodule
     for module in parts["readers"].values():
-        module.register_forward_pre_hook(_ScatterToFullWidth(ties))
+        if type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters()):
+            module.__class__ = type("StreamLinear", (StreamReader, nn.Linear), {})
+            object.__setattr__(module, "finegates_ties", ties)
+            module.register_buffer("narrow_weight", None, persistent=False)
+        else:  # a trained head: its input goes back to the full width, so its parameters keep their shape
+            module.register_forward_pre_hook(_ScatterToFullWidth(ties))
 
 
 def _stream_parts(model: nn.Module) -> dict[str, dict[str, nn.Module]]:

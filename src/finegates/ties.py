@@ -130,6 +130,23 @@ def rms_norm_over_kept(norm: nn.Module, x: torch.Tensor, kept: torch.Tensor) -> 
     return norm.weight.index_select(0, kept) * h.to(dtype)
 
 
+class StreamReader(nn.Module):
+    """Mixed into a frozen nn.Linear outside the blocks that reads the stream (an LM head) when progressive
+    compaction narrows the stream: it multiplies the kept dims by its weight's kept columns (a copy made
+    once per narrowing; the stock weight, which may be tied to the embeddings, stays as it is)."""
+
+    finegates_ties: RuntimeGates
+    narrow_weight: torch.Tensor | None
+
+    def forward(self, x):
+        kept = self.finegates_ties.stream_kept
+        if kept is None or x.shape[-1] != len(kept):
+            return super().forward(x)
+        if self.narrow_weight is None or self.narrow_weight.shape[1] != len(kept):
+            self.narrow_weight = self.weight.detach().index_select(1, kept).contiguous()
+        return F.linear(x, self.narrow_weight, self.bias)
+
+
 class _ScatterToFullWidth:
     """Forward pre-hook on a module outside the blocks that reads the stream (a task head, an LM head):
     on a narrowed stream its input goes back to the full width, zeros at the closed dims."""

@@ -114,44 +114,46 @@ def test_uneven_query_heads_are_padded_until_every_group_can_shrink(structure):
     torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
-def test_training_forward_and_gate_gradients_are_unchanged(name):
-    """In training mode (sampled gates, folded gated function) the compacted layers compute the same
-    loss and the same gradients for the gates and biases that remain."""
-    model = _gated(name, "fine", noise_std=1e-6)
+def _no_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    _random_closures(model, share=0.3)
-    first, last = find_blocks(model)[0], find_blocks(model)[-1]
-    _close(first.modules["o"][1], "col", list(range(16)))
-    down = last.modules["down"][1]
-    _close(down, "col", list(range(down.in_features)))  # a layer left with no FFN channel at all
+
+
+def _training_loss_and_grads(model: nn.Module, name: str):
+    """A training forward and backward pass with a fixed gate-noise seed: (loss, {name: grad})."""
     ids = tiny_inputs()
     kwargs = {"labels": ids} if is_causal(name) else {"labels": torch.tensor([0, 1, 2])}
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(0)
+    loss = model(input_ids=ids, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    def loss_and_grads():
-        model.train()
-        model.zero_grad()
-        torch.manual_seed(0)
-        loss = model(input_ids=ids, **kwargs).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return loss.detach(), grads
 
-    loss, grads = loss_and_grads()
-    assert compact_closed(model).weights > 0
-    loss_after, grads_after = loss_and_grads()
+def _assert_same_training(before, after) -> None:
+    (loss, grads), (loss_after, grads_after) = before, after
     torch.testing.assert_close(loss_after, loss, atol=1e-6, rtol=0)
     assert grads.keys() == grads_after.keys()
     for n in grads:
         torch.testing.assert_close(grads_after[n], grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def _no_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+def test_training_forward_and_gate_gradients_are_unchanged(name):
+    """In training mode (sampled gates, folded gated function) the compacted layers compute the same
+    loss and the same gradients for the gates and biases that remain."""
+    model = _gated(name, "fine", noise_std=1e-6)
+    _no_dropout(model)
+    _random_closures(model, share=0.3)
+    first, last = find_blocks(model)[0], find_blocks(model)[-1]
+    _close(first.modules["o"][1], "col", list(range(16)))
+    down = last.modules["down"][1]
+    _close(down, "col", list(range(down.in_features)))  # a layer left with no FFN channel at all
+    before = _training_loss_and_grads(model, name)
+    assert compact_closed(model).weights > 0
+    _assert_same_training(before, _training_loss_and_grads(model, name))
 
 
 @pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
@@ -162,18 +164,7 @@ def test_the_narrowed_stream_trains_as_the_full_one(name):
     model = _gated(name, "runtime", noise_std=1e-6)
     _no_dropout(model)
     _random_closures(model, share=0.3)
-    ids = tiny_inputs()
-    kwargs = {"labels": ids} if is_causal(name) else {"labels": torch.tensor([0, 1, 2])}
-
-    def loss_and_grads():
-        model.train()
-        model.zero_grad()
-        torch.manual_seed(0)
-        loss = model(input_ids=ids, **kwargs).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    loss, grads = loss_and_grads()
+    before = _training_loss_and_grads(model, name)
     cut = compact_closed(model)
     ties = runtime_gates(model)
     kept = int((~ties.residual.removed).sum())
@@ -182,16 +173,12 @@ def test_the_narrowed_stream_trains_as_the_full_one(name):
     q = find_blocks(model)[0].modules["qkv" if name == "gpt2" else "q"][1]
     assert q.kept_weight.shape[1] == kept  # readers read only the kept dims
     with torch.no_grad():  # and the stream between the blocks is that narrow
-        states = model.eval()(input_ids=ids, output_hidden_states=True).hidden_states
+        states = model.eval()(input_ids=tiny_inputs(), output_hidden_states=True).hidden_states
     assert {h.shape[-1] for h in states} == {kept}
     # a frozen LM head multiplies the kept dims by its kept columns (a trained task head reads them
     # scattered back to the full width: the BERT case)
     assert isinstance(getattr(model, "lm_head", None), StreamReader) == is_causal(name)
-    loss_after, grads_after = loss_and_grads()
-    torch.testing.assert_close(loss_after, loss, atol=1e-6, rtol=0)
-    assert grads.keys() == grads_after.keys()
-    for n in grads:
-        torch.testing.assert_close(grads_after[n], grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    _assert_same_training(before, _training_loss_and_grads(model, name))
 
 
 def test_hidden_state_distillation_reads_the_narrowed_stream_at_the_full_width():

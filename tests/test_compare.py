@@ -133,6 +133,7 @@ def test_compare_takes_a_learning_rate_per_method_and_bf16(tiny_task, tmp_path, 
     """`learning_rates` reaches the method's training (others keep their defaults), with `bf16`; bad
     items are refused when the config is made, not in a method's own process."""
     from finegates.baselines import loop
+    from finegates.baselines.registry import METHODS
     from finegates.workflows.compare import learning_rates, run_one
 
     model_dir, csv = tiny_task
@@ -155,7 +156,43 @@ def test_compare_takes_a_learning_rate_per_method_and_bf16(tiny_task, tmp_path, 
     for method in ("full", "magnitude+lora"):
         with pytest.raises(Stop):
             run_one(cfg, method, None if method == "full" else 0.3)
-    assert [s[1:] for s in seen] == [(3e-4, True), (None, True)]  # None: the method's default
+    default = METHODS["magnitude+lora"].default_lr
+    assert [s[1:] for s in seen] == [(3e-4, True), (default, True)]
     for bad, message in (("full", "METHOD=LR"), ("full=-1", "positive"), ("adapters=1e-3", "unknown method")):
         with pytest.raises(ValueError, match=message):
             CompareConfig(learning_rates=[bad])
+
+
+def test_a_learning_rate_sweep_picks_each_method_on_validation_rows(tiny_task, tmp_path):
+    """`lr_sweep`: every method trains at each multiple of its learning rate; the table keeps, per method,
+    the run with the best accuracy on the held-out validation rows, and lists the others under it."""
+    from finegates.baselines.registry import METHODS
+    from finegates.workflows.compare import picked_rows
+
+    model_dir, csv = tiny_task
+    cfg = CompareConfig(
+        model=str(model_dir), task=str(csv), text_column="sentence", label_column="topic",
+        methods=["full", "finegates"], sparsity=[0.3], max_train_samples=24, max_test_samples=12,
+        validation_samples=12, lr_sweep=[0.5, 2.0], max_length=12, batch_size=8, epochs=1,
+        output_dir=str(tmp_path),
+    )  # fmt: skip
+    rows = compare(cfg)
+    assert sorted((r["method"], r["lr_scale"]) for r in rows) == [
+        ("finegates", 0.5), ("finegates", 2.0), ("full", 0.5), ("full", 2.0)
+    ]  # fmt: skip
+    for r in rows:
+        assert r["lr"] == pytest.approx(METHODS[r["method"]].default_lr * r["lr_scale"])
+        assert 0 <= r["validation_accuracy"] <= 1
+    picked = picked_rows(rows)
+    assert sorted(r["method"] for r in picked) == ["finegates", "full"]
+    for r in picked:
+        same = [o for o in rows if o["method"] == r["method"]]
+        assert r["validation_accuracy"] == max(o["validation_accuracy"] for o in same)
+    table = (tmp_path / "comparison.md").read_text()
+    assert table.count("(picked)") == 2 and "Learning-rate sweep" in table
+    body = [line for line in table.splitlines() if line.startswith("| f")]
+    assert len(body) == 2  # one row per method in the table itself
+    with pytest.raises(ValueError, match="validation-samples"):
+        CompareConfig(lr_sweep=[1.0, 3.0])
+    with pytest.raises(ValueError, match="distinct positive"):
+        CompareConfig(lr_sweep=[1.0, -3.0], validation_samples=10)

@@ -98,12 +98,42 @@ class CompareConfig(PrecisionOptions):
             "for finegates methods the head's (the gates keep gate_lr)."
         },
     )
+    validation_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Training rows held out (before the training subset is drawn) to score every run on; "
+            "needed by lr_sweep, which picks on them."
+        },
+    )
+    lr_sweep: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "Multipliers of each method's learning rate (its default or learning_rates') to train "
+            "with, e.g. 0.3 1 3: the table keeps, per method and budget, the run with the best validation "
+            "accuracy (the others are listed under it). The distillation teacher is full finetuning at x1."
+        },
+    )
 
     def __post_init__(self) -> None:
         # The command line gives "full,lora" or "full lora"; both mean the same list.
         self.methods = _split(self.methods)
         self.learning_rates = _split(self.learning_rates)
         learning_rates(self)  # a clear error now rather than in a method's own process
+        try:
+            self.lr_sweep = [float(m) for m in _split(self.lr_sweep)]
+        except ValueError as err:
+            raise ValueError(f"lr_sweep must be numbers (multipliers), got {self.lr_sweep}.") from err
+        if not all(0 < m < float("inf") for m in self.lr_sweep) or len(set(self.lr_sweep)) != len(
+            self.lr_sweep
+        ):
+            raise ValueError(f"lr_sweep must be distinct positive multipliers, got {self.lr_sweep}.")
+        if self.validation_samples < 0:
+            raise ValueError(f"validation_samples must be >= 0, got {self.validation_samples}.")
+        if self.lr_sweep and not self.validation_samples:
+            raise ValueError(
+                "lr_sweep picks each method's learning rate on held-out rows: give --validation-samples "
+                "(e.g. 256), so that the test rows are never used to choose."
+            )
         try:
             self.sparsity = [float(s) for s in _split(self.sparsity)]
         except ValueError as err:
@@ -146,17 +176,29 @@ def learning_rates(cfg: CompareConfig) -> dict[str, float]:
     return rates
 
 
-def _runs(cfg: CompareConfig) -> list[tuple[str, float | None]]:
+def _runs(cfg: CompareConfig) -> list[tuple[str, float | None, float | None]]:
+    """(method, budget, learning-rate multiplier: None without a sweep) of every run."""
+    scales = cfg.lr_sweep or [None]
     return [
-        (m, None) if m in BUDGET_FREE else (m, s)
+        ((m, None) if m in BUDGET_FREE else (m, s)) + (scale,)
         for m in cfg.methods
         for s in cfg.sparsity
         if m not in BUDGET_FREE or s == cfg.sparsity[0]
+        for scale in scales
     ]
 
 
-def _key(method: str, sparsity: float | None) -> str:
-    return f"{method}@{'-' if sparsity is None else sparsity}"
+def _key(method: str, sparsity: float | None, scale: float | None = None) -> str:
+    return f"{method}@{'-' if sparsity is None else sparsity}" + ("" if scale is None else f"@x{scale}")
+
+
+def method_lr(cfg: CompareConfig, method: str, scale: float | None = None) -> float:
+    """The learning rate a method trains with: its default or `learning_rates`' value, x `scale`."""
+    from finegates.baselines.registry import METHODS
+
+    name = "full" if method == TEACHER else method
+    base = learning_rates(cfg).get(name, METHODS[name].default_lr)
+    return base * (1.0 if scale is None else scale)
 
 
 def _method_config(method: str, sparsity: float | None, structure: str = "fine"):
@@ -178,7 +220,11 @@ def _batches(cfg: CompareConfig):
 
     columns = Columns(text=cfg.text_column, label=cfg.label_column, text_pair=cfg.text_pair_column)
     data = load_classification(cfg.task, columns, seed=cfg.seed)
-    train, _ = data.train.sample(cfg.max_train_samples, cfg.seed)
+    pool = data.train
+    validation = None
+    if cfg.validation_samples:
+        validation, pool = pool.sample(cfg.validation_samples, cfg.seed)
+    train, _ = pool.sample(cfg.max_train_samples, cfg.seed)
     test, _ = data.test.sample(cfg.max_test_samples, cfg.seed)
     _, tokenizer = load_classifier(cfg.model, data.num_labels)
     collate = DataCollatorWithPadding(tokenizer)
@@ -190,8 +236,18 @@ def _batches(cfg: CompareConfig):
         collate_fn=collate,
         generator=gen,
     )
-    test_loader = DataLoader(EncodedSplit(test, tokenizer, cfg.max_length), 64, collate_fn=collate)
-    return data, list(loader), list(test_loader)
+
+    def batches(split) -> list:
+        return list(DataLoader(EncodedSplit(split, tokenizer, cfg.max_length), 64, collate_fn=collate))
+
+    return data, list(loader), batches(test), batches(validation) if validation is not None else None
+
+
+def _scores(model, test_batches, validation_batches) -> dict[str, float]:
+    scores = _accuracy(model, test_batches)
+    if validation_batches is not None:
+        scores["validation_accuracy"] = _accuracy(model, validation_batches)["accuracy"]
+    return scores
 
 
 @torch.no_grad()
@@ -241,12 +297,15 @@ def _csr_timing(model, cfg: CompareConfig, vocab: int) -> dict[str, float]:
     return {"dense_ms": timing.dense_ms, "csr_ms": timing.sparse_ms, "layer_sparsity": timing.sparsity}
 
 
-def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str, Any]:
-    """Train, finalize and measure one method (called in a fresh process by `compare`)."""
+def run_one(
+    cfg: CompareConfig, method: str, sparsity: float | None, scale: float | None = None
+) -> dict[str, Any]:
+    """Train, finalize and measure one method (called in a fresh process by `compare`); `scale`
+    multiplies its learning rate (`lr_sweep`)."""
     from finegates.baselines.loop import train_method
     from finegates.workflows.models import load_classifier
 
-    data, train, test = _batches(cfg)
+    data, train, test, validation = _batches(cfg)
     torch.manual_seed(cfg.seed)
     model, _ = load_classifier(cfg.model, data.num_labels)
     teacher = None
@@ -259,20 +318,22 @@ def run_one(cfg: CompareConfig, method: str, sparsity: float | None) -> dict[str
         name,
         model,
         train,
-        lambda m: _accuracy(m, test),
+        lambda m: _scores(m, test, validation),
         config=_method_config(name, sparsity, cfg.structure),
         teacher=teacher,
         epochs=cfg.epochs,
-        lr=learning_rates(cfg).get(method),
+        lr=method_lr(cfg, method, scale),
         seed=cfg.seed,
         bf16=cfg.bf16,
     )
     wall = time.perf_counter() - begin
-    if name == "full":  # full finetuning is the distillation teacher: trained once per comparison
+    if name == "full" and scale in (None, 1.0):  # the distillation teacher: trained once per comparison
         result.model.save_pretrained(teacher_path)
     row = {
         "method": method,
         "sparsity": sparsity,
+        "lr": method_lr(cfg, method, scale),
+        "lr_scale": scale,
         **result.metrics,
         "wall_s": wall,
         "trainable_params": result.trainable_parameters,
@@ -300,7 +361,7 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
 
 
 # Options that extend a comparison rather than change it: its cached results stay valid.
-EXTENDING_KEYS = frozenset({"methods", "sparsity", "overwrite"})
+EXTENDING_KEYS = frozenset({"methods", "sparsity", "lr_sweep", "overwrite"})
 
 
 def _check_cached_results(out: Path, cfg: CompareConfig) -> None:
@@ -325,12 +386,13 @@ def _check_cached_results(out: Path, cfg: CompareConfig) -> None:
 
 def _compare(cfg: CompareConfig, out: Path) -> list[dict[str, Any]]:
     runs = _runs(cfg)
-    if any(m in ("squarehead", "finegates+kd") for m, _ in runs):
-        # The teacher is the full finetuning run: run it first, or on its own when `full` is not compared.
-        first = ("full", None) if "full" in cfg.methods else (TEACHER, None)
+    if any(m in ("squarehead", "finegates+kd") for m, _, _ in runs):
+        # The teacher is the full finetuning run (at x1 in a sweep): run it first, or on its own.
+        scale = 1.0 if cfg.lr_sweep else None
+        first = ("full", None, scale) if ("full", None, scale) in runs else (TEACHER, None, None)
         runs = [first, *(r for r in runs if r != first)]
-    for method, sparsity in runs:
-        path = out / "results" / f"{_key(method, sparsity)}.json"
+    for method, sparsity, scale in runs:
+        path = out / "results" / f"{_key(method, sparsity, scale)}.json"
         if path.is_file():
             logger.info("%s: done already, skipped", path.name)
             continue
@@ -341,6 +403,7 @@ def _compare(cfg: CompareConfig, out: Path) -> list[dict[str, Any]]:
             str(out / "run_config.json"),
             method,
             str(sparsity),
+            str(scale),
         ]
         subprocess.run(cmd, check=True)
     rows = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
@@ -348,8 +411,21 @@ def _compare(cfg: CompareConfig, out: Path) -> list[dict[str, Any]]:
     atomic_write_text(out / "comparison.md", comparison_table(rows))
     from finegates.workflows.plots import plot_pareto  # matplotlib: only once there is something to plot
 
-    plot_pareto(rows, out / "pareto.png")
+    plot_pareto(picked_rows(rows), out / "pareto.png")
     return rows
+
+
+def picked_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (method, budget), the run with the best validation accuracy (all rows where there is no sweep),
+    in the order of `rows`."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (r["method"], r["sparsity"])
+        if r.get("lr_scale") is None:
+            best[(*key, id(r))] = r
+        elif key not in best or r["validation_accuracy"] > best[key]["validation_accuracy"]:
+            best[key] = r
+    return [r for r in rows if any(r is b for b in best.values())]
 
 
 def _speedups(row: dict[str, Any], full: dict[str, Any] | None) -> str:
@@ -368,11 +444,16 @@ def _speedups(row: dict[str, Any], full: dict[str, Any] | None) -> str:
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     from finegates.workflows.run_report import markdown_table  # imports matplotlib
 
+    swept = [r for r in rows if r.get("lr_scale") is not None]
+    rows = picked_rows(rows)
     dense = next((r for r in rows if r["method"] == "full"), None)
+    validation = any("validation_accuracy" in r for r in rows)
     header = [
         "method",
         "budget",
+        "lr",
         "accuracy",
+        *(["validation accuracy"] if validation else []),
         "trainable params",
         "removed params (kind)",
         "size (MB)",
@@ -387,7 +468,13 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         [
             r["method"],
             r["sparsity"] if r["sparsity"] is not None else "-",
+            f"{r['lr']:.0e}" if "lr" in r else "default",
             f"{r['accuracy']:.4f}",
+            *(
+                [f"{r['validation_accuracy']:.4f}" if "validation_accuracy" in r else "-"]
+                if validation
+                else []
+            ),
             f"{r['trainable_params']:,d}",
             f"{r['removed_params']:,d} ({r['kind_of_sparsity']})",
             f"{r['size_bytes'] / 2**20:.1f}",
@@ -414,17 +501,27 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         for r in rows
         if "csr_b32" in r
     ]
-    return markdown_table(header, table) + "\n" + note + ("\n" + "\n".join(csr) + "\n" if csr else "")
+    sweep = [
+        f"- {r['method']} at {r['sparsity'] if r['sparsity'] is not None else '-'}, lr {r['lr']:.0e} "
+        f"(x{r['lr_scale']}): validation {r['validation_accuracy']:.4f}, test {r['accuracy']:.4f}"
+        + (" (picked)" if any(r is p for p in rows) else "")
+        for r in swept
+    ]
+    if sweep:
+        sweep = ["\nLearning-rate sweep (each method's row above is its best validation accuracy):", *sweep]
+    extra = [*csr, *sweep]
+    return markdown_table(header, table) + "\n" + note + ("\n" + "\n".join(extra) + "\n" if extra else "")
 
 
 def _main(argv: list[str]) -> None:
-    config_path, method, sparsity = argv
+    config_path, method, sparsity, scale = argv
     cfg = dataclass_from_dict(
         CompareConfig, json.loads(Path(config_path).read_text())["compare"], config_path
     )
     value = None if sparsity == "None" else float(sparsity)
-    row = run_one(cfg, method, value)
-    target = Path(cfg.output_dir) / "results" / f"{_key(method, value)}.json"
+    multiplier = None if scale == "None" else float(scale)
+    row = run_one(cfg, method, value, multiplier)
+    target = Path(cfg.output_dir) / "results" / f"{_key(method, value, multiplier)}.json"
     atomic_write_text(target, json.dumps(row, indent=2, sort_keys=True))
 
 

@@ -7,6 +7,10 @@ and, on logged steps, the log's `expected_sparsity` and `budget_fraction`. This 
 (random weights of SmolLM2-135M's shape, no data), per piece, and counts the compaction plans built.
 
     python benchmarks/budget_overhead.py [--steps 12] [--threads 1] [--structure fine|runtime]
+    python benchmarks/budget_overhead.py --shape minilm --structure runtime
+
+`--shape minilm`: a BERT of MiniLM's shape (6 layers, hidden 384, 12 heads, FFN 1,536), sequence
+classification, as `finetune` gates it.
 
 Run it with another checkout first on PYTHONPATH to compare two versions side by side.
 """
@@ -18,7 +22,7 @@ import time
 
 import torch
 from common import benchmark_parser, parse_benchmark_args
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import finegates
 from finegates import latency, plan, report
@@ -33,6 +37,16 @@ SMOLLM2_SHAPE = {
     "num_key_value_heads": 3,
     "vocab_size": 49152,
     "tie_word_embeddings": True,
+}
+
+
+MINILM_SHAPE = {
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "vocab_size": 30522,
+    "num_labels": 8,
 }
 
 
@@ -71,15 +85,22 @@ def main() -> None:
     parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--structure", default="fine", choices=["fine", "runtime"])
+    parser.add_argument("--shape", default="smollm2", choices=["smollm2", "minilm"])
     args = parse_benchmark_args(parser)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
+    if args.shape == "minilm":
+        model = BertForSequenceClassification(BertConfig(**MINILM_SHAPE))
+        head = {"modules_to_save": ["classifier", "bert.pooler"]}
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
+        head = {"bias": "none"}
     cfg = finegates.GatesConfig(
-        target_sparsity=0.2, warmup_steps=4, gate_lr=0.2, structure=args.structure, bias="none"
+        target_sparsity=0.2, warmup_steps=4, gate_lr=0.2, structure=args.structure, **head
     )
     finegates.get_gated_model(model, cfg)
     model.train()
-    gates = [p for p in model.parameters() if p.requires_grad]
+    head = ("classifier", "bert.pooler")  # MiniLM's task head trains too, but is not the budget's
+    gates = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(head)]
     optimizer = torch.optim.AdamW(gates, lr=0.2)
     plans = count_plans()
     pieces: dict[str, list[float]] = {"objective": [], "optimizer": [], "budget_step": [], "log": []}
@@ -103,7 +124,8 @@ def main() -> None:
     skip = 2  # the first steps allocate
     print(f"finegates from {finegates.__file__}")
     print(
-        f"structure {args.structure}, {args.threads} thread(s), {args.steps} steps; CPU s per step (median)"
+        f"{args.shape}, structure {args.structure}, {args.threads} thread(s), {args.steps} steps; CPU s per "
+        "step (median)"
     )
     for name, values in pieces.items():
         print(f"  {name:12s} {statistics.median(values[skip:]):.4f}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 from common import benchmark_parser, parse_benchmark_args
@@ -28,6 +29,13 @@ import finegates
 from finegates import latency, plan, report
 from finegates.budget import budget_step
 from finegates.objectives import expected_sparsity, sparsity_loss
+
+try:  # versions before it walked the module tree at every look-up
+    from finegates import structure as finegates_structure
+
+    frozen_available = True
+except ImportError:
+    frozen_available = False
 
 SMOLLM2_SHAPE = {
     "hidden_size": 576,
@@ -86,6 +94,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--structure", default="fine", choices=["fine", "runtime"])
     parser.add_argument("--shape", default="smollm2", choices=["smollm2", "minilm"])
+    parser.add_argument(
+        "--unfrozen", action="store_true", help="walk the module tree at every look-up (no frozen_structure)"
+    )
     args = parse_benchmark_args(parser)
     torch.manual_seed(0)
     if args.shape == "minilm":
@@ -105,7 +116,30 @@ def main() -> None:
     plans = count_plans()
     pieces: dict[str, list[float]] = {"objective": [], "optimizer": [], "budget_step": [], "log": []}
     built: list[int] = []
-    for step in range(args.steps):
+    frozen = (
+        finegates_structure.frozen_structure(model)
+        if frozen_available and not args.unfrozen
+        else nullcontext()
+    )
+    with frozen:
+        _steps(model, optimizer, args.steps, plans, pieces, built)
+    removed = latency.budget_fraction(model)
+    skip = 2  # the first steps allocate
+    print(f"finegates from {finegates.__file__}")
+    print(
+        f"{args.shape}, structure {args.structure}, {args.threads} thread(s), {args.steps} steps"
+        f"{', module tree walked every look-up' if args.unfrozen or not frozen_available else ''}; CPU s per "
+        "step (median)"
+    )
+    for name, values in pieces.items():
+        print(f"  {name:12s} {statistics.median(values[skip:]):.4f}")
+    total = [sum(values[i] for values in pieces.values()) for i in range(skip, args.steps)]
+    print(f"  {'total':12s} {statistics.median(total):.4f}")
+    print(f"plans built per step: {built[skip:]} (removed at the end: {removed:.4f})")
+
+
+def _steps(model, optimizer, steps: int, plans, pieces, built) -> None:
+    for step in range(steps):
         start, before = time.process_time(), plans[0]
         loss = sparsity_loss(model, step=step)
         loss.backward()
@@ -120,18 +154,6 @@ def main() -> None:
         for name, seconds in zip(pieces, (t1 - start, t2 - t1, t3 - t2, t4 - t3)):
             pieces[name].append(seconds)
         built.append(plans[0] - before)
-    removed = latency.budget_fraction(model)
-    skip = 2  # the first steps allocate
-    print(f"finegates from {finegates.__file__}")
-    print(
-        f"{args.shape}, structure {args.structure}, {args.threads} thread(s), {args.steps} steps; CPU s per "
-        "step (median)"
-    )
-    for name, values in pieces.items():
-        print(f"  {name:12s} {statistics.median(values[skip:]):.4f}")
-    total = [sum(values[i] for values in pieces.values()) for i in range(skip, args.steps)]
-    print(f"  {'total':12s} {statistics.median(total):.4f}")
-    print(f"plans built per step: {built[skip:]} (removed at the end: {removed:.4f})")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import nn
 from finegates.architectures import Architecture, AttentionShape, architecture_for, attention_shape
 from finegates.gates import Gate, TiedGate
 from finegates.layer import GatedLinear, linear_shape
+from finegates.structure import remembered
 
 READERS = ("q", "k", "v", "qkv", "up", "gate")  # read the residual stream through their columns
 WRITERS = ("o", "down")  # write the residual stream through their rows
@@ -38,6 +39,10 @@ class Block:
 
 def find_blocks(model: nn.Module) -> list[Block]:
     """Blocks of a model whose architecture is in the table and that hold at least one gated layer."""
+    return remembered(model, "blocks", lambda: _find_blocks(model))
+
+
+def _find_blocks(model: nn.Module) -> list[Block]:
     config = getattr(model, "config", None)
     arch: Architecture | None = architecture_for(getattr(config, "model_type", None))
     if arch is None:

@@ -13,6 +13,7 @@ from finegates.controller import SparsityController
 from finegates.coupling import find_blocks
 from finegates.gates import REMOVED, Gate, TiedGate
 from finegates.layer import GatedLinear, defer_activation
+from finegates.structure import remembered
 from finegates.targets import default_modules_to_save, resolve_targets
 from finegates.ties import TIES_ATTR, runtime_gates, tie_runtime_gates
 
@@ -85,18 +86,26 @@ def is_gated(model: nn.Module) -> bool:
 
 
 def gated_layers(model: nn.Module) -> dict[str, GatedLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, GatedLinear)}
+    return remembered(
+        model,
+        "gated_layers",
+        lambda: {name: m for name, m in model.named_modules() if isinstance(m, GatedLinear)},
+    )
 
 
 def all_gates(model: nn.Module) -> list[Gate]:
     """Every gate vector of the model, once: the layers' own row and column gates, and the shared vectors
     that `TiedGate` views point to (structure="runtime")."""
-    found: dict[int, Gate] = {}
-    for layer in gated_layers(model).values():
-        for gate in layer.gates().values():
-            source = gate.source if isinstance(gate, TiedGate) else gate
-            found.setdefault(id(source), source)
-    return list(found.values())
+
+    def find() -> list[Gate]:
+        found: dict[int, Gate] = {}
+        for layer in gated_layers(model).values():
+            for gate in layer.gates().values():
+                source = gate.source if isinstance(gate, TiedGate) else gate
+                found.setdefault(id(source), source)
+        return list(found.values())
+
+    return remembered(model, "all_gates", find)
 
 
 def set_gates_enabled(model: nn.Module, enabled: bool) -> None:

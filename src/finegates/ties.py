@@ -27,6 +27,7 @@ from finegates.config import GatesConfig
 from finegates.coupling import READERS, WRITERS, Block, find_blocks
 from finegates.gates import Gate, TiedGate, make_gate
 from finegates.layer import GatedLinear
+from finegates.structure import remembered
 
 TIES_ATTR = "finegates_gates"
 
@@ -192,6 +193,11 @@ def matches(name: str, suffixes: tuple[str, ...]) -> bool:
 def stream_modules(model: nn.Module, arch: Architecture, hidden: int) -> dict[str, dict[str, nn.Module]]:
     """The modules around the blocks that the shared residual mask reaches, by part: "embeddings",
     "norms" (over the stream's width) and "readers" (linears outside the blocks, e.g. the LM head)."""
+    key = ("stream_modules", arch.block_pattern, hidden)
+    return remembered(model, key, lambda: _stream_modules(model, arch, hidden))
+
+
+def _stream_modules(model: nn.Module, arch: Architecture, hidden: int) -> dict[str, dict[str, nn.Module]]:
     block = re.compile(arch.block_pattern + r"\.")
     parts: dict[str, dict[str, nn.Module]] = {"embeddings": {}, "norms": {}, "readers": {}}
     for name, module in model.named_modules():

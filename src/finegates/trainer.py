@@ -25,6 +25,7 @@ from finegates.objectives import expected_sparsity, sparsity_loss
 from finegates.optim import finalize_gates, keep_gate_lr_constant, optimizer_param_groups
 from finegates.progressive import ProgressiveCompaction, apply_removed, weights_cut
 from finegates.report import sparsity_report
+from finegates.structure import frozen_structure
 from finegates.ties import runtime_gates
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ class FineGatesTrainer(Trainer):
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+        with frozen_structure(self.model):  # the module tree is fixed during the run
+            output = super().train(*args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
         if self._use_cache is not None:
             model.config.use_cache = self._use_cache

@@ -1,0 +1,49 @@
+"""`frozen_structure`: the budget's look-ups walk the module tree once per run, not every time."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+from conftest import tiny_model
+from finegates import GatesConfig, get_gated_model
+from finegates.coupling import find_blocks
+from finegates.model import all_gates, gated_layers
+from finegates.plan import compaction_plan
+from finegates.structure import frozen_structure
+
+
+def test_look_ups_inside_a_frozen_structure_walk_the_tree_once():
+    model = get_gated_model(tiny_model("llama"), GatesConfig(structure="runtime"))
+    outside = (gated_layers(model), find_blocks(model), all_gates(model))
+    with mock.patch.object(type(model), "named_modules", wraps=model.named_modules) as walks:
+        with frozen_structure(model):
+            first = (gated_layers(model), find_blocks(model), all_gates(model))
+            compaction_plan(model)
+            with frozen_structure(model):  # re-entrant: the inner block keeps the outer one's look-ups
+                again = (gated_layers(model), find_blocks(model), all_gates(model))
+            assert all(a is b for a, b in zip(first, again))
+            walked = walks.call_count
+        assert walked == 2  # gated_layers and find_blocks, once each
+        gated_layers(model)  # outside: walked again, nothing remembered
+        assert walks.call_count == walked + 1
+    assert first[0] == outside[0] and first[2] == outside[2]
+    assert [b.name for b in first[1]] == [b.name for b in outside[1]]
+    assert "_finegates_frozen_structure" not in model.__dict__
+
+
+def test_the_trainer_holds_the_structure_frozen_for_its_run(tmp_path):
+    from transformers import TrainerCallback
+
+    from test_trainer import _trainer
+
+    trainer = _trainer(tmp_path, max_steps=5)
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append("_finegates_frozen_structure" in trainer.model.__dict__)
+
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert seen == [True] * 5
+    assert "_finegates_frozen_structure" not in trainer.model.__dict__  # let go once the run ends

@@ -123,9 +123,8 @@ class CompareConfig(PrecisionOptions):
             self.lr_sweep = [float(m) for m in _split(self.lr_sweep)]
         except ValueError as err:
             raise ValueError(f"lr_sweep must be numbers (multipliers), got {self.lr_sweep}.") from err
-        if not all(0 < m < float("inf") for m in self.lr_sweep) or len(set(self.lr_sweep)) != len(
-            self.lr_sweep
-        ):
+        distinct = len(set(self.lr_sweep)) == len(self.lr_sweep)
+        if not distinct or not all(0 < m < float("inf") for m in self.lr_sweep):
             raise ValueError(f"lr_sweep must be distinct positive multipliers, got {self.lr_sweep}.")
         if self.validation_samples < 0:
             raise ValueError(f"validation_samples must be >= 0, got {self.validation_samples}.")

@@ -31,6 +31,8 @@ accuracy (FineGates: the compacted model).
 compaction: training wall time, held-out perplexity and PIQA of the compacted model.
 
     python benchmarks/train_cost.py --whole-run posttrain [--target 0.4] [--compact-every 5]
+
+`--structure runtime`: the runtime structure, whose progressive compaction also narrows the stream.
 """
 
 from __future__ import annotations
@@ -242,16 +244,19 @@ def _make_run_config(output_dir: str):
     )
 
 
-def whole_run(kind: str, method: str, target: float, compact_every: int, steps: int) -> dict:
+def whole_run(
+    kind: str, method: str, target: float, compact_every: int, steps: int, structure: str | None = None
+) -> dict:
     """One whole training run: `make run`'s settings (kind "finetune") or SmolLM2 post-training."""
     if kind == "posttrain":
-        return _posttrain_run(
-            method, target, compact_every if method.endswith("progressive") else None, steps
-        )
+        every = compact_every if method.endswith("progressive") else None
+        return _posttrain_run(method, target, every, steps, structure)
     return _finetune_run(method, target, compact_every)
 
 
-def _posttrain_run(method: str, target: float, compact_every: int | None, steps: int) -> dict:
+def _posttrain_run(
+    method: str, target: float, compact_every: int | None, steps: int, structure: str | None = None
+) -> dict:
     import dataclasses
     import tempfile
 
@@ -260,6 +265,8 @@ def _posttrain_run(method: str, target: float, compact_every: int | None, steps:
     gates = dataclasses.replace(
         default_posttrain_gates(), target_sparsity=target, compact_every=compact_every
     )
+    if structure is not None:
+        gates = dataclasses.replace(gates, structure=structure)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = PosttrainConfig(
             text="brown",
@@ -377,6 +384,11 @@ def main() -> None:
     parser.add_argument("--compact-every", type=int, default=10, help="--whole-run: compaction period")
     parser.add_argument("--posttrain-steps", type=int, default=100, help="--whole-run posttrain: steps")
     parser.add_argument(
+        "--structure",
+        choices=("fine", "runtime"),
+        help="--whole-run posttrain: gate structure (default: posttrain's)",
+    )
+    parser.add_argument(
         "--paired",
         help="comma-separated methods (the first is the reference) stepped in turn in one process",
     )
@@ -390,7 +402,9 @@ def main() -> None:
         paired_steps(methods, args.steps, args.batch, args.length)
         return
     if args.method and args.whole_run:
-        run = whole_run(args.whole_run, args.method, args.target, args.compact_every, args.posttrain_steps)
+        run = whole_run(
+            args.whole_run, args.method, args.target, args.compact_every, args.posttrain_steps, args.structure
+        )
         print(json.dumps(run))
         return
     if args.method:
@@ -400,6 +414,7 @@ def main() -> None:
         options = [
             *("--whole-run", args.whole_run, "--target", str(args.target)),
             *("--compact-every", str(args.compact_every), "--posttrain-steps", str(args.posttrain_steps)),
+            *(("--structure", args.structure) if args.structure else ()),
         ]
         rows = [_subprocess_json(["--method", method, *options]) for method in WHOLE_RUNS[args.whole_run]]
         if args.whole_run == "posttrain":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BertTokenizerFast,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -104,3 +107,31 @@ def one_thread():
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param
+
+
+WORDS = ["alpha", "beta", "gamma", "delta", "stock", "oil", "grain", "trade", "money", "ship"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    """A tiny random BERT with a word-level tokenizer, and a csv whose label is the last word."""
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    model_dir = root / "model"
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=len(WORDS) + 5,
+        max_position_embeddings=32,
+    )
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    rng = random.Random(0)
+    rows = [(rng.choice(["oil", "stock"]), rng.choices(WORDS, k=5)) for _ in range(80)]
+    (root / "train.csv").write_text(
+        "sentence,topic\n" + "".join(f"{' '.join(ws)} {y},{y}\n" for y, ws in rows)
+    )
+    return model_dir, root / "train.csv"

@@ -6,13 +6,11 @@ import contextlib
 import dataclasses
 import io
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from finegates.cli import build_parser, main
 from finegates.cli_args import build_configs, flag_name
@@ -20,8 +18,6 @@ from finegates.config import GatesConfig
 from finegates.workflows.evaluate import EvaluateConfig
 from finegates.workflows.finetune import FinetuneConfig
 from finegates.workflows.run_report import render_tradeoff
-
-WORDS = ["alpha", "beta", "gamma", "delta", "stock", "oil", "grain", "trade", "money", "ship"]
 
 
 def _configs(argv: list[str]) -> dict:
@@ -116,31 +112,6 @@ def test_unknown_key_in_config_file(tmp_path, capsys):
     path.write_text("epochz: 3\n")
     assert main(["finetune", "--config", str(path)]) == 2
     assert "unknown keys ['epochz']" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def tiny_run_inputs(tmp_path_factory):
-    """A tiny random BERT with a word-level tokenizer, and a csv whose label is the last word."""
-    root = tmp_path_factory.mktemp("tiny")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
-    model_dir = root / "model"
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        vocab_size=len(WORDS) + 5,
-        max_position_embeddings=32,
-    )
-    BertForSequenceClassification(config).save_pretrained(model_dir)
-    rng = random.Random(0)
-    rows = [(rng.choice(["oil", "stock"]), rng.choices(WORDS, k=5)) for _ in range(80)]
-    (root / "train.csv").write_text(
-        "sentence,topic\n" + "".join(f"{' '.join(ws)} {y},{y}\n" for y, ws in rows)
-    )
-    return model_dir, root / "train.csv"
 
 
 def _tiny_argv(model_dir, csv) -> list[str]:

@@ -3,6 +3,8 @@ stays float32, and the workflows pass the option to the Trainer."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -127,3 +129,31 @@ def test_posttrain_with_bf16_trains_in_bfloat16_and_evaluates_in_float32(tmp_pat
     if structure:
         assert metrics["budget"]["weights_cut"] > 0  # compaction cut weights under autocast
     assert metrics["compacted"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
+
+
+def test_finetune_with_bf16_from_the_command_line(tiny_run_inputs, tmp_path, monkeypatch):
+    """`finetune --bf16`: the Trainer gets bf16=True, the gated and compacted models agree (float32
+    afterwards), the run lands on its target."""
+    import contextlib
+    import io
+    import json
+
+    from finegates.cli import main
+    from test_cli import _tiny_argv
+
+    workflow = sys.modules["finegates.workflows.finetune"]  # the package exports the function by that name
+    made = []
+    arguments = workflow.training_arguments
+    monkeypatch.setattr(
+        workflow, "training_arguments", lambda *a, **k: made.append(arguments(*a, **k)) or made[-1]
+    )
+    out = tmp_path / "run"
+    options = "--epochs 1 --validation-size 8 --bench-batch-size 2 --bench-repeats 1 --target-sparsity 0.3 "
+    options += "--warmup-steps 4 --bf16"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*_tiny_argv(*tiny_run_inputs), "--output-dir", str(out), *options.split()]) == 0
+    assert [a.bf16 for a in made] == [True, False]  # training; the compacted model's float32 evaluation
+    assert json.loads((out / "run_config.json").read_text())["finetune"]["bf16"] is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sparsity"]["removed_fraction"] >= 0.3
+    assert metrics["accuracy"]["compacted"] == pytest.approx(metrics["accuracy"]["gated"])

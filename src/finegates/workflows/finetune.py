@@ -236,9 +236,14 @@ def _encode(data: ClassificationData, tokenizer, cfg: FinetuneConfig) -> Splits:
 
 
 def training_arguments(
-    cfg: FinetuneConfig, output_dir: Path, learning_rate: float, has_validation: bool
+    cfg: FinetuneConfig,
+    output_dir: Path,
+    learning_rate: float,
+    has_validation: bool,
+    training: bool = True,
 ) -> TrainingArguments:
-    """TrainingArguments of a run: constant lr as in the reference, eval and a checkpoint every epoch."""
+    """TrainingArguments of a run: constant lr as in the reference, eval and a checkpoint every epoch.
+    `training=False`: for an evaluation-only Trainer, which runs float32 whatever `cfg.bf16` says."""
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
@@ -257,7 +262,8 @@ def training_arguments(
         disable_tqdm=cfg.quiet,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 on a CPU-only machine otherwise
+        bf16=cfg.bf16 and training,
     )
 
 
@@ -333,7 +339,7 @@ def _compress_and_evaluate(
     seconds = time.perf_counter() - begin
     small.save_pretrained(out / "compressed")
     tokenizer.save_pretrained(out / "compressed")
-    args = training_arguments(cfg, out / "checkpoints", 0.0, False)
+    args = training_arguments(cfg, out / "checkpoints", 0.0, False, training=False)
     # No loggers: an evaluation-only Trainer never calls on_train_begin, where transformers' TensorBoard
     # callback picks its folder, so it would write into ./runs of the working directory.
     args.report_to = []

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from finegates.workflows.compare import CompareConfig, compare
 
-WORDS = ["oil", "stock", "price", "market", "barrel", "share", "crude", "bank", "rate", "trade"]
-
 
 @pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare")
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
-    model_dir = root / "model"
-    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(model_dir)
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=40,
-        vocab_size=len(WORDS) + 5,
-        max_position_embeddings=32,
-    )
-    BertForSequenceClassification(config).save_pretrained(model_dir)
-    rng = random.Random(0)
-    rows = [(rng.choice(["oil", "stock"]), rng.choices(WORDS, k=5)) for _ in range(60)]
-    (root / "data.csv").write_text("sentence,topic\n" + "".join(f"{' '.join(w)} {y},{y}\n" for y, w in rows))
-    return model_dir, root / "data.csv"
+def tiny_task(tiny_run_inputs):
+    """A tiny random BERT and a two-topic csv (columns sentence, topic): conftest's `tiny_run_inputs`."""
+    return tiny_run_inputs
 
 
 def test_compare_methods_then_resume(tiny_task, tmp_path):

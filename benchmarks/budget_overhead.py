@@ -101,12 +101,12 @@ def main() -> None:
     torch.manual_seed(0)
     if args.shape == "minilm":
         model = BertForSequenceClassification(BertConfig(**MINILM_SHAPE))
-        head = {"modules_to_save": ["classifier", "bert.pooler"]}
+        options = {"modules_to_save": ["classifier", "bert.pooler"]}
     else:
         model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
-        head = {"bias": "none"}
+        options = {"bias": "none"}
     cfg = finegates.GatesConfig(
-        target_sparsity=0.2, warmup_steps=4, gate_lr=0.2, structure=args.structure, **head
+        target_sparsity=0.2, warmup_steps=4, gate_lr=0.2, structure=args.structure, **options
     )
     finegates.get_gated_model(model, cfg)
     model.train()

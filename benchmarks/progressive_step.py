@@ -86,23 +86,18 @@ def main() -> None:
     trained = _model(args.gates, args.model)
     cut = copy.deepcopy(trained)
     compact_closed(cut)
-    models = {
-        "all gates open": _model(None, args.model),
-        "trained gates, nothing cut": trained,
-        "trained gates, cut": cut,
-    }
+    models = {"all gates open": _model(None, args.model), "trained gates, nothing cut": trained}
     ties = runtime_gates(cut)
     if ties is not None and ties.stream_kept is not None:
         # the same cut with the stream at its full width: heads and FFN channels only
         wide = copy.deepcopy(trained)
         with mock.patch.object(progressive, "_stream_kept", lambda model: None):
             compact_closed(wide)
-        models = {**models, "trained gates, cut, full-width stream": wide}
-        kept = len(ties.stream_kept)
-        models[f"trained gates, cut ({kept} of {len(ties.residual.param)} residual dims)"] = models.pop(
-            "trained gates, cut"
-        )
-        cut = models[next(n for n in models if n.startswith("trained gates, cut ("))]
+        models["trained gates, cut, full-width stream"] = wide
+        kept, full = len(ties.stream_kept), len(ties.residual.param)
+        models[f"trained gates, cut ({kept} of {full} residual dims)"] = cut
+    else:
+        models["trained gates, cut"] = cut
     removed = finegates.sparsity_report(trained).removed_fraction
     for name, model in models.items():
         finegates.set_training_steps(model, 1000)

@@ -181,6 +181,21 @@ def test_the_narrowed_stream_trains_as_the_full_one(name):
     _assert_same_training(before, _training_loss_and_grads(model, name))
 
 
+def test_the_stream_narrows_again_as_more_residual_dims_close():
+    """A second narrowing cuts the readers, writers and the LM head's kept columns further, exactly."""
+    model = _gated("llama", "runtime")
+    ties, ids = runtime_gates(model), tiny_inputs()
+    for dims in ([0, 3, 5], [0, 3, 5, 9, 12, 20]):
+        close = torch.zeros_like(ties.residual.removed)
+        close[dims] = True
+        force_gates(ties.residual, close, torch.zeros_like(close))
+        before = logits(model, ids)
+        compact_closed(model)
+        width = ties.residual.param.numel() - len(dims)
+        assert len(ties.stream_kept) == width and model.lm_head.narrow_weight.shape[1] == width
+        torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=0)
+
+
 def test_hidden_state_distillation_reads_the_narrowed_stream_at_the_full_width():
     """SquareHead's hidden-state term against the bypassed teacher is the same before and after the stream
     narrows (the student's states are compared at the full width, zeros at the removed dims)."""

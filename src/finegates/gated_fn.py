@@ -39,11 +39,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, -2)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def _sum_rows(t: torch.Tensor) -> torch.Tensor:
     return _rows(t).sum(0, dtype=torch.float32 if t.dtype in LOW_PRECISION else t.dtype)
-
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

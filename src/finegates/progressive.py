@@ -31,6 +31,7 @@ Cut(heads=3, kv_heads=1, channels=120, weights=95232, residual=0)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -266,24 +267,34 @@ def narrow_stream(model: nn.Module, kept: torch.Tensor) -> None:
     outside the blocks multiplies them by its kept columns, and a trained one gets its input scattered
     back to the full width. The stock weights stay as they are."""
     ties = runtime_gates(model)
-    device = ties.residual.param.device
     first = ties.stream_kept is None
-    ties.stream_kept = kept.to(device)
-    if not first:
-        return
+    ties.stream_kept = kept = kept.to(ties.residual.param.device)
     parts = _stream_parts(model)
-    for norm in parts["norms"].values():
-        if not isinstance(norm, StreamLayerNorm):
-            cls = type(norm)
-            norm.__class__ = type(f"Stream{cls.__name__}", (StreamRMSNorm, cls), {})
-            object.__setattr__(norm, "finegates_ties", ties)  # a reference, not a submodule
+    if first:
+        for norm in parts["norms"].values():
+            if not isinstance(norm, StreamLayerNorm):
+                _mix_in(norm, StreamRMSNorm, ties)
+        for module in parts["readers"].values():
+            if type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters()):
+                _mix_in(module, StreamReader, ties)
+            else:  # a trained head reads the full width again: its parameters keep their shape
+                module.register_forward_pre_hook(_ScatterToFullWidth(ties))
     for module in parts["readers"].values():
-        if type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters()):
-            module.__class__ = type("StreamLinear", (StreamReader, nn.Linear), {})
-            object.__setattr__(module, "finegates_ties", ties)
-            module.register_buffer("narrow_weight", None, persistent=False)
-        else:  # a trained head: its input goes back to the full width, so its parameters keep their shape
-            module.register_forward_pre_hook(_ScatterToFullWidth(ties))
+        if isinstance(module, StreamReader):
+            module.register_buffer(
+                "narrow_weight", module.weight.detach().index_select(1, kept).contiguous(), persistent=False
+            )
+
+
+@functools.cache
+def _mixed_class(mixin: type, base: type) -> type:
+    return type(f"Stream{base.__name__}", (mixin, base), {})
+
+
+def _mix_in(module: nn.Module, mixin: type, ties) -> None:
+    """Give `module` the narrowed forward of `mixin` (same state) and a reference to the shared gates."""
+    module.__class__ = _mixed_class(mixin, type(module))
+    object.__setattr__(module, "finegates_ties", ties)  # a reference, not a submodule
 
 
 def _stream_parts(model: nn.Module) -> dict[str, dict[str, nn.Module]]:

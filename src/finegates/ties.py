@@ -133,18 +133,16 @@ def rms_norm_over_kept(norm: nn.Module, x: torch.Tensor, kept: torch.Tensor) -> 
 
 class StreamReader(nn.Module):
     """Mixed into a frozen nn.Linear outside the blocks that reads the stream (an LM head) when progressive
-    compaction narrows the stream: it multiplies the kept dims by its weight's kept columns (a copy made
-    once per narrowing; the stock weight, which may be tied to the embeddings, stays as it is)."""
+    compaction narrows the stream: it multiplies the kept dims by `narrow_weight`, its weight's kept columns
+    (`narrow_stream` copies them at each narrowing; the stock weight, which may be tied to the embeddings,
+    stays as it is)."""
 
     finegates_ties: RuntimeGates
-    narrow_weight: torch.Tensor | None
+    narrow_weight: torch.Tensor
 
     def forward(self, x):
-        kept = self.finegates_ties.stream_kept
-        if kept is None or x.shape[-1] != len(kept):
+        if x.shape[-1] != self.narrow_weight.shape[1]:  # the full-width stream (a bypassed teacher)
             return super().forward(x)
-        if self.narrow_weight is None or self.narrow_weight.shape[1] != len(kept):
-            self.narrow_weight = self.weight.detach().index_select(1, kept).contiguous()
         return F.linear(x, self.narrow_weight, self.bias)
 
 

@@ -312,6 +312,7 @@ def run_one(
     if method in ("squarehead", "finegates+kd"):
         teacher, _ = load_classifier(str(teacher_path), data.num_labels)
     name = "full" if method == TEACHER else method
+    lr = method_lr(cfg, method, scale)
     begin = time.perf_counter()
     result = train_method(
         name,
@@ -321,7 +322,7 @@ def run_one(
         config=_method_config(name, sparsity, cfg.structure),
         teacher=teacher,
         epochs=cfg.epochs,
-        lr=method_lr(cfg, method, scale),
+        lr=lr,
         seed=cfg.seed,
         bf16=cfg.bf16,
     )
@@ -331,7 +332,7 @@ def run_one(
     row = {
         "method": method,
         "sparsity": sparsity,
-        "lr": method_lr(cfg, method, scale),
+        "lr": lr,
         "lr_scale": scale,
         **result.metrics,
         "wall_s": wall,
@@ -420,11 +421,11 @@ def picked_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         key = (r["method"], r["sparsity"])
-        if r.get("lr_scale") is None:
-            best[(*key, id(r))] = r
-        elif key not in best or r["validation_accuracy"] > best[key]["validation_accuracy"]:
+        if r.get("lr_scale") is not None and (
+            key not in best or r["validation_accuracy"] > best[key]["validation_accuracy"]
+        ):
             best[key] = r
-    return [r for r in rows if any(r is b for b in best.values())]
+    return [r for r in rows if r.get("lr_scale") is None or best[(r["method"], r["sparsity"])] is r]
 
 
 def _speedups(row: dict[str, Any], full: dict[str, Any] | None) -> str:

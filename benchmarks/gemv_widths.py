@@ -5,7 +5,9 @@ time is the bytes read over the memory bandwidth. This times `F.linear` of one r
 matrices of a shape in turn (more bytes than the caches hold, as in a real decode), for the dense model's
 shapes, the shapes of a compacted one (odd widths such as 450) and aligned neighbours (448, 464, or the
 same odd width stored with an aligned row stride): whether aligning the kept widths would pay. Also the LM
-head (49,152 rows), which every token reads whole.
+head (49,152 rows), which every token reads whole. Each shape is timed row-major (torch's layout) and
+column-major (the transpose of a contiguous matrix, what `finegates.decode_layout` stores where it is
+faster), in turns.
 
     python benchmarks/gemv_widths.py [--threads 1] [--count 60]
 """
@@ -39,10 +41,16 @@ SHAPES = [
 ]
 
 
-def time_shape(rows: int, cols: int, stride: int | None, count: int, repeats: int = 5) -> float:
-    """Best mean seconds of one `F.linear(x, w)` over `count` distinct (rows x cols) matrices."""
+def time_shape(
+    rows: int, cols: int, stride: int | None, count: int, repeats: int = 5, columns: bool = False
+) -> float:
+    """Best mean seconds of one `F.linear(x, w)` over `count` distinct (rows x cols) matrices, stored
+    column-major if `columns` (then `stride` is ignored)."""
     count = max(2, min(count, (2 << 30) // (rows * (stride or cols) * 4)))  # at most ~2 GB of weights
-    weights = [torch.randn(rows, stride or cols)[:, :cols] for _ in range(count)]
+    if columns:
+        weights = [torch.randn(cols, rows).t() for _ in range(count)]
+    else:
+        weights = [torch.randn(rows, stride or cols)[:, :cols] for _ in range(count)]
     x = torch.randn(1, cols)
     for w in weights:
         F.linear(x, w)
@@ -60,14 +68,16 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=60, help="matrices per shape, timed in turn")
     args = parse_benchmark_args(parser)
     print(f"{torch.get_num_threads()} thread(s), {args.count} matrices per shape, best of 5 passes\n")
-    print("| rows x cols | row stride | us per matrix | GB/s read |")
-    print("|---|---|---|---|")
+    print("| rows x cols | row stride | us per matrix | GB/s read | column-major: us | GB/s | speedup |")
+    print("|---|---|---|---|---|---|---|")
     for rows, cols, stride in SHAPES:
         seconds = time_shape(rows, cols, stride, args.count)
-        print(
-            f"| {rows} x {cols} | {stride or cols} | {seconds * 1e6:.1f} | "
-            f"{rows * cols * 4 / seconds / 1e9:.2f} |"
-        )
+        size = rows * cols * 4
+        line = f"| {rows} x {cols} | {stride or cols} | {seconds * 1e6:.1f} | {size / seconds / 1e9:.2f} |"
+        if stride is None:
+            columns = time_shape(rows, cols, None, args.count, columns=True)
+            line += f" {columns * 1e6:.1f} | {size / columns / 1e9:.2f} | {seconds / columns:.2f}x |"
+        print(line + ("" if stride is None else " | | |"))
 
 
 if __name__ == "__main__":

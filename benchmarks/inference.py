@@ -215,12 +215,15 @@ def bench_model(
     rounds: int,
     trained: list[Path] = (),
     only: list[str] = (),
+    layout: str = "rows",
 ) -> list[dict]:
     """Every variant timed against the dense model in `rounds` passes: each pass times dense, then every
     other variant followed by dense again, so that each variant has a dense measurement just before and
     just after it. Its speedup is the median over passes of (mean of those two dense times) / its time:
     on a shared machine the load drifts over minutes and a ratio of the fastest times seen minutes apart
-    swings by 10-20%; paired ratios see nearly the same load. The time column is each variant's fastest."""
+    swings by 10-20%; paired ratios see nearly the same load. The time column is each variant's fastest.
+    SmolLM2's variants store their weights in `finegates.decode_layout(model, layout)` once their file is
+    measured (every variant the same way, so the same-GEMM ratios stay like for like)."""
     rows = variants(name, fractions, trained)
     chosen = {k: v for k, v in scenarios(name).items() if not only or any(word in k for word in only)}
     with torch.inference_mode():
@@ -235,6 +238,8 @@ def bench_model(
                 module=model,
                 scenarios={},
             )
+            if name == "smollm2":
+                row["layout"] = finegates.decode_layout(model, layout).columns
             for scenario, (run, base) in chosen.items():
                 counted = None if "int8" in row["variant"] else flops(partial(run, model), model)
                 if counted is not None and base is not None:
@@ -368,6 +373,13 @@ def main() -> None:
         metavar="WORD",
         help="time only the scenarios whose name contains one of these words (e.g. prefill, 32x128)",
     )
+    parser.add_argument(
+        "--decode-layout",
+        choices=["rows", "auto", "columns"],
+        default="rows",
+        help="SmolLM2: the weights' layout for every variant (finegates.decode_layout; 'rows' is torch's "
+        "own, every run before 2026-12-07; 'auto': column-major where a one-token GEMV is faster)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the raw results as JSON")
     parser.add_argument(
         "--accuracy",
@@ -399,7 +411,13 @@ def main() -> None:
         r
         for name in args.models
         for r in bench_model(
-            name, args.fractions, args.min_run_time, args.rounds, trained.get(name, []), args.scenarios
+            name,
+            args.fractions,
+            args.min_run_time,
+            args.rounds,
+            trained.get(name, []),
+            args.scenarios,
+            args.decode_layout,
         )
     ]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -193,7 +193,9 @@ def test_bench_decodes_causal_lms_with_the_kv_cache(tmp_path, capsys):
     ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "decode 4 tokens (KV cache)" in out
+    assert "decode 4 tokens (KV cache, auto weight layout)" in out
+    assert cli.main([*argv, "--decode-layout", "diagonal"]) == 2  # a clear error, before any loading
+    assert "--decode-layout must be one of auto, columns, rows, not 'diagonal'" in capsys.readouterr().err
     from finegates.workflows.bench import _load
     from finegates.workflows.evaluation import measure_decode
 

@@ -6,7 +6,7 @@
 
 from finegates.adapter import load_gates, save_gates
 from finegates.budget import budget_step, project_budget, set_training_steps
-from finegates.compress import compress, load_compressed
+from finegates.compress import compress, decode_layout, load_compressed
 from finegates.config import GatesConfig
 from finegates.layer import GatedLinear
 from finegates.model import gated_layers, get_gated_model, is_gated, print_trainable_parameters
@@ -21,6 +21,7 @@ __all__ = [
     "budget_step",
     "compaction_plan",
     "compress",
+    "decode_layout",
     "expected_sparsity",
     "finalize_gates",
     "gated_layers",

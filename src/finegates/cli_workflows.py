@@ -126,8 +126,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             f"{name} {result[name]['decode_tokens_per_s']:.1f}" for name in ("dense", "checkpoint")
         )
         print(
-            f"decode {cfg.decode_tokens} tokens (KV cache): {rates} tokens/s, speedup "
-            f"{result['decode_speedup']:.2f}x"
+            f"decode {cfg.decode_tokens} tokens (KV cache, {cfg.decode_layout} weight layout): {rates} "
+            f"tokens/s, speedup {result['decode_speedup']:.2f}x"
         )
     return 0
 

@@ -26,6 +26,13 @@ class BenchConfig:
     decode_tokens: int = field(
         default=0, metadata={"help": "Causal LMs: also time greedy decoding of this many tokens (KV cache)."}
     )
+    decode_layout: str = field(
+        default="auto",
+        metadata={
+            "help": "Weight layout both models decode with (finegates.decode_layout): 'auto' column-major "
+            "where the one-token GEMV is faster, 'columns', or 'rows' (torch's own)."
+        },
+    )
     calibrate: bool = field(
         default=False,
         metadata={
@@ -36,6 +43,11 @@ class BenchConfig:
     costs_file: str | None = field(default=None, metadata={"help": "With --calibrate: where to write."})
 
     def __post_init__(self) -> None:
+        from finegates.compress.layout import LAYOUTS
+
+        if self.decode_layout not in LAYOUTS:
+            choices = ", ".join(LAYOUTS)
+            raise ValueError(f"--decode-layout must be one of {choices}, not {self.decode_layout!r}.")
         if self.calibrate:
             if not self.model:
                 raise ValueError("bench --calibrate needs --model (the dense model to measure).")
@@ -89,7 +101,7 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.decode_tokens:
         if not all(hasattr(m, "generate") and m.can_generate() for m in models.values()):
             raise ValueError("--decode-tokens needs two causal LMs (models that can generate).")
-        decode = measure_decode(models, cfg.decode_tokens, repeats=cfg.repeats)
+        decode = measure_decode(models, cfg.decode_tokens, repeats=cfg.repeats, layout=cfg.decode_layout)
         for name, rate in decode.items():
             out[name]["decode_tokens_per_s"] = rate
         out["decode_speedup"] = decode["checkpoint"] / decode["dense"]

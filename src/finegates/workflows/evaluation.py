@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
+from finegates.compress.layout import decode_layout
 from finegates.timing import time_in_turns, time_rounds
 
 logger = logging.getLogger(__name__)
@@ -72,12 +73,18 @@ def paired_speedup(
 
 
 def measure_decode(
-    models: dict[str, nn.Module], tokens: int = 32, prompt_length: int = 16, repeats: int = 3
+    models: dict[str, nn.Module],
+    tokens: int = 32,
+    prompt_length: int = 16,
+    repeats: int = 3,
+    layout: str = "auto",
 ) -> dict[str, float]:
     """Greedy decoding speed of each causal LM with its KV cache, in tokens per second.
 
     Each model generates `tokens` + 1 and 1 new tokens from the same random prompt (timed in turns);
-    the difference is the time of `tokens` decoding steps, without the prompt's prefill.
+    the difference is the time of `tokens` decoding steps, without the prompt's prefill. Every model
+    decodes with its weights in `finegates.decode_layout(model, layout)` (the fastest GEMV layout per
+    weight shape by default; "rows": torch's own), restored afterwards.
     """
     vocab = next(iter(models.values())).config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(0))
@@ -94,7 +101,12 @@ def measure_decode(
         )
 
     calls = {(name, n): generate(model.eval(), n) for name, model in models.items() for n in (1, tokens + 1)}
-    seconds = time_in_turns(calls, repeats)
+    layouts = [decode_layout(model, layout) for model in models.values()]
+    try:
+        seconds = time_in_turns(calls, repeats)
+    finally:
+        for chosen in layouts:
+            chosen.restore()
     return {name: tokens / max(seconds[name, tokens + 1] - seconds[name, 1], 1e-9) for name in models}
 
 

@@ -10,10 +10,13 @@ gather, scatter and index operators that compaction adds). For the prefill it al
 over the same-GEMM dense model if the decoder GEMMs and the attention kernel shrank by their FLOP ratios
 (linear and attention FLOPs counted apart, `FlopCounterMode`) and every other operator (norms, residual adds,
 RoPE, activations, the last-token logits GEMV, timed apart) took its dense time; the FLOP ideal of
-`benchmarks/inference.py` assumes those shrink too.
+`benchmarks/inference.py` assumes those shrink too. For decoding the bound is the same with the GEMVs
+shrinking by the ratio of the linear weights' sizes (what each token reads). `--decode-layout` stores every
+model's weights in `finegates.decode_layout`'s layout first.
 
     python benchmarks/profile_prefill.py --fraction 0.4 --threads 1
     python benchmarks/profile_prefill.py --fraction 0.4 --threads 1 --decode   # ms per generated token
+    python benchmarks/profile_prefill.py --compacted runs/post/compressed --decode --decode-layout auto
 """
 
 from __future__ import annotations
@@ -121,6 +124,28 @@ def print_bound(
     )
 
 
+def linear_weights(model: torch.nn.Module) -> int:
+    """Elements of the model's linear weights, a tied one once: what a decoding step reads."""
+    return sum(
+        w.numel()
+        for w in {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}.values()
+    )
+
+
+def print_decode_bound(same_gemm: dict[str, float], compacted: dict[str, float], read: float) -> None:
+    """The decoding bound: the GEMVs of the same-GEMM dense model shrink by `read` (dense / compacted
+    linear weights), every other operator keeps its dense time."""
+    gemv = sum(same_gemm.get(k, 0.0) for k in MATMULS)
+    total = sum(same_gemm.values())
+    bound = total / (gemv / read + total - gemv)
+    measured = total / sum(compacted.values())
+    print(
+        f"\nlinear weights read per token: {read:.2f}x fewer; GEMVs {gemv:.1f} of {total:.1f} ms per "
+        f"token (dense, compact GEMMs)\nbound with the other operators at their dense time: {bound:.2f}x; "
+        f"profiled: {measured:.2f}x ({measured / bound:.2f} of the bound)"
+    )
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__, threads=1)
     parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
@@ -136,6 +161,12 @@ def main() -> None:
         help=f"profile greedy decoding ({DECODE_TOKENS} tokens after a 32-token prompt, prompt "
         "included; figures per token) instead of the prefill",
     )
+    parser.add_argument(
+        "--decode-layout",
+        choices=["rows", "auto", "columns"],
+        default="rows",
+        help="the weights' layout for every model (finegates.decode_layout; 'rows' is torch's own)",
+    )
     args = parse_benchmark_args(parser)
     dense = load_smollm2().eval()
     if args.compacted:
@@ -147,6 +178,8 @@ def main() -> None:
     results = {}
     same_gemm = use_compact_linears(copy.deepcopy(dense))
     unit = "token" if args.decode else "prefill"
+    for model in (dense, same_gemm, small):
+        print(finegates.decode_layout(model, args.decode_layout))
     for name, model in (("dense", dense), ("dense, compact GEMMs", same_gemm), ("compacted", small)):
         results[name], table = self_times(
             runner(model, args.decode), args.passes, DECODE_TOKENS if args.decode else 1
@@ -161,7 +194,10 @@ def main() -> None:
             (sum(r.values()) if keys is None else sum(r.get(k, 0.0) for k in keys)) for r in results.values()
         )
         print(f"| {label} | {d:.0f} | {g:.0f} | {c:.0f} | " + (f"{g / c:.2f}x |" if c else "- |"))
-    if not args.decode:
+    if args.decode:
+        read = linear_weights(dense) / linear_weights(small)
+        print_decode_bound(results["dense, compact GEMMs"], results["compacted"], read)
+    else:
         with torch.inference_mode():
             logits_ms = 1e3 * seconds(
                 partial(same_gemm.lm_head, torch.randn(1, 1, same_gemm.config.hidden_size)), 0.5

@@ -69,8 +69,11 @@ def test_the_stock_layout_comes_back_for_saving(tmp_path):
     assert torch.equal(logits_of(reloaded, tiny_inputs()), logits_of(model, tiny_inputs()))
 
     decode_layout(model, "columns")
-    assert decode_layout(model, "rows").columns == 0  # "rows" restores what another call changed
-    assert all(w.is_contiguous() for w in linear_weights(model).values())
+    tall = {name for name, w in linear_weights(model).items() if is_column_major(w)}
+    with decode_layout(model, "rows") as chosen:  # "rows" stores row-major what another call changed
+        assert chosen.columns == 0 and len(chosen.changed) == len(tall)
+        assert all(w.is_contiguous() for w in linear_weights(model).values())
+    assert {name for name, w in linear_weights(model).items() if is_column_major(w)} == tall  # and back
 
 
 @pytest.mark.parametrize("structure", ["fine", "runtime", "fine, a block emptied"])

@@ -95,23 +95,28 @@ def _columns_pay(weights: list[nn.Parameter]) -> bool:
     return cols_s <= WIN * rows_s
 
 
-class DecodeLayout:
-    """The weights `decode_layout` stored column-major; `restore()` (or leaving a `with` block) stores them
-    row-major again."""
+def _store(weight: nn.Parameter, columns: bool) -> None:
+    """Re-store the weight's values column-major (`columns`) or row-major, in place (the same Parameter)."""
+    weight.data = weight.data.t().contiguous().t() if columns else weight.data.contiguous()
 
-    def __init__(self, changed: list[nn.Parameter], classes: dict[str, str]) -> None:
-        self.changed = changed
+
+class DecodeLayout:
+    """The weights one `decode_layout` call re-stored; `restore()` (or leaving a `with` block) puts each back
+    in the layout it had."""
+
+    def __init__(self, changed: list[tuple[nn.Parameter, bool]], classes: dict[str, str]) -> None:
+        self.changed = changed  # (weight, stored column-major by the call)
         self.classes = classes  # shape class ("tall", "wide") -> the layout chosen for it
 
     @property
     def columns(self) -> int:
         """How many weights this call stored column-major."""
-        return len(self.changed)
+        return sum(to_columns for _, to_columns in self.changed)
 
     def restore(self) -> None:
         with torch.no_grad():
-            for weight in self.changed:
-                weight.data = weight.data.contiguous()
+            for weight, to_columns in self.changed:
+                _store(weight, not to_columns)
         self.changed = []
 
     def __enter__(self):
@@ -142,7 +147,7 @@ def decode_layout(model: nn.Module, layout: str = "auto") -> DecodeLayout:
     """
     if layout not in LAYOUTS:
         raise ValueError(f"decode_layout: layout must be one of {', '.join(LAYOUTS)}, not {layout!r}.")
-    changed: list[nn.Parameter] = []
+    changed: list[tuple[nn.Parameter, bool]] = []
     classes: dict[str, str] = {}
     with torch.no_grad():
         for (shapes, _), weights in _weights(model).items():
@@ -154,9 +159,9 @@ def decode_layout(model: nn.Module, layout: str = "auto") -> DecodeLayout:
                 choice = "columns" if _columns_pay(weights) else "rows"
             classes[shapes] = choice
             for weight in weights:
-                if choice == "columns" and not is_column_major(weight):
-                    weight.data = weight.data.t().contiguous().t()
-                    changed.append(weight)
-                elif choice == "rows" and not weight.is_contiguous():
-                    weight.data = weight.data.contiguous()
+                to_columns = choice == "columns"
+                already = is_column_major(weight) if to_columns else weight.is_contiguous()
+                if not already:
+                    _store(weight, to_columns)
+                    changed.append((weight, to_columns))
     return DecodeLayout(changed, classes)

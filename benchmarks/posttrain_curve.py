@@ -1,0 +1,119 @@
+"""SmolLM2-135M post-training quality against training length at equal tokens: every method, target and
+step count of the grid as one `finegates posttrain` run each, one after the other, then one table.
+
+Each point is a run folder `OUTPUT_ROOT/METHOD[-bf16]-TARGET-STEPS` with the settings of BENCHMARKS.md's
+curve (Brown, 4 x 256 tokens a step, 32 held-out blocks, PIQA on 300 items). A point whose folder holds a
+finished run (metrics.json) is read, not run again; a point stopped midway (`FOLDER.partial`) is continued
+with `--resume`; so the script can be stopped and started again across sessions. The table gives the
+compacted model's held-out perplexity / PIQA per point, the removed fraction by training, and the training
+time. Methods: the `posttrain --method` names, and `finegates-nodistill` (FineGates without distillation).
+
+    python benchmarks/posttrain_curve.py --methods finegates magnitude+lora --targets 0.2 --steps 1000 --bf16
+    python benchmarks/posttrain_curve.py --steps 100 300 --dry-run      # the commands, nothing run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+COMMON = ["--model", "smollm2-135m", "--text", "brown", "--seq-len", "256", "--batch-size", "4"]
+COMMON += ["--zero-shot-items", "300", "--eval-blocks", "32", "--quiet"]
+METHODS = {
+    "finegates": ["--method", "finegates"],
+    "finegates-nodistill": ["--method", "finegates", "--no-distill"],
+    "magnitude+lora": ["--method", "magnitude+lora"],
+    "importance+lora": ["--method", "importance+lora"],
+}
+
+
+def folder(root: Path, method: str, target: float, steps: int, bf16: bool) -> Path:
+    return root / f"{method}{'-bf16' if bf16 else ''}-{target:g}-{steps}"
+
+
+def command(out: Path, method: str, target: float, steps: int, bf16: bool) -> list[str]:
+    """The `finegates posttrain` command of one point (with --resume when a stopped run is there)."""
+    finegates = shutil.which("finegates") or str(Path(sys.executable).with_name("finegates"))
+    argv = [finegates, "posttrain", *COMMON, *METHODS[method], "--target-sparsity", f"{target:g}"]
+    argv += ["--max-steps", str(steps), "--output-dir", str(out)]
+    if bf16:
+        argv.append("--bf16")
+    if out.with_name(out.name + ".partial").is_dir():
+        argv.append("--resume")
+    return argv
+
+
+def point(out: Path) -> dict | None:
+    """The figures of a finished run folder, or None."""
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    compacted, budget = metrics.get("compacted", {}), metrics.get("budget") or {}
+    return {
+        "perplexity": compacted.get("perplexity"),
+        "piqa": compacted.get("piqa_accuracy"),
+        "dense": metrics.get("dense", {}).get("perplexity"),
+        "removed": budget.get("removed_by_training"),  # FineGates only: one-shot cuts are exact
+        "train_s": metrics.get("train_s"),
+    }
+
+
+def table(root: Path, methods: list[str], targets: list[float], steps: list[int], bf16: bool) -> str:
+    lines = ["| removed | method | " + " | ".join(f"{n:,} steps" for n in steps) + " |"]
+    lines.append("|---|---|" + "---|" * len(steps))
+    dense = None
+    for target in targets:
+        for method in methods:
+            cells = []
+            for n in steps:
+                p = point(folder(root, method, target, n, bf16))
+                if p is None:
+                    cells.append("-")
+                    continue
+                dense = dense or p["dense"]
+                removed = f", {p['removed']:.1%} by training" if isinstance(p["removed"], float) else ""
+                seconds = f", {p['train_s']:,.0f} s" if isinstance(p["train_s"], (int, float)) else ""
+                cells.append(f"{p['perplexity']:.2f} / {p['piqa']:.3f}{removed}{seconds}")
+            lines.append(f"| {target:.0%} | {method} | " + " | ".join(cells) + " |")
+    head = f"held-out perplexity / PIQA of the compacted model (dense perplexity {dense:.2f})\n\n"
+    return (head if dense else "") + "\n".join(lines)
+
+
+def main() -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument("--steps", nargs="+", type=int, default=[100, 300, 1000])
+    parser.add_argument("--bf16", action="store_true", help="train in bfloat16 autocast (`posttrain --bf16`)")
+    parser.add_argument("--output-root", type=Path, default=Path("runs/curve"))
+    parser.add_argument("--dry-run", action="store_true", help="print the commands of the missing points")
+    args = parser.parse_args()
+    if any(n <= 0 for n in args.steps) or any(not 0 < t < 1 for t in args.targets):
+        parser.error("--steps must be positive and --targets in (0, 1)")
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    for steps in sorted(args.steps):  # the short points first: a stopped series has the most points
+        for target in args.targets:
+            for method in args.methods:
+                out = folder(args.output_root, method, target, steps, args.bf16)
+                if point(out) is not None:
+                    continue
+                argv = command(out, method, target, steps, args.bf16)
+                print(" ".join(argv), flush=True)
+                if not args.dry_run:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with open(out.with_name(out.name + ".log"), "a") as log:
+                        code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+                    if code:
+                        print(f"  exit {code}: see {out.with_name(out.name + '.log')}", flush=True)
+    print(table(args.output_root, args.methods, args.targets, args.steps, args.bf16))
+
+
+if __name__ == "__main__":
+    main()

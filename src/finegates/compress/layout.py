@@ -36,8 +36,8 @@ def is_column_major(weight: torch.Tensor) -> bool:
 
 
 def shape_class(weight: torch.Tensor) -> str:
-    """ "tall" (at least as many rows, outputs, as columns) or "wide": the GEMV kernels' speed in either
-    layout follows the orientation (the longer dim is the one worth streaming)."""
+    """The weight's orientation, "tall" (at least as many rows, outputs, as columns) or "wide": the GEMV
+    kernels' speed in either layout follows it (the longer dim is the one worth streaming)."""
     return "tall" if weight.shape[0] >= weight.shape[1] else "wide"
 
 

@@ -239,7 +239,7 @@ def bench_model(
                 scenarios={},
             )
             if name == "smollm2":
-                row["layout"] = finegates.decode_layout(model, layout).columns
+                row["column_major_weights"] = finegates.decode_layout(model, layout).columns
             for scenario, (run, base) in chosen.items():
                 counted = None if "int8" in row["variant"] else flops(partial(run, model), model)
                 if counted is not None and base is not None:

@@ -4,10 +4,10 @@ Greedy decoding multiplies one token by every weight, so its time is how fast ea
 memory, and on CPU builds of torch that depends on the weight's layout. `F.linear(x, W)` with W stored
 row-major (out x in, torch's layout) runs one dot product of length `in` per output; with W stored
 column-major (`W = Wt.t()` for a contiguous in x out `Wt`) the same call runs `x @ Wt`, which streams rows
-of length `out`. On the 2-core AMD EPYC VM (BENCHMARKS.md, `python benchmarks/gemv_widths.py`) the
-column-major GEMV reads SmolLM2's 1,536 x 576 up projection 1.8x faster and its 49,152 x 576 LM head 2x
-faster, and the 576 x 1,536 down projection 1.4x slower: the longer the rows the kernel streams, the
-faster. Outputs are the same products summed in another order (float32 rounding). It is a layout for
+of length `out`. On the 2-core AMD EPYC VM (BENCHMARKS.md, `python benchmarks/gemv_widths.py`, two passes)
+the column-major GEMV read SmolLM2's 1,536 x 576 up projection 1.3-1.8x faster and its 49,152 x 576 LM head
+1.7-2x faster, and a compacted 450 x 1,228 down projection 0.7x as fast: tall matrices gain, wide ones
+lose. Outputs are the same products summed in another order (float32 rounding). It is a layout for
 decoding: at 256 rows a GEMM runs the same in either layout, a full-vocabulary LM head 0.9x; an embedding
 tied to a column-major head gathers each token's row from strided memory (~22 us per token for SmolLM2's,
 against 0.2 us: a prompt's 256 tokens cost 5.6 ms once, a decoding step's one token nothing measurable).
@@ -137,7 +137,8 @@ def decode_layout(model: nn.Module, layout: str = "auto") -> DecodeLayout:
 
     `layout`: "auto" times the GEMVs of tall weights (at least as many rows as columns) and of wide ones
     in both layouts, over the model's own weights (up to 64 MB of each class, more than the caches
-    hold; about a second in all), and stores a class column-major where that is at least 5% faster;
+    hold; 0.4-0.6 s for SmolLM2-135M on 1 thread), and stores a class column-major where that is at
+    least 5% faster;
     "columns" stores the tall weights column-major and the wide ones row-major (what "auto" finds on
     x86 CPUs: BENCHMARKS.md); "rows" stores every weight row-major (torch's layout), whoever changed
     it. Other devices' weights are left as they are.

@@ -83,8 +83,8 @@ def measure_decode(
 
     Each model generates `tokens` + 1 and 1 new tokens from the same random prompt (timed in turns);
     the difference is the time of `tokens` decoding steps, without the prompt's prefill. Every model
-    decodes with its weights in `finegates.decode_layout(model, layout)` (the fastest GEMV layout per
-    weight shape by default; "rows": torch's own), restored afterwards.
+    decodes with its weights in `finegates.decode_layout(model, layout)` (by default the faster GEMV
+    layout for tall and for wide weights, timed; "rows": torch's own), restored afterwards.
     """
     vocab = next(iter(models.values())).config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(0))

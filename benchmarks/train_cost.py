@@ -15,7 +15,9 @@ same task head (classifier + pooler).
 `--paired lora,finegates-runtime,finegates`: the step times again with the methods in one process, one
 step of each in turn, as median per-round ratios against the first (less exposed to a shared machine's
 drift than separate processes; no memory figures, the process holds them all). A method name ending in
-`@bf16` (e.g. `lora@bf16`) steps under bfloat16 autocast, as `--bf16` trains.
+`@bf16` (e.g. `lora@bf16`) steps under bfloat16 autocast, as `--bf16` trains; `@compile` runs the model's
+forward (and so its backward) through `torch.compile` (Inductor; compiled before the rounds), as
+transformers' `torch_compile=True` does; `@bf16+compile` both.
 
 `--whole-run`: whole runs instead of steps, on `make run`'s settings (Reuters-8, 2,000 training documents
 of 64 tokens, 3 epochs of batch 16, the finetune workflow's Trainer arguments) at `--target` (0.4):
@@ -107,16 +109,23 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _step(method: str, model, optimizer, ids, labels, backward: bool = True) -> float:
+def _variant(method: str) -> tuple[str, set[str]]:
+    """The method and its variant flags: `lora@bf16+compile` -> ("lora", {"bf16", "compile"})."""
+    method, _, flags = method.partition("@")
+    return method, set(flags.split("+")) - {""}
+
+
+def _step(method: str, model, optimizer, ids, labels, backward: bool = True, forward=None) -> float:
     """One training step (forward, backward, AdamW; the budget's step for FineGates); its seconds.
     `backward=False`: the forward pass and the losses only. `method@bf16`: the forward pass under bfloat16
-    autocast (as transformers' bf16=True runs it)."""
+    autocast (as transformers' bf16=True runs it). `forward`: what runs the forward pass (a compiled
+    model), `model` by default."""
     import torch
 
-    method, _, precision = method.partition("@")
+    method, flags = _variant(method)
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = _loss(method, model, ids, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in flags):
+        loss = _loss(method, model, ids, labels, model if forward is None else forward)
     if not backward:
         return time.perf_counter() - start
     optimizer.zero_grad(set_to_none=True)
@@ -129,13 +138,13 @@ def _step(method: str, model, optimizer, ids, labels, backward: bool = True) -> 
     return time.perf_counter() - start
 
 
-def _loss(method: str, model, ids, labels):
+def _loss(method: str, model, ids, labels, forward):
     distill = _distill_config(method)
     if distill is not None:
         from finegates.distill import distill_loss, teacher_outputs
 
         teacher = teacher_outputs(model, {"input_ids": ids}, distill)
-    outputs = model(
+    outputs = forward(
         input_ids=ids, labels=labels, output_hidden_states=bool(distill and distill.distill_hidden_weight)
     )
     loss = outputs.loss
@@ -209,9 +218,13 @@ def paired_steps(methods: list[str], steps: int, batch: int, length: int) -> Non
     calls = {}
     for method in methods:
         torch.manual_seed(0)
-        model, optimizer = _prepare(method.partition("@")[0], steps + 1)
+        name, flags = _variant(method)
+        model, optimizer = _prepare(name, steps + 1)
         model.train()
-        calls[method] = lambda m=method, mo=model, o=optimizer: _step(m, mo, o, ids, labels)
+        forward = torch.compile(model) if "compile" in flags else model
+        calls[method] = lambda m=method, mo=model, o=optimizer, f=forward: _step(
+            m, mo, o, ids, labels, forward=f
+        )
     times = time_rounds(calls, repeats=steps, inference=False)
     base = methods[0]
     print(f"MiniLM, batch {batch} x {length}, one process, {steps} rounds of one step per method\n")
@@ -396,7 +409,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.paired:
         methods = args.paired.split(",")
-        unknown = sorted({m.removesuffix("@bf16") for m in methods} - set(METHODS))
+        unknown = sorted({_variant(m)[0] for m in methods} - set(METHODS))
+        flags = set().union(*(_variant(m)[1] for m in methods)) - {"bf16", "compile"}
+        if flags:
+            parser.error(f"--paired: unknown variants {sorted(flags)}; use @bf16, @compile or @bf16+compile")
         if unknown:
             parser.error(f"--paired: unknown methods {unknown}; choose from {', '.join(METHODS)}")
         paired_steps(methods, args.steps, args.batch, args.length)

@@ -4,9 +4,11 @@ step count of the grid as one `finegates posttrain` run each, one after the othe
 Each point is a run folder `OUTPUT_ROOT/METHOD[-bf16]-TARGET-STEPS` with the settings of BENCHMARKS.md's
 curve (Brown, 4 x 256 tokens a step, 32 held-out blocks, PIQA on 300 items). A point whose folder holds a
 finished run (metrics.json) is read, not run again; a point stopped midway (`FOLDER.partial`) is continued
-with `--resume`; so the script can be stopped and started again across sessions. The table gives the
-compacted model's held-out perplexity / PIQA per point, the removed fraction by training, and the training
-time. Methods: the `posttrain --method` names, and `finegates-nodistill` (FineGates without distillation).
+with `--resume`; so the script can be stopped and started again across sessions (`--save-steps 100`: a
+checkpoint every 100 steps, so a stop loses less of a long point; the default is a quarter of a run). The
+table gives the compacted model's held-out perplexity / PIQA per point, the removed fraction by training,
+and the training time. Methods: the `posttrain --method` names, and `finegates-nodistill` (FineGates
+without distillation).
 
     python benchmarks/posttrain_curve.py --methods finegates magnitude+lora --targets 0.2 --steps 1000 --bf16
     python benchmarks/posttrain_curve.py --steps 100 300 --dry-run      # the commands, nothing run
@@ -36,13 +38,17 @@ def folder(root: Path, method: str, target: float, steps: int, bf16: bool) -> Pa
     return root / f"{method}{'-bf16' if bf16 else ''}-{target:g}-{steps}"
 
 
-def command(out: Path, method: str, target: float, steps: int, bf16: bool) -> list[str]:
+def command(
+    out: Path, method: str, target: float, steps: int, bf16: bool, save_steps: int | None = None
+) -> list[str]:
     """The `finegates posttrain` command of one point (with --resume when a stopped run is there)."""
     finegates = shutil.which("finegates") or str(Path(sys.executable).with_name("finegates"))
     argv = [finegates, "posttrain", *COMMON, *METHODS[method], "--target-sparsity", f"{target:g}"]
     argv += ["--max-steps", str(steps), "--output-dir", str(out)]
     if bf16:
         argv.append("--bf16")
+    if save_steps:
+        argv += ["--save-steps", str(save_steps)]
     if out.with_name(out.name + ".partial").is_dir():
         argv.append("--resume")
     return argv
@@ -93,6 +99,9 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[100, 300, 1000])
     parser.add_argument("--bf16", action="store_true", help="train in bfloat16 autocast (`posttrain --bf16`)")
     parser.add_argument("--output-root", type=Path, default=Path("runs/curve"))
+    parser.add_argument(
+        "--save-steps", type=int, help="checkpoint period of each run (`posttrain --save-steps`)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the missing points")
     args = parser.parse_args()
     if any(n <= 0 for n in args.steps) or any(not 0 < t < 1 for t in args.targets):
@@ -104,7 +113,7 @@ def main() -> None:
                 out = folder(args.output_root, method, target, steps, args.bf16)
                 if point(out) is not None:
                     continue
-                argv = command(out, method, target, steps, args.bf16)
+                argv = command(out, method, target, steps, args.bf16, args.save_steps)
                 print(" ".join(argv), flush=True)
                 if not args.dry_run:
                     out.parent.mkdir(parents=True, exist_ok=True)

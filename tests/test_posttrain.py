@@ -235,6 +235,36 @@ def test_distill_needs_gates():
         workflow.PosttrainConfig(method="magnitude+lora", distill=True)
 
 
+def test_save_steps_sets_the_checkpoint_period(tmp_path, monkeypatch):
+    """--save-steps reaches the Trainer (default: a quarter of the run), may change on --resume, and a
+    period below one step is refused."""
+    _tiny_workflow(monkeypatch)
+    periods = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(trainer, resume):
+        periods.append(trainer.args.save_steps)
+        raise Stop
+
+    monkeypatch.setattr(workflow, "train_model", capture)
+    cfg = workflow.PosttrainConfig(model="tiny", seq_len=16, max_steps=12, eval_blocks=4, quiet=True)
+    for save_steps, expected in ((None, 3), (5, 5)):
+        run = dataclasses.replace(cfg, save_steps=save_steps, output_dir=str(tmp_path / f"run-{save_steps}"))
+        with pytest.raises(Stop):
+            workflow.posttrain(run, GatesConfig(target_sparsity=0.3))
+        assert periods[-1] == expected
+    # a stopped run continues with another period
+    with pytest.raises(Stop):
+        workflow.posttrain(
+            dataclasses.replace(run, save_steps=2, resume=True), GatesConfig(target_sparsity=0.3)
+        )
+    assert periods[-1] == 2
+    with pytest.raises(ValueError, match="save_steps must be >= 1"):
+        workflow.PosttrainConfig(save_steps=0)
+
+
 @pytest.mark.parametrize("structure", ["fine", "runtime"])
 def test_posttrain_with_progressive_compaction(tmp_path, monkeypatch, structure):
     """--compact-every with the default distillation: units leave the weights during training (the teacher

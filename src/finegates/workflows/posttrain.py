@@ -95,6 +95,13 @@ class PosttrainConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
     batch_size: int = field(default=4, metadata={"help": "Blocks per step."})
     max_steps: int = field(default=100, metadata={"help": "Training steps."})
     eval_blocks: int = field(default=32, metadata={"help": "Held-out blocks for perplexity (0: all)."})
+    save_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint every this many steps (the newest kept; --resume continues from it). None: "
+            "a quarter of max_steps."
+        },
+    )
     output_dir: str = field(default="runs/posttrain", metadata={"help": "Run folder."})
     seed: int = field(default=0, metadata={"help": "Seed of data order and gate noise."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars."})
@@ -122,6 +129,10 @@ class PosttrainConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
             )
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}.")
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ValueError(
+                f"save_steps must be >= 1 (or None: a quarter of max_steps), got {self.save_steps}."
+            )
         if self.max_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("max_steps, batch_size must be >= 1 and seq_len >= 2.")
         if self.method not in POSTTRAIN_METHODS:
@@ -224,7 +235,7 @@ def _train(
         lr_scheduler_type="cosine",
         weight_decay=0.0,
         logging_steps=max(1, cfg.max_steps // 20),
-        save_steps=max(1, cfg.max_steps // 4),
+        save_steps=cfg.save_steps or max(1, cfg.max_steps // 4),
         save_total_limit=1,
         seed=cfg.seed,
         report_to=cfg.report_to,

@@ -33,7 +33,17 @@ TRAINER_STATE = "trainer_state.json"
 RUN_MARKERS = (RUN_CONFIG, "metrics.json", "report.md", "gates", "compressed", "checkpoints")
 # Options that may change between a run and its resumption (a longer run may continue a shorter one).
 RESUMABLE_KEYS = frozenset(
-    {"resume", "overwrite", "quiet", "report_to", "output_dir", "threads", "epochs", "max_steps"}
+    {
+        "resume",
+        "overwrite",
+        "quiet",
+        "report_to",
+        "output_dir",
+        "threads",
+        "epochs",
+        "max_steps",
+        "save_steps",
+    }
 )
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 

@@ -97,6 +97,7 @@ def test_flat_config_file(tmp_path):
         (["--target-sparsity", "1.5"], ["target_sparsity must be in [0, 1)"]),
         (["--gate-family", "nope"], ["Unknown gate_family"]),
         (["--batch-size", "0"], ["batch_size must be >= 1"]),
+        (["--lr-scheduler", "warmup"], ["lr_scheduler must be one of", "cosine"]),
         (["--task", "no-such-task", "--output-dir", "OUT"], ["Unknown task 'no-such-task'"]),
     ],
 )
@@ -105,6 +106,14 @@ def test_bad_options_fail_with_one_line(tmp_path, capsys, argv, words):
     assert main(["finetune", *argv]) == 2
     err = capsys.readouterr().err
     assert all(word in err for word in words) and "Traceback" not in err
+
+
+def test_the_head_lr_schedule_reaches_the_trainer(tmp_path):
+    from finegates.workflows.finetune import training_arguments
+
+    cfg = _configs(["--lr-scheduler", "cosine"])["finetune"]
+    assert training_arguments(cfg, tmp_path, 1e-3, False).lr_scheduler_type == "cosine"
+    assert _configs([])["finetune"].lr_scheduler == "constant"  # the reference's schedule by default
 
 
 def test_unknown_key_in_config_file(tmp_path, capsys):

@@ -37,6 +37,9 @@ from finegates.workflows.run_report import REPORT_NAME, write_run_outputs
 logger = logging.getLogger(__name__)
 
 
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+
+
 @dataclass
 class FinetuneConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
     """Run options of `finetune` (the gate options live in `GatesConfig`).
@@ -84,6 +87,14 @@ class FinetuneConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
     learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of head and biases (default: the gate config's head_lr)."},
+    )
+    lr_scheduler: str = field(
+        default="constant",
+        metadata={
+            "help": "Schedule of the learning rate of the head and biases (and of the dense baseline): "
+            "'constant' (the reference's), 'linear' or 'cosine' (down to 0 at the end of training). The "
+            "gates keep their own constant rate."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of sampling, initialisation and training."})
     max_train_samples: int | None = field(
@@ -138,6 +149,8 @@ class FinetuneConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
             raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}.")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples must be >= 1, got {self.max_train_samples}.")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
 
 
 @dataclass
@@ -242,7 +255,8 @@ def training_arguments(
     has_validation: bool,
     training: bool = True,
 ) -> TrainingArguments:
-    """TrainingArguments of a run: constant lr as in the reference, eval and a checkpoint every epoch.
+    """TrainingArguments of a run: the head's lr schedule (constant as in the reference by default), eval
+    and a checkpoint every epoch.
     `training=False`: for an evaluation-only Trainer, which runs float32 whatever `cfg.bf16` says."""
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -250,7 +264,7 @@ def training_arguments(
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
         learning_rate=learning_rate,
-        lr_scheduler_type="constant",
+        lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=0.0,
         eval_strategy="epoch" if has_validation else "no",
         save_strategy="epoch",

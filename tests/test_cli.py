@@ -111,9 +111,9 @@ def test_bad_options_fail_with_one_line(tmp_path, capsys, argv, words):
 def test_the_head_lr_schedule_reaches_the_trainer(tmp_path):
     from finegates.workflows.finetune import training_arguments
 
-    cfg = _configs(["--lr-scheduler", "cosine"])["finetune"]
-    assert training_arguments(cfg, tmp_path, 1e-3, False).lr_scheduler_type == "cosine"
-    assert _configs([])["finetune"].lr_scheduler == "constant"  # the reference's schedule by default
+    cfg = _configs(["--lr-scheduler", "constant"])["finetune"]  # the reference's schedule
+    assert training_arguments(cfg, tmp_path, 1e-3, False).lr_scheduler_type == "constant"
+    assert _configs([])["finetune"].lr_scheduler == "cosine"
 
 
 def test_unknown_key_in_config_file(tmp_path, capsys):
@@ -239,13 +239,15 @@ def test_tradeoff_refuses_runs_of_different_kinds(tiny_run, tmp_path):
 
 
 def test_resume_ends_with_the_same_gates(tiny_run_inputs, tmp_path):
-    """A run stopped after epoch 1 and resumed to epoch 2 ends like an uninterrupted 2-epoch run."""
+    """A run stopped after epoch 1 and resumed to epoch 2 ends like an uninterrupted 2-epoch run, with a
+    constant learning rate: a decaying one (the cosine default) follows the run's length, so a 1-epoch
+    run has decayed by its end where the first epoch of a 2-epoch run has not."""
     from safetensors.torch import load_file
 
     model_dir, csv = tiny_run_inputs
     common = [
         *_tiny_argv(model_dir, csv),
-        *["--validation-size", "0", "--no-benchmark", "--warmup-steps", "4"],
+        *["--validation-size", "0", "--no-benchmark", "--warmup-steps", "4", "--lr-scheduler", "constant"],
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main([*common, "--output-dir", str(straight), "--epochs", "2"]) == 0

@@ -7,9 +7,11 @@ alone, through both CPU routes of `CompactLinear`, whatever `--rows`: BLAS (`com
 oneDNN (`onednn_linear`, x86 only), so that the row threshold of the oneDNN route can be checked. Prints, per
 role (q/k/v/o/gate/up/down), the dense and compacted times, their ratio, the FLOP ratio and their quotient:
 the GEMM efficiency of the compact shapes relative to the dense ones (1.0 = a compact GEMM runs at the dense
-FLOP rate).
+FLOP rate). `--compacted FOLDER` takes the shapes of a saved compacted SmolLM2 (e.g. a trained run's
+`compressed/`) instead of the magnitude pattern.
 
     python benchmarks/gemm_routes.py --fraction 0.4
+    python benchmarks/gemm_routes.py --compacted runs/post/compressed
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def role_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, int]]]:
 def main() -> None:
     parser = benchmark_parser(__doc__, threads=None)
     parser.add_argument("--fraction", type=float, default=0.4, help="fraction of gated parameters removed")
+    parser.add_argument(
+        "--compacted", help="a saved compacted SmolLM2 folder instead of the magnitude pattern"
+    )
     parser.add_argument("--rows", type=int, default=256, help="rows of the GEMM input (tokens)")
     parser.add_argument(
         "--min-run-time", type=float, default=0.05, help="seconds of timing per shape and route"
@@ -51,7 +56,13 @@ def main() -> None:
         "ignore", message="TF32 acceleration on top of oneDNN"
     )  # torch's, from mkldnn.flags
     dense = load_smollm2().eval()
-    small = finegates.compress(prune(dense, args.fraction)).eval()
+    if args.compacted:
+        from transformers import AutoModelForCausalLM
+
+        small = AutoModelForCausalLM.from_pretrained(args.compacted).eval()
+    else:
+        small = finegates.compress(prune(dense, args.fraction)).eval()
+    pattern = args.compacted or f"{args.fraction:.0%} removed (magnitude pattern)"
     times: dict[tuple[str, str, str], float] = defaultdict(float)  # (route, model, role) -> us
     flops: dict[tuple[str, str], int] = defaultdict(int)
     source = torch.randn(args.rows, 4096)
@@ -66,10 +77,7 @@ def main() -> None:
                     torch.testing.assert_close(linear(x, w, None), F.linear(x, w), atol=1e-3, rtol=1e-4)
                     times[route, label, role] += seconds(partial(linear, x, w, None), args.min_run_time) * 1e6
     roles = list(dict.fromkeys(r for _, _, r in times))
-    print(
-        f"SmolLM2-135M, {args.fraction:.0%} removed (magnitude pattern), {args.rows} rows, 1 thread; ms "
-        "summed over layers"
-    )
+    print(f"SmolLM2-135M, {pattern}, {args.rows} rows, 1 thread; ms summed over layers")
     for route in routes:
         print(
             f"\n{route}\n\n| role | dense (ms) | compacted (ms) | time ratio | FLOP ratio | efficiency |\n"

@@ -172,7 +172,9 @@ def main() -> None:
     if args.compacted:
         from transformers import AutoModelForCausalLM
 
-        small = AutoModelForCausalLM.from_pretrained(args.compacted).eval()
+        # a stock class loads plain nn.Linear layers: the compacted model's GEMM routes, as its
+        # same-GEMM dense model below gets them
+        small = use_compact_linears(AutoModelForCausalLM.from_pretrained(args.compacted).eval())
     else:
         small = finegates.compress(prune(dense, args.fraction)).eval()
     results = {}

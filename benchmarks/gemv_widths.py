@@ -21,7 +21,8 @@ from common import benchmark_parser, parse_benchmark_args
 from torch.nn import functional as F
 
 # (rows, cols, row stride): SmolLM2's dense FFN and attention shapes, a compacted model's (hidden 450,
-# 1,228 FFN channels, 6 query heads), aligned neighbours, and the same odd widths with aligned strides.
+# 1,228 FFN channels, 6 query heads), aligned neighbours, the same odd widths with aligned strides, and q/k/v
+# stacked into one matrix.
 SHAPES = [
     (1536, 576, None),
     (1228, 576, None),
@@ -35,6 +36,13 @@ SHAPES = [
     (448, 1232, None),
     (384, 450, None),
     (384, 448, None),
+    # q, k and v one at a time or stacked into one matrix (dense: 576 + 2 x 192 rows; 6 query heads and
+    # 2 KV heads at hidden 450: 384 + 2 x 128)
+    (576, 576, None),
+    (192, 576, None),
+    (960, 576, None),
+    (128, 450, None),
+    (640, 450, None),
     (49152, 576, None),
     (49152, 450, None),
     (49152, 448, None),

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,48 @@ def test_resume_ends_with_the_same_gates(tiny_run_inputs, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main([*common, "--output-dir", str(straight), "--epochs", "2"]) == 0
     assert main([*common, "--output-dir", str(resumed), "--epochs", "1"]) == 0
+    assert main([*common, "--output-dir", str(resumed), "--epochs", "2", "--resume"]) == 0
+    a = load_file(straight / "gates" / "finegates_adapter.safetensors")
+    b = load_file(resumed / "gates" / "finegates_adapter.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_cosine_run_stopped_after_a_checkpoint_resumes_exactly(tiny_run_inputs, tmp_path, monkeypatch):
+    """The default (cosine) schedule: a run killed right after its epoch-1 checkpoint and resumed with the
+    same options ends like the run uninterrupted (the Trainer restores the schedule's step)."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from finegates.workflows.run_folder import complete_checkpoint
+
+    workflow = sys.modules["finegates.workflows.finetune"]  # the package exports the function by that name
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterFirstSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise Killed
+
+    train = workflow.train_model
+    model_dir, csv = tiny_run_inputs
+    common = [*_tiny_argv(model_dir, csv), "--validation-size", "0", "--no-benchmark", "--warmup-steps", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main([*common, "--output-dir", str(straight), "--epochs", "2"]) == 0
+
+    def killed_after_first_save(trainer, resume=None):
+        trainer.add_callback(KillAfterFirstSave())
+        return train(trainer, resume)
+
+    monkeypatch.setattr(workflow, "train_model", killed_after_first_save)
+    with pytest.raises(Killed):
+        main([*common, "--output-dir", str(resumed), "--epochs", "2"])
+    monkeypatch.setattr(workflow, "train_model", train)
+    # the stopped run left its epoch-1 checkpoint, which --resume continues from (not a fresh run)
+    checkpoints = [p.name for p in (tmp_path / "resumed.partial" / "checkpoints").glob("checkpoint-*")]
+    assert len(checkpoints) == 1 and complete_checkpoint(tmp_path / "resumed.partial" / "checkpoints")
     assert main([*common, "--output-dir", str(resumed), "--epochs", "2", "--resume"]) == 0
     a = load_file(straight / "gates" / "finegates_adapter.safetensors")
     b = load_file(resumed / "gates" / "finegates_adapter.safetensors")

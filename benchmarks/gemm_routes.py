@@ -23,9 +23,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from common import benchmark_parser, parse_benchmark_args
-from inference import load_smollm2, prune
+from inference import compacted_smollm2, load_smollm2
 
-import finegates
 from finegates.compress.linear import ONEDNN, compact_linear, onednn_linear
 from finegates.timing import seconds
 
@@ -56,12 +55,7 @@ def main() -> None:
         "ignore", message="TF32 acceleration on top of oneDNN"
     )  # torch's, from mkldnn.flags
     dense = load_smollm2().eval()
-    if args.compacted:
-        from transformers import AutoModelForCausalLM
-
-        small = AutoModelForCausalLM.from_pretrained(args.compacted).eval()
-    else:
-        small = finegates.compress(prune(dense, args.fraction)).eval()
+    small = compacted_smollm2(dense, args.compacted, args.fraction)
     pattern = args.compacted or f"{args.fraction:.0%} removed (magnitude pattern)"
     times: dict[tuple[str, str, str], float] = defaultdict(float)  # (route, model, role) -> us
     flops: dict[tuple[str, str], int] = defaultdict(int)

@@ -80,6 +80,17 @@ def prune(dense: torch.nn.Module, fraction: float) -> torch.nn.Module:
     return model
 
 
+def compacted_smollm2(dense: torch.nn.Module, folder: str | None, fraction: float) -> torch.nn.Module:
+    """The compacted SmolLM2 a benchmark compares with `dense`: a saved compacted `folder` (a stock class
+    loads plain nn.Linear layers: given the compact GEMM routes, as `compress` builds them), or else the
+    magnitude pattern at `fraction`, compacted."""
+    if folder is None:
+        return finegates.compress(prune(dense, fraction)).eval()
+    from transformers import AutoModelForCausalLM
+
+    return use_compact_linears(AutoModelForCausalLM.from_pretrained(folder).eval())
+
+
 # -- measurements ----------------------------------------------------------------------------------
 def flops(fn: Callable[[], object], model: torch.nn.Module) -> int:
     """FLOPs of one call, attention included: counted with the model switched to eager attention.

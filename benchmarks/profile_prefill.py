@@ -27,7 +27,7 @@ from functools import partial
 
 import torch
 from common import benchmark_parser, parse_benchmark_args
-from inference import flop_counter, load_smollm2, prune
+from inference import compacted_smollm2, flop_counter, load_smollm2
 from torch.profiler import ProfilerActivity, profile
 
 import finegates
@@ -169,14 +169,7 @@ def main() -> None:
     )
     args = parse_benchmark_args(parser)
     dense = load_smollm2().eval()
-    if args.compacted:
-        from transformers import AutoModelForCausalLM
-
-        # a stock class loads plain nn.Linear layers: the compacted model's GEMM routes, as its
-        # same-GEMM dense model below gets them
-        small = use_compact_linears(AutoModelForCausalLM.from_pretrained(args.compacted).eval())
-    else:
-        small = finegates.compress(prune(dense, args.fraction)).eval()
+    small = compacted_smollm2(dense, args.compacted, args.fraction)
     results = {}
     same_gemm = use_compact_linears(copy.deepcopy(dense))
     unit = "token" if args.decode else "prefill"

@@ -239,12 +239,21 @@ def test_tradeoff_refuses_runs_of_different_kinds(tiny_run, tmp_path):
         render_tradeoff([out, other], tmp_path)
 
 
+def _assert_same_gates(a_run: Path, b_run: Path) -> None:
+    """The two runs saved bit-identical gate adapters."""
+    from safetensors.torch import load_file
+
+    a = load_file(a_run / "gates" / "finegates_adapter.safetensors")
+    b = load_file(b_run / "gates" / "finegates_adapter.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
 def test_resume_ends_with_the_same_gates(tiny_run_inputs, tmp_path):
     """A run stopped after epoch 1 and resumed to epoch 2 ends like an uninterrupted 2-epoch run, with a
     constant learning rate: a decaying one (the cosine default) follows the run's length, so a 1-epoch
     run has decayed by its end where the first epoch of a 2-epoch run has not."""
-    from safetensors.torch import load_file
-
     model_dir, csv = tiny_run_inputs
     common = [
         *_tiny_argv(model_dir, csv),
@@ -254,17 +263,12 @@ def test_resume_ends_with_the_same_gates(tiny_run_inputs, tmp_path):
     assert main([*common, "--output-dir", str(straight), "--epochs", "2"]) == 0
     assert main([*common, "--output-dir", str(resumed), "--epochs", "1"]) == 0
     assert main([*common, "--output-dir", str(resumed), "--epochs", "2", "--resume"]) == 0
-    a = load_file(straight / "gates" / "finegates_adapter.safetensors")
-    b = load_file(resumed / "gates" / "finegates_adapter.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    _assert_same_gates(straight, resumed)
 
 
 def test_a_cosine_run_stopped_after_a_checkpoint_resumes_exactly(tiny_run_inputs, tmp_path, monkeypatch):
     """The default (cosine) schedule: a run killed right after its epoch-1 checkpoint and resumed with the
     same options ends like the run uninterrupted (the Trainer restores the schedule's step)."""
-    from safetensors.torch import load_file
     from transformers import TrainerCallback
 
     from finegates.workflows.run_folder import complete_checkpoint
@@ -296,11 +300,7 @@ def test_a_cosine_run_stopped_after_a_checkpoint_resumes_exactly(tiny_run_inputs
     checkpoints = [p.name for p in (tmp_path / "resumed.partial" / "checkpoints").glob("checkpoint-*")]
     assert len(checkpoints) == 1 and complete_checkpoint(tmp_path / "resumed.partial" / "checkpoints")
     assert main([*common, "--output-dir", str(resumed), "--epochs", "2", "--resume"]) == 0
-    a = load_file(straight / "gates" / "finegates_adapter.safetensors")
-    b = load_file(resumed / "gates" / "finegates_adapter.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    _assert_same_gates(straight, resumed)
 
 
 @pytest.mark.parametrize("folder", ["gates", "compressed"])

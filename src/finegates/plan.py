@@ -146,25 +146,26 @@ def _block_plans(block: Block, min_removed: int, plan: CompactionPlan) -> None:
         plan.modules[name] = mp
 
 
-# The last plan of a model, with what it was computed from: the gate values, the gated layers, the config
-# entry it reads. A training step asks for it up to three times on the same gates (the budget objective
-# in the forward pass, the projection after the optimizer step, the log).
+# The last plan of a model, with what it was computed from: which gates are closed, the gated layers, the
+# config entry it reads. A training step asks for it up to three times (the budget objective in the
+# forward pass, the projection after the optimizer step, the log), and most steps close or reopen no gate.
 _PLAN_CACHE = "_finegates_plan_cache"
 
 
 def _plan_inputs(model: nn.Module) -> tuple[torch.Tensor, tuple]:
-    gates = [p.detach().reshape(-1) for gate in all_gates(model) for p in gate.parameters()]
+    with torch.no_grad():  # the plan reads nothing of the gates but Gate.closed
+        closed = [gate.closed() for gate in all_gates(model)]
     layers = tuple(id(m) for m in gated_layers(model).values())
-    values = torch.cat(gates) if gates else torch.zeros(0)
-    return values, (layers, gates_config(model).residual_min_removed)
+    masks = torch.cat(closed) if closed else torch.zeros(0, dtype=torch.bool)
+    return masks, (layers, gates_config(model).residual_min_removed)
 
 
 def compaction_plan(model: nn.Module) -> CompactionPlan:
     """The exact plan for the model's current (eval-mode) gates.
 
-    The result is kept on the model and returned again while its gate values, gated layers and
-    `residual_min_removed` are unchanged (compared by value, however the gates were changed); treat it
-    as read-only.
+    The result is kept on the model and returned again while the same gates are closed (compared by
+    value, however the gates were changed) and its gated layers and `residual_min_removed` are
+    unchanged; treat it as read-only.
     """
     values, structure = _plan_inputs(model)
     cached = model.__dict__.get(_PLAN_CACHE)

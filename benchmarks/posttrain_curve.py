@@ -7,8 +7,9 @@ finished run (metrics.json) is read, not run again; a point stopped midway (`FOL
 with `--resume`; so the script can be stopped and started again across sessions (`--save-steps 100`: a
 checkpoint every 100 steps, so a stop loses less of a long point; the default is a quarter of a run). The
 table gives the compacted model's held-out perplexity / PIQA per point, the removed fraction by training,
-and the training time. Methods: the `posttrain --method` names, and `finegates-nodistill` (FineGates
-without distillation).
+and the training time. Methods: the `posttrain --method` names, `finegates-nodistill` (FineGates
+without distillation), and `magnitude+lora-distill` / `importance+lora-distill` (the recovered baselines
+with FineGates' distillation: the same dense teacher, gates bypassed and LoRA off).
 
     python benchmarks/posttrain_curve.py --methods finegates magnitude+lora --targets 0.2 --steps 1000 --bf16
     python benchmarks/posttrain_curve.py --steps 100 300 --dry-run      # the commands, nothing run
@@ -31,6 +32,8 @@ METHODS = {
     "finegates-nodistill": ["--method", "finegates", "--no-distill"],
     "magnitude+lora": ["--method", "magnitude+lora"],
     "importance+lora": ["--method", "importance+lora"],
+    "magnitude+lora-distill": ["--method", "magnitude+lora", "--distill"],
+    "importance+lora-distill": ["--method", "importance+lora", "--distill"],
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -230,9 +231,53 @@ def test_bad_user_data_fails_before_the_run_folder_is_touched(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_distill_needs_gates():
-    with pytest.raises(ValueError, match="--distill needs gates to bypass"):
-        workflow.PosttrainConfig(method="magnitude+lora", distill=True)
+def test_distill_needs_a_method_that_trains():
+    with pytest.raises(ValueError, match="'magnitude' is a one-shot cut"):
+        workflow.PosttrainConfig(method="magnitude", distill=True)
+    assert workflow.PosttrainConfig(method="importance+lora", distill=True).distill
+    assert not workflow.PosttrainConfig(method="magnitude+lora").distill  # off by default for baselines
+
+
+def test_the_recovered_baselines_distil_from_the_dense_weights(tmp_path, monkeypatch):
+    """magnitude+lora --distill: the teacher inside the trained model (gates bypassed, LoRA off) is the
+    dense model to the last bit, its term is logged, and the run lands where the undistilled one does on
+    the budget."""
+    from finegates.baselines.magnitude import MagnitudeLoRA, MagnitudeLoRAConfig
+    from finegates.distill import DistillConfig, teacher_outputs
+
+    dense = tiny_model("llama").eval()
+    ids = torch.randint(0, dense.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        expected = dense(input_ids=ids).logits
+    method = MagnitudeLoRA()
+    config = MagnitudeLoRAConfig(target_sparsity=0.3)
+    model = method.prepare(copy.deepcopy(dense), config, [{"input_ids": ids}])
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter: B moved off its zero start
+            torch.nn.init.normal_(param)
+    with torch.no_grad():
+        student = model(input_ids=ids).logits
+    teacher = teacher_outputs(model, {"input_ids": ids}, DistillConfig(distill=True)).logits
+    assert torch.equal(teacher, expected) and not torch.allclose(student, expected, atol=1e-3)
+    assert torch.equal(model(input_ids=ids).logits, student)  # the switches are back on
+
+    _tiny_workflow(monkeypatch)
+    cfg = workflow.PosttrainConfig(
+        model="tiny",
+        method="magnitude+lora",
+        distill=True,
+        seq_len=16,
+        batch_size=4,
+        max_steps=6,
+        eval_blocks=4,
+        output_dir=str(tmp_path),
+        quiet=True,
+        zero_shot_items=3,
+    )
+    metrics = workflow.posttrain(cfg, GatesConfig(target_sparsity=0.3))
+    assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
+    logged = json.loads((tmp_path / "log_history.json").read_text())
+    assert all(row["distill_term"] > 0 for row in logged if "loss" in row)
 
 
 def test_save_steps_sets_the_checkpoint_period(tmp_path, monkeypatch):
@@ -305,3 +350,18 @@ def test_posttrain_with_the_runtime_structure(tmp_path, monkeypatch):
     assert metrics["compacted"]["perplexity"] == pytest.approx(metrics["gated"]["perplexity"], rel=1e-4)
     small = load_compressed(tmp_path / "compressed")
     assert small.config.hidden_size < 32 and small.config.finegates_compact["residual_from"] == 32
+
+
+def test_distilling_a_method_without_gates_is_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    from finegates.baselines.registry import make_method
+    from finegates.baselines.trainer import MethodTrainer
+    from finegates.distill import DistillConfig
+
+    method = make_method("lora")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="'lora' has no gates to bypass"):
+        MethodTrainer(
+            model=tiny_model("llama"), args=args, method=method, distill=DistillConfig(distill=True)
+        )

@@ -7,15 +7,16 @@ with both terms over non-padding tokens (classification logits: over examples). 
 layer by the teacher's energy keeps layers of different scale equally weighted, which is what lets
 SquareHead recover accuracy at high sparsity. Shared by `squarehead`, `finegates+kd` and `--distill`.
 
-The gated model's teacher (`DistillConfig`, used by FineGatesTrainer) needs no second copy of the model:
-the same frozen weights, with every GatedLinear bypassed, run once more under no_grad.
+The gated model's teacher (`DistillConfig`, used by FineGatesTrainer, and by MethodTrainer for the
+recovered one-shot baselines) needs no second copy of the model: the same frozen weights, with every
+GatedLinear bypassed (and LoRA adapters off), run once more under no_grad.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,12 +151,14 @@ def gates_bypassed(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def teacher_outputs(model: nn.Module, inputs: dict[str, Any], cfg: DistillConfig) -> Any:
-    """The dense model's outputs on `inputs`: the same weights, gates bypassed, in eval mode (no
-    dropout), no graph kept."""
+    """The dense model's outputs on `inputs`: the same weights, gates bypassed and a peft model's
+    adapters off (the recovered baselines' LoRA inside frozen gates), in eval mode (no dropout), no graph
+    kept."""
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
     training = model.training
+    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     try:
-        with torch.no_grad(), gates_bypassed(model):
+        with torch.no_grad(), gates_bypassed(model), adapters_off:
             return model.eval()(**inputs, output_hidden_states=cfg.distill_hidden_weight > 0)
     finally:
         model.train(training)

@@ -1,9 +1,10 @@
 """`MethodTrainer`: transformers' Trainer driven by a compared method, so every method trains in one loop.
 
 The method owns what differs (its parameter groups, extra loss terms, an after-step hook, a frozen
-teacher); the Trainer owns the rest (data order, optimizer, schedule, logging, checkpoints), the same for
-every method. FineGates itself trains with `FineGatesTrainer`; methods that add a teacher's terms to it
-(`finegates+kd`) mix `MethodLoss` into that class.
+teacher, or `distill`: the gated model's own weights with the gates bypassed and the adapters off, as
+FineGates distils); the Trainer owns the rest (data order, optimizer, schedule, logging, checkpoints),
+the same for every method. FineGates itself trains with `FineGatesTrainer`; methods that add a teacher's
+terms to it (`finegates+kd`) mix `MethodLoss` into that class.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch
 from torch.utils.data import IterableDataset
 from transformers import Trainer, TrainerCallback
 
+from finegates.distill import DistillConfig, distill_loss
+from finegates.distill import teacher_outputs as self_teacher_outputs
+from finegates.model import is_gated
 from finegates.trainer import average_loss_per_process
 
 if TYPE_CHECKING:
@@ -47,6 +51,7 @@ class MethodLoss:
 
     method: Method
     teacher: torch.nn.Module | None
+    distill: DistillConfig | None = None  # MethodTrainer: self-distillation of a gated model
 
     def use_method(self, method: Method, teacher: torch.nn.Module | None) -> None:
         """Train for `method`, with `teacher` (frozen, in eval mode, on the training device) if it has one."""
@@ -66,10 +71,19 @@ class MethodLoss:
                 teacher_outputs = self.teacher(**inputs, output_hidden_states=method.needs_hidden_states)
         if method.needs_hidden_states:
             inputs = {**inputs, "output_hidden_states": True}
+        distill = self.distill
+        if distill is not None:  # the same frozen weights, gates bypassed and adapters off
+            dense_outputs = self_teacher_outputs(self.accelerator.unwrap_model(model), inputs, distill)
+            if distill.distill_hidden_weight > 0:
+                inputs = {**inputs, "output_hidden_states": True}
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         loss = loss + method.loss(self.accelerator.unwrap_model(model), inputs, outputs, teacher_outputs)
+        if distill is not None:
+            extra = distill_loss(outputs, dense_outputs, inputs.get("attention_mask"), distill)
+            self.distill_terms.append(float(extra.detach()))
+            loss = loss + extra
         return (loss, outputs) if return_outputs else loss
 
 
@@ -91,12 +105,33 @@ class MethodTrainer(MethodLoss, Trainer):
     >>> trainer = MethodTrainer(model=model, args=args, train_dataset=data, method=method)  # doctest: +SKIP
     """
 
-    def __init__(self, *args, method: Method, teacher: torch.nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args,
+        method: Method,
+        teacher: torch.nn.Module | None = None,
+        distill: DistillConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.use_method(method, teacher)
+        if distill is not None and distill.distill:
+            if not is_gated(self.accelerator.unwrap_model(self.model)):
+                raise ValueError(
+                    f"distill: method {method.name!r} has no gates to bypass, so its model has no dense "
+                    "teacher inside; distil the gated methods (finegates, the structured one-shot baselines)."
+                )
+            self.distill = distill
+        self.distill_terms: list[float] = []  # since the last log
         if average_loss_per_process(self.accelerator.unwrap_model(self.model)):
             self.model_accepts_loss_kwargs = False
         self.add_callback(_AfterStep(self))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.distill_terms:
+            logs["distill_term"] = sum(self.distill_terms) / len(self.distill_terms)
+            self.distill_terms.clear()
+        super().log(logs, start_time)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 
 POSTTRAIN_METHODS = ("finegates", "magnitude", "magnitude+lora", "importance", "importance+lora")
+# the methods that train, and so can distil from their own weights with the gates bypassed
+DISTILLABLE = ("finegates", "magnitude+lora", "importance+lora")
 
 
 @dataclass
@@ -113,19 +115,22 @@ class PosttrainConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
         metadata={
             "help": "Distil from the same frozen weights with the gates bypassed (no second model copy): "
             "logit KL, and optionally SquareHead's hidden-state L2. None: on for --method finegates "
-            "(lower perplexity for about 1.3x the step time, BENCHMARKS.md), off for the one-shot baselines."
+            "(lower perplexity for about 1.3x the step time, BENCHMARKS.md), off for the one-shot baselines; "
+            "the '+lora' baselines take it too (teacher: gates bypassed, LoRA off)."
         },
     )
 
     def __post_init__(self) -> None:
+        if self.method not in POSTTRAIN_METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {list(POSTTRAIN_METHODS)}.")
         if self.distill is None:
             self.distill = self.method == "finegates"
         super().__post_init__()
         self.report_to = trainer_loggers(self.report_to)
-        if self.distill and self.method != "finegates":
+        if self.distill and self.method not in DISTILLABLE:
             raise ValueError(
-                "--distill needs gates to bypass (the teacher is the gated model with its gates off); "
-                f"method {self.method!r} has none. Use --method finegates, or drop --distill."
+                f"--distill needs a method that trains: {self.method!r} is a one-shot cut with no training "
+                f"steps. Use one of {list(DISTILLABLE)}, or drop --distill."
             )
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}.")
@@ -135,8 +140,6 @@ class PosttrainConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
             )
         if self.max_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("max_steps, batch_size must be >= 1 and seq_len >= 2.")
-        if self.method not in POSTTRAIN_METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; choose one of {list(POSTTRAIN_METHODS)}.")
 
 
 def choice_fields(cfg: PosttrainConfig) -> ChoiceFields:
@@ -195,7 +198,8 @@ def _one_shot(
 ) -> tuple[Any, dict, int, float, list]:
     """The one-shot baselines: prune at the gates' budget (`magnitude`: activation-weighted norms;
     `importance`: mean activation magnitude, Minitron-style); `+lora` then trains LoRA for max_steps, in
-    the same Trainer loop, data order and schedule as FineGates.
+    the same Trainer loop, data order and schedule as FineGates, distilled from the dense weights (gates
+    bypassed, LoRA off) with `cfg.distill`.
 
     Returns the compacted model, the sparsity report, the trainable parameters, the training seconds and
     the training log.
@@ -247,7 +251,7 @@ def _train(
     if method is None:
         trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, distill=cfg)
     else:
-        trainer = method.trainer(model, args, data)
+        trainer = method.trainer(model, args, data, distill=cfg if cfg.distill else None)
     train_model(trainer, resume)
     return trainer
 

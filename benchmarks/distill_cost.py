@@ -1,10 +1,11 @@
-"""What the logit-distillation term costs in a post-training step: the block-wise KL of `finegates.distill`
-against the plain autograd formula, alone and inside SmolLM2-135M's distilled training step.
+"""What the losses over the logits cost in a post-training step: the block-wise logit KL and causal-LM
+cross-entropy of `finegates.blockwise` against the plain formulas (the autograd KL, transformers'
+`ForCausalLMLoss`), alone and inside SmolLM2-135M's distilled training step.
 
-The logit KL of a causal LM runs over (tokens x vocabulary) logits: 1,024 x 49,152 for `posttrain`'s 4 x 256
-blocks. Written as plain tensor ops (two float32 log-softmaxes, the elementwise KL, autograd keeping them)
-it makes several passes over 200 MB tensors in each direction. `finegates.distill.logit_kl` takes the rows
-a few at a time, so every pass stays in cache, and forms the closed-form gradient in the same loop.
+Both losses run over (tokens x vocabulary) logits: 1,024 x 49,152 for `posttrain`'s 4 x 256 blocks. Written
+as plain tensor ops (float32 upcasts and log-softmaxes, autograd keeping them) they make several passes
+over 200 MB tensors in each direction. The block-wise versions take the rows a few at a time, so every
+pass stays in cache, and form the closed-form gradient in the same loop.
 
     python benchmarks/distill_cost.py                      # the KL alone, forward + backward
     python benchmarks/distill_cost.py --step --rounds 4    # and SmolLM2's whole distilled step, both ways
@@ -20,8 +21,10 @@ import time
 
 import torch
 from common import benchmark_parser, parse_benchmark_args
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from finegates import distill
+from finegates.blockwise import causal_lm_loss
 
 
 def plain_logit_kl(student, teacher, mask, temperature=1.0):
@@ -35,20 +38,27 @@ def plain_logit_kl(student, teacher, mask, temperature=1.0):
     return (rows * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-VERSIONS = {"block-wise": distill.logit_kl, "plain": plain_logit_kl}
+# name -> (logit KL, causal-LM loss)
+VERSIONS = {"block-wise": (distill.logit_kl, causal_lm_loss), "plain": (plain_logit_kl, ForCausalLMLoss)}
 
 
-def kl_alone(tokens: int, vocab: int, dtype: torch.dtype, rounds: int) -> dict[str, float]:
-    student = (torch.randn(tokens, vocab) * 3).to(dtype).requires_grad_()
-    teacher = (torch.randn(tokens, vocab) * 3).to(dtype)
-    times: dict[str, list[float]] = {name: [] for name in VERSIONS}
+def losses_alone(tokens: int, vocab: int, dtype: torch.dtype, rounds: int) -> dict[str, dict[str, float]]:
+    """Forward + backward seconds of each loss of each version on random logits (medians)."""
+    student = (torch.randn(1, tokens, vocab) * 3).to(dtype).requires_grad_()
+    teacher = (torch.randn(1, tokens, vocab) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (1, tokens))
+    calls = {
+        "kl": lambda kl, lm: kl(student, teacher, None, 2.0),
+        "lm": lambda kl, lm: lm(student, labels, vocab),
+    }
+    times = {(loss, name): [] for loss in calls for name in VERSIONS}
     for _ in range(rounds + 1):  # the first round warms up
-        for name, fn in VERSIONS.items():
+        for (loss, name), seconds in times.items():
             begin = time.perf_counter()
-            fn(student, teacher, None, 2.0).backward()
-            times[name].append(time.perf_counter() - begin)
+            calls[loss](*VERSIONS[name]).backward()
+            seconds.append(time.perf_counter() - begin)
             student.grad = None
-    return {name: statistics.median(t[1:]) for name, t in times.items()}
+    return {loss: {name: statistics.median(times[loss, name][1:]) for name in VERSIONS} for loss in calls}
 
 
 def distilled_steps(rounds: int, batch: int, length: int, bf16: bool) -> dict[str, float]:
@@ -83,10 +93,11 @@ def distilled_steps(rounds: int, batch: int, length: int, bf16: bool) -> dict[st
 
     times: dict[str, list[float]] = {name: [] for name in VERSIONS}
     for _ in range(rounds + 1):
-        for name, fn in VERSIONS.items():
-            distill.logit_kl = fn  # squarehead_loss looks it up at call time
+        for name, (kl, lm) in VERSIONS.items():
+            distill.logit_kl = kl  # squarehead_loss looks it up at call time
+            model.loss_function = lm
             times[name].append(step())
-    distill.logit_kl = VERSIONS["block-wise"]
+    distill.logit_kl = VERSIONS["block-wise"][0]
     ratios = [p / b for p, b in zip(times["plain"][1:], times["block-wise"][1:])]
     return {
         **{name: statistics.median(t[1:]) for name, t in times.items()},
@@ -102,21 +113,20 @@ def main() -> None:
     parser.add_argument("--step", action="store_true", help="also SmolLM2's whole distilled training step")
     parser.add_argument("--no-bf16", action="store_true", help="the step in float32 (default: bf16 autocast)")
     args = parse_benchmark_args(parser)
-    print(
-        f"logit KL forward + backward, {args.tokens} x {args.vocab} logits, {torch.get_num_threads()} threads"
-    )
+    print(f"forward + backward, {args.tokens} x {args.vocab} logits, {torch.get_num_threads()} threads")
     for dtype in (torch.bfloat16, torch.float32):
-        t = kl_alone(args.tokens, args.vocab, dtype, args.rounds)
-        print(
-            f"  {str(dtype).removeprefix('torch.'):9s} plain {t['plain']:.3f} s, "
-            f"block-wise {t['block-wise']:.3f} s ({t['plain'] / t['block-wise']:.2f}x faster)"
-        )
+        for loss, t in losses_alone(args.tokens, args.vocab, dtype, args.rounds).items():
+            print(
+                f"  {'logit KL' if loss == 'kl' else 'LM loss':8s} {str(dtype).removeprefix('torch.'):9s} "
+                f"plain {t['plain']:.3f} s, block-wise {t['block-wise']:.3f} s "
+                f"({t['plain'] / t['block-wise']:.2f}x faster)"
+            )
     if args.step:
         t = distilled_steps(args.rounds, 4, args.tokens // 4, not args.no_bf16)
         print(
             f"SmolLM2 distilled training step, 4 x {args.tokens // 4}, "
             f"{'float32' if args.no_bf16 else 'bf16'}: plain {t['plain']:.2f} s, "
-            f"block-wise {t['block-wise']:.2f} s; step with the plain KL / block-wise: "
+            f"block-wise {t['block-wise']:.2f} s; step with the plain losses / block-wise: "
             f"{t['ratio']:.3f}x (median of per-round ratios)"
         )
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finegates.blockwise import BlockwiseKL
 from finegates.layer import GatedLinear
 from finegates.model import set_head_counts
 from finegates.ties import RuntimeGates
@@ -33,43 +34,6 @@ def token_mask(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch
     if attention_mask is None:
         return like.new_ones(like.shape[:2])
     return attention_mask.to(like.dtype)
-
-
-# Rows of logits `_LogitKL` takes at a time: ~2 MB of float32 on CPU, so that each row block's softmaxes,
-# products and gradient stay in cache; larger blocks on GPUs, where each one is a kernel launch.
-_KL_BLOCK = {"cpu": 1 << 19, "cuda": 1 << 26}
-
-
-class _LogitKL(torch.autograd.Function):
-    """T^2 * sum_rows w_row * KL(softmax(t / T) || softmax(s / T)) over (rows, vocab) logits, in row blocks.
-
-    The gradient is closed-form, d/ds = T * w_row * (softmax(s / T) - softmax(t / T)), and is formed in the
-    forward pass block by block, so autograd keeps one tensor the size of the student's logits instead of
-    the float32 log-softmaxes of both and the elementwise KL; no (rows, vocab) temporary is ever made
-    whole. The sums are in float32 whatever the logits' dtype."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, weights, temperature):
-        rows, vocab = student.shape
-        block = max(1, _KL_BLOCK.get(student.device.type, _KL_BLOCK["cuda"]) // max(vocab, 1))
-        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for start in range(0, rows, block):
-            end = start + block
-            log_s = torch.log_softmax(student[start:end].float() / temperature, dim=-1)
-            log_t = torch.log_softmax(teacher[start:end].float() / temperature, dim=-1)
-            p_t = log_t.exp()
-            w = weights[start:end]
-            total += ((p_t * (log_t - log_s)).sum(-1) * w).sum()
-            if grad is not None:
-                grad[start:end] = log_s.exp_().sub_(p_t).mul_((w * temperature)[:, None])
-        ctx.save_for_backward(grad)
-        return total * temperature**2
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
 
 
 def logit_kl(
@@ -83,7 +47,7 @@ def logit_kl(
     else:
         weights = mask.reshape(-1).float()
         weights = weights / weights.sum().clamp_min(1.0)
-    return _LogitKL.apply(flat_s, flat_t, weights, float(temperature))
+    return BlockwiseKL.apply(flat_s, flat_t, weights, float(temperature))
 
 
 def feature_loss(

@@ -8,7 +8,8 @@ over 200 MB tensors in each direction. The block-wise versions take the rows a f
 pass stays in cache, and form the closed-form gradient in the same loop.
 
     python benchmarks/distill_cost.py                      # the KL alone, forward + backward
-    python benchmarks/distill_cost.py --step --rounds 4    # and SmolLM2's whole distilled step, both ways
+    python benchmarks/distill_cost.py --step --rounds 4    # and SmolLM2's distilled step, both ways, and
+                                                           # the step without distillation
 
 Times alternate between the two versions (medians; `--step`: medians of per-round ratios), so a change
 of load hits both alike.
@@ -75,34 +76,34 @@ def distilled_steps(rounds: int, batch: int, length: int, bf16: bool) -> dict[st
     ids = torch.randint(0, model.config.vocab_size, (batch, length))
     model.train()
 
-    def step() -> float:
+    def step(distilled: bool = True) -> float:
         begin = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            teacher = distill.teacher_outputs(model, {"input_ids": ids}, cfg)
+            teacher = distill.teacher_outputs(model, {"input_ids": ids}, cfg) if distilled else None
             outputs = model(input_ids=ids, labels=ids)
-            loss = (
-                outputs.loss
-                + finegates.sparsity_loss(model)
-                + distill.distill_loss(outputs, teacher, None, cfg)
-            )
+            loss = outputs.loss + finegates.sparsity_loss(model)
+            if distilled:
+                loss = loss + distill.distill_loss(outputs, teacher, None, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         finegates.budget_step(model)
         return time.perf_counter() - begin
 
-    times: dict[str, list[float]] = {name: [] for name in VERSIONS}
+    times: dict[str, list[float]] = {name: [] for name in [*VERSIONS, "undistilled"]}
     for _ in range(rounds + 1):
         for name, (kl, lm) in VERSIONS.items():
             distill.logit_kl = kl  # squarehead_loss looks it up at call time
             model.loss_function = lm
             times[name].append(step())
+        times["undistilled"].append(step(distilled=False))  # block-wise LM loss
     distill.logit_kl = VERSIONS["block-wise"][0]
-    ratios = [p / b for p, b in zip(times["plain"][1:], times["block-wise"][1:])]
-    return {
-        **{name: statistics.median(t[1:]) for name, t in times.items()},
-        "ratio": statistics.median(ratios),
-    }
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a][1:], times[b][1:]))
+
+    medians = {name: statistics.median(t[1:]) for name, t in times.items()}
+    return {**medians, "ratio": ratio("plain", "block-wise"), "distill": ratio("block-wise", "undistilled")}
 
 
 def main() -> None:
@@ -128,6 +129,10 @@ def main() -> None:
             f"{'float32' if args.no_bf16 else 'bf16'}: plain {t['plain']:.2f} s, "
             f"block-wise {t['block-wise']:.2f} s; step with the plain losses / block-wise: "
             f"{t['ratio']:.3f}x (median of per-round ratios)"
+        )
+        print(
+            f"the same step without distillation: {t['undistilled']:.2f} s; distilled / undistilled "
+            f"(block-wise): {t['distill']:.3f}x"
         )
 
 

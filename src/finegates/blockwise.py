@@ -9,14 +9,15 @@ gradient in the same loop: autograd keeps one tensor the size of the logits, in 
 - `BlockwiseKL`: T^2 * sum_rows w_row * KL(softmax(t / T) || softmax(s / T)); d/ds = T * w_row * (p_s - p_t).
 - `BlockwiseCrossEntropy`: sum_rows w_row * -log softmax(z)[y]; d/dz = w_row * (softmax(z) - onehot(y)).
 - `causal_lm_loss`: transformers' `ForCausalLMLoss` (shifted labels, ignore_index, mean over the labelled
-  tokens or sum / num_items_in_batch) on `BlockwiseCrossEntropy`; `use_blockwise_lm_loss(model)` sets it as
-  a model's `loss_function`.
+  tokens or sum / num_items_in_batch) on `BlockwiseCrossEntropy` for low-precision logits (bf16 autocast);
+  `use_blockwise_lm_loss(model)` sets it as a model's `loss_function`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 # Elements of float32 a block holds: about 2 MB on CPU; on GPUs, where each block is a kernel launch, more.
 _BLOCK_ELEMENTS = {"cpu": 1 << 19}
@@ -97,7 +98,13 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """transformers' `ForCausalLMLoss`, the same value and gradient, block by block: token t predicts label
     t + 1 (or `shift_labels`), labels equal to `ignore_index` count for nothing, and the sum is divided by
-    the labelled tokens or by `num_items_in_batch` where the Trainer passes it."""
+    the labelled tokens or by `num_items_in_batch` where the Trainer passes it. Float32 logits, which the
+    plain loss need not upcast, go to `ForCausalLMLoss` itself (block-wise is no faster there,
+    BENCHMARKS.md)."""
+    if logits.dtype == torch.float32:
+        return ForCausalLMLoss(
+            logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs
+        )
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(logits.device)

@@ -116,7 +116,7 @@ class PosttrainConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
         metadata={
             "help": "Distil from the same frozen weights with the gates bypassed (no second model copy): "
             "logit KL, and optionally SquareHead's hidden-state L2. None: on for --method finegates "
-            "(lower perplexity for about 1.3x the step time, BENCHMARKS.md), off for the one-shot baselines; "
+            "(lower perplexity for 1.3-1.5x the step time, BENCHMARKS.md), off for the one-shot baselines; "
             "the '+lora' baselines take it too (teacher: gates bypassed, LoRA off)."
         },
     )

@@ -25,22 +25,10 @@ from common import benchmark_parser, parse_benchmark_args
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from finegates import distill
-from finegates.blockwise import causal_lm_loss
-
-
-def plain_logit_kl(student, teacher, mask, temperature=1.0):
-    """The KL as plain autograd ops (the formula `logit_kl` computes block by block)."""
-    log_s = torch.log_softmax(student.float() / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher.float() / temperature, dim=-1)
-    rows = torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
-    rows = rows * temperature**2
-    if rows.dim() == 1 or mask is None:
-        return rows.mean()
-    return (rows * mask).sum() / mask.sum().clamp_min(1.0)
-
+from finegates.blockwise import causal_lm_loss, reference_logit_kl
 
 # name -> (logit KL, causal-LM loss)
-VERSIONS = {"block-wise": (distill.logit_kl, causal_lm_loss), "plain": (plain_logit_kl, ForCausalLMLoss)}
+VERSIONS = {"block-wise": (distill.logit_kl, causal_lm_loss), "plain": (reference_logit_kl, ForCausalLMLoss)}
 
 
 def losses_alone(tokens: int, vocab: int, dtype: torch.dtype, rounds: int) -> dict[str, dict[str, float]]:

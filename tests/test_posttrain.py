@@ -64,6 +64,12 @@ def _tiny_workflow(monkeypatch) -> None:
     monkeypatch.setattr(workflow, "load_multiple_choice", lambda name, fields=None: items)
 
 
+def _tiny_config(tmp_path, **options) -> workflow.PosttrainConfig:
+    """The options of a run of `_tiny_workflow` into `tmp_path`, with `options` on top."""
+    base = {"model": "tiny", "seq_len": 16, "batch_size": 4, "eval_blocks": 4, "quiet": True}
+    return workflow.PosttrainConfig(**{**base, "zero_shot_items": 3, "output_dir": str(tmp_path), **options})
+
+
 def test_posttrain_runs_end_to_end(tmp_path, monkeypatch, caplog):
     _tiny_workflow(monkeypatch)
     cfg = workflow.PosttrainConfig(
@@ -158,17 +164,7 @@ def test_lora_recovery_trains_in_the_trainer_and_resumes(tmp_path, monkeypatch, 
     """magnitude+lora trains through the same Trainer arguments as FineGates: logged, checkpointed, and
     `--resume` continues it from its checkpoint."""
     _tiny_workflow(monkeypatch)
-    cfg = workflow.PosttrainConfig(
-        model="tiny",
-        method="magnitude+lora",
-        seq_len=16,
-        batch_size=4,
-        max_steps=8,
-        eval_blocks=4,
-        output_dir=str(tmp_path),
-        quiet=True,
-        zero_shot_items=3,
-    )
+    cfg = _tiny_config(tmp_path, method="magnitude+lora", max_steps=8)
     first = workflow.posttrain(cfg, GatesConfig(target_sparsity=0.3))
     history = json.loads((tmp_path / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == list(range(1, 9))  # logging_steps = 8 // 20 -> 1
@@ -262,18 +258,7 @@ def test_the_recovered_baselines_distil_from_the_dense_weights(tmp_path, monkeyp
     assert torch.equal(model(input_ids=ids).logits, student)  # the switches are back on
 
     _tiny_workflow(monkeypatch)
-    cfg = workflow.PosttrainConfig(
-        model="tiny",
-        method="magnitude+lora",
-        distill=True,
-        seq_len=16,
-        batch_size=4,
-        max_steps=6,
-        eval_blocks=4,
-        output_dir=str(tmp_path),
-        quiet=True,
-        zero_shot_items=3,
-    )
+    cfg = _tiny_config(tmp_path, method="magnitude+lora", distill=True, max_steps=6)
     metrics = workflow.posttrain(cfg, GatesConfig(target_sparsity=0.3))
     assert 0.3 <= metrics["sparsity"]["removed_fraction"] <= 0.31
     logged = json.loads((tmp_path / "log_history.json").read_text())

@@ -87,6 +87,19 @@ class BlockwiseCrossEntropy(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None
 
 
+def reference_logit_kl(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, temperature: float = 1.0
+) -> torch.Tensor:
+    """`finegates.distill.logit_kl` as plain autograd ops over the whole logits (float32 log-softmaxes, the
+    elementwise KL): what the block-wise version is checked and timed against."""
+    log_s = torch.log_softmax(student.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    rows = nn.functional.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1) * temperature**2
+    if rows.dim() == 1 or mask is None:
+        return rows.mean()
+    return (rows * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def causal_lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor | None,

@@ -25,10 +25,15 @@ from common import benchmark_parser, parse_benchmark_args
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from finegates import distill
-from finegates.blockwise import causal_lm_loss, reference_logit_kl
+from finegates.blockwise import blockwise_causal_lm_loss, causal_lm_loss, reference_logit_kl
 
-# name -> (logit KL, causal-LM loss)
-VERSIONS = {"block-wise": (distill.logit_kl, causal_lm_loss), "plain": (reference_logit_kl, ForCausalLMLoss)}
+# name -> (logit KL, causal-LM loss): each loss alone, and what a training step uses (`posttrain` sets
+# `causal_lm_loss`, which is block-wise for bf16 logits only)
+VERSIONS = {
+    "block-wise": (distill.logit_kl, blockwise_causal_lm_loss),
+    "plain": (reference_logit_kl, ForCausalLMLoss),
+}
+STEP_VERSIONS = {**VERSIONS, "block-wise": (distill.logit_kl, causal_lm_loss)}
 
 
 def losses_alone(tokens: int, vocab: int, dtype: torch.dtype, rounds: int) -> dict[str, dict[str, float]]:
@@ -78,13 +83,13 @@ def distilled_steps(rounds: int, batch: int, length: int, bf16: bool) -> dict[st
         finegates.budget_step(model)
         return time.perf_counter() - begin
 
-    times: dict[str, list[float]] = {name: [] for name in [*VERSIONS, "undistilled"]}
+    times: dict[str, list[float]] = {name: [] for name in [*STEP_VERSIONS, "undistilled"]}
     for _ in range(rounds + 1):
-        for name, (kl, lm) in VERSIONS.items():
+        for name, (kl, lm) in STEP_VERSIONS.items():
             distill.logit_kl = kl  # squarehead_loss looks it up at call time
             model.loss_function = lm
             times[name].append(step())
-        times["undistilled"].append(step(distilled=False))  # block-wise LM loss
+        times["undistilled"].append(step(distilled=False))  # posttrain's LM loss
     distill.logit_kl = VERSIONS["block-wise"][0]
 
     def ratio(a: str, b: str) -> float:

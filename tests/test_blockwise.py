@@ -7,7 +7,7 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from conftest import tiny_model
-from finegates.blockwise import causal_lm_loss, use_blockwise_lm_loss
+from finegates.blockwise import blockwise_causal_lm_loss, causal_lm_loss, use_blockwise_lm_loss
 
 
 def _grad_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
@@ -18,8 +18,8 @@ def _grad_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
 @pytest.mark.parametrize("count", ["mean", "num_items", "shift_labels"])
 def test_causal_lm_loss_is_transformers_loss(dtype, count):
     """Value and gradient equal `ForCausalLMLoss` over several row blocks (a 70,001-wide vocabulary: blocks
-    of 7 rows), with ignored labels, for the mean, the Trainer's num_items_in_batch and given shift_labels
-    (float32 logits take transformers' own loss)."""
+    of 7 rows), with ignored labels, for the mean, the Trainer's num_items_in_batch and given shift_labels;
+    `causal_lm_loss`, what a model trains with, takes it for low-precision logits."""
     torch.manual_seed(0)
     vocab = 70_001
     logits = (torch.randn(3, 6, vocab) * 3).to(dtype).requires_grad_()
@@ -32,8 +32,10 @@ def test_causal_lm_loss_is_transformers_loss(dtype, count):
         kwargs["shift_labels"] = torch.roll(labels, -1, dims=1)
     reference = ForCausalLMLoss(logits, labels, vocab, **kwargs)
     (reference_grad,) = torch.autograd.grad(reference, logits)
-    loss = causal_lm_loss(logits, labels, vocab, **kwargs)
+    loss = blockwise_causal_lm_loss(logits, labels, vocab, **kwargs)
     (grad,) = torch.autograd.grad(loss, logits)
+    if dtype != torch.float32:
+        assert torch.equal(causal_lm_loss(logits, labels, vocab, **kwargs), loss)
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     assert grad.dtype == dtype
     tol = _grad_tolerance(dtype, reference_grad)

@@ -8,9 +8,10 @@ gradient in the same loop: autograd keeps one tensor the size of the logits, in 
 
 - `BlockwiseKL`: T^2 * sum_rows w_row * KL(softmax(t / T) || softmax(s / T)); d/ds = T * w_row * (p_s - p_t).
 - `BlockwiseCrossEntropy`: sum_rows w_row * -log softmax(z)[y]; d/dz = w_row * (softmax(z) - onehot(y)).
-- `causal_lm_loss`: transformers' `ForCausalLMLoss` (shifted labels, ignore_index, mean over the labelled
-  tokens or sum / num_items_in_batch) on `BlockwiseCrossEntropy` for low-precision logits (bf16 autocast);
-  `use_blockwise_lm_loss(model)` sets it as a model's `loss_function`.
+- `blockwise_causal_lm_loss`: transformers' `ForCausalLMLoss` (shifted labels, ignore_index, mean over the
+  labelled tokens or sum / num_items_in_batch) on `BlockwiseCrossEntropy`; `causal_lm_loss` takes it for
+  low-precision logits (bf16 autocast), and `use_blockwise_lm_loss(model)` sets that as a model's
+  `loss_function`.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def reference_logit_kl(
     return (rows * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def causal_lm_loss(
+def blockwise_causal_lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor | None,
     vocab_size: int,
@@ -109,15 +110,10 @@ def causal_lm_loss(
     shift_labels: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """transformers' `ForCausalLMLoss`, the same value and gradient, block by block: token t predicts label
-    t + 1 (or `shift_labels`), labels equal to `ignore_index` count for nothing, and the sum is divided by
-    the labelled tokens or by `num_items_in_batch` where the Trainer passes it. Float32 logits, which the
-    plain loss need not upcast, go to `ForCausalLMLoss` itself (block-wise is no faster there,
-    BENCHMARKS.md)."""
-    if logits.dtype == torch.float32:
-        return ForCausalLMLoss(
-            logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs
-        )
+    """transformers' `ForCausalLMLoss`, the same value and gradient, block by block, whatever the logits'
+    dtype: token t predicts label t + 1 (or `shift_labels`), labels equal to `ignore_index` count for
+    nothing, and the sum is divided by the labelled tokens or by `num_items_in_batch` where the Trainer
+    passes it."""
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(logits.device)
@@ -129,6 +125,15 @@ def causal_lm_loss(
         weights = weights / torch.as_tensor(num_items_in_batch, device=logits.device).float()
     rows = logits.reshape(-1, vocab_size)
     return BlockwiseCrossEntropy.apply(rows, torch.where(keep, targets, 0), weights)
+
+
+def causal_lm_loss(logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The causal-LM loss a model trains with: `blockwise_causal_lm_loss` for low-precision logits (bf16
+    autocast), whose plain loss upcasts them; float32 logits go to `ForCausalLMLoss` itself (block-wise is
+    no faster there, BENCHMARKS.md). The arguments are `ForCausalLMLoss`'s."""
+    if logits.dtype == torch.float32:
+        return ForCausalLMLoss(logits, *args, **kwargs)
+    return blockwise_causal_lm_loss(logits, *args, **kwargs)
 
 
 def use_blockwise_lm_loss(model: nn.Module) -> nn.Module:

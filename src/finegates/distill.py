@@ -165,6 +165,17 @@ def teacher_outputs(model: nn.Module, inputs: dict[str, Any], cfg: DistillConfig
         model.train(training)
 
 
+def teacher_and_student_inputs(
+    model: nn.Module, inputs: dict[str, Any], cfg: DistillConfig
+) -> tuple[Any, dict[str, Any]]:
+    """One training batch's teacher outputs (`teacher_outputs`) and the inputs the student then runs on:
+    asking for its hidden states where the loss compares them."""
+    teacher = teacher_outputs(model, inputs, cfg)
+    if cfg.distill_hidden_weight > 0:
+        inputs = {**inputs, "output_hidden_states": True}
+    return teacher, inputs
+
+
 def distill_loss(
     student: Any,
     teacher: Any,

@@ -18,7 +18,7 @@ from transformers import Trainer
 
 from finegates.adapter import WEIGHTS_NAME, save_gates
 from finegates.budget import BudgetOutcome, budget_outcome, budget_step, set_training_steps
-from finegates.distill import DistillConfig, distill_loss, teacher_outputs
+from finegates.distill import DistillConfig, distill_loss, teacher_and_student_inputs
 from finegates.latency import budget_fraction, budget_target
 from finegates.model import controller, gates_config
 from finegates.objectives import expected_sparsity, sparsity_loss
@@ -139,9 +139,8 @@ class FineGatesTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         distill = self.distill if model.training else None
         if distill is not None:
-            teacher = teacher_outputs(self.accelerator.unwrap_model(model), inputs, distill)
-            if distill.distill_hidden_weight > 0:
-                inputs = {**inputs, "output_hidden_states": True}
+            unwrapped = self.accelerator.unwrap_model(model)
+            teacher, inputs = teacher_and_student_inputs(unwrapped, inputs, distill)
         result = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )

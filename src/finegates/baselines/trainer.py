@@ -15,8 +15,7 @@ import torch
 from torch.utils.data import IterableDataset
 from transformers import Trainer, TrainerCallback
 
-from finegates.distill import DistillConfig, distill_loss
-from finegates.distill import teacher_outputs as self_teacher_outputs
+from finegates.distill import DistillConfig, distill_loss, teacher_and_student_inputs
 from finegates.model import is_gated
 from finegates.trainer import average_loss_per_process
 
@@ -51,7 +50,6 @@ class MethodLoss:
 
     method: Method
     teacher: torch.nn.Module | None
-    distill: DistillConfig | None = None  # MethodTrainer: self-distillation of a gated model
 
     def use_method(self, method: Method, teacher: torch.nn.Module | None) -> None:
         """Train for `method`, with `teacher` (frozen, in eval mode, on the training device) if it has one."""
@@ -71,19 +69,10 @@ class MethodLoss:
                 teacher_outputs = self.teacher(**inputs, output_hidden_states=method.needs_hidden_states)
         if method.needs_hidden_states:
             inputs = {**inputs, "output_hidden_states": True}
-        distill = self.distill
-        if distill is not None:  # the same frozen weights, gates bypassed and adapters off
-            dense_outputs = self_teacher_outputs(self.accelerator.unwrap_model(model), inputs, distill)
-            if distill.distill_hidden_weight > 0:
-                inputs = {**inputs, "output_hidden_states": True}
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         loss = loss + method.loss(self.accelerator.unwrap_model(model), inputs, outputs, teacher_outputs)
-        if distill is not None:
-            extra = distill_loss(outputs, dense_outputs, inputs.get("attention_mask"), distill)
-            self.distill_terms.append(float(extra.detach()))
-            loss = loss + extra
         return (loss, outputs) if return_outputs else loss
 
 
@@ -115,17 +104,31 @@ class MethodTrainer(MethodLoss, Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.use_method(method, teacher)
-        if distill is not None and distill.distill:
-            if not is_gated(self.accelerator.unwrap_model(self.model)):
-                raise ValueError(
-                    f"distill: method {method.name!r} has no gates to bypass, so its model has no dense "
-                    "teacher inside; distil the gated methods (finegates, the structured one-shot baselines)."
-                )
-            self.distill = distill
+        self.distill = distill if distill is not None and distill.distill else None
+        if self.distill is not None and not is_gated(self.accelerator.unwrap_model(self.model)):
+            raise ValueError(
+                f"distill: method {method.name!r} has no gates to bypass, so its model has no dense "
+                "teacher inside; distil the gated methods (finegates, the structured one-shot baselines)."
+            )
         self.distill_terms: list[float] = []  # since the last log
         if average_loss_per_process(self.accelerator.unwrap_model(self.model)):
             self.model_accepts_loss_kwargs = False
         self.add_callback(_AfterStep(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The method's loss, plus with `distill` the KL (and hidden L2) to the same frozen weights with the
+        gates bypassed and the adapters off."""
+        if self.distill is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)
+        teacher, inputs = teacher_and_student_inputs(unwrapped, inputs, self.distill)
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        extra = distill_loss(outputs, teacher, inputs.get("attention_mask"), self.distill)
+        self.distill_terms.append(float(extra.detach()))
+        loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.distill_terms:

@@ -64,8 +64,11 @@ def _add_evaluate(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "evaluate",
-        help="Test accuracy of a checkpoint: dense or compacted model folder, or a gate adapter folder.",
-        description="Evaluate any sequence-classification checkpoint on a task's test split.",
+        help="Test accuracy of a checkpoint (dense or compacted folder, or a gate adapter folder); for a "
+        "causal LM, held-out perplexity and zero-shot accuracy.",
+        description="Evaluate any sequence-classification checkpoint on a task's test split, or any causal "
+        "LM on held-out text (by default its post-training run's own held-out documents) and a zero-shot "
+        "multiple-choice task.",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options.")
     add_dataclass_arguments(parser.add_argument_group("options"), EvaluateConfig)
@@ -116,6 +119,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     cfg = build_configs(args, {"evaluate": EvaluateConfig})["evaluate"]
     _configure_logging(cfg.quiet)
     metrics = evaluate(cfg)
+    if "perplexity" in metrics:
+        task, blocks = metrics["zero_shot"], metrics["heldout_blocks"]
+        line = f"{metrics['model']}: held-out perplexity {metrics['perplexity']:.2f} ({blocks} blocks of "
+        line += f"{metrics['seq_len']} tokens of {metrics['text']})"
+        if task:
+            items = metrics["zero_shot_items"]
+            line += f", {task} accuracy {metrics[f'{task}_accuracy']:.4f} ({items} items)"
+        print(line)
+        return 0
     print(
         f"{metrics['model']} on {metrics['task']} ({metrics['test_rows']} test rows): accuracy "
         f"{metrics['test_accuracy']:.4f}"

@@ -124,16 +124,43 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, quie
     return math.exp(total / count)
 
 
-@torch.no_grad()
 def choice_logprob(model: nn.Module, tokenizer, context: str, choice: str) -> float:
     """Mean log-probability per token of `choice` following `context` (length-normalized scoring)."""
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    choice_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([context_ids + choice_ids])
-    logprobs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-    targets = ids[0, 1:]
-    picked = logprobs[torch.arange(len(targets)), targets][len(context_ids) - 1 :]
-    return float(picked.mean())
+    return choice_logprobs(model, tokenizer, [(context, choice)])[0]
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16, quiet: bool = True
+) -> list[float]:
+    """`choice_logprob` of every (context, choice) pair, `batch_size` sequences a forward pass: sorted by
+    length, right-padded with an attention mask (causal attention never reads the pads after a sequence),
+    and the log-softmax taken over the choices' positions only."""
+    encoded = [
+        (
+            tokenizer(context, add_special_tokens=False)["input_ids"],
+            tokenizer(" " + choice, add_special_tokens=False)["input_ids"],
+        )
+        for context, choice in pairs
+    ]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    scores = [0.0] * len(encoded)
+    for start in tqdm(range(0, len(order), batch_size), desc="zero-shot", disable=quiet or None):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i][0]) + len(encoded[i][1]) for i in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            sequence = encoded[i][0] + encoded[i][1]
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for row, i in enumerate(chunk):
+            context, choice = encoded[i]
+            # the logits at position p predict token p + 1: the choice's tokens from the context's last one
+            rows = logits[row, len(context) - 1 : len(context) + len(choice) - 1].float().log_softmax(-1)
+            scores[i] = float(rows[torch.arange(len(choice)), torch.tensor(choice)].mean())
+    return scores
 
 
 def zero_shot_accuracy(
@@ -141,9 +168,11 @@ def zero_shot_accuracy(
 ) -> float:
     """Accuracy of picking the choice with the highest length-normalized log-likelihood."""
     model.eval()
+    context = "Question: {}\nAnswer:"
+    pairs = [(context.format(item.question), choice) for item in items for choice in item.choices]
+    scores = iter(choice_logprobs(model, tokenizer, pairs, quiet=quiet))
     correct = 0
-    for item in tqdm(items, desc="zero-shot", disable=quiet or None):
-        context = f"Question: {item.question}\nAnswer:"
-        scores = [choice_logprob(model, tokenizer, context, c) for c in item.choices]
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == item.label)
+    for item in items:
+        item_scores = [next(scores) for _ in item.choices]
+        correct += int(max(range(len(item_scores)), key=item_scores.__getitem__) == item.label)
     return correct / max(len(items), 1)

@@ -1,7 +1,9 @@
-"""`evaluate`: test accuracy of any classification checkpoint: dense, gated (adapter folder) or compacted.
+"""`evaluate`: test accuracy of any classification checkpoint: dense, gated (adapter folder) or compacted;
+held-out perplexity and zero-shot accuracy of any causal LM (`finegates.workflows.evaluate_lm`).
 
 CLI:  finegates evaluate --model runs/minilm-reuters8/compressed --task reuters8
       finegates evaluate --model runs/minilm-reuters8/gates --task reuters8  # base model from run_config.json
+      finegates evaluate --model runs/posttrain/compressed  # a causal LM, on its run's held-out text
 """
 
 from __future__ import annotations
@@ -73,20 +75,71 @@ class EvaluateConfig:
             "help": "'int8': evaluate after torch's dynamic int8 quantization of the linear layers (CPU)."
         },
     )
+    text: str | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LMs: text of the held-out perplexity, as `posttrain --text` (its held-out "
+            "split). Default: the post-training run's own text (its run_config.json), else book-excerpts."
+        },
+    )
+    heldout_fraction: float | None = field(
+        default=None, metadata={"help": "Causal LMs: share of documents held out (default: the run's, 0.1)."}
+    )
+    seq_len: int | None = field(
+        default=None, metadata={"help": "Causal LMs: tokens per held-out block (default: the run's, 256)."}
+    )
+    eval_blocks: int | None = field(
+        default=None, metadata={"help": "Causal LMs: held-out blocks scored (default: all)."}
+    )
+    zero_shot: str | None = field(
+        default="run",
+        metadata={
+            "help": "Causal LMs: zero-shot multiple-choice task: 'piqa', a local .jsonl file, none, or 'run' "
+            "(the post-training run's task, else piqa)."
+        },
+    )
+    zero_shot_items: int | None = field(
+        default=None, metadata={"help": "Causal LMs: zero-shot items scored (default: all)."}
+    )
+    zero_shot_question_field: str | None = field(
+        default=None, metadata={"help": "Causal LMs, zero-shot jsonl: question field (default: question)."}
+    )
+    zero_shot_choices_field: str | None = field(
+        default=None, metadata={"help": "Causal LMs, zero-shot jsonl: list of answers (default: choices)."}
+    )
+    zero_shot_answer_field: str | None = field(
+        default=None, metadata={"help": "Causal LMs, zero-shot jsonl: the right answer (default: answer)."}
+    )
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics as JSON here."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars; warnings and errors only."})
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize must be 'int8' or left out, got {self.quantize!r}.")
+        for name, least in (("seq_len", 2), ("eval_blocks", 1), ("zero_shot_items", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least} (or left out), got {getattr(self, name)}.")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Test metrics (accuracy, macro F1, loss) of the checkpoint `cfg.model` on `cfg.task`.
+    """Test metrics (accuracy, macro F1, loss) of the checkpoint `cfg.model` on `cfg.task`; for a causal LM,
+    held-out perplexity and zero-shot accuracy (`evaluate_lm`).
 
     >>> evaluate(EvaluateConfig(model="runs/minilm-reuters8/compressed"))["test_accuracy"]  # doctest: +SKIP
     """
     set_seed(cfg.seed)
+    from finegates.workflows.evaluate_lm import evaluate_lm, is_causal_lm
+
+    if is_causal_lm(cfg.model, cfg.base_model):
+        metrics = evaluate_lm(cfg)
+    else:
+        metrics = _evaluate_classifier(cfg)
+    if cfg.output_file:
+        atomic_write_text(Path(cfg.output_file), json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+def _evaluate_classifier(cfg: EvaluateConfig) -> dict[str, Any]:
     columns = Columns(text=cfg.text_column, label=cfg.label_column, text_pair=cfg.text_pair_column)
     data = load_classification(cfg.task, columns, cfg.test_file, cfg.test_fraction, cfg.seed)
     model, tokenizer = load_for_evaluation(cfg, data)
@@ -112,8 +165,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         silence_printer(trainer, cfg.quiet)
         metrics = trainer.evaluate(EncodedSplit(test, tokenizer, cfg.max_length), metric_key_prefix="test")
     metrics.update(model=cfg.model, task=data.name, test_rows=len(test), quantize=cfg.quantize)
-    if cfg.output_file:
-        atomic_write_text(Path(cfg.output_file), json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 

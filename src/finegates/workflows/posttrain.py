@@ -93,7 +93,9 @@ class PosttrainConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
         default="answer",
         metadata={"help": "Zero-shot jsonl: the right answer, as an index or a choice's text."},
     )
-    zero_shot_items: int = field(default=200, metadata={"help": "Items of the zero-shot task to score."})
+    zero_shot_items: int = field(
+        default=200, metadata={"help": "Items of the zero-shot task to score (0: all)."}
+    )
     seq_len: int = field(default=256, metadata={"help": "Tokens per training block."})
     batch_size: int = field(default=4, metadata={"help": "Blocks per step."})
     max_steps: int = field(default=100, metadata={"help": "Training steps."})
@@ -168,7 +170,7 @@ def read_data(cfg: PosttrainConfig) -> EvalData:
     docs = load_text_corpus(cfg.text, cfg.text_column)
     if not cfg.zero_shot:
         return EvalData(docs, [], None)
-    items = load_multiple_choice(cfg.zero_shot, choice_fields(cfg))[: cfg.zero_shot_items]
+    items = load_multiple_choice(cfg.zero_shot, choice_fields(cfg))[: cfg.zero_shot_items or None]
     name = Path(cfg.zero_shot).stem if cfg.zero_shot.endswith(".jsonl") else cfg.zero_shot
     return EvalData(docs, items, name)
 

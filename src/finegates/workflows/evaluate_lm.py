@@ -1,0 +1,163 @@
+"""`evaluate` for causal LMs: held-out perplexity and zero-shot multiple-choice accuracy of any checkpoint,
+measured as `posttrain` measures them.
+
+CLI:  finegates evaluate --model runs/posttrain/compressed                     # the run's held-out text
+      finegates evaluate --model runs/posttrain/gates --zero-shot-items 1500   # the gated model
+      finegates evaluate --model smollm2-135m --text brown --zero-shot none     # a dense model
+
+Perplexity is taken on the held-out documents of a post-training run (`posttrain`'s split of its `--text`,
+`--heldout-fraction` and `--seq-len`, read from the run's run_config.json next to the folder), so a saved
+model is never scored on the text it trained on; options given on the command line take precedence.
+Unlike `posttrain`, whose figures are quick checks (32 blocks, a few hundred items by default), `evaluate`
+scores every held-out block and every zero-shot item unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from finegates.adapter import WEIGHTS_NAME, load_gates
+from finegates.workflows.run_config import RUN_CONFIG_NAME, base_model_of
+
+logger = logging.getLogger(__name__)
+
+# `posttrain` options that decide which text is held out and how it is scored; read from the run
+SPLIT_OPTIONS = ("text", "text_column", "heldout_fraction", "seq_len")
+CHOICE_OPTIONS = ("zero_shot", "zero_shot_question_field", "zero_shot_choices_field")
+CHOICE_OPTIONS += ("zero_shot_answer_field",)
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def is_causal_lm(model: str, base_model: str | None = None) -> bool:
+    """Whether `evaluate` should score `model` as a language model: a folder or hub id whose config names
+    a causal-LM architecture, or a gate adapter of a post-training run or of such a base model."""
+    from finegates.workflows.causal_lm import SMOLLM2
+
+    path = Path(model)
+    if (path / WEIGHTS_NAME).is_file():
+        if "posttrain" in _run_sections(path):
+            return True
+        try:
+            base = base_model_of(path, base_model)
+        except ValueError:
+            return False  # `evaluate`'s classification path gives the error about the missing base
+        return is_causal_lm(base)
+    if model == SMOLLM2:
+        return True
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            architectures = json.loads(config.read_text()).get("architectures") or []
+        except (OSError, ValueError):
+            return False
+        return any(name.endswith(CAUSAL_SUFFIXES) for name in architectures)
+    if path.exists():
+        return False
+    try:  # a hub id (online) or a name the classifier loader knows
+        from transformers import AutoConfig
+
+        from finegates.workflows.models import resolve_model
+
+        architectures = AutoConfig.from_pretrained(resolve_model(model)).architectures or []
+    except (OSError, ValueError):
+        return False
+    return any(name.endswith(CAUSAL_SUFFIXES) for name in architectures)
+
+
+def _run_sections(folder: Path) -> dict[str, Any]:
+    """The sections of the run_config.json next to a run's `gates` or `compressed` folder ({} if none)."""
+    run_config = folder.parent / RUN_CONFIG_NAME
+    try:
+        sections = json.loads(run_config.read_text())
+    except (OSError, ValueError):
+        return {}
+    return sections if isinstance(sections, dict) else {}
+
+
+def lm_settings(cfg) -> tuple[Any, dict[str, str]]:
+    """`posttrain`'s evaluation options for `cfg` (an `EvaluateConfig`): the command line's, else the run's
+    (its held-out split and zero-shot task), else `posttrain`'s defaults. Also returns where the held-out
+    text came from, for the output."""
+    from finegates.workflows.posttrain import PosttrainConfig
+
+    run = _run_sections(Path(cfg.model)).get("posttrain") or {}
+    options: dict[str, Any] = {}
+    source = "the command line" if cfg.text else "posttrain's default"
+    if cfg.text is None and run:
+        options.update({key: run[key] for key in SPLIT_OPTIONS if key in run})
+        source = f"the run's {RUN_CONFIG_NAME}"
+    else:
+        options.update(text=cfg.text or PosttrainConfig.text, text_column=cfg.text_column)
+    if cfg.zero_shot == "run":
+        options.update({key: run[key] for key in CHOICE_OPTIONS if key in run})
+    else:
+        options["zero_shot"] = cfg.zero_shot
+    for key in ("heldout_fraction", "seq_len", *CHOICE_OPTIONS[1:]):
+        if getattr(cfg, key) is not None:
+            options[key] = getattr(cfg, key)
+    settings = PosttrainConfig(
+        model=cfg.model,
+        **options,
+        eval_blocks=cfg.eval_blocks or 0,
+        zero_shot_items=cfg.zero_shot_items or 0,
+        quiet=cfg.quiet,
+    )
+    return settings, {"text_from": source}
+
+
+def load_lm(cfg):
+    """(model, tokenizer) in float32, eval mode: a gate adapter on its base model, a saved (dense or
+    compacted) folder, or `smollm2-135m` / a hub id."""
+    import finegates.compress  # noqa: F401  (registers the compacted classes with the Auto classes)
+    from finegates.workflows.causal_lm import load_causal_lm
+
+    path = Path(cfg.model)
+    if (path / WEIGHTS_NAME).is_file():
+        model, tokenizer = load_causal_lm(base_model_of(path, cfg.base_model))
+        return load_gates(model, path).eval(), tokenizer
+    if not path.is_dir():
+        model, tokenizer = load_causal_lm(cfg.model)
+        return model.eval(), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finegates.compress.io import load_checked
+
+    model = load_checked(AutoModelForCausalLM, path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} holds no tokenizer ({err}): save the tokenizer beside the model (`posttrain` does)."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def evaluate_lm(cfg) -> dict[str, Any]:
+    """Held-out perplexity and zero-shot accuracy of the causal LM `cfg.model` (an `EvaluateConfig`)."""
+    from finegates.workflows import posttrain
+
+    settings, where = lm_settings(cfg)
+    data = posttrain.read_data(settings)  # the user's files are read and checked before the model loads
+    model, tokenizer = load_lm(cfg)
+    if cfg.quantize == "int8":
+        from finegates.compress.quantize import quantize_linears
+
+        model = quantize_linears(model)
+    _, heldout = posttrain.split_text(settings, tokenizer, data.docs)
+    metrics: dict[str, Any] = posttrain.evaluate_lm(model, tokenizer, heldout, settings, data)
+    metrics.update(
+        model=cfg.model,
+        text=settings.text,
+        heldout_blocks=len(heldout),
+        seq_len=settings.seq_len,
+        zero_shot=data.zero_shot_name,
+        zero_shot_items=len(data.items),
+        quantize=cfg.quantize,
+        **where,
+    )
+    return metrics

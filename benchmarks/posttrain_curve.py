@@ -11,8 +11,13 @@ and the training time. Methods: the `posttrain --method` names, `finegates-nodis
 without distillation), and `magnitude+lora-distill` / `importance+lora-distill` (the recovered baselines
 with FineGates' distillation: the same dense teacher, gates bypassed and LoRA off).
 
+`--rescore` trains nothing: it scores every finished point's compacted model, and the dense model once, again
+with `finegates evaluate` on every held-out block and every PIQA item (1,500: +-0.013 where 300 items are
++-0.03), into `FOLDER/evaluation.json`, and gives the table of those figures.
+
     python benchmarks/posttrain_curve.py --methods finegates magnitude+lora --targets 0.2 --steps 1000 --bf16
     python benchmarks/posttrain_curve.py --steps 100 300 --dry-run      # the commands, nothing run
+    python benchmarks/posttrain_curve.py --steps 100 1000 --bf16 --rescore
 """
 
 from __future__ import annotations
@@ -57,13 +62,28 @@ def command(
     return argv
 
 
-def point(out: Path) -> dict | None:
-    """The figures of a finished run folder, or None."""
+EVALUATION = "evaluation.json"
+
+
+def _json(path: Path) -> dict | None:
     try:
-        metrics = json.loads((out / "metrics.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def point(out: Path, rescored: bool = False) -> dict | None:
+    """The figures of a finished run folder (with `rescored`, those of its `evaluation.json`), or None."""
+    metrics = _json(out / "metrics.json")
+    if metrics is None:
+        return None
     compacted, budget = metrics.get("compacted", {}), metrics.get("budget") or {}
+    if rescored:
+        compacted = _json(out / EVALUATION)
+        dense = _json(out.parent / f"dense-{EVALUATION}")
+        if compacted is None:
+            return None
+        metrics["dense"] = dense or {}
     return {
         "perplexity": compacted.get("perplexity"),
         "piqa": compacted.get("piqa_accuracy"),
@@ -73,7 +93,9 @@ def point(out: Path) -> dict | None:
     }
 
 
-def table(root: Path, methods: list[str], targets: list[float], steps: list[int], bf16: bool) -> str:
+def table(
+    root: Path, methods: list[str], targets: list[float], steps: list[int], bf16: bool, rescored: bool = False
+) -> str:
     lines = ["| removed | method | " + " | ".join(f"{n:,} steps" for n in steps) + " |"]
     lines.append("|---|---|" + "---|" * len(steps))
     dense = None
@@ -81,7 +103,7 @@ def table(root: Path, methods: list[str], targets: list[float], steps: list[int]
         for method in methods:
             cells = []
             for n in steps:
-                p = point(folder(root, method, target, n, bf16))
+                p = point(folder(root, method, target, n, bf16), rescored)
                 if p is None:
                     cells.append("-")
                     continue
@@ -91,7 +113,31 @@ def table(root: Path, methods: list[str], targets: list[float], steps: list[int]
                 cells.append(f"{p['perplexity']:.2f} / {p['piqa']:.3f}{removed}{seconds}")
             lines.append(f"| {target:.0%} | {method} | " + " | ".join(cells) + " |")
     dense_text = f"dense perplexity {dense:.2f}" if dense else "no point finished yet"
+    if rescored:
+        dense_text += ", rescored: every held-out block and PIQA item"
     return f"held-out perplexity / PIQA of the compacted model ({dense_text})\n\n" + "\n".join(lines)
+
+
+def rescore(args, env: dict) -> None:
+    """`finegates evaluate` on the dense model and every finished point's compacted model, once each."""
+    finegates = shutil.which("finegates") or str(Path(sys.executable).with_name("finegates"))
+    jobs = [(["--model", "smollm2-135m", "--text", "brown"], args.output_root / f"dense-{EVALUATION}")]
+    for steps in sorted(args.steps, reverse=True):  # the long points first: the figures of record
+        for target in args.targets:
+            for method in args.methods:
+                out = folder(args.output_root, method, target, steps, args.bf16)
+                if point(out) is not None:
+                    jobs.append((["--model", str(out / "compressed")], out / EVALUATION))
+    for model, result in jobs:
+        if result.is_file():
+            continue
+        argv = [finegates, "evaluate", *model, "--quiet", "--output-file", str(result)]
+        print(" ".join(argv), flush=True)
+        if not args.dry_run:
+            args.output_root.mkdir(parents=True, exist_ok=True)
+            code = subprocess.call(argv, env=env)
+            if code:
+                print(f"  exit {code}", flush=True)
 
 
 def main() -> None:
@@ -106,10 +152,19 @@ def main() -> None:
         "--save-steps", type=int, help="checkpoint period of each run (`posttrain --save-steps`)"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the missing points")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="train nothing: score the finished points again on every held-out block and PIQA item",
+    )
     args = parser.parse_args()
     if any(n <= 0 for n in args.steps) or any(not 0 < t < 1 for t in args.targets):
         parser.error("--steps must be positive and --targets in (0, 1)")
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    if args.rescore:
+        rescore(args, env)
+        print(table(args.output_root, args.methods, args.targets, args.steps, args.bf16, rescored=True))
+        return
     for steps in sorted(args.steps):  # the short points first: a stopped series has the most points
         for target in args.targets:
             for method in args.methods:

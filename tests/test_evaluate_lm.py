@@ -65,6 +65,9 @@ def test_evaluate_scores_a_post_trained_model_as_its_run_did(lm_run, folder, mod
     assert scored["perplexity"] == pytest.approx(metrics[model]["perplexity"], rel=1e-5)
     assert scored["piqa_accuracy"] == metrics[model]["piqa_accuracy"]
     assert scored["heldout_blocks"] == 4 and scored["zero_shot_items"] == 5 and scored["seq_len"] == 16
+    correct, accuracy = scored["piqa_correct"], scored["piqa_accuracy"]  # per item, for paired comparisons
+    assert len(correct) == 5 and sum(correct) / 5 == accuracy
+    assert scored["piqa_accuracy_stderr"] == pytest.approx((accuracy * (1 - accuracy) / 5) ** 0.5)
     assert scored["text_from"] == "the run's run_config.json"
 
 

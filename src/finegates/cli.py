@@ -125,7 +125,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         line += f"{metrics['seq_len']} tokens of {metrics['text']})"
         if task:
             items = metrics["zero_shot_items"]
-            line += f", {task} accuracy {metrics[f'{task}_accuracy']:.4f} ({items} items)"
+            stderr = metrics[f"{task}_accuracy_stderr"]
+            line += f", {task} accuracy {metrics[f'{task}_accuracy']:.4f} +- {stderr:.4f} ({items} items)"
         print(line)
         return 0
     print(

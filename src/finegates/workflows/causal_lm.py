@@ -167,12 +167,20 @@ def zero_shot_accuracy(
     model: nn.Module, tokenizer, items: list[MultipleChoiceItem], quiet: bool = False
 ) -> float:
     """Accuracy of picking the choice with the highest length-normalized log-likelihood."""
+    correct = zero_shot_correct(model, tokenizer, items, quiet)
+    return sum(correct) / max(len(items), 1)
+
+
+def zero_shot_correct(
+    model: nn.Module, tokenizer, items: list[MultipleChoiceItem], quiet: bool = False
+) -> list[bool]:
+    """Per item, whether the choice with the highest length-normalized log-likelihood is the right one."""
     model.eval()
     context = "Question: {}\nAnswer:"
     pairs = [(context.format(item.question), choice) for item in items for choice in item.choices]
     scores = iter(choice_logprobs(model, tokenizer, pairs, quiet=quiet))
-    correct = 0
+    correct = []
     for item in items:
         item_scores = [next(scores) for _ in item.choices]
-        correct += int(max(range(len(item_scores)), key=item_scores.__getitem__) == item.label)
-    return correct / max(len(items), 1)
+        correct.append(max(range(len(item_scores)), key=item_scores.__getitem__) == item.label)
+    return correct

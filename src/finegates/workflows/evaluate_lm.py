@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,7 @@ def load_lm(cfg):
 def evaluate_lm(cfg) -> dict[str, Any]:
     """Held-out perplexity and zero-shot accuracy of the causal LM `cfg.model` (an `EvaluateConfig`)."""
     from finegates.workflows import posttrain
+    from finegates.workflows.causal_lm import perplexity, zero_shot_correct
 
     settings, where = lm_settings(cfg)
     data = posttrain.read_data(settings)  # the user's files are read and checked before the model loads
@@ -149,7 +151,15 @@ def evaluate_lm(cfg) -> dict[str, Any]:
 
         model = quantize_linears(model)
     _, heldout = posttrain.split_text(settings, tokenizer, data.docs)
-    metrics: dict[str, Any] = posttrain.evaluate_lm(model, tokenizer, heldout, settings, data)
+    metrics: dict[str, Any] = {"perplexity": perplexity(model, heldout, quiet=cfg.quiet)}
+    if data.items:
+        correct = zero_shot_correct(model, tokenizer, data.items, quiet=cfg.quiet)
+        accuracy = sum(correct) / len(correct)
+        name = data.zero_shot_name
+        metrics[f"{name}_accuracy"] = accuracy
+        # the binomial standard error, and each item's outcome in item order, for paired comparisons of models
+        metrics[f"{name}_accuracy_stderr"] = math.sqrt(accuracy * (1 - accuracy) / len(correct))
+        metrics[f"{name}_correct"] = [int(c) for c in correct]
     metrics.update(
         model=cfg.model,
         text=settings.text,

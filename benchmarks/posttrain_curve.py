@@ -87,6 +87,8 @@ def point(out: Path, rescored: bool = False) -> dict | None:
     return {
         "perplexity": compacted.get("perplexity"),
         "piqa": compacted.get("piqa_accuracy"),
+        "piqa_stderr": compacted.get("piqa_accuracy_stderr"),
+        "piqa_correct": compacted.get("piqa_correct"),
         "dense": metrics.get("dense", {}).get("perplexity"),
         "removed": budget.get("removed_by_training"),  # FineGates only: one-shot cuts are exact
         "train_s": metrics.get("train_s"),
@@ -110,12 +112,35 @@ def table(
                 dense = dense or p["dense"]
                 removed = f", {p['removed']:.1%} by training" if isinstance(p["removed"], float) else ""
                 seconds = f", {p['train_s']:,.0f} s" if isinstance(p["train_s"], (int, float)) else ""
-                cells.append(f"{p['perplexity']:.2f} / {p['piqa']:.3f}{removed}{seconds}")
+                stderr = f" +- {p['piqa_stderr']:.3f}" if p["piqa_stderr"] else ""
+                cells.append(f"{p['perplexity']:.2f} / {p['piqa']:.3f}{stderr}{removed}{seconds}")
             lines.append(f"| {target:.0%} | {method} | " + " | ".join(cells) + " |")
     dense_text = f"dense perplexity {dense:.2f}" if dense else "no point finished yet"
     if rescored:
         dense_text += ", rescored: every held-out block and PIQA item"
     return f"held-out perplexity / PIQA of the compacted model ({dense_text})\n\n" + "\n".join(lines)
+
+
+def paired(root: Path, methods: list[str], targets: list[float], steps: list[int], bf16: bool) -> str:
+    """Each method's PIQA accuracy minus FineGates' at the same point, on the same items: the mean of the
+    per-item differences +- its standard error (paired, so far tighter than the two accuracies' errors)."""
+    lines = ["| removed | method | " + " | ".join(f"{n:,} steps" for n in steps) + " |"]
+    lines.append("|---|---|" + "---|" * len(steps))
+    for target in targets:
+        for method in (m for m in methods if m != "finegates"):
+            cells = []
+            for n in steps:
+                ours = point(folder(root, "finegates", target, n, bf16), rescored=True)
+                theirs = point(folder(root, method, target, n, bf16), rescored=True)
+                if not (ours and theirs and ours["piqa_correct"] and theirs["piqa_correct"]):
+                    cells.append("-")
+                    continue
+                diffs = [b - a for a, b in zip(ours["piqa_correct"], theirs["piqa_correct"], strict=True)]
+                mean = sum(diffs) / len(diffs)
+                spread = sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)
+                cells.append(f"{mean:+.3f} +- {(spread / len(diffs)) ** 0.5:.3f}")
+            lines.append(f"| {target:.0%} | {method} | " + " | ".join(cells) + " |")
+    return "PIQA accuracy minus FineGates' on the same items (paired)\n\n" + "\n".join(lines)
 
 
 def rescore(args, env: dict) -> None:
@@ -164,6 +189,8 @@ def main() -> None:
     if args.rescore:
         rescore(args, env)
         print(table(args.output_root, args.methods, args.targets, args.steps, args.bf16, rescored=True))
+        print()
+        print(paired(args.output_root, args.methods, args.targets, args.steps, args.bf16))
         return
     for steps in sorted(args.steps):  # the short points first: a stopped series has the most points
         for target in args.targets:

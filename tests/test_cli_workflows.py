@@ -32,8 +32,10 @@ def captured(monkeypatch):
     return seen
 
 
-def test_posttrain_uses_its_gate_defaults_and_flags_override(captured):
+def test_posttrain_uses_its_gate_defaults_and_flags_override(captured, capsys):
     assert cli.main(["posttrain", "--max-steps", "7", "--target-sparsity", "0.2"]) == 0
+    # the summary points to the full evaluation of the saved model
+    assert "finegates evaluate --model runs/posttrain/compressed" in capsys.readouterr().out
     run, gates = captured["posttrain"]
     assert run.max_steps == 7 and gates.target_sparsity == 0.2
     # warm-up and gate lr follow the run's length (set by the trainer), unless a flag names them

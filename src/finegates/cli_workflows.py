@@ -58,7 +58,9 @@ def _run_posttrain(args: argparse.Namespace) -> int:
         f"{metrics['compacted']['perplexity']:.2f}; removed {s['removed_fraction']:.2%} of gated-layer "
         f"parameters; prefill speedup {metrics['prefill_speedup']:.2f}x"
     )
-    print(f"Report: {configs['posttrain'].output_dir}/report.md")
+    out = configs["posttrain"].output_dir
+    print(f"Report: {out}/report.md")
+    print(f"Every held-out block and zero-shot item: finegates evaluate --model {out}/compressed")
     return 0
 
 

@@ -118,3 +118,14 @@ def test_batched_choice_scores_equal_one_sequence_at_a_time(batch_size):
         alone.append(float(picked.mean()))
     batched = causal_lm.choice_logprobs(model, tokenizer, pairs, batch_size=batch_size)
     assert batched == pytest.approx(alone, abs=1e-5)
+
+
+def test_evaluate_int8_quantized_causal_lm(lm_run):
+    """--quantize int8 scores torch's dynamically quantized copy of the compacted LM: close, not identical."""
+    out, _ = lm_run
+    options = {"model": str(out / "compressed"), "eval_blocks": 4, "zero_shot": None, "quiet": True}
+    plain = evaluate(EvaluateConfig(**options))
+    int8 = evaluate(EvaluateConfig(**options, quantize="int8"))
+    assert int8["quantize"] == "int8" and plain["quantize"] is None and "piqa_accuracy" not in int8
+    assert int8["perplexity"] != plain["perplexity"]
+    assert int8["perplexity"] == pytest.approx(plain["perplexity"], rel=0.05)

@@ -43,13 +43,11 @@ def main() -> None:
     call = {"input_ids": ids, "logits_to_keep": 1, "use_cache": False}
     ideal = flops(lambda: same_gemm(**call), same_gemm) / flops(lambda: small(**call), small)
     with torch.inference_mode():
-        reference = {
-            name: m(input_ids=ids, logits_to_keep=1, use_cache=False).logits for name, m in models.items()
-        }
+        reference = {name: m(**call).logits for name, m in models.items()}
         for name in list(models):
             begin = time.perf_counter()
             compiled = torch.compile(models[name])
-            logits = compiled(input_ids=ids, logits_to_keep=1, use_cache=False).logits
+            logits = compiled(**call).logits
             print(
                 f"{name}: compiled in {time.perf_counter() - begin:.0f} s, max |compiled - eager| "
                 f"{(logits - reference[name]).abs().max().item():.1e}",
@@ -59,11 +57,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(args.rounds):
             for name, m in models.items():
-                times[name].append(
-                    seconds(
-                        lambda m=m: m(input_ids=ids, logits_to_keep=1, use_cache=False), args.min_run_time
-                    )
-                )
+                times[name].append(seconds(lambda m=m: m(**call), args.min_run_time))
     what = args.compacted or f"{args.fraction:.0%} removed, magnitude pattern"
     print(f"\nprefill 1 x 256, {what}, {args.threads} thread(s), {args.rounds} rounds")
     print(f"FLOP ideal over the dense model (linear layers and attention): {ideal:.2f}x\n")

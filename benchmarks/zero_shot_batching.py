@@ -14,7 +14,7 @@ import time
 from common import benchmark_parser, parse_benchmark_args
 
 from finegates.data.registry import load_multiple_choice
-from finegates.workflows.causal_lm import choice_logprobs
+from finegates.workflows.causal_lm import choice_logprobs, zero_shot_pairs
 from finegates.workflows.evaluate import EvaluateConfig
 from finegates.workflows.evaluate_lm import load_lm
 
@@ -28,7 +28,7 @@ def main() -> None:
     args = parse_benchmark_args(parser)
     model, tokenizer = load_lm(EvaluateConfig(model=args.model))
     items = load_multiple_choice("piqa")[: args.items]
-    pairs = [(f"Question: {item.question}\nAnswer:", choice) for item in items for choice in item.choices]
+    pairs = zero_shot_pairs(items)
     print(f"{len(pairs)} sequences ({args.items} PIQA items), {args.threads} thread(s)")
     for _ in range(args.rounds):
         begin = time.perf_counter()

@@ -61,12 +61,13 @@ def _load(name: str):
 
     from finegates.compress import CompressedCheckpointError
     from finegates.compress.io import load_checked
+    from finegates.workflows.causal_lm import is_causal_architecture
     from finegates.workflows.models import resolve_model
 
     path = resolve_model(name)
     try:
         architecture = (AutoConfig.from_pretrained(path).architectures or [""])[0]
-        if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        if is_causal_architecture([architecture]):
             auto = AutoModelForCausalLM
         elif architecture.endswith("ForSequenceClassification"):
             auto = AutoModelForSequenceClassification

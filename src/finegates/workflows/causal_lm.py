@@ -124,6 +124,20 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, quie
     return math.exp(total / count)
 
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def is_causal_architecture(architectures: list[str]) -> bool:
+    """Whether a config's `architectures` name a causal LM (`...ForCausalLM`, GPT-2's `...LMHeadModel`)."""
+    return any(name.endswith(CAUSAL_LM_SUFFIXES) for name in architectures)
+
+
+def zero_shot_pairs(items: list[MultipleChoiceItem]) -> list[tuple[str, str]]:
+    """The (context, choice) pairs zero-shot scoring reads: each item's question as the context of each of its
+    choices, item by item."""
+    return [(f"Question: {item.question}\nAnswer:", choice) for item in items for choice in item.choices]
+
+
 def choice_logprob(model: nn.Module, tokenizer, context: str, choice: str) -> float:
     """Mean log-probability per token of `choice` following `context` (length-normalized scoring)."""
     return choice_logprobs(model, tokenizer, [(context, choice)])[0]
@@ -176,9 +190,7 @@ def zero_shot_correct(
 ) -> list[bool]:
     """Per item, whether the choice with the highest length-normalized log-likelihood is the right one."""
     model.eval()
-    context = "Question: {}\nAnswer:"
-    pairs = [(context.format(item.question), choice) for item in items for choice in item.choices]
-    scores = iter(choice_logprobs(model, tokenizer, pairs, quiet=quiet))
+    scores = iter(choice_logprobs(model, tokenizer, zero_shot_pairs(items), quiet=quiet))
     correct = []
     for item in items:
         item_scores = [next(scores) for _ in item.choices]

@@ -29,13 +29,13 @@ logger = logging.getLogger(__name__)
 SPLIT_OPTIONS = ("text", "text_column", "heldout_fraction", "seq_len")
 CHOICE_OPTIONS = ("zero_shot", "zero_shot_question_field", "zero_shot_choices_field")
 CHOICE_OPTIONS += ("zero_shot_answer_field",)
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def is_causal_lm(model: str, base_model: str | None = None) -> bool:
     """Whether `evaluate` should score `model` as a language model: a folder or hub id whose config names
     a causal-LM architecture, or a gate adapter of a post-training run or of such a base model."""
-    from finegates.workflows.causal_lm import SMOLLM2
+    from finegates.workflows.causal_lm import SMOLLM2, is_causal_architecture
+    from finegates.workflows.models import resolve_model
 
     path = Path(model)
     if (path / WEIGHTS_NAME).is_file():
@@ -46,26 +46,17 @@ def is_causal_lm(model: str, base_model: str | None = None) -> bool:
         except ValueError:
             return False  # `evaluate`'s classification path gives the error about the missing base
         return is_causal_lm(base)
-    if model == SMOLLM2:
+    if model == SMOLLM2:  # a GGUF file, which AutoConfig reads only when named
         return True
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            architectures = json.loads(config.read_text()).get("architectures") or []
-        except (OSError, ValueError):
-            return False
-        return any(name.endswith(CAUSAL_SUFFIXES) for name in architectures)
-    if path.exists():
-        return False
-    try:  # a hub id (online) or a name the classifier loader knows
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        from finegates.workflows.models import resolve_model
+    import finegates.compress  # noqa: F401  (registers the compacted configs with AutoConfig)
 
+    try:  # a saved folder, a hub id (online) or an embedded name
         architectures = AutoConfig.from_pretrained(resolve_model(model)).architectures or []
-    except (OSError, ValueError):
-        return False
-    return any(name.endswith(CAUSAL_SUFFIXES) for name in architectures)
+    except (OSError, ValueError, ImportError):
+        return False  # `evaluate`'s classification path gives the error about what cannot be loaded
+    return is_causal_architecture(architectures)
 
 
 def _run_sections(folder: Path) -> dict[str, Any]:
@@ -78,7 +69,7 @@ def _run_sections(folder: Path) -> dict[str, Any]:
     return sections if isinstance(sections, dict) else {}
 
 
-def lm_settings(cfg) -> tuple[Any, dict[str, str]]:
+def lm_settings(cfg) -> tuple[Any, str]:
     """`posttrain`'s evaluation options for `cfg` (an `EvaluateConfig`): the command line's, else the run's
     (its held-out split and zero-shot task), else `posttrain`'s defaults. Also returns where the held-out
     text came from, for the output."""
@@ -106,7 +97,7 @@ def lm_settings(cfg) -> tuple[Any, dict[str, str]]:
         zero_shot_items=cfg.zero_shot_items or 0,
         quiet=cfg.quiet,
     )
-    return settings, {"text_from": source}
+    return settings, source
 
 
 def load_lm(cfg):
@@ -143,7 +134,7 @@ def evaluate_lm(cfg) -> dict[str, Any]:
     from finegates.workflows import posttrain
     from finegates.workflows.causal_lm import perplexity, zero_shot_correct
 
-    settings, where = lm_settings(cfg)
+    settings, text_from = lm_settings(cfg)
     data = posttrain.read_data(settings)  # the user's files are read and checked before the model loads
     model, tokenizer = load_lm(cfg)
     if cfg.quantize == "int8":
@@ -168,6 +159,6 @@ def evaluate_lm(cfg) -> dict[str, Any]:
         zero_shot=data.zero_shot_name,
         zero_shot_items=len(data.items),
         quantize=cfg.quantize,
-        **where,
+        text_from=text_from,
     )
     return metrics

@@ -215,5 +215,27 @@ def test_sample_is_seeded_and_disjoint():
 def test_model_names():
     assert (Path(resolve_model("minilm")) / "config.json").is_file()
     assert resolve_model("some-org/some-model") == "some-org/some-model"
-    with pytest.raises(ValueError, match="Could not load model '/nonexistent/model'.*embedded name"):
+    with pytest.raises(ValueError, match="No model folder at '/nonexistent/model'.*embedded name"):
         load_classifier("/nonexistent/model", num_labels=2)
+
+
+def test_a_hub_id_the_machine_cannot_reach_fails_at_once(monkeypatch, tmp_path):
+    """No retries against an unreachable hub: the error comes before any request, says why and what to do."""
+    from huggingface_hub import constants
+
+    from finegates.workflows import models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert models.hub_endpoint() is None
+    with pytest.raises(ValueError, match="'some-org/some-model' is not a local folder.*cannot be reached"):
+        models.locate_model("some-org/some-model")
+    assert models.locate_model("minilm") == resolve_model("minilm")  # embedded and local names pass
+    assert models.locate_model(str(tmp_path)) == str(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # a name that never resolves
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert models.hub_endpoint() is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a proxy resolves names itself
+    assert models.hub_endpoint() == "https://hub.invalid"
+    assert models.locate_model("some-org/some-model") == "some-org/some-model"

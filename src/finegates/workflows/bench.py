@@ -62,9 +62,9 @@ def _load(name: str):
     from finegates.compress import CompressedCheckpointError
     from finegates.compress.io import load_checked
     from finegates.workflows.causal_lm import is_causal_architecture
-    from finegates.workflows.models import resolve_model
+    from finegates.workflows.models import locate_model
 
-    path = resolve_model(name)
+    path = locate_model(name)
     try:
         architecture = (AutoConfig.from_pretrained(path).architectures or [""])[0]
         if is_causal_architecture([architecture]):

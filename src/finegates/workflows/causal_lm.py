@@ -72,9 +72,9 @@ def load_causal_lm(name: str):
     """(model, tokenizer) for `smollm2-135m`, a hub id or a local folder, in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finegates.workflows.models import resolve_model
+    from finegates.workflows.models import locate_model
 
-    path = resolve_model(name)
+    path = locate_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -35,7 +35,7 @@ def is_causal_lm(model: str, base_model: str | None = None) -> bool:
     """Whether `evaluate` should score `model` as a language model: a folder or hub id whose config names
     a causal-LM architecture, or a gate adapter of a post-training run or of such a base model."""
     from finegates.workflows.causal_lm import SMOLLM2, is_causal_architecture
-    from finegates.workflows.models import resolve_model
+    from finegates.workflows.models import locate_model
 
     path = Path(model)
     if (path / WEIGHTS_NAME).is_file():
@@ -53,7 +53,7 @@ def is_causal_lm(model: str, base_model: str | None = None) -> bool:
     import finegates.compress  # noqa: F401  (registers the compacted configs with AutoConfig)
 
     try:  # a saved folder, a hub id (online) or an embedded name
-        architectures = AutoConfig.from_pretrained(resolve_model(model)).architectures or []
+        architectures = AutoConfig.from_pretrained(locate_model(model)).architectures or []
     except (OSError, ValueError, ImportError):
         return False  # `evaluate`'s classification path gives the error about what cannot be loaded
     return is_causal_architecture(architectures)

@@ -17,7 +17,8 @@ step of each in turn, as median per-round ratios against the first (less exposed
 drift than separate processes; no memory figures, the process holds them all). A method name ending in
 `@bf16` (e.g. `lora@bf16`) steps under bfloat16 autocast, as `--bf16` trains; `@compile` runs the model's
 forward (and so its backward) through `torch.compile` (Inductor; compiled before the rounds), as
-transformers' `torch_compile=True` does; `@bf16+compile` both.
+transformers' `torch_compile=True` does; `@bf16+compile` both; `@nodropout` sets every dropout of the model
+to 0 (its attention then takes SDPA's fused kernel), to see the methods' own costs without dropout's.
 
 `--whole-run`: whole runs instead of steps, on `make run`'s settings (Reuters-8, 2,000 training documents
 of 64 tokens, 3 epochs of batch 16, the finetune workflow's Trainer arguments) at `--target` (0.4):
@@ -221,6 +222,10 @@ def paired_steps(methods: list[str], steps: int, batch: int, length: int) -> Non
         name, flags = _variant(method)
         model, optimizer = _prepare(name, steps + 1)
         model.train()
+        if "nodropout" in flags:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0  # BERT's attention reads its dropout module's p as well
         forward = torch.compile(model) if "compile" in flags else model
         calls[method] = lambda m=method, mo=model, o=optimizer, f=forward: _step(
             m, mo, o, ids, labels, forward=f
@@ -410,9 +415,11 @@ def main() -> None:
     if args.paired:
         methods = args.paired.split(",")
         unknown = sorted({_variant(m)[0] for m in methods} - set(METHODS))
-        flags = set().union(*(_variant(m)[1] for m in methods)) - {"bf16", "compile"}
+        flags = set().union(*(_variant(m)[1] for m in methods)) - {"bf16", "compile", "nodropout"}
         if flags:
-            parser.error(f"--paired: unknown variants {sorted(flags)}; use @bf16, @compile or @bf16+compile")
+            parser.error(
+                f"--paired: unknown variants {sorted(flags)}; use @bf16, @compile, @nodropout, joined by +"
+            )
         if unknown:
             parser.error(f"--paired: unknown methods {unknown}; choose from {', '.join(METHODS)}")
         paired_steps(methods, args.steps, args.batch, args.length)

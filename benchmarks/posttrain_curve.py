@@ -123,19 +123,27 @@ def table(
 
 def paired(root: Path, methods: list[str], targets: list[float], steps: list[int], bf16: bool) -> str:
     """Each method's PIQA accuracy minus FineGates' at the same point, on the same items: the mean of the
-    per-item differences +- its standard error (paired, so far tighter than the two accuracies' errors)."""
+    per-item differences +- its standard error (paired, so far tighter than the two accuracies' errors).
+    The first row per target is the dense model's (what FineGates lost), where its items were kept."""
+    dense = (_json(root / f"dense-{EVALUATION}") or {}).get("piqa_correct")
     lines = ["| removed | method | " + " | ".join(f"{n:,} steps" for n in steps) + " |"]
     lines.append("|---|---|" + "---|" * len(steps))
     for target in targets:
-        for method in (m for m in methods if m != "finegates"):
+        for method in ("dense", *(m for m in methods if m != "finegates")):
             cells = []
             for n in steps:
                 ours = point(folder(root, "finegates", target, n, bf16), rescored=True)
-                theirs = point(folder(root, method, target, n, bf16), rescored=True)
-                if not (ours and theirs and ours["piqa_correct"] and theirs["piqa_correct"]):
+                theirs = (
+                    dense
+                    if method == "dense"
+                    else (point(folder(root, method, target, n, bf16), rescored=True) or {}).get(
+                        "piqa_correct"
+                    )
+                )
+                if not (ours and ours["piqa_correct"] and theirs):
                     cells.append("-")
                     continue
-                diffs = [b - a for a, b in zip(ours["piqa_correct"], theirs["piqa_correct"], strict=True)]
+                diffs = [b - a for a, b in zip(ours["piqa_correct"], theirs, strict=True)]
                 mean = sum(diffs) / len(diffs)
                 spread = sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)
                 cells.append(f"{mean:+.3f} +- {(spread / len(diffs)) ** 0.5:.3f}")
@@ -154,8 +162,8 @@ def rescore(args, env: dict) -> None:
                 if point(out) is not None:
                     jobs.append((["--model", str(out / "compressed")], out / EVALUATION))
     for model, result in jobs:
-        if result.is_file():
-            continue
+        if result.is_file() and "piqa_correct" in json.loads(result.read_text()):
+            continue  # scored, with each item's outcome (older files lack them: scored again)
         argv = [finegates, "evaluate", *model, "--quiet", "--output-file", str(result)]
         print(" ".join(argv), flush=True)
         if not args.dry_run:

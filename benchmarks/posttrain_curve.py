@@ -9,7 +9,9 @@ checkpoint every 100 steps, so a stop loses less of a long point; the default is
 table gives the compacted model's held-out perplexity / PIQA per point, the removed fraction by training,
 and the training time. Methods: the `posttrain --method` names, `finegates-nodistill` (FineGates
 without distillation), and `magnitude+lora-distill` / `importance+lora-distill` (the recovered baselines
-with FineGates' distillation: the same dense teacher, gates bypassed and LoRA off).
+with FineGates' distillation: the same dense teacher, gates bypassed and LoRA off), and
+`finegates-early-cut` (the target ramped over 30% of the run instead of 70%, with progressive compaction:
+whether a long run keeps its quality with the cut made earlier, and what the earlier cut saves in time).
 
 `--rescore` trains nothing: it scores every finished point's compacted model, and the dense model once, again
 with `finegates evaluate` on every held-out block and every PIQA item (1,500: +-0.013 where 300 items are
@@ -39,6 +41,8 @@ METHODS = {
     "importance+lora": ["--method", "importance+lora"],
     "magnitude+lora-distill": ["--method", "magnitude+lora", "--distill"],
     "importance+lora-distill": ["--method", "importance+lora", "--distill"],
+    # the target ramped over 30% of the run instead of 70%, closed units leaving the weights as they close
+    "finegates-early-cut": ["--method", "finegates", "--warmup-fraction", "0.3", "--compact-every", "10"],
 }
 
 

@@ -125,6 +125,11 @@ def table(
     return f"held-out perplexity / PIQA of the compacted model ({dense_text})\n\n" + "\n".join(lines)
 
 
+def _outcomes(root: Path, method: str, target: float, steps: int, bf16: bool) -> list[int] | None:
+    """A rescored point's PIQA outcome per item, or None."""
+    return (point(folder(root, method, target, steps, bf16), rescored=True) or {}).get("piqa_correct")
+
+
 def paired(root: Path, methods: list[str], targets: list[float], steps: list[int], bf16: bool) -> str:
     """Each method's PIQA accuracy minus FineGates' at the same point, on the same items: the mean of the
     per-item differences +- its standard error (paired, so far tighter than the two accuracies' errors).
@@ -136,15 +141,9 @@ def paired(root: Path, methods: list[str], targets: list[float], steps: list[int
         for method in ("dense", *(m for m in methods if m != "finegates")):
             cells = []
             for n in steps:
-                ours = point(folder(root, "finegates", target, n, bf16), rescored=True)
-                theirs = (
-                    dense
-                    if method == "dense"
-                    else (point(folder(root, method, target, n, bf16), rescored=True) or {}).get(
-                        "piqa_correct"
-                    )
-                )
-                if not (ours and ours["piqa_correct"] and theirs):
+                ours = point(folder(root, "finegates", target, n, bf16), rescored=True) or {}
+                theirs = dense if method == "dense" else _outcomes(root, method, target, n, bf16)
+                if not (ours.get("piqa_correct") and theirs):
                     cells.append("-")
                     continue
                 diffs = [b - a for a, b in zip(ours["piqa_correct"], theirs, strict=True)]
@@ -166,7 +165,7 @@ def rescore(args, env: dict) -> None:
                 if point(out) is not None:
                     jobs.append((["--model", str(out / "compressed")], out / EVALUATION))
     for model, result in jobs:
-        if result.is_file() and "piqa_correct" in json.loads(result.read_text()):
+        if "piqa_correct" in (_json(result) or {}):
             continue  # scored, with each item's outcome (older files lack them: scored again)
         argv = [finegates, "evaluate", *model, "--quiet", "--output-file", str(result)]
         print(" ".join(argv), flush=True)

@@ -46,12 +46,15 @@ def locate_model(name: str) -> str:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    from finegates.workflows.causal_lm import SMOLLM2
+
+    embedded = ", ".join([*EMBEDDED_MODELS, SMOLLM2])
     try:
         validate_repo_id(path)
     except HFValidationError:
         raise ValueError(
             f"No model folder at {name!r}: give an existing folder (a saved model or run), an embedded name "
-            f"({', '.join(EMBEDDED_MODELS)}, smollm2-135m), or a hub id such as 'org/name'."
+            f"({embedded}), or a hub id such as 'org/name'."
         ) from None
     if isinstance(try_to_load_from_cache(path, "config.json"), str):
         return path
@@ -61,7 +64,7 @@ def locate_model(name: str) -> str:
             f"{name!r} is not a local folder, not in the Hugging Face cache, and the hub cannot be reached "
             "from this machine (offline, or its host name does not resolve): download it where there is "
             "network (`hf download` into the cache, or `save_pretrained` to a folder) and give that, or use "
-            f"an embedded model ({', '.join(EMBEDDED_MODELS)}, smollm2-135m)."
+            f"an embedded model ({embedded})."
         )
     return path
 

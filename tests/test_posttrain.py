@@ -293,6 +293,10 @@ def test_save_steps_sets_the_checkpoint_period(tmp_path, monkeypatch):
     assert periods[-1] == 2
     with pytest.raises(ValueError, match="save_steps must be >= 1"):
         workflow.PosttrainConfig(save_steps=0)
+    with pytest.raises(ValueError, match="max_steps must be >= 1, got -3"):
+        workflow.PosttrainConfig(max_steps=-3)
+    with pytest.raises(ValueError, match="seq_len must be >= 2, got 1"):
+        workflow.PosttrainConfig(seq_len=1)
 
 
 @pytest.mark.parametrize("structure", ["fine", "runtime"])

@@ -141,8 +141,9 @@ class PosttrainConfig(DistillConfig, PrecisionOptions, RunFolderOptions):
             raise ValueError(
                 f"save_steps must be >= 1 (or None: a quarter of max_steps), got {self.save_steps}."
             )
-        if self.max_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
-            raise ValueError("max_steps, batch_size must be >= 1 and seq_len >= 2.")
+        for name, least in (("max_steps", 1), ("batch_size", 1), ("seq_len", 2)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}.")
 
 
 def choice_fields(cfg: PosttrainConfig) -> ChoiceFields:

@@ -58,12 +58,13 @@ def _small_model(name: str) -> torch.nn.Module:
 def _step_response(
     name: str, target: float, steps: int, **gates
 ) -> tuple[list[tuple[float, float]], int, torch.nn.Module]:
-    """Train a tiny model to `target` with budget_step after every optimizer step, as FineGatesTrainer
+    """Train a tiny model to `target` with the budget attached to the optimizer, as FineGatesTrainer
     does; returns (warmed-up target, exact removed fraction) after every step, the warm-up and the model."""
     model = get_gated_model(_small_model(name), GatesConfig(target_sparsity=target, **gates))
     finegates.set_training_steps(model, steps)
     model.train()
     optimizer = torch.optim.AdamW(optimizer_param_groups(model))
+    finegates.attach_budget(optimizer, model)
     ctrl, gen, trace = model.finegates_controller, torch.Generator().manual_seed(1), []
     for _ in range(steps):
         ids = torch.randint(2, 99, (16, 12), generator=gen)
@@ -72,7 +73,6 @@ def _step_response(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        finegates.budget_step(model)
         trace.append(
             (
                 ctrl.target(target, model.finegates_config.warmup_steps),
@@ -172,6 +172,43 @@ def test_multipliers_rise_while_the_budget_is_missed():
     # Sparsity 0 < target 0.5: ascent drives lambda1 negative (pushing sparsity up) and lambda2 up.
     ctrl = model.finegates_controller
     assert ctrl.lambda1.item() < 0 and ctrl.lambda2.item() > 0
+
+
+def test_the_multipliers_hold_inside_the_dead_band():
+    """Adam steps a parameter whose gradient is 0 on its moments; inside the dead band the multipliers'
+    zero gradients are dropped, so they stay where they are."""
+    from finegates.controller import SparsityController
+
+    def run(hold: bool) -> list[float]:
+        ctrl = SparsityController()
+        optimizer = torch.optim.AdamW(ctrl.parameters(), lr=0.1, weight_decay=0.0)
+        values = []
+        for sparsity in [0.0] * 5 + [0.305] * 5:  # missed for 5 steps, then inside the band
+            optimizer.zero_grad()
+            ctrl.penalty(torch.tensor(sparsity), 0.3, deadband=0.01).backward()
+            if hold:
+                ctrl.hold_in_band()
+            optimizer.step()
+            values.append(ctrl.lambda1.item())
+        return values
+
+    held, coasting = run(True), run(False)
+    assert held[0] < 0 and held[5:] == [held[4]] * 5
+    assert coasting[-1] < coasting[4]  # without the hold, the moments carry it on
+
+
+def test_a_multiplier_reset_also_resets_its_momentum():
+    model = get_gated_model(tiny_model("bert"), GatesConfig(target_sparsity=0.3, warmup_steps=0))
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, gate_lr=0.1))
+    sparsity_loss(model, step=1).backward()
+    optimizer.step()
+    ctrl = model.finegates_controller
+    with torch.no_grad():
+        ctrl.lambda1.fill_(1.0)  # pushing gates open while the budget is missed
+    assert optimizer.state[ctrl.lambda1]["exp_avg"].abs().item() > 0
+    projection = finegates.budget_step(model, 1, optimizer)
+    assert projection.closed > 0 and ctrl.lambda1.item() == 0.0
+    assert optimizer.state[ctrl.lambda1]["exp_avg"].item() == 0.0
 
 
 def test_target_warms_up_linearly():

@@ -238,6 +238,17 @@ def test_a_norm_the_narrowed_stream_cannot_take_is_refused_by_name():
     torch.testing.assert_close(logits(model, tiny_inputs()), expected, atol=0, rtol=0)
 
 
+def test_setting_up_compaction_leaves_the_random_stream_alone():
+    """The norms' check runs on an input of its own: turning compaction on must not change the run's data
+    order or gate noise."""
+    model = _gated("llama", "runtime")
+    torch.manual_seed(0)
+    expected = torch.randn(3)
+    torch.manual_seed(0)
+    ProgressiveCompaction(model, every=10)
+    torch.testing.assert_close(torch.randn(3), expected, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_removed_gates_are_closed_for_good(structure):
     model = _gated("llama", structure, param_bound=2.0)
@@ -304,6 +315,8 @@ def test_bad_options_are_refused():
         GatesConfig(compact_margin=-1.0)
     with pytest.raises(ValueError, match="uniform_layers cannot be combined"):
         GatesConfig(structure="runtime", uniform_layers=True, compact_every=10)
+    with pytest.raises(ValueError, match="would remove nothing"):  # gates held short of the margin
+        GatesConfig(compact_every=10, param_bound=1.0)
     model = tiny_model("llama")
     model = get_gated_model(model, GatesConfig())
     layer = next(iter(gated_layers(model).values()))

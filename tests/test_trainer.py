@@ -169,6 +169,9 @@ def test_gates_keep_a_constant_lr_while_the_head_follows_its_schedule(tmp_path):
         and lrs["multipliers"] == 0.05 * trainer.model.finegates_config.lagrangian_lr_scale
     )
     assert lrs["head"] < 1e-3  # linear decay to 0 over the run
+    # the logged learning rate is the head's schedule, not the gates' constant lr
+    logged = [row["learning_rate"] for row in trainer.state.log_history if "learning_rate" in row]
+    assert logged and all(lr < 1e-3 for lr in logged)
 
 
 def test_the_trainer_keeps_the_removed_fraction_near_the_target(tmp_path):
@@ -204,3 +207,42 @@ def test_a_finalize_that_overshoots_the_target_says_so():
     assert over.metrics()["warning"] == over.warning()
     on = BudgetOutcome(0.4, 0.395, 0.401, closed_gates=10, projected_closed=10, projected_reopened=0)
     assert on.warning() is None
+    # training past the target: finalize reopened gates, not "made the rest of the cut"
+    past = BudgetOutcome(0.3, 0.38, 0.30, closed_gates=10, projected_closed=0, projected_reopened=0)
+    assert "38.0%" in past.warning() and "reopened" in past.warning()
+    assert "raise gate_lr" not in past.warning()
+
+
+def test_a_checkpoint_cannot_go_back_into_a_model_cut_since(tmp_path):
+    """Units cut after a checkpoint are gone from the weights: loading it back (the best model at the end,
+    or a resume into the same trained model) is refused by name instead of mixing two states."""
+    trainer = _trainer(tmp_path, max_steps=6, gates=PROGRESSIVE)
+    trainer.train()
+    assert removed_weights(trainer.model) > 0
+    with pytest.raises(ValueError, match="already cut"):
+        trainer._load_from_checkpoint(str(tmp_path / "checkpoint-3"))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "best"),
+        max_steps=6,
+        save_steps=3,
+        eval_strategy="steps",
+        eval_steps=3,
+        load_best_model_at_end=True,
+        report_to=[],
+        use_cpu=True,
+    )
+    model = get_gated_model(tiny_model("bert"), GatesConfig(**PROGRESSIVE))
+    with pytest.raises(ValueError, match="load_best_model_at_end cannot be combined with compact_every"):
+        FineGatesTrainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset())
+
+
+def test_weight_decay_leaves_biases_and_norms_alone():
+    saved = ["classifier", "bert.embeddings.LayerNorm"]
+    model = get_gated_model(tiny_model("bert"), GatesConfig(bias="gated", modules_to_save=saved))
+    groups = finegates.optimizer_param_groups(model, gate_lr=0.05, weight_decay=0.1)
+    decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    spared = [p for g in groups if "finegates" not in g and g["weight_decay"] == 0 for p in g["params"]]
+    assert decayed and all(p.ndim >= 2 for p in decayed)
+    assert spared and all(p.ndim == 1 for p in spared)
+    # without decay, one group for the rest (the layout older checkpoints' optimizer state has)
+    assert len(finegates.optimizer_param_groups(model, gate_lr=0.05)) == 3

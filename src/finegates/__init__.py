@@ -5,7 +5,7 @@
 """
 
 from finegates.adapter import load_gates, save_gates
-from finegates.budget import budget_step, project_budget, set_training_steps
+from finegates.budget import attach_budget, budget_step, project_budget, set_training_steps
 from finegates.compress import compress, decode_layout, load_compressed
 from finegates.config import GatesConfig
 from finegates.layer import GatedLinear
@@ -18,6 +18,7 @@ from finegates.report import sparsity_report
 __all__ = [
     "GatedLinear",
     "GatesConfig",
+    "attach_budget",
     "budget_step",
     "compaction_plan",
     "compress",

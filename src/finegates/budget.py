@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -161,7 +162,9 @@ def _landing(cfg) -> float:
     return max(cfg.projection_margin, 2 * gate_lr(cfg) / GATE_CLASSES[cfg.gate_family].edge)
 
 
-def budget_step(model: nn.Module, step: int | None = None) -> Projection | None:
+def budget_step(
+    model: nn.Module, step: int | None = None, optimizer: torch.optim.Optimizer | None = None
+) -> Projection | None:
     """After each optimizer step: bound the gate parameters, and hold the removed fraction on its budget
     at `step` (the controller's step count by default).
 
@@ -174,7 +177,9 @@ def budget_step(model: nn.Module, step: int | None = None) -> Projection | None:
 
     Where the projection has to reopen gates, the pressure was too high: the first multiplier is reset
     to 0 if it was still pushing towards more sparsity (and likewise in the other direction), which stops
-    the wind-up that made the plain Lagrangian overshoot. With `uniform_layers`, every layer's counts of
+    the wind-up that made the plain Lagrangian overshoot; given the `optimizer`, its momentum for that
+    multiplier is reset with it (Adam's first moment would otherwise carry it straight back). With
+    `uniform_layers`, every layer's counts of
     heads, KV groups and FFN channels are then made equal (`finegates.uniform_layers`).
     """
     cfg = gates_config(model)
@@ -199,13 +204,44 @@ def budget_step(model: nn.Module, step: int | None = None) -> Projection | None:
     if cfg.uniform_layers:
         equalize_layers(model, _landing(cfg))
     with torch.no_grad():
+        before = float(ctrl.lambda1)
         if result.reopened:
             ctrl.lambda1.clamp_(min=0.0)
         if result.closed:
             ctrl.lambda1.clamp_(max=0.0)
+        if optimizer is not None and float(ctrl.lambda1) != before:
+            forget_momentum(optimizer, ctrl.lambda1)
         ctrl.projected_closed += result.closed
         ctrl.projected_reopened += result.reopened
     return result
+
+
+def attach_budget(
+    optimizer: torch.optim.Optimizer, model: nn.Module, step: Callable[[], int] | None = None
+) -> None:
+    """Run the budget around every `optimizer.step()`: before it the multipliers hold inside the dead band
+    (`SparsityController.hold_in_band`), after it `budget_step` with this optimizer. `step` returns the step
+    the next forward pass trains at (default: the controller's count); the budget waits while it is <= 0.
+
+    >>> finegates.attach_budget(opt, model)  # then: loss.backward(); opt.step()  # doctest: +SKIP
+    """
+    ctrl = controller(model)
+
+    def after(*_) -> None:
+        at = None if step is None else step()
+        if at is None or at > 0:
+            budget_step(model, at, optimizer)
+
+    optimizer.register_step_pre_hook(lambda *_: ctrl.hold_in_band())
+    optimizer.register_step_post_hook(after)
+
+
+def forget_momentum(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> None:
+    """Zero the optimizer's running direction for `param` (Adam's first moment, SGD's momentum buffer)."""
+    state = optimizer.state.get(param, {})
+    for key in ("exp_avg", "momentum_buffer"):
+        if isinstance(state.get(key), torch.Tensor):
+            state[key].zero_()
 
 
 @dataclass
@@ -231,10 +267,16 @@ class BudgetOutcome:
         return {**self.to_dict(), "warning": self.warning()}
 
     def warning(self) -> str | None:
-        """A loud line when training did not remove the target itself (possible only without the budget
-        projection, `budget_tolerance=None`), or when finalize overshot it (whole units too coarse for the
-        target, e.g. an equal-layer shape), else None."""
-        if abs(self.removed_by_training - self.target) > 0.02:
+        """A loud line when training removed much less or much more than the target (possible only without
+        the budget projection, `budget_tolerance=None`), or when finalize overshot it (whole units too
+        coarse for the target, e.g. an equal-layer shape), else None."""
+        if self.removed_by_training - self.target > 0.02:
+            return (
+                f"training removed {self.removed_by_training:.1%} of the budget's measure for a target of "
+                f"{self.target:.1%}; finalize_gates reopened gates to land on it, so the saved pattern is "
+                "not the one trained. Keep the budget projection on (budget_tolerance), or lower gate_lr."
+            )
+        if self.target - self.removed_by_training > 0.02:
             return (
                 f"training removed {self.removed_by_training:.1%} of the budget's measure for a target of "
                 f"{self.target:.1%}; finalize_gates made the rest of the cut from the gate ranking. Train "

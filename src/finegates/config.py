@@ -226,6 +226,14 @@ class GatesConfig:
             raise ValueError(f"compact_every must be >= 1 (or None: off), got {self.compact_every}.")
         if not (math.isfinite(self.compact_margin) and self.compact_margin >= 0):
             raise ValueError(f"compact_margin must be a number >= 0, got {self.compact_margin}.")
+        bound, margin = self.param_bound, self.compact_margin
+        if self.compact_every is not None and bound is not None and bound < 1.0 + margin:
+            raise ValueError(
+                f"compact_every with param_bound={bound} would remove nothing: gates are held within "
+                f"{bound} x the edge of their closing point, and progressive compaction removes a unit "
+                f"only once its gates are {1.0 + margin} x the edge past it (1 + compact_margin). Raise "
+                "param_bound, lower compact_margin, or leave compact_every unset."
+            )
         if self.compact_every is not None and self.uniform_layers:
             raise ValueError(
                 "compact_every (progressive compaction) and uniform_layers cannot be combined: equalising "

@@ -41,6 +41,14 @@ class SparsityController(nn.Module):
             return final_target
         return final_target * min(1.0, step / warmup_steps)
 
+    def hold_in_band(self) -> None:
+        """Before an optimizer step: drop the multipliers' gradients where they are exactly 0 (the gap inside
+        the dead band), so an optimizer with momentum (Adam) leaves them where they are instead of coasting
+        on its moments. FineGatesTrainer calls it; a hand-written loop calls it before `optimizer.step()`."""
+        for param in (self.lambda1, self.lambda2):
+            if param.grad is not None and not bool(param.grad.any()):
+                param.grad = None
+
     def penalty(self, sparsity: torch.Tensor, target: float, deadband: float = 0.0) -> torch.Tensor:
         """lambda1 gap + lambda2 gap^2, with gap = 0 (no pressure, multipliers hold) while |gap| <= deadband:
         inside the band the task loss alone moves the gates, and the multipliers cannot wind up there."""

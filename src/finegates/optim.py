@@ -21,8 +21,11 @@ def optimizer_param_groups(
     model: nn.Module, gate_lr: float | None = None, head_lr: float | None = None, weight_decay: float = 0.0
 ) -> list[dict]:
     """Gates, Lagrange multipliers (ascent through reversed gradients) and the rest, each with its lr.
+    `weight_decay` applies to the rest's matrices only: biases and norm weights (the pretrained model's own,
+    where they train) are not pulled towards 0, as transformers' Trainer leaves them.
 
-    A hand-written loop calls `budget_step(model)` after every `optimizer.step()` (FineGatesTrainer does).
+    A hand-written loop attaches the budget to its optimizer once, `attach_budget(optimizer, model)`, or
+    calls `budget_step(model)` after every `optimizer.step()` (FineGatesTrainer attaches it).
 
     >>> opt = torch.optim.AdamW(optimizer_param_groups(model))  # doctest: +SKIP
     """
@@ -30,7 +33,7 @@ def optimizer_param_groups(
     gate_lr = resolved_gate_lr(cfg) if gate_lr is None else gate_lr
     head_lr = cfg.head_lr if head_lr is None else head_lr
     gate_ids = gate_parameter_ids(model)
-    gates, multipliers, rest = [], [], []
+    gates, multipliers, rest, no_decay = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -38,6 +41,8 @@ def optimizer_param_groups(
             gates.append(param)
         elif name.startswith(CONTROLLER_ATTR) or f".{CONTROLLER_ATTR}." in name:
             multipliers.append(param)
+        elif param.ndim < 2 and weight_decay:
+            no_decay.append(param)
         else:
             rest.append(param)
     groups = [
@@ -51,6 +56,8 @@ def optimizer_param_groups(
     ]
     if rest:
         groups.append({"params": rest, "lr": head_lr, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "lr": head_lr, "weight_decay": 0.0})
     return groups
 
 

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from transformers import Trainer
 
 from finegates.adapter import WEIGHTS_NAME, save_gates
-from finegates.budget import BudgetOutcome, budget_outcome, budget_step, set_training_steps
+from finegates.budget import BudgetOutcome, attach_budget, budget_outcome, set_training_steps
 from finegates.distill import DistillConfig, distill_loss, teacher_and_student_inputs
 from finegates.latency import budget_fraction, budget_target
-from finegates.model import controller, gates_config
+from finegates.model import all_gates, controller, gates_config
 from finegates.objectives import expected_sparsity, sparsity_loss
 from finegates.optim import finalize_gates, keep_gate_lr_constant, optimizer_param_groups
 from finegates.progressive import ProgressiveCompaction, apply_removed, weights_cut
@@ -98,6 +98,12 @@ class FineGatesTrainer(Trainer):
         cfg = gates_config(self.accelerator.unwrap_model(self.model))
         self.compaction = None
         if cfg.compact_every is not None:
+            if self.args.load_best_model_at_end:
+                raise ValueError(
+                    "load_best_model_at_end cannot be combined with compact_every: the units progressive "
+                    "compaction cuts after the best checkpoint are gone from the weights and cannot come "
+                    "back. Drop one of them."
+                )
             # a distillation teacher is the same weights with the gates bypassed: it needs them in full
             self.compaction = ProgressiveCompaction(
                 self.accelerator.unwrap_model(self.model),
@@ -122,7 +128,9 @@ class FineGatesTrainer(Trainer):
                 model, head_lr=self.args.learning_rate, weight_decay=self.args.weight_decay
             )
             self.optimizer = cls(groups, **kwargs)
-            self.optimizer.register_step_post_hook(lambda *_: self._budget_step())
+            unwrapped = self.accelerator.unwrap_model(model)
+            # the budget counts the step the next forward pass trains at
+            attach_budget(self.optimizer, unwrapped, lambda: self.sparsity_step() + 1)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -131,10 +139,13 @@ class FineGatesTrainer(Trainer):
         keep_gate_lr_constant(scheduler)
         return scheduler
 
-    def _budget_step(self) -> None:
-        step = self.sparsity_step() + 1  # the step the next forward pass trains at
-        if step > 0:
-            budget_step(self.accelerator.unwrap_model(self.model), step)
+    def _get_learning_rate(self) -> float:
+        """The logged learning rate: the head's scheduled one (the gates' is constant, `gate_lr`); the
+        gates' where nothing else trains."""
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr(), strict=True):
+            if "finegates" not in group:
+                return lr
+        return super()._get_learning_rate()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         distill = self.distill if model.training else None
@@ -206,6 +217,11 @@ class FineGatesTrainer(Trainer):
                 f"{resume_from_checkpoint} holds no {WEIGHTS_NAME}: not a FineGates checkpoint."
             )
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.compaction is not None and any(bool(gate.removed.any()) for gate in all_gates(model)):
+            raise ValueError(
+                f"Cannot load {resume_from_checkpoint} into a model progressive compaction has already cut: "
+                "the units cut since cannot come back. Load it into a fresh gated model of the base model."
+            )
         model.load_state_dict(load_file(path), strict=False)
         if self.compaction is not None:  # the units removed before the checkpoint leave the weights again
             apply_removed(model, self.compaction.keep_dense)

@@ -157,3 +157,24 @@ def test_finetune_with_bf16_from_the_command_line(tiny_run_inputs, tmp_path, mon
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sparsity"]["removed_fraction"] >= 0.3
     assert metrics["accuracy"]["compacted"] == pytest.approx(metrics["accuracy"]["gated"])
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "gpt2"])
+def test_a_bfloat16_model_compacts_to_bfloat16(name):
+    """The runtime structure folds its float32 residual gate into the embeddings, norms and head: in a
+    bfloat16 model the products stay bfloat16, so the compacted model runs and saves as one dtype."""
+    from finegates import compress
+    from finegates.gates import force_gates
+    from finegates.model import all_gates
+
+    model = get_gated_model(tiny_model(name).to(BF16), GatesConfig(structure="runtime")).eval()
+    gen = torch.Generator().manual_seed(0)
+    for gate in all_gates(model):
+        close = torch.rand(gate.param.shape, generator=gen) < 0.3
+        force_gates(gate, close, torch.zeros_like(close))
+    with torch.no_grad():
+        expected = model(input_ids=tiny_inputs()).logits.float()
+        small = compress(model)
+        assert {p.dtype for p in small.parameters()} == {BF16}
+        got = small(input_ids=tiny_inputs()).logits.float()
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)

@@ -57,6 +57,12 @@ def _in_blocks(name: str, plan: CompactionPlan) -> bool:
     return any(name == b or name.startswith(b + ".") for b in (*plan.attention, *plan.ffn))
 
 
+def _scaled(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`tensor` times the float32 gate values `scale`, computed in float32 and kept in `tensor`'s dtype (a
+    bfloat16 model stays bfloat16)."""
+    return (tensor.float() * scale.float()).to(tensor.dtype)
+
+
 def stream_state(
     model: nn.Module, plan: CompactionPlan, arch: Architecture, full_width: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, NormSpec], dict[str, LinearSpec]]:
@@ -82,19 +88,19 @@ def stream_state(
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, embedding in parts["embeddings"].items():
-            state[f"{name}.weight"] = embedding.weight[:, kept] * r
+            state[f"{name}.weight"] = _scaled(embedding.weight[:, kept], r)
         norms = {}
         for name, norm in parts["norms"].items():
             # inside the blocks the gated model scales LayerNorm outputs by r; the final norm divides it out
             scale = (torch.ones_like(r) if arch.layer_norm else inverse) if name in final else r
             if arch.layer_norm:
-                state[f"{name}.weight"] = norm.weight[kept] * scale
+                state[f"{name}.weight"] = _scaled(norm.weight[kept], scale)
                 if norm.bias is not None:
-                    state[f"{name}.bias"] = norm.bias[kept] * scale
+                    state[f"{name}.bias"] = _scaled(norm.bias[kept], scale)
                 norms[name] = NormSpec(full_width=full)
             else:
                 rescaled = norm.weight[kept] * math.sqrt(full / len(kept))
-                state[f"{name}.weight"] = rescaled * scale if name in final else rescaled
+                state[f"{name}.weight"] = _scaled(rescaled, scale) if name in final else rescaled
         linears = {}
         for name, module in model.named_modules():
             if not isinstance(module, LINEAR_TYPES) or name in plan.modules or _in_blocks(name, plan):
@@ -103,7 +109,7 @@ def stream_state(
             if full not in weight.shape:
                 continue
             if name in parts["readers"]:
-                weight = weight[:, kept] * r if final else weight[:, kept]
+                weight = _scaled(weight[:, kept], r) if final else weight[:, kept]
             state[f"{name}.weight"] = weight.contiguous()
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias

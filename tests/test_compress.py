@@ -587,6 +587,27 @@ def test_damaged_folder_fails_with_a_clear_error(saved_llama, tmp_path, damage):
             AutoModelForCausalLM.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("compacted", [False, True], ids=["stock", "compacted"])
+def test_a_bfloat16_folder_loads_in_float32_for_evaluation(tmp_path, compacted):
+    """`evaluate`, `bench` and `export` score a folder saved in bfloat16 as they score a hub id: in float32,
+    where int8 dynamic quantization also runs."""
+    from transformers import AutoModelForCausalLM
+
+    from finegates.compress.io import load_checked
+    from finegates.compress.quantize import quantize_linears
+
+    model = tiny_model("llama")
+    if compacted:
+        model = compress(get_gated_model(model, GatesConfig(structure="runtime")).eval())
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    loaded = load_checked(AutoModelForCausalLM, tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    with torch.no_grad():
+        quantize_linears(loaded)(input_ids=tiny_inputs())
+    if compacted:
+        assert load_compressed(tmp_path, quantize="int8") is not None
+
+
 def test_a_changed_qk_dim_is_refused_where_no_buffer_depends_on_it(tmp_path):
     """BERT keeps no RoPE table: only the projection widths show that the recorded qk_dim was edited."""
     compress(patterned("bert", residual_dim_closed)).save_pretrained(tmp_path)

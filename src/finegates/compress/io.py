@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, PreTrainedModel
 
@@ -29,6 +30,8 @@ def load_compressed(path: str | Path, quantize: str | None = None, **kwargs) -> 
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}.")
     register_compact_models()
+    if quantize:
+        kwargs.setdefault("dtype", torch.float32)  # dynamic int8 quantizes float32 linears
     path = Path(path)
     model_class = _model_class(path)
     try:
@@ -44,8 +47,11 @@ def load_compressed(path: str | Path, quantize: str | None = None, **kwargs) -> 
 def load_checked(auto_class: type, path: str | Path, **kwargs) -> PreTrainedModel:
     """`auto_class.from_pretrained(path)` for any model folder, compacted or stock, refused with a
     CompressedCheckpointError when a weight would run re-initialised (missing, unexpected, another shape)
-    or holds NaN / inf: what `evaluate` and `bench` load. Compacted folders go through `load_compressed`."""
+    or holds NaN / inf: what `evaluate` and `bench` load. Compacted folders go through `load_compressed`.
+    In float32 unless `dtype` says otherwise (a folder saved in bfloat16 scores and times as a hub id does).
+    """
     register_compact_models()
+    kwargs.setdefault("dtype", torch.float32)
     path = Path(path)
     try:
         model_type = AutoConfig.from_pretrained(path).model_type

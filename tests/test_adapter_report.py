@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -29,6 +31,9 @@ def test_save_and_load_round_trip(arch, tmp_path):
             if p.requires_grad and p.dim() > 0:
                 p.add_(0.01)  # trained heads and biases differ from the fresh model's
     save_gates(model, tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)  # written through a temporary file, with the permissions of a plain new file
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in tmp_path.iterdir())
     fresh = load_gates(tiny_model(arch), tmp_path)
     ids = tiny_inputs()
     torch.testing.assert_close(logits(fresh, ids), logits(model, ids), atol=0, rtol=0)
@@ -82,6 +87,12 @@ def test_damaged_adapters_fail_clearly(tmp_path):
     )
     with pytest.raises(ValueError, match="has shape"):
         load_gates(wider, tmp_path)
+    config = tmp_path / "finegates_config.json"
+    text = config.read_text()
+    config.write_text(text[: len(text) // 2])  # cut short
+    with pytest.raises(ValueError, match="finegates_config.json cannot be read as a gate config"):
+        load_gates(tiny_model("bert"), tmp_path)
+    config.write_text(text)
     (tmp_path / WEIGHTS_NAME).write_bytes((tmp_path / WEIGHTS_NAME).read_bytes()[:100])
     with pytest.raises(ValueError, match="damaged"):
         load_gates(tiny_model("bert"), tmp_path)

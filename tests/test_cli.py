@@ -117,6 +117,14 @@ def test_the_head_lr_schedule_reaches_the_trainer(tmp_path):
     assert _configs([])["finetune"].lr_scheduler == "cosine"
 
 
+def test_a_config_file_that_is_not_a_mapping_is_one_line(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("- 1\n- 2\n")
+    assert main(["finetune", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "must hold a mapping" in err and "Traceback" not in err
+
+
 def test_unknown_key_in_config_file(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("epochz: 3\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from finegates import cli
@@ -74,7 +76,7 @@ def test_compare_rejects_an_unknown_method(capsys):
     assert "Unknown methods ['adapters']" in capsys.readouterr().err
 
 
-def test_compress_command_compacts_a_saved_adapter(tmp_path):
+def test_compress_command_compacts_a_saved_adapter(tmp_path, capsys):
     import json
 
     import torch
@@ -105,6 +107,16 @@ def test_compress_command_compacts_a_saved_adapter(tmp_path):
         p.numel() for p in tiny_model("bert").parameters()
     )
     assert cli.main(["compress", "--gates", str(tmp_path), "--output-dir", str(tmp_path / "x")]) == 2
+    # a folder that holds something is replaced only when asked, and then whole
+    before = sorted(p.name for p in (tmp_path / "small").iterdir())
+    again = ["compress", "--gates", str(run / "gates"), "--output-dir", str(tmp_path / "small")]
+    assert cli.main(again) == 2 and "exists and is not empty" in capsys.readouterr().err
+    assert cli.main([*again, "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "small").iterdir()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".small")]  # no staging left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "small").stat().st_mode & 0o777 == 0o777 & ~umask  # as a new folder, not owner-only
 
 
 def test_compress_a_run_whose_head_differs_from_the_base(tmp_path, capsys):
@@ -135,6 +147,10 @@ def test_compress_a_run_whose_head_differs_from_the_base(tmp_path, capsys):
         torch.testing.assert_close(
             small(input_ids=tiny_inputs()).logits, gated(input_ids=tiny_inputs()).logits, atol=1e-5, rtol=0
         )
+    (run / "run_config.json").write_text('{"finetune": {"mod')  # cut short
+    assert cli.main(["compress", "--gates", str(run / "gates"), "--output-dir", str(tmp_path / "x")]) == 2
+    assert "run_config.json cannot be read" in capsys.readouterr().err
+    (run / "run_config.json").write_text(json.dumps({"finetune": {"model": str(base_dir)}}))
     adapter = run / "gates" / WEIGHTS_NAME
     adapter.write_bytes(adapter.read_bytes()[:200])
     assert cli.main(["compress", "--gates", str(run / "gates"), "--output-dir", str(tmp_path / "x")]) == 2

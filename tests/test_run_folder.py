@@ -62,6 +62,24 @@ def test_a_failed_run_leaves_the_previous_one_whole(tmp_path):
     assert not (tmp_path / ".run.lock").exists()
 
 
+@pytest.mark.parametrize("options", [{}, {"overwrite": True}, {"resume": True}])
+def test_a_folder_of_other_files_is_never_taken(tmp_path, options):
+    """A run replaces its folder when it ends: a folder of the user's files, or of several runs, is refused
+    with or without --overwrite and --resume, and nothing in it is touched."""
+    out = tmp_path / "runs"
+    (out / "r8").mkdir(parents=True)
+    (out / "r8" / "report.md").write_text("an earlier run")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="other files in it and no finegates run"):
+        RunFolder.claim(out, **options)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "r8" / "report.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no lock or partial left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with RunFolder.claim(empty) as folder:  # an empty folder is taken
+        folder.commit()
+
+
 def test_two_runs_cannot_share_a_folder(tmp_path):
     out = tmp_path / "run"
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])

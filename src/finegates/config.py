@@ -314,7 +314,13 @@ class GatesConfig:
             raise FileNotFoundError(
                 f"No {CONFIG_NAME} in {directory}: is this a folder written by save_gates?"
             )
-        return cls.from_json(path.read_text())
+        try:
+            return cls.from_json(path.read_text())
+        except (json.JSONDecodeError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"{path} cannot be read as a gate config ({err}); the adapter folder is damaged or from "
+                "another version: save the adapter again with save_gates."
+            ) from None
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

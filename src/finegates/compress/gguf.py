@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from finegates.io_utils import atomic_write
 
 GGUF_DTYPES = ("f16", "f32")
 _FAMILIES = ("llama", "mistral")
@@ -350,11 +350,8 @@ def export_gguf(
     counts = {(layer.heads, layer.kv_heads, layer.ffn) for layer in layers}
     arch = "llama" if len(counts) == 1 and all(layer.heads for layer in layers) else "deci"
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(str(getattr(config, "_name_or_path", "") or config.model_type))
         writer.add_block_count(len(layers))
@@ -390,8 +387,5 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+    return atomic_write(path, write)

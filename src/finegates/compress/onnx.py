@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
+
+from finegates.io_utils import write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -92,25 +94,25 @@ def _graph_signature(model: PreTrainedModel):
     return _Decoder(model), (ids, mask, past), dynamic, names + cache_names, outputs
 
 
-def export_onnx(model: PreTrainedModel, output_dir: str | Path) -> Path:
-    """Write `model.onnx` and `finegates_onnx.json` (what the graph takes and returns) into `output_dir`
-    (written whole: into a temporary folder first, then renamed). Returns the folder."""
+def export_onnx(model: PreTrainedModel, output_dir: str | Path, also: Iterable[Path] = ()) -> Path:
+    """Write `model.onnx` and `finegates_onnx.json` (what the graph takes and returns), and a copy of each
+    file in `also` (e.g. the tokenizer's), into `output_dir`, written whole: into a temporary folder first,
+    then renamed. Returns the folder."""
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} exists and is not empty; give a new --output-dir.")
     model = model.eval()
     implementation = model.config._attn_implementation
     model.set_attn_implementation("eager")  # before the example cache: SDPA's holds padded K/V
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+
+    def fill(folder: Path) -> None:
         wrapper, args, dynamic, names, outputs = _graph_signature(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper,
                 args,
-                str(tmp / ONNX_NAME),
+                str(folder / ONNX_NAME),
                 dynamo=True,
                 dynamic_shapes=dynamic,
                 input_names=names,
@@ -118,13 +120,12 @@ def export_onnx(model: PreTrainedModel, output_dir: str | Path) -> Path:
                 verbose=False,
             )
         info = {"kind": "decoder" if is_decoder(model) else "encoder", "inputs": names, "outputs": outputs}
-        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2))
-        if output_dir.exists():
-            output_dir.rmdir()  # empty (checked above)
-        tmp.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (folder / INFO_NAME).write_text(json.dumps(info, indent=2))
+        for path in also:
+            shutil.copy2(path, folder / Path(path).name)
+
+    try:
+        write_folder(output_dir, fill)
     finally:
         model.set_attn_implementation(implementation)
     logger.info("ONNX export written to %s", output_dir)

@@ -4,13 +4,13 @@ export`: a model folder -> a serving format (ONNX, GGUF)."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
 from finegates.adapter import WEIGHTS_NAME, load_gates
+from finegates.io_utils import write_folder
 from finegates.workflows.run_config import base_model_of
 
 _HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
@@ -29,6 +29,9 @@ class CompressConfig:
     )
     uniform: bool = field(
         default=False, metadata={"help": "Cut every layer to the same widths (stock classes load it)."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace a non-empty --output-dir (it is replaced whole)."}
     )
 
     def __post_init__(self) -> None:
@@ -66,11 +69,17 @@ def export_compressed(cfg: CompressConfig) -> Path:
     adapter = Path(cfg.gates)
     if not (adapter / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{adapter} holds no {WEIGHTS_NAME}: not a gate adapter folder.")
+    out = Path(cfg.output_dir)
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:  # before the minutes of work, not after
+        raise FileExistsError(f"{out} exists and is not empty; give a new --output-dir, or --overwrite.")
     model, tokenizer = _load_base(base_model_of(adapter, cfg.base_model), _num_labels(adapter))
     small = compress(load_gates(model, adapter).eval(), uniform=cfg.uniform)
-    small.save_pretrained(cfg.output_dir)
-    tokenizer.save_pretrained(cfg.output_dir)
-    return Path(cfg.output_dir)
+
+    def fill(folder: Path) -> None:
+        small.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_folder(out, fill, overwrite=cfg.overwrite)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -118,8 +127,6 @@ def export_model(
         return export_gguf(
             model, path, dtype=dtype, tokenizer_dir=folder, tokenizer_pre=tokenizer_pre, align=align
         )
-    out = export_onnx(model, output_dir)
-    for name in _TOKENIZER_FILES:
-        if (folder / name).is_file():
-            shutil.copy2(folder / name, out / name)
-    return out
+    return export_onnx(
+        model, output_dir, also=[folder / n for n in _TOKENIZER_FILES if (folder / n).is_file()]
+    )

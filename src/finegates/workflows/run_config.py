@@ -58,8 +58,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             ) from None
     if data is None:
         raise ValueError(f"Config file {path} is empty.")
-    if not isinstance(data, dict):
-        raise TypeError(f"Config file {path} must hold a mapping of option names to values.")
+    if not isinstance(data, dict):  # a user's file, not an argument: the CLI's one-line error
+        raise ValueError(f"Config file {path} must hold a mapping of option names to values.")  # noqa: TRY004
     return data
 
 
@@ -98,7 +98,12 @@ def base_model_of(adapter: Path, given: str | None = None) -> str:
             f"{adapter} is a gate adapter with no {RUN_CONFIG_NAME} next to it to read its base model from: "
             "pass --base-model."
         )
-    sections = json.loads(run_config.read_text())
+    try:
+        sections = json.loads(run_config.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{run_config} cannot be read ({err}): pass --base-model.") from None
+    if not isinstance(sections, dict):
+        raise ValueError(f"{run_config} is not a run's config (not a mapping): pass --base-model.")  # noqa: TRY004
     models = [s["model"] for s in sections.values() if isinstance(s, dict) and "model" in s]
     if not models:
         raise ValueError(f"{run_config} names no model: pass --base-model.")

@@ -89,6 +89,16 @@ def _holds_run(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in RUN_MARKERS)
 
 
+def _refuse_foreign(path: Path) -> None:
+    """A run replaces its folder whole when it ends: refuse a non-empty folder that holds no run (the
+    user's own files, or a folder of many runs), whatever the options."""
+    if path.is_dir() and not _holds_run(path) and any(path.iterdir()):
+        raise RunFolderError(
+            f"--output-dir {path} is a folder with other files in it and no finegates run; a run replaces "
+            "its output folder when it ends, so give a new or empty folder (e.g. a subfolder of it)."
+        )
+
+
 def _check_path(path: Path) -> None:
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():
@@ -162,10 +172,17 @@ class RunFolder:
         return folder
 
     def _prepare(self, overwrite: bool) -> None:
+        _refuse_foreign(self.final)
         if self.resume:
             if not self.work.exists() and (self.final / "checkpoints").is_dir():
-                # continuing a finished run: its checkpoints go with it
-                shutil.copytree(self.final / "checkpoints", self.work / "checkpoints")
+                # continuing a finished run: its checkpoints go with it, copied whole or not at all
+                staging = self.work.with_name(f".{self.work.name}.copy-{os.getpid()}")
+                shutil.rmtree(staging, ignore_errors=True)
+                try:
+                    shutil.copytree(self.final / "checkpoints", staging / "checkpoints")
+                    os.replace(staging, self.work)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
             self.work.mkdir(parents=True, exist_ok=True)
             return
         if _holds_run(self.final) and not overwrite:
@@ -257,9 +274,19 @@ def lock_path(folder: Path) -> Path:
 def _acquire(lock: Path, folder: Path) -> None:
     """Create `lock` holding this process's id; refuse while another live process holds it."""
     lock.parent.mkdir(parents=True, exist_ok=True)
+    # the lock appears with this process's id in it (a hard link of a written file), never empty
+    mine = lock.with_name(f"{lock.name}.{os.getpid()}")
+    mine.write_text(str(os.getpid()))
+    try:
+        _link_lock(mine, lock, folder)
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _link_lock(mine: Path, lock: Path, folder: Path) -> None:
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(mine, lock)
         except FileExistsError:
             pid = _lock_pid(lock)
             if pid is not None and pid != os.getpid() and _alive(pid):
@@ -269,8 +296,6 @@ def _acquire(lock: Path, folder: Path) -> None:
                 ) from None
             lock.unlink(missing_ok=True)  # left by a run that was killed
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
         return
     raise RunFolderError(f"Could not lock {folder} ({lock} keeps reappearing).")
 

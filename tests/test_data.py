@@ -129,6 +129,36 @@ def test_local_csv_with_held_out_test(tmp_path):
     assert data.train.pairs is None
 
 
+def test_the_held_out_rows_do_not_depend_on_the_runs_seed(tmp_path):
+    """A run with --seed 1 and `evaluate` after it (seed 0 by default) hold out the same rows."""
+    from finegates.workflows.finetune import FinetuneConfig, _load_data
+
+    path = _write_csv(tmp_path / "train.csv", TOY)
+    runs = [
+        _load_data(FinetuneConfig(task=str(path), text_column="sentence", label_column="topic", seed=seed))
+        for seed in (0, 1)
+    ]
+    assert runs[0].test.texts == runs[1].test.texts
+    assert not set(runs[1].test.texts) & set(runs[1].train.texts)
+
+
+def test_a_test_split_without_labels_gives_way_to_validation(tmp_path, caplog):
+    """Hub sets (GLUE-style) hide their test labels: the labelled validation split is the test set."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["no", "yes"])}
+    )
+    folder = tmp_path / "glue_like"
+    folder.mkdir()
+    for split, labels in (("train", [0, 1] * 10), ("validation", [1, 0] * 3), ("test", [-1] * 4)):
+        rows = {"text": [f"{split} doc {i}" for i in range(len(labels))], "label": labels}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    with caplog.at_level("WARNING"):
+        data = load_classification(str(folder))
+    assert len(data.test) == 6 and data.test.texts[0] == "validation doc 0"
+    assert "test split has no labels" in caplog.text
+
+
 def test_local_jsonl_pairs_and_test_file(tmp_path):
     def write(name: str, n: int) -> str:
         rows = [{"q": f"question {i}", "p": f"passage {i}", "y": bool(i % 2)} for i in range(n)]

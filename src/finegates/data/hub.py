@@ -149,16 +149,22 @@ def _label_names(table, column: str) -> list[str] | None:
     return list(feature.names) if hasattr(feature, "names") else None
 
 
+# The held-out part of a train split is drawn with this seed, never the run's: every run on the data, and
+# `evaluate` after it, sees the same test rows whatever its --seed.
+SPLIT_SEED = 0
+
+
 def load_with_datasets(
-    source: str, columns: Columns, test_file: str | None = None, test_fraction: float = 0.2, seed: int = 0
+    source: str, columns: Columns, test_file: str | None = None, test_fraction: float = 0.2
 ) -> ClassificationData:
     """A classification task from anything `datasets.load_dataset` reads.
 
-    Uses the 'test' split, else 'validation', else holds out `test_fraction` of 'train'.
+    Uses the 'test' split, else 'validation' (the first with labels: hub sets often hide their test
+    labels), else holds out `test_fraction` of 'train' (the same rows for every run: `SPLIT_SEED`).
 
     >>> data = load_with_datasets("train.csv", Columns(text="sentence", label="label"))  # doctest: +SKIP
     """
-    train_table, test_table, test_name = _train_test_tables(source, test_file, test_fraction, seed)
+    train_table, test_table, test_name = _train_test_tables(source, test_file, test_fraction, columns.label)
     names = _label_names(train_table, columns.label) if columns.label in train_table.column_names else None
     train = _split_rows(train_table, columns, f"{source} (train)", names)
     test = _split_rows(test_table, columns, f"{source} ({test_name or 'held-out part of train'})", names)
@@ -166,7 +172,15 @@ def load_with_datasets(
     return _encode(source, train, test, encoder)
 
 
-def _train_test_tables(source: str, test_file: str | None, test_fraction: float, seed: int):
+def _labelled(table, column: str) -> bool:
+    """Whether any row of `table` has a label in `column` (a ClassLabel's -1 is none)."""
+    if column not in table.column_names:
+        return False
+    names = _label_names(table, column)
+    return any(v is not None and (names is None or v >= 0) for v in table[column])
+
+
+def _train_test_tables(source: str, test_file: str | None, test_fraction: float, label: str):
     """(train table, test table, name of the test split or None when held out from train)."""
     splits = _load(source, test_file)
     if "train" not in splits:
@@ -175,12 +189,14 @@ def _train_test_tables(source: str, test_file: str | None, test_fraction: float,
         raise ValueError(
             f"{source}: the train split has {splits['train'].num_rows} rows; it needs at least 2."
         )
-    test_name = next((name for name in ("test", "validation") if name in splits), None)
-    if test_name is not None:
-        return splits["train"], splits[test_name], test_name
+    for name in ("test", "validation"):
+        if name in splits and _labelled(splits[name], label):
+            return splits["train"], splits[name], name
+        if name in splits:
+            logger.warning("%s: the %s split has no labels in %r; not the test set", source, name, label)
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
-    parts = splits["train"].train_test_split(test_size=test_fraction, seed=seed)
+    parts = splits["train"].train_test_split(test_size=test_fraction, seed=SPLIT_SEED)
     return parts["train"], parts["test"], None
 
 

@@ -36,7 +36,6 @@ def load_classification(
     columns: Columns | None = None,
     test_file: str | None = None,
     test_fraction: float = 0.2,
-    seed: int = 0,
 ) -> ClassificationData:
     """An embedded task by name, or any data set `datasets` reads (local file or folder, hub id).
 
@@ -56,9 +55,7 @@ def load_classification(
             f"Unknown task {task!r}: use one of {_known()}, a local csv/tsv/json/jsonl/parquet file or "
             "folder, or a hub data set id (owner/name)."
         )
-    return load_with_datasets(
-        task, columns or Columns(), test_file=test_file, test_fraction=test_fraction, seed=seed
-    )
+    return load_with_datasets(task, columns or Columns(), test_file=test_file, test_fraction=test_fraction)
 
 
 def load_text_corpus(name: str, column: str = "text") -> list[str]:

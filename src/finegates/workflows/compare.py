@@ -218,7 +218,7 @@ def _batches(cfg: CompareConfig):
     from finegates.workflows.models import load_classifier
 
     columns = Columns(text=cfg.text_column, label=cfg.label_column, text_pair=cfg.text_pair_column)
-    data = load_classification(cfg.task, columns, seed=cfg.seed)
+    data = load_classification(cfg.task, columns)
     pool = data.train
     validation = None
     if cfg.validation_samples:

@@ -141,7 +141,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 def _evaluate_classifier(cfg: EvaluateConfig) -> dict[str, Any]:
     columns = Columns(text=cfg.text_column, label=cfg.label_column, text_pair=cfg.text_pair_column)
-    data = load_classification(cfg.task, columns, cfg.test_file, cfg.test_fraction, cfg.seed)
+    data = load_classification(cfg.task, columns, cfg.test_file, cfg.test_fraction)
     model, tokenizer = load_for_evaluation(cfg, data)
     if cfg.quantize == "int8":
         from finegates.compress.quantize import quantize_linears

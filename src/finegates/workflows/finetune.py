@@ -225,7 +225,7 @@ def _run(
 
 def _load_data(cfg: FinetuneConfig) -> ClassificationData:
     columns = Columns(text=cfg.text_column, label=cfg.label_column, text_pair=cfg.text_pair_column)
-    data = load_classification(cfg.task, columns, cfg.test_file, cfg.test_fraction, cfg.seed)
+    data = load_classification(cfg.task, columns, cfg.test_file, cfg.test_fraction)
     logger.info(
         "Task %s: %d train, %d test, %d labels", data.name, len(data.train), len(data.test), data.num_labels
     )

@@ -346,6 +346,24 @@ def test_mean_activation_scores_are_the_mean_absolute_inputs_and_outputs():
     torch.testing.assert_close(rows, seen["y"].abs().reshape(-1, 32).mean(0))
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_calibration_leaves_padding_out(name):
+    """The same real tokens, alone or right-padded beside a longer row: the same scores."""
+    from finegates.baselines.magnitude import input_norms, mean_activations
+
+    model = get_gated_model(tiny_model(name), GatesConfig()).eval()
+    short, long = torch.arange(5, 11).unsqueeze(0), torch.arange(20, 32).unsqueeze(0)
+    alone = [{"input_ids": short, "attention_mask": torch.ones_like(short)}, {"input_ids": long}]
+    padded_ids = torch.cat([torch.cat([short, torch.zeros(1, 6, dtype=torch.long)], 1), long])
+    mask = torch.ones_like(padded_ids)
+    mask[0, 6:] = 0
+    padded = [{"input_ids": padded_ids, "attention_mask": mask}]
+    for score in (mean_activations, input_norms):
+        expected, got = score(model, alone), score(model, padded)
+        for layer in expected:
+            torch.testing.assert_close(got[layer], expected[layer], atol=1e-4, rtol=1e-4, msg=layer)
+
+
 def test_the_importance_baseline_closes_the_least_active_channels():
     from conftest import tiny_inputs
 

@@ -64,23 +64,28 @@ class MagnitudeConfig(MethodConfig):
 
 
 def _calibrate(model: nn.Module, calibration: Iterable[Batch], record) -> None:
-    """Run the calibration batches with `record(name, inputs, outputs)` hooked on every gated layer."""
+    """Run the calibration batches with `record(name, inputs, outputs)` hooked on every gated layer, each a
+    (tokens, features) float matrix of the batch's real tokens (padding left out)."""
+    real: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:
+        flat = t.detach().reshape(-1, t.shape[-1]).float()
+        mask = real["mask"]
+        return flat[mask] if mask is not None and len(mask) == len(flat) else flat
 
     def hook(name: str):  # a moved FFN activation runs inside the layer: its output is the layer's input
-        return lambda layer, args, output: record(name, layer.layer_input(args[0]).detach(), output.detach())
+        return lambda layer, args, output: record(name, tokens(layer.layer_input(args[0])), tokens(output))
 
     handles = [layer.register_forward_hook(hook(n)) for n, layer in gated_layers(model).items()]
     try:
         with torch.no_grad():
             for batch in calibration:
+                mask = batch.get("attention_mask")
+                real["mask"] = None if mask is None else mask.reshape(-1).bool()
                 model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1]).float()
 
 
 def input_norms(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, torch.Tensor]:
@@ -88,7 +93,7 @@ def input_norms(model: nn.Module, calibration: Iterable[Batch]) -> dict[str, tor
     sums: dict[str, torch.Tensor] = {}
 
     def record(name: str, x: torch.Tensor, _: torch.Tensor) -> None:
-        sums[name] = sums.get(name, 0) + (_flat(x) ** 2).sum(0)
+        sums[name] = sums.get(name, 0) + (x**2).sum(0)
 
     _calibrate(model, calibration, record)
     return {name: total.sqrt() for name, total in sums.items()}
@@ -102,11 +107,7 @@ def mean_activations(
 
     def record(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         total = sums.setdefault(name, [0, 0, 0])
-        total[0], total[1], total[2] = (
-            total[0] + _flat(y).abs().sum(0),
-            total[1] + _flat(x).abs().sum(0),
-            total[2] + len(_flat(x)),
-        )
+        total[0], total[1], total[2] = total[0] + y.abs().sum(0), total[1] + x.abs().sum(0), total[2] + len(x)
 
     _calibrate(model, calibration, record)
     return {name: (rows / count, cols / count) for name, (rows, cols, count) in sums.items()}

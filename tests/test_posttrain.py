@@ -227,6 +227,17 @@ def test_bad_user_data_fails_before_the_run_folder_is_touched(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_one_shot_baseline_refuses_gate_options_it_would_not_honour(tmp_path):
+    """The baselines cut rows and columns by the parameter budget: a structure, excluded layers or a
+    latency budget are refused by name before anything loads, not silently dropped."""
+    cfg = _tiny_config(tmp_path / "run", method="importance+lora")
+    defaults = workflow.default_posttrain_gates()
+    runtime = dataclasses.replace(defaults, structure="runtime", exclude_modules=["o"])
+    with pytest.raises(ValueError, match="does not take --structure, --exclude-modules"):
+        workflow.posttrain(cfg, runtime)
+    assert not (tmp_path / "run").exists()
+
+
 def test_distill_needs_a_method_that_trains():
     with pytest.raises(ValueError, match="'magnitude' is a one-shot cut"):
         workflow.PosttrainConfig(method="magnitude", distill=True)

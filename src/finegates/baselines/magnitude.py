@@ -53,6 +53,9 @@ class MagnitudeConfig(MethodConfig):
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Layers to prune; None: FineGates' defaults for the model type."}
     )
+    bias: str = field(
+        default="gated", metadata={"help": "Biases that train, as GatesConfig.bias ('none', 'gated', 'all')."}
+    )
     recovery: bool = field(default=False, metadata={"help": "Train a LoRA adapter after pruning."})
     lora_r: int = field(default=8, metadata={"help": "Rank of the recovery LoRA."})
     lora_alpha: float = field(default=16.0, metadata={"help": "Alpha of the recovery LoRA."})
@@ -178,9 +181,8 @@ class MagnitudePruning(BaseMethod):
 
     def _prepare(self, model: nn.Module, calibration: Iterable[Batch] | None) -> nn.Module:
         cfg: MagnitudeConfig = self.config
-        get_gated_model(
-            model, GatesConfig(target_sparsity=cfg.target_sparsity, target_modules=cfg.target_modules)
-        )
+        budget, modules = cfg.target_sparsity, cfg.target_modules
+        get_gated_model(model, GatesConfig(target_sparsity=budget, target_modules=modules, bias=cfg.bias))
         was_training = model.training
         model.eval()  # calibration sees deterministic, fully open gates
         act = means = None

@@ -197,6 +197,26 @@ def evaluate_lm(
     return metrics
 
 
+# Gate options a one-shot baseline takes from the run: the budget, the layers and the trained biases; the
+# cut itself is always the fine structure's rows and columns by the parameter budget.
+ONE_SHOT_GATE_OPTIONS = ("target_sparsity", "target_modules", "bias")
+
+
+def check_one_shot_gates(method: str, gates: GatesConfig) -> None:
+    """Refuse gate options a one-shot baseline would not honour, naming them (not run silently without)."""
+    default = default_posttrain_gates()
+    ignored = [
+        f"--{name.replace('_', '-')}"
+        for name in ("structure", "exclude_modules", "uniform_layers", "target_speedup", "latency_costs")
+        if getattr(gates, name) != getattr(default, name)
+    ]
+    if ignored:
+        raise ValueError(
+            f"--method {method} cuts rows and columns of the target modules by the parameter budget; it does "
+            f"not take {', '.join(ignored)}. Drop them, or use --method finegates."
+        )
+
+
 def _one_shot(
     model, train: torch.Tensor, cfg: PosttrainConfig, gates: GatesConfig, folder: RunFolder
 ) -> tuple[Any, dict, int, float, list]:
@@ -215,6 +235,7 @@ def _one_shot(
     config = MagnitudeConfig(
         target_sparsity=gates.target_sparsity,
         target_modules=gates.target_modules,
+        bias=gates.bias,  # LoRA recovery trains what FineGates would (posttrain: no biases)
         score="mean_activation" if cfg.method.startswith("importance") else "activation",
         recovery=cfg.method.endswith("+lora"),
     )
@@ -273,6 +294,8 @@ def posttrain(cfg: PosttrainConfig, gates: GatesConfig | None = None) -> dict[st
     >>> posttrain(PosttrainConfig(max_steps=50), GatesConfig(target_sparsity=0.2))  # doctest: +SKIP
     """
     gates = gates or default_posttrain_gates()
+    if cfg.method != "finegates":
+        check_one_shot_gates(cfg.method, gates)
     data = read_data(cfg)  # every input is read and checked before the run folder is touched
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_causal_lm(cfg.model)

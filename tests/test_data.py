@@ -39,6 +39,14 @@ def test_packaged_classification_tasks_parse(task):
     assert all(data.train.texts[:50]) and max(data.test.labels) < labels
 
 
+def test_boolq_test_passages_are_written_as_train_passages():
+    """combined.jsonl (train) writes "Title -- text"; dev.jsonl (test) keeps the title apart: joined alike."""
+    data = load_classification("boolq")
+    assert all(" -- " in passage for passage in data.train.pairs[:200])
+    assert all(" -- " in passage for passage in data.test.pairs)
+    assert data.test.pairs[0].startswith("Ethanol fuel -- All biomass goes")
+
+
 def test_reuters8_labels_are_the_topics():
     data = load_classification("reuters8")
     assert "earn" in data.label_names and "acq" in data.label_names

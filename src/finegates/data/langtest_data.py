@@ -17,13 +17,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def _boolq_passage(row: dict) -> str:
+    """The passage as combined.jsonl writes it, "Title -- text": dev.jsonl keeps the title apart."""
+    return f"{row['title']} -- {row['passage']}" if row.get("title") else row["passage"]
+
+
 def _boolq_split(rows: list[dict], field: str) -> ClassificationSplit:
     labels = [BOOLQ_LABELS.index(str(row[field])) for row in rows]
-    return ClassificationSplit([row["question"] for row in rows], labels, [row["passage"] for row in rows])
+    return ClassificationSplit([row["question"] for row in rows], labels, [_boolq_passage(r) for r in rows])
 
 
 def load_boolq() -> ClassificationData:
-    """BoolQ: question + passage -> yes/no. Train: labelled rows of combined.jsonl not in dev; test: dev."""
+    """BoolQ: question + passage -> yes/no. Train: labelled rows of combined.jsonl not in dev; test: dev, its
+    passages written as train's ("Title -- text")."""
     dev = read_jsonl(packaged_file(PACKAGE, "data/BoolQ/dev.jsonl"))
     combined = read_jsonl(packaged_file(PACKAGE, "data/BoolQ/combined.jsonl"))
     dev_questions = {row["question"] for row in dev}

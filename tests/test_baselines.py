@@ -224,6 +224,13 @@ def test_maskllm_masks_are_valid_two_of_four(arch):
     assert method.removed_parameters(model) == removed > 0
 
 
+def test_a_learning_rate_sweep_scales_maskllms_mask_logits_too():
+    method = make_method("maskllm")
+    model = method.prepare(tiny_model("llama"))
+    logits_lr = [method.param_groups(model, lr)[0]["lr"] for lr in (method.default_lr, 3 * method.default_lr)]
+    assert logits_lr == pytest.approx([method.config.mask_lr, 3 * method.config.mask_lr])
+
+
 def _two_of_four_linear(rows: int, cols: int, **kwargs) -> torch.nn.Linear:
     layer = torch.nn.Linear(cols, rows, bias=False, **kwargs)
     with torch.no_grad():

@@ -175,7 +175,9 @@ class MaskLLM(BaseMethod):
         logits = [layer.logits for layer in self.layers(model)]
         ids = {id(p) for p in logits}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": logits, "lr": self.config.mask_lr}, {"params": rest, "lr": lr}]
+        # the mask logits are what MaskLLM learns: a learning rate other than the default scales them too
+        mask_lr = self.config.mask_lr * lr / self.default_lr
+        return [{"params": logits, "lr": mask_lr}, {"params": rest, "lr": lr}]
 
     def loss(self, model: nn.Module, batch: Batch, outputs: Any, teacher_outputs: Any = None) -> torch.Tensor:
         energies = [layer.kept_energy() for layer in self.layers(model) if layer.last_mask is not None]

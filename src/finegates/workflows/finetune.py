@@ -338,8 +338,9 @@ def _dense_baseline(model, tokenizer, splits: Splits, cfg: FinetuneConfig, out: 
     dense = copy.deepcopy(model)
     trainer = baseline_trainer(dense, tokenizer, splits, cfg, out / "dense-baseline", cfg.dense_learning_rate)
     train_model(trainer)
-    dense.save_pretrained(out / "dense")
-    tokenizer.save_pretrained(out / "dense")
+    if trainer.is_world_process_zero():  # under torchrun / accelerate only rank 0 writes
+        dense.save_pretrained(out / "dense")
+        tokenizer.save_pretrained(out / "dense")
     return trainer.evaluate(splits.test, metric_key_prefix="test")["test_accuracy"]
 
 

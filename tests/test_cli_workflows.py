@@ -179,6 +179,8 @@ def test_bench_times_a_checkpoint_against_its_base(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "dense" in out and "checkpoint" in out
+    # the pruning's ratio (both models on the compacted model's GEMM routes) and the stock model's beside it
+    assert "over the dense model on the same GEMM routes" in out and "over the stock dense model" in out
     assert cli.main(["bench", "--model", str(tmp_path / "b")]) == 2
 
 

@@ -16,6 +16,8 @@ from finegates.latency import (
     budget_fraction,
     dense_features,
     exact_features,
+    machine,
+    model_shape,
     predicted_speedup,
     soft_features,
 )
@@ -27,15 +29,21 @@ from test_runtime_structure import random_pattern, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def costs_file(tmp_path, **coefficients) -> str:
+def costs_file(tmp_path, arch: str = "llama", **coefficients) -> str:
     values = {"fixed": 5e-5, "gemm": 1e-8, "heads": 5e-6, "stream": 1e-6} | coefficients
-    costs = LatencyCosts("tiny", "test", 1, 16, 1, values)
+    costs = LatencyCosts(model_shape(tiny_model(arch).config), machine(), 1, 16, 1, values)
     return str(costs.save(tmp_path / "costs.json"))
 
 
 def timed_model(arch: str, path: str, **options):
     cfg = GatesConfig(structure="runtime", target_speedup=1.6, latency_costs=path, **options)
     return get_gated_model(tiny_model(arch), cfg)
+
+
+def test_costs_of_another_model_shape_are_refused(tmp_path):
+    model = timed_model("llama", costs_file(tmp_path, arch="bert"))
+    with pytest.raises(ValueError, match="latency costs of another model shape"):
+        predicted_speedup(model)
 
 
 def test_options_are_checked():

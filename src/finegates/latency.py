@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,10 +34,13 @@ from torch import nn
 
 from finegates.architectures import architecture_for
 from finegates.coupling import BlockGates, find_blocks, full_shape
+from finegates.io_utils import atomic_write_text
 from finegates.layer import GatedLinear
 from finegates.model import gates_config
 from finegates.plan import compaction_plan, open_mask
 from finegates.ties import TIES_ATTR, stream_modules
+
+logger = logging.getLogger(__name__)
 
 FEATURES = ("fixed", "gemm", "heads", "stream")
 COSTS_VERSION = 1
@@ -60,13 +63,7 @@ class LatencyCosts:
         return sum(self.coefficients[k] * features[k] for k in FEATURES)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(self), handle, indent=2)
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyCosts:
@@ -206,7 +203,25 @@ def costs_for(model: nn.Module) -> LatencyCosts:
             "target_speedup needs latency_costs: measure them with `finegates bench --calibrate --model "
             "...` and pass the file it writes."
         )
-    return _cached_costs(path, os.path.getmtime(path) if os.path.exists(path) else 0.0)
+    costs = _cached_costs(path, os.path.getmtime(path) if os.path.exists(path) else 0.0)
+    shape = model_shape(model.config)
+    if costs.model_shape != shape:
+        raise ValueError(
+            f"{path} holds latency costs of another model shape ({costs.model_shape}; this model is "
+            f"{shape}): calibrate this model with `finegates bench --calibrate --model ...`."
+        )
+    if costs.machine != machine() and path not in _WARNED:
+        _WARNED.add(path)
+        logger.warning(
+            "%s was calibrated on another machine (%s; this one is %s): its predicted times may not hold",
+            path,
+            costs.machine,
+            machine(),
+        )
+    return costs
+
+
+_WARNED: set[str] = set()
 
 
 def predicted_speedup(model: nn.Module, costs: LatencyCosts | None = None) -> float:

@@ -21,6 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from finegates.compress import compress
+from finegates.compress.linear import use_compact_linears
 from finegates.config import GatesConfig
 from finegates.data.registry import load_text_corpus
 from finegates.model import get_gated_model, parameter_count, set_gates_enabled
@@ -156,10 +157,13 @@ def pretrain(cfg: PretrainConfig, gates: GatesConfig | None = None) -> dict[str,
 
 def _compacted(gated, dense, heldout: torch.Tensor, quiet: bool) -> dict[str, Any]:
     """The gated model compacted: its held-out perplexity (the gated model's, compaction being exact), its
-    parameters, and its forward time against the dense model's, timed in turns on 8 held-out blocks."""
+    parameters, and its forward time against the dense model's (on the same GEMM routes), timed in turns on
+    8 held-out blocks."""
     small = compress(gated)
-    batch = {"input_ids": heldout[:8]}
-    seconds, dense_seconds, speedup = paired_speedup(small, dense.eval(), batch)
+    # no KV cache on either side, and the dense model on the compacted model's GEMM routes: the same work
+    batch = {"input_ids": heldout[:8], "use_cache": False}
+    same_routes = use_compact_linears(copy.deepcopy(dense))
+    seconds, dense_seconds, speedup = paired_speedup(small, same_routes.eval(), batch)
     return {
         "perplexity": perplexity(small, heldout, quiet=quiet),
         "params": parameter_count(small),

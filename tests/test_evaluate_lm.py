@@ -91,6 +91,22 @@ def test_evaluate_cli_on_a_causal_lm_takes_its_own_options(lm_run, tmp_path, cap
     assert "eval_blocks must be >= 1" in capsys.readouterr().err
 
 
+def test_naming_a_text_keeps_the_runs_split(lm_run, caplog):
+    """--text with the run's own text scores the run's held-out part (its fraction and block length);
+    another text keeps the block length and says that it is not the run's held-out text."""
+    from finegates.workflows.evaluate_lm import lm_settings
+
+    out, _ = lm_run
+    model = str(out / "compressed")
+    run_text = workflow.PosttrainConfig().text
+    settings, source = lm_settings(EvaluateConfig(model=model, text=run_text))
+    assert (settings.seq_len, source) == (16, "the run's run_config.json")
+    with caplog.at_level("WARNING"):
+        settings, source = lm_settings(EvaluateConfig(model=model, text="brown"))
+    assert (settings.text, settings.seq_len, source) == ("brown", 16, "the command line")
+    assert "not the run's held-out text" in caplog.text
+
+
 def test_a_model_folder_without_a_tokenizer_is_refused(lm_run, tmp_path):
     from transformers import AutoModelForCausalLM
 

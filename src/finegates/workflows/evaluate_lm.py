@@ -76,13 +76,20 @@ def lm_settings(cfg) -> tuple[Any, str]:
     from finegates.workflows.posttrain import PosttrainConfig
 
     run = _run_sections(Path(cfg.model)).get("posttrain") or {}
-    options: dict[str, Any] = {}
-    source = "the command line" if cfg.text else "posttrain's default"
-    if cfg.text is None and run:
-        options.update({key: run[key] for key in SPLIT_OPTIONS if key in run})
-        source = f"the run's {RUN_CONFIG_NAME}"
-    else:
-        options.update(text=cfg.text or PosttrainConfig.text, text_column=cfg.text_column)
+    # the run's split first (its held-out fraction and block length hold for any text it is given)
+    options: dict[str, Any] = {key: run[key] for key in SPLIT_OPTIONS if key in run}
+    source = f"the run's {RUN_CONFIG_NAME}" if run else "posttrain's default"
+    if cfg.text is not None and cfg.text != run.get("text"):
+        options.update(text=cfg.text, text_column=cfg.text_column)
+        source = "the command line"
+        if run:
+            logger.warning(
+                "Scoring %s, not the run's text (%s): its held-out part is not the run's held-out text.",
+                cfg.text,
+                run.get("text"),
+            )
+    elif not run:
+        options.update(text=PosttrainConfig.text, text_column=cfg.text_column)
     if cfg.zero_shot == "run":
         options.update({key: run[key] for key in CHOICE_OPTIONS if key in run})
     else:

@@ -444,6 +444,14 @@ def test_uniform_layers_need_the_runtime_structure():
         GatesConfig(uniform_layers=True)
 
 
+@pytest.mark.parametrize("arch_name", ["bert", "gpt2", "qwen3"])
+def test_uniform_layers_are_refused_where_a_stock_shape_cannot_narrow(arch_name):
+    """BERT and GPT-2 derive the head size from the hidden size and Qwen3's q/k norms read the one config
+    epsilon: a stock export keeps every head and residual dim, so a budget counting them would not hold."""
+    with pytest.raises(ValueError, match=f"uniform_layers cannot give {arch_name}.*Train without"):
+        runtime_model(arch_name, uniform_layers=True)
+
+
 def test_a_stream_width_no_head_count_divides_saves_and_reloads(arch, tmp_path):
     """29 of 32 dims under 4 heads: the stock config's divisibility rule does not bind a compacted model."""
     model = patterned(arch, lambda ties: ties.residual.theta.data.__setitem__(slice(0, 3), CLOSED))

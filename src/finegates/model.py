@@ -45,6 +45,8 @@ def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.M
     config = dataclasses.replace(config) if config is not None else GatesConfig()
     if is_gated(model):
         raise ValueError("This model already has FineGates gates; gating it twice is not supported.")
+    if config.uniform_layers:
+        _check_uniform_family(model)
     names = resolve_targets(model, config.target_modules, config.exclude_modules)
     if config.modules_to_save is None:
         config.modules_to_save = default_modules_to_save(model)
@@ -79,6 +81,25 @@ def _defer_activations(model: nn.Module) -> None:
         col = down.gates().get("col") if isinstance(down, GatedLinear) else None
         if col is not None and getattr(col, "applied", True):
             defer_activation(model.get_submodule(block.name), arch.activation, down)
+
+
+def _check_uniform_family(model: nn.Module) -> None:
+    """uniform_layers promises a stock-class export as narrow as the budget counts: whole heads and the
+    residual stream narrow in a stock config only for RMSNorm RoPE decoders without per-head q/k norms."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = architecture_for(model_type)
+    if not arch.rope or arch.layer_norm or arch.qk_norm:
+        reason = (
+            "its stock config derives the head size from the hidden size"
+            if not arch.rope
+            else "its per-head q/k norms read the one config epsilon a narrower stream rescales"
+        )
+        raise ValueError(
+            f"uniform_layers cannot give {model_type} a stock shape as narrow as its budget: {reason}, so a "
+            "stock export keeps every head and residual dim. Train without uniform_layers: the compacted "
+            "model (`compress`) narrows them exactly; `compress(model, uniform=True)` still exports a stock "
+            "class with equal FFN widths. (uniform_layers: LLaMA, Mistral, Qwen2.)"
+        )
 
 
 def is_gated(model: nn.Module) -> bool:

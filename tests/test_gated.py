@@ -148,8 +148,17 @@ def test_config_json_round_trip():
 
 
 def test_bad_targets_fail_clearly():
-    with pytest.raises(ValueError, match="matched no module"):
+    with pytest.raises(ValueError, match=r"entries \['nonexistent'\] match no module"):
         get_gated_model(tiny_model("llama"), GatesConfig(target_modules=["nonexistent"]))
+    # a misspelt entry beside good ones is named, not dropped; likewise an exclusion that excludes nothing
+    with pytest.raises(ValueError, match=r"target_modules entries \['v_prj'\]"):
+        get_gated_model(tiny_model("llama"), GatesConfig(target_modules=["q_proj", "v_prj"]))
+    with pytest.raises(ValueError, match=r"exclude_modules entries \['o_prj'\]"):
+        get_gated_model(tiny_model("llama"), GatesConfig(exclude_modules=["o_prj"]))
+    with pytest.raises(ValueError, match="a single string is a regex"):
+        get_gated_model(tiny_model("llama"), GatesConfig(exclude_modules="o_proj"))
+    with pytest.raises(ValueError, match="exclude_modules left nothing"):
+        get_gated_model(tiny_model("llama"), GatesConfig(exclude_modules=".*proj"))
     with pytest.raises(TypeError, match="not a linear layer"):
         get_gated_model(tiny_model("llama"), GatesConfig(target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match="No default target modules"):
@@ -349,3 +358,20 @@ def test_a_moved_activation_still_runs_in_every_mode(arch_name):
     handle.remove()
     expected = seen[0].reshape(-1, seen[0].shape[-1]).norm(dim=0)
     torch.testing.assert_close(input_norms(model, [{"input_ids": ids}])[down], expected)
+
+
+def test_a_one_dimensional_input_trains_as_one_row():
+    torch.manual_seed(0)
+    layer = GatedLinear(nn.Linear(4, 3), GatesConfig(noise_std=1e-9)).train()
+    layer.base_layer.weight.requires_grad_(False)
+    x = torch.randn(4, requires_grad=True)
+    row = x.detach().unsqueeze(0).requires_grad_()
+    grads = []
+    for inputs in (x, row):
+        layer.zero_grad()
+        torch.manual_seed(1)
+        layer(inputs).sum().backward()
+        trained = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+        grads.append([inputs.grad.reshape(-1), *trained])
+    for one, batched in zip(*grads, strict=True):
+        torch.testing.assert_close(one, batched)

@@ -472,3 +472,16 @@ def test_uniform_layers_name_the_nearest_shape_when_the_target_is_out_of_reach()
         match=r"cannot remove 99\.99%: .*1 KV groups, 1 query heads, 1 FFN channels, 1 residual dims",
     ):
         finegates.finalize_gates(model, 0.9999)
+
+
+def test_a_masked_lm_head_is_refused_by_the_runtime_structure_before_anything_changes():
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99
+    )
+    model = BertForMaskedLM(config)
+    with pytest.raises(ValueError, match="does not cover BertForMaskedLM's masked-LM head"):
+        get_gated_model(model, GatesConfig(structure="runtime"))
+    assert not finegates.is_gated(model)  # refused before any gate went in
+    get_gated_model(model, GatesConfig(structure="fine"))  # the fine structure takes it

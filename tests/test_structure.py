@@ -47,3 +47,15 @@ def test_the_trainer_holds_the_structure_frozen_for_its_run(tmp_path):
     trainer.train()
     assert seen == [True] * 5
     assert "_finegates_frozen_structure" not in trainer.model.__dict__  # let go once the run ends
+
+
+def test_the_masks_of_ungated_layers_live_on_the_gated_ones_device():
+    """A block with an ungated role (target_modules q and v only) mixes its ones with the gated masks: they
+    must share a device (here `meta`, standing in for an accelerator)."""
+    from conftest import tiny_model
+    from finegates import GatesConfig, get_gated_model
+    from finegates.plan import open_mask
+
+    model = get_gated_model(tiny_model("llama"), GatesConfig(target_modules=["q_proj", "v_proj"])).to("meta")
+    attention = model.model.layers[0].self_attn
+    assert open_mask(attention.k_proj, "row").device == open_mask(attention.q_proj, "row").device

@@ -74,7 +74,8 @@ def open_where(closed: Callable[[Gate], torch.Tensor]) -> OpenFn:
         gate = module.gates().get(axis) if isinstance(module, GatedLinear) else None
         if gate is None:
             out_features, in_features = full_shape(module)
-            return torch.ones(out_features if axis == "row" else in_features)
+            device = next(module.parameters(), torch.empty(0)).device  # where the gated masks live
+            return torch.ones(out_features if axis == "row" else in_features, device=device)
         if isinstance(gate, TiedGate):
             return (~gate.expand(closed(gate.source))).float()
         return (~closed(gate)).float()

@@ -36,7 +36,7 @@ OPEN = 1e-30
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., n) -> (tokens, n); also for n = 0 (a layer cut to no rows or columns)."""
-    return t.flatten(0, -2)
+    return t.flatten(0, -2) if t.dim() > 1 else t.unsqueeze(0)  # a 1-D input is one row
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)

@@ -45,6 +45,8 @@ def get_gated_model(model: nn.Module, config: GatesConfig | None = None) -> nn.M
     config = dataclasses.replace(config) if config is not None else GatesConfig()
     if is_gated(model):
         raise ValueError("This model already has FineGates gates; gating it twice is not supported.")
+    if config.structure == "runtime":
+        _check_runtime_head(model)
     if config.uniform_layers:
         _check_uniform_family(model)
     names = resolve_targets(model, config.target_modules, config.exclude_modules)
@@ -81,6 +83,18 @@ def _defer_activations(model: nn.Module) -> None:
         col = down.gates().get("col") if isinstance(down, GatedLinear) else None
         if col is not None and getattr(col, "applied", True):
             defer_activation(model.get_submodule(block.name), arch.activation, down)
+
+
+def _check_runtime_head(model: nn.Module) -> None:
+    """The runtime structure's residual mask reaches the heads the architecture table lists (an LM head, a
+    pooler, a classifier); a masked-LM head reads the stream through its own dense layer and norm."""
+    kind = type(model).__name__
+    if kind.endswith(("ForMaskedLM", "ForPreTraining")):
+        raise ValueError(
+            f"structure='runtime' does not cover {kind}'s masked-LM head (its own dense layer and norm read "
+            "the residual stream the shared mask narrows). Use structure='fine', or a task head "
+            "(AutoModelForSequenceClassification)."
+        )
 
 
 def _check_uniform_family(model: nn.Module) -> None:

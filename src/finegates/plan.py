@@ -68,7 +68,7 @@ def _nonzero(mask: torch.Tensor) -> torch.Tensor:
 def _residual(mask: torch.Tensor, min_removed: int) -> tuple[torch.Tensor, bool]:
     closed = int((mask == 0).sum())
     if closed == 0 or closed < min_removed:
-        return torch.arange(len(mask)), False
+        return torch.arange(len(mask), device=mask.device), False
     return _nonzero(mask), True
 
 

@@ -13,10 +13,19 @@ ALL_LINEAR = "all-linear"
 _ALWAYS_EXCLUDED = ("lm_head", "classifier", "score", "pooler", "qa_outputs")
 
 
-def _matches(name: str, spec: list[str] | str) -> bool:
+def _matching(name: str, spec: list[str] | str) -> list[str]:
+    """The entries of `spec` (a regex, or names/suffixes) that `name` matches."""
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == key or name.endswith("." + key) for key in spec)
+        return [spec] if re.fullmatch(spec, name) is not None else []
+    return [key for key in spec if name == key or name.endswith("." + key)]
+
+
+def _matches(name: str, spec: list[str] | str) -> bool:
+    return bool(_matching(name, spec))
+
+
+def _unmatched(spec: list[str] | str, used: set[str]) -> list[str]:
+    return [key for key in ([spec] if isinstance(spec, str) else spec) if key not in used]
 
 
 def resolve_targets(
@@ -26,6 +35,7 @@ def resolve_targets(
 ) -> list[str]:
     """Names of the modules to gate; raises a clear error when the selection is empty or not linear."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    given = target_modules is not None and target_modules != ALL_LINEAR
     if target_modules is None:
         arch = architecture_for(model_type)
         if arch is None:
@@ -34,14 +44,19 @@ def resolve_targets(
                 "(a list of names/suffixes, a regex, or 'all-linear')."
             )
         target_modules = list(arch.default_targets)
-    names = []
+    names, targeted, excluded = [], set(), set()
     for name, module in model.named_modules():
-        if not name or (exclude_modules and _matches(name, exclude_modules)):
+        if not name:
             continue
         if target_modules == ALL_LINEAR:
             selected = isinstance(module, LINEAR_TYPES) and not _is_head(model, name, module)
         else:
-            selected = _matches(name, target_modules)
+            hits = _matching(name, target_modules)
+            targeted.update(hits)
+            selected = bool(hits)
+        if exclude_modules and (hits := _matching(name, exclude_modules)):
+            excluded.update(hits)
+            continue
         if selected:
             if not isinstance(module, LINEAR_TYPES):
                 raise TypeError(
@@ -49,8 +64,17 @@ def resolve_targets(
                     "nn.Linear and transformers Conv1D only. Narrow target_modules."
                 )
             names.append(name)
+    kind = type(model).__name__
+    if given and (missing := _unmatched(target_modules, targeted)):
+        raise ValueError(f"target_modules entries {missing} match no module of {kind}: check their spelling.")
+    if exclude_modules and (missing := _unmatched(exclude_modules, excluded)):
+        raise ValueError(
+            f"exclude_modules entries {missing} match no module of {kind}: check their spelling (a single "
+            "string is a regex over the whole module name; a list takes names or name suffixes)."
+        )
     if not names:
-        raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__}.")
+        blame = "exclude_modules left nothing of " if targeted or target_modules == ALL_LINEAR else ""
+        raise ValueError(f"target_modules={target_modules!r}: {blame or 'matched no module of '}{kind}.")
     return names
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from unittest import mock
 
+import torch
+
 from conftest import tiny_model
 from finegates import GatesConfig, get_gated_model
 from finegates.coupling import find_blocks
@@ -59,3 +61,37 @@ def test_the_masks_of_ungated_layers_live_on_the_gated_ones_device():
     model = get_gated_model(tiny_model("llama"), GatesConfig(target_modules=["q_proj", "v_proj"])).to("meta")
     attention = model.model.layers[0].self_attn
     assert open_mask(attention.k_proj, "row").device == open_mask(attention.q_proj, "row").device
+
+
+def test_the_expected_widths_of_binary_gates_are_the_plans(arch):
+    """With 0/1 gates of the runtime structure the budget's differentiable count (`expected_widths`) keeps
+    what compaction keeps: heads closed whole (a whole KV group where groups are pairs), channels and
+    residual dims. (In the fine structure the plan pads partial heads to equal sizes, which the count
+    leaves out.)"""
+    structure = "runtime"
+    from finegates.coupling import expected_widths, open_where
+    from finegates.gates import force_gates
+    from finegates.ties import runtime_gates
+
+    torch.manual_seed(0)
+    model = get_gated_model(tiny_model(arch), GatesConfig(structure=structure)).eval()
+    ties = runtime_gates(model)
+    # (a layer with every head closed keeps one zero head in the plan, a shape the count leaves out)
+    head_gates = {id(b[k]) for b in ties.blocks for k in ("heads", "kv_heads") if k in b}
+    gen = torch.Generator().manual_seed(3)
+    for gate in all_gates(model):
+        if getattr(gate, "source", None) is None and id(gate) not in head_gates:
+            close = torch.rand(gate.param.shape, generator=gen) < 0.15
+            force_gates(gate, close, torch.zeros_like(close))
+    for block in ties.blocks:
+        if "heads" in block:  # the first two heads of every layer: a whole KV group where groups are pairs
+            close = torch.zeros_like(block["heads"].removed)
+            close[:2] = True
+            force_gates(block["heads"], close, torch.zeros_like(close))
+    plan = compaction_plan(model)
+    open_fn = open_where(lambda gate: gate.closed())
+    for block in find_blocks(model):
+        for role, widths in expected_widths(block, open_fn).items():
+            name = block.modules[role][0]
+            kept = plan.modules[name].shape if name in plan.modules else None
+            assert kept is not None and tuple(int(w) for w in widths) == kept, (name, widths, kept)

@@ -131,7 +131,8 @@ class GatesConfig:
         default="ste",
         metadata={
             "help": "'ste': the budget counts gates as 0/1 (what compaction removes) with the gradient of "
-            "their open probability; 'expected': the expected size under independent open probabilities."
+            "their open probability; 'expected': the expected size under independent open probabilities "
+            "(a closed gate held at the bound still counts ~10% open, so it reads below what is removed)."
         },
     )
     hc_init_log_alpha: float | None = field(

@@ -166,14 +166,20 @@ def expected_widths(block: Block, open_fn: OpenFn) -> dict[str, tuple[torch.Tens
     widths: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     s = block.shape
     if g.has_attention():
-        qk = g.qk_units().sum() * g.unit
-        vo = g.vo_units().sum()
-        rows = {"q": qk * s.group_size, "k": qk, "v": vo}
+        # a dead query head (every v/o dim closed) leaves its q rows and o columns too, and a KV group with
+        # no live head its k rows: each group's kept q/k and v/o dims count once per live head
+        alive = g.head_alive()
+        live = alive.view(s.num_kv_heads, s.group_size)
+        heads = live.sum(1)
+        qk = g.qk_units(alive).sum(1) * g.unit
+        vo = g.vo_units(alive).sum(1)
+        k = qk * any_open(live, 1) if block.qk_norm else qk  # otherwise qk is 0 in a dead group already
+        rows = {"q": (heads * qk).sum(), "k": k.sum(), "v": vo.sum()}
         if block.has("qkv"):
             widths["qkv"] = (rows["q"] + rows["k"] + rows["v"], g.cols("qkv").sum())
         else:
             widths.update({r: (rows[r], g.cols(r).sum()) for r in ("q", "k", "v")})
-        widths["o"] = (g.rows("o").sum(), vo * s.group_size)
+        widths["o"] = (g.rows("o").sum(), (heads * vo).sum())
     if g.has_ffn():
         channels = g.ffn_units().sum()
         for role in ("up", "gate"):

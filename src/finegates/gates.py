@@ -129,8 +129,10 @@ class GaussianGate(Gate):
         return torch.clamp(torch.tanh(self.theta) + 0.5, 0.0, 1.0)
 
     def prob_open(self) -> torch.Tensor:
-        # Logistic in theta around the closing threshold: unlike the reference's P it reaches 0 for
-        # closed gates, so the expected size can match what compaction removes. Its slope is largest near
+        # Logistic in theta around the closing threshold: 0.5 at the closing point, falling towards 0 for
+        # closed gates (unlike the reference's P, which stays at Phi(0.5 / s) there); within the default
+        # bounds it only reaches 0.10 (theta at -2 x atanh 0.5), which is why the default budget value
+        # counts gates as 0/1 ('ste') and uses this only for its gradient. Its slope is largest near
         # closing, so the budget pushes hardest on the gates the task loss has already let drift down.
         return torch.sigmoid((self.theta - _GAUSSIAN_THRESHOLD) / self.temperature)
 

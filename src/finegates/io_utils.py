@@ -34,16 +34,21 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def write_folder(path: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Call `fill(tmp_folder)`, then rename the folder onto `path`: on disk there is the old folder or the
-    complete new one, never a mix. A non-empty folder at `path` is replaced only with `overwrite`."""
+def check_new_folder(path: str | Path, overwrite: bool = False, hint: str = "") -> None:
+    """Refuse a file at `path`, and a non-empty folder unless `overwrite`; a writer calls it before its long
+    work too, so a refusal comes first. `hint` ends the message (e.g. the option that replaces)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file; give a folder path.")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{path} exists and is not empty; give a new folder, or --overwrite to replace it."
-        )
+        raise FileExistsError(f"{path} exists and is not empty; give a new or empty folder{hint}.")
+
+
+def write_folder(path: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call `fill(tmp_folder)`, then rename the folder onto `path`: on disk there is the old folder or the
+    complete new one, never a mix. A non-empty folder at `path` is replaced only with `overwrite`."""
+    path = Path(path)
+    check_new_folder(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -191,8 +191,22 @@ def budget_target(cfg) -> float:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_costs(path: str, mtime: float) -> LatencyCosts:
-    return LatencyCosts.load(path)
+def _cached_costs(path: str, mtime: float, shape: str) -> LatencyCosts:
+    """The costs file, checked once against the model shape it is used for (read once per file version)."""
+    costs = LatencyCosts.load(path)
+    if costs.model_shape != shape:
+        raise ValueError(
+            f"{path} holds latency costs of another model shape ({costs.model_shape}; this model is "
+            f"{shape}): calibrate this model with `finegates bench --calibrate --model ...`."
+        )
+    if costs.machine != machine():
+        logger.warning(
+            "%s was calibrated on another machine (%s; this one is %s): its predicted times may not hold",
+            path,
+            costs.machine,
+            machine(),
+        )
+    return costs
 
 
 def costs_for(model: nn.Module) -> LatencyCosts:
@@ -203,25 +217,8 @@ def costs_for(model: nn.Module) -> LatencyCosts:
             "target_speedup needs latency_costs: measure them with `finegates bench --calibrate --model "
             "...` and pass the file it writes."
         )
-    costs = _cached_costs(path, os.path.getmtime(path) if os.path.exists(path) else 0.0)
-    shape = model_shape(model.config)
-    if costs.model_shape != shape:
-        raise ValueError(
-            f"{path} holds latency costs of another model shape ({costs.model_shape}; this model is "
-            f"{shape}): calibrate this model with `finegates bench --calibrate --model ...`."
-        )
-    if costs.machine != machine() and path not in _WARNED:
-        _WARNED.add(path)
-        logger.warning(
-            "%s was calibrated on another machine (%s; this one is %s): its predicted times may not hold",
-            path,
-            costs.machine,
-            machine(),
-        )
-    return costs
-
-
-_WARNED: set[str] = set()
+    mtime = os.path.getmtime(path) if os.path.exists(path) else 0.0
+    return _cached_costs(path, mtime, model_shape(model.config))
 
 
 def predicted_speedup(model: nn.Module, costs: LatencyCosts | None = None) -> float:

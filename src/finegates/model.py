@@ -102,7 +102,7 @@ def _check_uniform_family(model: nn.Module) -> None:
     residual stream narrow in a stock config only for RMSNorm RoPE decoders without per-head q/k norms."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     arch = architecture_for(model_type)
-    if not arch.rope or arch.layer_norm or arch.qk_norm:
+    if arch is not None and (not arch.rope or arch.layer_norm or arch.qk_norm):
         reason = (
             "its stock config derives the head size from the hidden size"
             if not arch.rope

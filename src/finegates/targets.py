@@ -72,9 +72,10 @@ def resolve_targets(
             f"exclude_modules entries {missing} match no module of {kind}: check their spelling (a single "
             "string is a regex over the whole module name; a list takes names or name suffixes)."
         )
+    if not names and excluded:
+        raise ValueError(f"exclude_modules left nothing of {kind} to gate (it is {exclude_modules!r}).")
     if not names:
-        blame = "exclude_modules left nothing of " if targeted or target_modules == ALL_LINEAR else ""
-        raise ValueError(f"target_modules={target_modules!r}: {blame or 'matched no module of '}{kind}.")
+        raise ValueError(f"target_modules={target_modules!r} matched no module of {kind}.")
     return names
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from finegates.io_utils import write_folder
+from finegates.io_utils import check_new_folder, write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ def export_onnx(model: PreTrainedModel, output_dir: str | Path, also: Iterable[P
     file in `also` (e.g. the tokenizer's), into `output_dir`, written whole: into a temporary folder first,
     then renamed. Returns the folder."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(f"{output_dir} exists and is not empty; give a new --output-dir.")
+    check_new_folder(output_dir)
     model = model.eval()
     implementation = model.config._attn_implementation
     model.set_attn_implementation("eager")  # before the example cache: SDPA's holds padded K/V

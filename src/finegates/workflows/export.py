@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from finegates.adapter import WEIGHTS_NAME, load_gates
-from finegates.io_utils import write_folder
+from finegates.io_utils import check_new_folder, write_folder
 from finegates.workflows.run_config import base_model_of
 
 _HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
@@ -70,8 +70,7 @@ def export_compressed(cfg: CompressConfig) -> Path:
     if not (adapter / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{adapter} holds no {WEIGHTS_NAME}: not a gate adapter folder.")
     out = Path(cfg.output_dir)
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:  # before the minutes of work, not after
-        raise FileExistsError(f"{out} exists and is not empty; give a new --output-dir, or --overwrite.")
+    check_new_folder(out, cfg.overwrite, hint=", or --overwrite to replace it")
     model, tokenizer = _load_base(base_model_of(adapter, cfg.base_model), _num_labels(adapter))
     small = compress(load_gates(model, adapter).eval(), uniform=cfg.uniform)
 

@@ -197,13 +197,10 @@ def evaluate_lm(
     return metrics
 
 
-# Gate options a one-shot baseline takes from the run: the budget, the layers and the trained biases; the
-# cut itself is always the fine structure's rows and columns by the parameter budget.
-ONE_SHOT_GATE_OPTIONS = ("target_sparsity", "target_modules", "bias")
-
-
 def check_one_shot_gates(method: str, gates: GatesConfig) -> None:
-    """Refuse gate options a one-shot baseline would not honour, naming them (not run silently without)."""
+    """Refuse gate options a one-shot baseline would not honour, naming them (not run silently without): it
+    takes the budget, the layers and the trained biases; its cut is always the fine structure's rows and
+    columns by the parameter budget."""
     default = default_posttrain_gates()
     ignored = [
         f"--{name.replace('_', '-')}"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from finegates.io_utils import write_folder
 from finegates.workflows.run_config import RUN_CONFIG_NAME as RUN_CONFIG
 from finegates.workflows.run_config import run_config_payload, write_run_config
 
@@ -176,13 +177,8 @@ class RunFolder:
         if self.resume:
             if not self.work.exists() and (self.final / "checkpoints").is_dir():
                 # continuing a finished run: its checkpoints go with it, copied whole or not at all
-                staging = self.work.with_name(f".{self.work.name}.copy-{os.getpid()}")
-                shutil.rmtree(staging, ignore_errors=True)
-                try:
-                    shutil.copytree(self.final / "checkpoints", staging / "checkpoints")
-                    os.replace(staging, self.work)
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
+                checkpoints = self.final / "checkpoints"
+                write_folder(self.work, lambda tmp: shutil.copytree(checkpoints, tmp / "checkpoints"))
             self.work.mkdir(parents=True, exist_ok=True)
             return
         if _holds_run(self.final) and not overwrite:

@@ -35,7 +35,8 @@ compaction: training wall time, held-out perplexity and PIQA of the compacted mo
 
     python benchmarks/train_cost.py --whole-run posttrain [--target 0.4] [--compact-every 5]
 
-`--structure runtime`: the runtime structure, whose progressive compaction also narrows the stream.
+`--structure runtime`: the runtime structure, whose progressive compaction also narrows the stream;
+`--warmup-fraction F`: the target ramped over F of the run (posttrain's default 0.7).
 """
 
 from __future__ import annotations
@@ -263,17 +264,28 @@ def _make_run_config(output_dir: str):
 
 
 def whole_run(
-    kind: str, method: str, target: float, compact_every: int, steps: int, structure: str | None = None
+    kind: str,
+    method: str,
+    target: float,
+    compact_every: int,
+    steps: int,
+    structure: str | None = None,
+    warmup_fraction: float | None = None,
 ) -> dict:
     """One whole training run: `make run`'s settings (kind "finetune") or SmolLM2 post-training."""
     if kind == "posttrain":
         every = compact_every if method.endswith("progressive") else None
-        return _posttrain_run(method, target, every, steps, structure)
+        return _posttrain_run(method, target, every, steps, structure, warmup_fraction)
     return _finetune_run(method, target, compact_every)
 
 
 def _posttrain_run(
-    method: str, target: float, compact_every: int | None, steps: int, structure: str | None = None
+    method: str,
+    target: float,
+    compact_every: int | None,
+    steps: int,
+    structure: str | None = None,
+    warmup_fraction: float | None = None,
 ) -> dict:
     import dataclasses
     import tempfile
@@ -285,6 +297,8 @@ def _posttrain_run(
     )
     if structure is not None:
         gates = dataclasses.replace(gates, structure=structure)
+    if warmup_fraction is not None:
+        gates = dataclasses.replace(gates, warmup_fraction=warmup_fraction)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = PosttrainConfig(
             text="brown",
@@ -407,6 +421,11 @@ def main() -> None:
         help="--whole-run posttrain: gate structure (default: posttrain's)",
     )
     parser.add_argument(
+        "--warmup-fraction",
+        type=float,
+        help="--whole-run posttrain: share of the run the target ramps over (default: posttrain's, 0.7)",
+    )
+    parser.add_argument(
         "--paired",
         help="comma-separated methods (the first is the reference) stepped in turn in one process",
     )
@@ -426,7 +445,13 @@ def main() -> None:
         return
     if args.method and args.whole_run:
         run = whole_run(
-            args.whole_run, args.method, args.target, args.compact_every, args.posttrain_steps, args.structure
+            args.whole_run,
+            args.method,
+            args.target,
+            args.compact_every,
+            args.posttrain_steps,
+            args.structure,
+            args.warmup_fraction,
         )
         print(json.dumps(run))
         return
@@ -438,6 +463,7 @@ def main() -> None:
             *("--whole-run", args.whole_run, "--target", str(args.target)),
             *("--compact-every", str(args.compact_every), "--posttrain-steps", str(args.posttrain_steps)),
             *(("--structure", args.structure) if args.structure else ()),
+            *(("--warmup-fraction", str(args.warmup_fraction)) if args.warmup_fraction else ()),
         ]
         rows = [_subprocess_json(["--method", method, *options]) for method in WHOLE_RUNS[args.whole_run]]
         if args.whole_run == "posttrain":

@@ -7,6 +7,7 @@ does not depend on the budget (full, lora, and maskllm's fixed 2:4 pattern) run 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import resource
@@ -273,10 +274,13 @@ def _size_on_disk(result) -> int:
 def _latencies(model, reference, cfg: CompareConfig, vocab: int) -> dict[str, float]:
     """Median latency at batch 1 and 32 of the method's model and of the dense base model, timed in turns
     in this process, and the speedup as the median of the per-round ratios: a side-by-side figure,
-    whatever else the machine runs."""
+    whatever else the machine runs. Both run on the same GEMM routes (`use_compact_linears`, as in
+    `bench`; a copy of the method's model), so a method that removes nothing reads 1.0x."""
+    from finegates.compress.linear import use_compact_linears
     from finegates.workflows.encoding import benchmark_batch
     from finegates.workflows.evaluation import paired_speedup
 
+    model, reference = use_compact_linears(copy.deepcopy(model)), use_compact_linears(reference)
     row = {}
     for b in (1, 32):
         m, dense, speedup = paired_speedup(model, reference, benchmark_batch(b, cfg.max_length, vocab))

@@ -376,10 +376,16 @@ def _compress_and_evaluate(
 
 
 def _benchmark(cfg: FinetuneConfig, data: ClassificationData, small) -> dict[str, dict]:
-    """Latency of the dense model (reloaded: the trained one now carries gates) vs the compacted one."""
-    dense, _ = load_classifier(cfg.model, data.num_labels, data.label_names)
+    """Latency of the dense model (reloaded: the trained one now carries gates) vs the compacted one.
+
+    Both run every linear on the compacted model's GEMM routes (`use_compact_linears`, as in `bench`; the
+    compacted model's task head is a stock linear): the ratio is the pruning's own speedup, not the routes'
+    gain on top of it."""
+    from finegates.compress.linear import use_compact_linears
+
+    dense = use_compact_linears(load_classifier(cfg.model, data.num_labels, data.label_names)[0])
     batch = benchmark_batch(cfg.bench_batch_size, cfg.max_length, dense.config.vocab_size, cfg.seed)
-    models = {"dense": dense} if small is None else {"dense": dense, "compacted": small}
+    models = {"dense": dense} if small is None else {"dense": dense, "compacted": use_compact_linears(small)}
     return {name: lat.to_dict() for name, lat in measure_latency(models, batch, cfg.bench_repeats).items()}
 
 

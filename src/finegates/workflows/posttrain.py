@@ -18,6 +18,7 @@ from transformers import Trainer, TrainingArguments
 
 from finegates.adapter import save_gates
 from finegates.blockwise import use_blockwise_lm_loss
+from finegates.compress.linear import use_compact_linears
 from finegates.config import GatesConfig
 from finegates.data.registry import load_multiple_choice, load_text_corpus
 from finegates.data.types import MultipleChoiceItem
@@ -315,7 +316,9 @@ def _run(model, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, data: EvalD
         "method": cfg.method,
         "dense": evaluate_lm(model, tokenizer, heldout, cfg, data),
     }
-    dense = copy.deepcopy(model)  # timed side by side with the compacted model at the end
+    # timed side by side with the compacted model at the end, on the compacted model's GEMM routes (as in
+    # `bench`: the ratio is the pruning's own speedup)
+    dense = use_compact_linears(copy.deepcopy(model))
     metrics["model_params"] = count_parameters(model)[1]
     log_history: list = []
     if cfg.method == "finegates":
@@ -327,6 +330,7 @@ def _run(model, tokenizer, cfg: PosttrainConfig, gates: GatesConfig, data: EvalD
     small.save_pretrained(out / "compressed")
     tokenizer.save_pretrained(out / "compressed")
     metrics["compacted"] = evaluate_lm(small, tokenizer, heldout, cfg, data)
+    use_compact_linears(small)  # its LM head too, as the dense model's: the same GEMM routes on both sides
     latency = _prefill_latency({"dense": dense, "compacted": small}, cfg)
     decode = measure_decode({"dense": dense, "compacted": small})
     for name in latency:

@@ -168,6 +168,10 @@ def test_a_learning_rate_sweep_picks_each_method_on_validation_rows(tiny_task, t
     for r in picked:
         same = [o for o in rows if o["method"] == r["method"]]
         assert r["validation_accuracy"] == max(o["validation_accuracy"] for o in same)
+    # a row from before the sweep was added (no lr_scale) is not picked over the swept ones
+    unswept = {**rows[0], "lr_scale": None, "validation_accuracy": 2.0}
+    assert [r["lr_scale"] for r in picked_rows([unswept, *rows])] == [r["lr_scale"] for r in picked]
+    assert picked_rows([unswept]) == [unswept]
     table = (tmp_path / "comparison.md").read_text()
     assert table.count("(picked)") == 2 and "Learning-rate sweep" in table
     body = [line for line in table.splitlines() if line.startswith("| f")]

@@ -37,7 +37,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
 def apply_mask(module: nn.Module, mask: torch.Tensor) -> None:
     """Zero the pruned weights in place (mask in the module's own weight layout)."""
     with torch.no_grad():
-        module.weight.mul_(mask.to(module.weight.dtype))
+        module.weight.mul_(mask.to(module.weight.device, module.weight.dtype))
 
 
 def cubic_sparsity(step: int, total_steps: int, final: float, end_fraction: float = 0.7) -> float:

@@ -112,6 +112,8 @@ class SALR(BaseMethod):
         return model
 
     def removed_parameters(self, model: nn.Module) -> int:
-        """Pruned base entries (the adapters add back (out + in) * rank parameters each)."""
+        """Net: the pruned base entries less the adapters that stay in the deployed model ((out + in) x
+        (svd_rank + lora_r) per layer, never merged into the sparse base)."""
         layers = [m for m in model.modules() if isinstance(m, SALRLinear)]
-        return sum(m.out_features * m.in_features - m.values.numel() for m in layers)
+        adapters = sum(p.numel() for m in layers for p in (m.svd_a, m.svd_b, m.lora_a, m.lora_b))
+        return sum(m.out_features * m.in_features - m.values.numel() for m in layers) - adapters

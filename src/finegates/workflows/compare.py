@@ -253,11 +253,11 @@ def _scores(model, test_batches, validation_batches) -> dict[str, float]:
 @torch.no_grad()
 def _accuracy(model, test_batches) -> dict[str, float]:
     correct = total = 0
+    device = next(model.parameters()).device  # the Trainer leaves the model on its GPU, where there is one
     for batch in test_batches:
-        labels = batch.pop("labels")
-        predictions = model(**batch).logits.argmax(-1)
-        batch["labels"] = labels
-        correct, total = correct + int((predictions == labels).sum()), total + len(labels)
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        predictions = model(**inputs).logits.argmax(-1).cpu()
+        correct, total = correct + int((predictions == batch["labels"]).sum()), total + len(predictions)
     return {"accuracy": correct / total}
 
 
@@ -331,6 +331,7 @@ def run_one(
         bf16=cfg.bf16,
     )
     wall = time.perf_counter() - begin
+    result.model.cpu()  # the latency and size figures are the CPU's
     if name == "full" and scale in (None, 1.0):  # the distillation teacher: trained once per comparison
         result.model.save_pretrained(teacher_path)
     row = {
@@ -420,8 +421,9 @@ def _compare(cfg: CompareConfig, out: Path) -> list[dict[str, Any]]:
 
 
 def picked_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (method, budget), the run with the best validation accuracy (all rows where there is no sweep),
-    in the order of `rows`."""
+    """Per (method, budget), the run with the best validation accuracy where a sweep ran (a run from
+    before the sweep was added is not picked: it was not chosen on validation), every row where none
+    ran; in the order of `rows`."""
     best: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         key = (r["method"], r["sparsity"])
@@ -429,7 +431,7 @@ def picked_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             key not in best or r["validation_accuracy"] > best[key]["validation_accuracy"]
         ):
             best[key] = r
-    return [r for r in rows if r.get("lr_scale") is None or best[(r["method"], r["sparsity"])] is r]
+    return [r for r in rows if best.get((r["method"], r["sparsity"]), r) is r]
 
 
 def _speedups(row: dict[str, Any], full: dict[str, Any] | None) -> str:

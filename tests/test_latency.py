@@ -74,7 +74,12 @@ def test_predicted_speedup_follows_the_costs(tmp_path):
         runtime_gates(model).blocks[0]["heads"].theta.data.fill_(-2.0)  # one layer's 4 heads of 8
     assert predicted_speedup(model) == pytest.approx(2.0)
     assert budget_fraction(model) == pytest.approx(0.5)
-    assert sparsity_report(model).removed_fraction < 0.5  # parameters are another measure
+    report = sparsity_report(model)
+    assert report.removed_fraction < 0.5  # parameters are another measure
+    # the report states the budget it ran under, not target_sparsity's unused default
+    assert report.target is None and report.target_speedup == 1.6
+    assert str(report).startswith("target speedup 1.60x (predicted time) | removed")
+    assert report.to_dict()["target"] is None
 
 
 def test_training_holds_the_predicted_speedup(tmp_path):

@@ -192,6 +192,25 @@ def test_compact_layer_norm_matches_the_full_width_statistics():
     assert (stock(x[:, kept]) - full(x)[:, kept]).abs().max() > 1e-2  # a stock LayerNorm is not exact
 
 
+def test_compact_layer_norm_keeps_float32_statistics_in_bfloat16():
+    """As the stock kernel does: a bfloat16 stream gets the stock bfloat16 LayerNorm's output exactly."""
+    torch.manual_seed(0)
+    width, kept = 384, torch.arange(0, 384, 3)
+    full = nn.LayerNorm(width, eps=1e-12)
+    nn.init.normal_(full.weight)
+    nn.init.normal_(full.bias)
+    full = full.bfloat16()
+    x = torch.zeros(64, width)
+    x[:, kept] = torch.randn(64, len(kept)) * 3 + 1
+    x = x.bfloat16()
+    narrow = CompactLayerNorm(nn.LayerNorm(len(kept), eps=1e-12), full_width=width).bfloat16()
+    narrow.weight = nn.Parameter(full.weight[kept].detach().clone())
+    narrow.bias = nn.Parameter(full.bias[kept].detach().clone())
+    out = narrow(x[:, kept])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, full(x)[:, kept], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("arch_name", ["gpt2", "llama"])
 def test_a_tied_head_stays_tied_with_fractional_residual_gates(arch_name):
     """The embeddings carry the residual gate's values and the final norm divides them out, so the tied

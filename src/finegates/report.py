@@ -39,10 +39,11 @@ class BlockRow:
 
 @dataclass
 class SparsityReport:
-    target: float
+    target: float | None  # of gated parameters; None when the budget is in predicted time (below)
     layers: list[LayerRow] = field(default_factory=list)
     blocks: list[BlockRow] = field(default_factory=list)
     model_params: int = 0
+    target_speedup: float | None = None
 
     @property
     def gated_params(self) -> int:
@@ -77,9 +78,14 @@ class SparsityReport:
         return out
 
     def __str__(self) -> str:
+        goal = (
+            f"target speedup {self.target_speedup:.2f}x (predicted time)"
+            if self.target_speedup
+            else f"target sparsity {self.target:.1%}"
+        )
         lines = [
             (
-                f"target sparsity {self.target:.1%} | removed {self.removed_fraction:.2%} of gated-layer "
+                f"{goal} | removed {self.removed_fraction:.2%} of gated-layer "
                 f"params ({self.gated_removed:,d} / {self.gated_params:,d}) | whole model: "
                 f"{self.model_removed:,d} / {self.model_params:,d} ({self.model_removed_fraction:.2%})"
             ),
@@ -188,16 +194,19 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 
     >>> print(sparsity_report(model))  # doctest: +SKIP
     """
-    plan, target = compaction_plan(model), gates_config(model).target_sparsity
+    plan, cfg = compaction_plan(model), gates_config(model)
+    # a budget in predicted time (`target_speedup`) ignores target_sparsity: no parameter target then
+    target = (None, cfg.target_speedup) if cfg.target_speedup else (cfg.target_sparsity, None)
     cached = model.__dict__.get(_REPORT_CACHE)
     if cached is not None and cached[0] is plan and cached[1] == target:
         return cached[2]  # the plan is the cached one: the gates have not changed since
     stream = _stream_rows(model, plan) if plan.residual is not None else []
     report = SparsityReport(
-        target=target,
+        target=target[0],
         layers=_layer_rows(model, plan) + stream,
         blocks=_block_rows(plan),
         model_params=base_parameter_count(model),
+        target_speedup=target[1],
     )
     model.__dict__[_REPORT_CACHE] = (plan, target, report)
     return report

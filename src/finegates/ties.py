@@ -73,13 +73,16 @@ def full_width_layer_norm(
     x: torch.Tensor, full_width: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """LayerNorm over `full_width` dims of which `x` holds the nonzero ones (the rest are zero):
-    mean = sum x / H, var = (sum (x - mean)^2 + (H - K) mean^2) / H."""
-    mean = x.sum(-1, keepdim=True) / full_width
-    centred = x - mean
+    mean = sum x / H, var = (sum (x - mean)^2 + (H - K) mean^2) / H; statistics and the affine map in
+    float32 (as the stock kernel's for bfloat16 and float16 inputs), the output in x's dtype."""
+    h = x.float()
+    mean = h.sum(-1, keepdim=True) / full_width
+    centred = h - mean
     var = (centred.pow(2).sum(-1, keepdim=True) + (full_width - x.shape[-1]) * mean.pow(2)) / full_width
     out = centred * torch.rsqrt(var + eps)
-    out = out if weight is None else out * weight
-    return out if bias is None else out + bias
+    out = out if weight is None else out * weight.float()
+    out = out if bias is None else out + bias.float()
+    return out.to(x.dtype)
 
 
 class StreamLayerNorm(nn.LayerNorm):

@@ -238,6 +238,18 @@ def test_a_norm_the_narrowed_stream_cannot_take_is_refused_by_name():
     torch.testing.assert_close(logits(model, tiny_inputs()), expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("structure", ["fine", "runtime"])
+def test_a_model_class_compress_cannot_take_is_refused_before_training(structure):
+    """A token-classification head reads the stream directly: narrowing it mid-run crashed the run."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    from conftest import _ENCODER
+
+    model = get_gated_model(BertForTokenClassification(BertConfig(**_ENCODER)), GatesConfig(structure=structure))
+    with pytest.raises(ValueError, match=r"compact_every: compress does not support BertForTokenClassification"):
+        ProgressiveCompaction(model, every=10)
+
+
 def test_a_bfloat16_model_passes_the_norms_check():
     """LLaMA's RMSNorm in bfloat16: the narrowed form rounds a step apart from the stock one at times,
     which is not another form of norm."""

@@ -107,6 +107,24 @@ def kept_dims(model) -> torch.Tensor:
 
 
 # -- exactness -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scaled", [True, False])
+def test_gpt2_attention_scale_survives_a_narrower_stream(scaled):
+    """GPT-2's scale is 1 (over the layer index) when `scale_attn_weights` is off, whatever the head size:
+    a stock module built for the narrower stream must not rescale it by the head sizes' ratio."""
+    base = tiny_model("gpt2")
+    base.config.scale_attn_weights = scaled
+    base.config.scale_attn_by_inverse_layer_idx = True
+    torch.manual_seed(0)
+    base = type(base)(base.config).eval()
+    model = get_gated_model(base, GatesConfig(structure="runtime")).eval()
+    with torch.no_grad():
+        binary_random(runtime_gates(model))
+    assert len(kept_dims(model)) < model.config.hidden_size
+    ids, mask = padded_batch()
+    small = compress(model)
+    torch.testing.assert_close(outputs(small, ids, mask)[0], outputs(model, ids, mask)[0], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_runtime_compaction_is_exact_and_narrows_the_stream(arch, pattern):
     model = patterned(arch, PATTERNS[pattern])

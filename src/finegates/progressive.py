@@ -302,6 +302,18 @@ def _stream_parts(model: nn.Module) -> dict[str, dict[str, nn.Module]]:
     return stream_modules(model, architecture_for(model.config.model_type), len(ties.residual.param))
 
 
+def _check_compressible(model: nn.Module) -> None:
+    """Progressive compaction cuts with compress's own code and ends in a compressed model: a model class
+    compress does not know (e.g. a token-classification head, which reads the stream the runtime structure
+    narrows) is refused before training, not at the first cut."""
+    from finegates.compress.models import compact_class_for
+
+    try:
+        compact_class_for(model)
+    except NotImplementedError as err:
+        raise ValueError(f"compact_every: {err} Leave compact_every unset for this model.") from err
+
+
 def check_stream_norms(model: nn.Module) -> None:
     """Refuse, naming it, a norm on the runtime structure's stream that a narrowed stream cannot take: not
     a LayerNorm (`StreamLayerNorm`) and not an RMSNorm of LLaMA's form, checked on its own output for a
@@ -382,6 +394,7 @@ class ProgressiveCompaction(TrainerCallback):
     def __init__(self, model: nn.Module, every: int, keep_dense: bool = False) -> None:
         if every < 1:
             raise ValueError(f"compact_every must be >= 1, got {every}.")
+        _check_compressible(model)
         check_stream_norms(model)  # before training, not at the first compaction
         self.model, self.every, self.keep_dense = model, every, keep_dense
 

@@ -48,8 +48,10 @@ class CompactAttention(nn.Module):
         self.layer_idx = getattr(stock, "layer_idx", None)
         # The stock module's scale (GPT-2's may include 1 / (layer + 1)), taken from its own head size to the
         # original one: a stock module built for a narrower stream has one head of the stream's width.
+        # GPT-2 with scale_attn_weights off does not scale by the head size at all.
         stock_head_dim = getattr(stock, "head_dim", None) or stock.attention_head_size
-        self.scaling = stock.scaling * math.sqrt(stock_head_dim / spec.head_dim)
+        by_head_size = getattr(stock, "scale_attn_weights", True)
+        self.scaling = stock.scaling * (math.sqrt(stock_head_dim / spec.head_dim) if by_head_size else 1.0)
         self.is_causal = stock.is_causal
         self.spec = spec
         self.num_key_value_groups = max(spec.group_size, 1)

@@ -642,6 +642,27 @@ def test_uniform_export_is_exact_and_a_stock_model(arch, pattern):
     assert n_params(compress(model)) <= n_params(stock) <= sparsity_report(model).model_params
 
 
+def test_uniform_export_pads_heads_until_the_stock_config_accepts_them():
+    """Five of six heads kept: no stock LlamaConfig has a hidden size of 36 over 5 heads, so a dead head
+    pads them back to 6 (exact), where the export used to fail in the config's own check."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=36, num_attention_heads=6, num_key_value_heads=6, intermediate_size=20,
+        num_hidden_layers=2, vocab_size=64,
+    )  # fmt: skip
+    model = get_gated_model(LlamaForCausalLM(config).eval(), GatesConfig()).eval()
+    with torch.no_grad():
+        for block in find_blocks(model):
+            theta(block, "o", "col")[head_dims(block, [2])] = CLOSED
+    assert compress(model).config.hidden_size == 36  # per-layer widths: the five heads
+    stock = compress(model, uniform=True)
+    assert (stock.config.num_attention_heads, stock.config.num_key_value_heads) == (6, 6)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    assert_exact(model, stock, ids, torch.ones_like(ids))
+
+
 def test_uniform_export_loads_without_finegates(tmp_path):
     def one_head_per_group_closed(model):
         for block in find_blocks(model):

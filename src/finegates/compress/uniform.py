@@ -132,6 +132,8 @@ def uniform_model(model: PreTrainedModel) -> PreTrainedModel:
         widths["kv_heads"], widths["group"] = _head_widths(plan)
     # LayerNorm: a stock norm over fewer dims is not exact; per-head q/k norms: they read the one config eps
     narrow = plan.residual is not None and not arch.layer_norm and not arch.qk_norm
+    if "kv_heads" in widths:
+        _stock_head_counts(model, len(plan.residual) if narrow else model.config.hidden_size, widths)
     if narrow:
         plan = _divisible_stream(model, plan, widths)
     slices = {}
@@ -156,6 +158,27 @@ def uniform_model(model: PreTrainedModel) -> PreTrainedModel:
     load_into(stock, state, model)
     logger.info("Uniform export widths %s", widths)
     return stock.eval()
+
+
+def _stock_head_counts(model: PreTrainedModel, kept: int, widths: dict[str, int]) -> None:
+    """A stock config wants hidden_size to be a multiple of the head count (LlamaConfig refuses it
+    otherwise): where the kept heads do not allow one between the `kept` residual dims and the full width,
+    dead heads of the same groups (exact: their output columns are zero) pad them to the fewest that do.
+    The model's own head counts always allow one, so the search ends."""
+    config = model.config
+    kv_full = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    group_full = config.num_attention_heads // kv_full
+    hidden = config.hidden_size
+    kv, group = widths["kv_heads"], widths["group"]
+    candidates = sorted((k * g, k, g) for k in range(kv, kv_full + 1) for g in range(group, group_full + 1))
+    heads, kv_new, group_new = next(c for c in candidates if -(-kept // c[0]) * c[0] <= hidden)
+    if (kv_new, group_new) != (kv, group):
+        logger.info(
+            "Uniform export: %d KV heads x %d query heads padded with dead heads to %d x %d (the stock "
+            "config needs the hidden size, %d or less, to be a multiple of the head count)",
+            kv, group, kv_new, group_new, hidden,
+        )  # fmt: skip
+    widths["kv_heads"], widths["group"] = kv_new, group_new
 
 
 def _divisible_stream(model: PreTrainedModel, plan: CompactionPlan, widths: dict[str, int]) -> CompactionPlan:

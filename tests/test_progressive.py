@@ -245,8 +245,9 @@ def test_a_model_class_compress_cannot_take_is_refused_before_training(structure
 
     from conftest import _ENCODER
 
-    model = get_gated_model(BertForTokenClassification(BertConfig(**_ENCODER)), GatesConfig(structure=structure))
-    with pytest.raises(ValueError, match=r"compact_every: compress does not support BertForTokenClassification"):
+    base = BertForTokenClassification(BertConfig(**_ENCODER))
+    model = get_gated_model(base, GatesConfig(structure=structure))
+    with pytest.raises(ValueError, match=r"compact_every: compress does not support BertForToken"):
         ProgressiveCompaction(model, every=10)
 
 

@@ -171,7 +171,7 @@ def _stock_head_counts(model: PreTrainedModel, kept: int, widths: dict[str, int]
     hidden = config.hidden_size
     kv, group = widths["kv_heads"], widths["group"]
     candidates = sorted((k * g, k, g) for k in range(kv, kv_full + 1) for g in range(group, group_full + 1))
-    heads, kv_new, group_new = next(c for c in candidates if -(-kept // c[0]) * c[0] <= hidden)
+    _, kv_new, group_new = next(c for c in candidates if -(-kept // c[0]) * c[0] <= hidden)
     if (kv_new, group_new) != (kv, group):
         logger.info(
             "Uniform export: %d KV heads x %d query heads padded with dead heads to %d x %d (the stock "

@@ -324,6 +324,34 @@ def test_evaluate_reloads_the_run(tiny_run, tiny_run_inputs, capsys, folder):
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_evaluate_refuses_a_model_that_is_not_a_trained_classifier(tiny_run_inputs, tmp_path, capsys):
+    """A base model (no classification head saved) would be scored with a new, random head."""
+    from transformers import AutoModel
+
+    model_dir, csv = tiny_run_inputs
+    AutoModel.from_pretrained(model_dir).save_pretrained(tmp_path / "bare")  # a BertModel, no head
+    argv = ["evaluate", "--model", str(tmp_path / "bare"), "--task", str(csv), "--text-column", "sentence"]
+    assert main([*argv, "--label-column", "topic", "--quiet"]) == 2
+    assert "not a trained sequence classifier (its config names BertModel)" in capsys.readouterr().err
+
+
+def test_a_classifiers_adapter_on_a_causal_base_is_evaluated_as_a_classifier(tmp_path):
+    """finetune on a decoder (its score head in the adapter) is scored for accuracy, not perplexity."""
+    from safetensors.torch import save_file
+
+    from finegates.workflows.causal_lm import SMOLLM2
+    from finegates.workflows.evaluate_lm import is_causal_lm
+
+    (tmp_path / "gates").mkdir()
+    save_file({"score.weight": torch.zeros(2, 4)}, str(tmp_path / "gates" / "finegates_adapter.safetensors"))
+    assert not is_causal_lm(str(tmp_path / "gates"), SMOLLM2)
+    save_file(
+        {"model.layers.0.mlp.up_proj.row_gate.theta": torch.zeros(4)},
+        str(tmp_path / "gates" / "finegates_adapter.safetensors"),
+    )
+    assert is_causal_lm(str(tmp_path / "gates"), SMOLLM2)
+
+
 def test_evaluate_int8_quantized_compacted_model(tiny_run, tiny_run_inputs, tmp_path):
     """--quantize int8 evaluates torch's dynamically quantized copy: a close but not identical loss."""
     out, _ = tiny_run

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -177,19 +178,30 @@ def load_for_evaluation(cfg: EvaluateConfig, data: ClassificationData):
         base = base_model_of(path, cfg.base_model)
         model, tokenizer = load_classifier(base, data.num_labels, data.label_names)
         return load_gates(model, path).eval(), tokenizer
-    model, tokenizer = (
-        load_classifier(cfg.model, data.num_labels, data.label_names)
-        if not path.is_dir()
-        else _load_folder(path)
-    )
+    model, tokenizer = _load_classifier_checkpoint(cfg.model)
     _check_labels(model, data)
     return model.eval(), tokenizer
 
 
-def _load_folder(path: Path):
-    """A saved folder, refused when a weight would run re-initialised (a damaged or foreign folder)."""
+def _load_classifier_checkpoint(name: str):
+    """A saved folder, embedded name or hub id of a trained sequence classifier; refused when it is not one
+    (a base model, whose new head would score at chance) or when a weight would run re-initialised (a
+    damaged or foreign folder)."""
     from finegates.compress.io import load_checked
+    from finegates.workflows.models import locate_model
 
+    path = locate_model(name)
+    try:
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Could not read the config of {name!r} ({err}).") from err
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        named = ", ".join(architectures) or "no architecture"
+        raise ValueError(
+            f"{name!r} is not a trained sequence classifier (its config names {named}): its classification "
+            "head would be new and score at chance. Evaluate a finetune run's `compressed` or `gates` "
+            "folder, or a classifier checkpoint."
+        )
     return load_checked(AutoModelForSequenceClassification, path), AutoTokenizer.from_pretrained(path)
 
 

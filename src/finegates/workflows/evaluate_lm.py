@@ -39,8 +39,11 @@ def is_causal_lm(model: str, base_model: str | None = None) -> bool:
 
     path = Path(model)
     if (path / WEIGHTS_NAME).is_file():
-        if "posttrain" in _run_sections(path):
+        sections = _run_sections(path)
+        if "posttrain" in sections:
             return True
+        if "finetune" in sections or _holds_a_task_head(path / WEIGHTS_NAME):
+            return False  # a classifier's adapter, even on a causal-LM base (e.g. finetune on SmolLM2)
         try:
             base = base_model_of(path, base_model)
         except ValueError:
@@ -57,6 +60,19 @@ def is_causal_lm(model: str, base_model: str | None = None) -> bool:
     except (OSError, ValueError, ImportError):
         return False  # `evaluate`'s classification path gives the error about what cannot be loaded
     return is_causal_architecture(architectures)
+
+
+def _holds_a_task_head(weights: Path) -> bool:
+    """Whether a gate adapter's tensors hold a sequence-classification head (read from the header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    from finegates.workflows.export import TASK_HEADS
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return any(key.endswith(TASK_HEADS) for key in f.keys())  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError):
+        return False  # loading it says what is wrong
 
 
 def _run_sections(folder: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from finegates.adapter import WEIGHTS_NAME, load_gates
 from finegates.io_utils import check_new_folder, write_folder
 from finegates.workflows.run_config import base_model_of
 
-_HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
+TASK_HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
 
 
 @dataclass
@@ -44,7 +44,7 @@ def _num_labels(adapter: Path) -> int | None:
     try:
         with safe_open(str(path), "pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if key.endswith(_HEADS):
+                if key.endswith(TASK_HEADS):
                     return handle.get_slice(key).get_shape()[0]
     except (SafetensorError, OSError) as err:
         raise ValueError(

@@ -37,6 +37,21 @@ def test_help_lists_every_config_field(capsys):
     assert "Fraction of gated-layer parameters to remove" in text  # help comes from field metadata
 
 
+@pytest.mark.parametrize(
+    ("command", "flag", "default"),
+    [
+        ("pretrain", "--target-sparsity", "(default: 0.4)"),  # the workflow's own gate defaults
+        ("posttrain", "--target-sparsity", "(default: 0.3)"),
+        ("compare", "--sparsity", "(default: [0.2, 0.4])"),  # a default_factory field
+    ],
+)
+def test_help_shows_the_defaults_a_run_uses(capsys, command, flag, default):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert default in text.split(f"{flag} ", 2)[-1].split("--", 1)[0], text.split(f"{flag} ", 2)[-1][:300]
+
+
 def test_run_and_gate_options_do_not_collide():
     assert not {f.name for f in dataclasses.fields(GatesConfig)} & {
         f.name for f in dataclasses.fields(FinetuneConfig)

@@ -73,6 +73,8 @@ def test_a_multiple_choice_jsonl_with_named_fields(tmp_path):
         ({"question": "q", "choices": ["a", "b"], "answer": 2}, "neither an index into the 2 choices"),
         ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "neither an index"),
         ({"question": "q", "choices": "a b", "answer": 0}, "must be a list of at least two strings"),
+        (None, r"quiz.jsonl:1: not a JSON object \(NoneType\)"),
+        (5, r"quiz.jsonl:1: not a JSON object \(int\)"),
     ],
 )
 def test_bad_multiple_choice_rows_name_the_line(tmp_path, row, message):

@@ -91,7 +91,12 @@ def _scalar(kind: type, optional: bool):
 
 
 def _describe(field: dataclasses.Field, defaults: dict[str, Any]) -> str:
-    default = field.default if field.default is not dataclasses.MISSING else None
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        default = None
     default = defaults.get(field.name, default)
     return (field.metadata.get("help", "") + f" (default: {default})").replace("%", "%%")
 

@@ -141,6 +141,12 @@ def _posttrain_gate_defaults() -> dict:
     return changed_fields(default_posttrain_gates())
 
 
+def _pretrain_gate_defaults() -> dict:
+    from finegates.workflows.pretrain import default_pretrain_gates
+
+    return changed_fields(default_pretrain_gates())
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from finegates.workflows.export import export_model
 
@@ -212,6 +218,7 @@ def add_workflow_commands(subparsers) -> None:
         "gates at equal steps.",
         _lm_sections("pretrain"),
         _run_pretrain,
+        {"gates": _pretrain_gate_defaults()},
     )
     _add_export(subparsers)
     from finegates.workflows.compare import CompareConfig

@@ -94,8 +94,12 @@ def _choice_item(line: str, fields: ChoiceFields, where: str) -> MultipleChoiceI
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: not valid JSON ({err.msg}).") from None
+    if not isinstance(row, dict):
+        raise ValueError(  # noqa: TRY004 (a user's file: ValueError as every other line error)
+            f"{where}: not a JSON object ({type(row).__name__}); each line holds one question as an object."
+        )
     missing = [name for name in (fields.question, fields.choices, fields.answer) if name not in row]
-    if not isinstance(row, dict) or missing:
+    if missing:
         raise ValueError(f"{where}: missing field(s) {missing}; name them with --zero-shot-*-field options.")
     choices = row[fields.choices]
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):

@@ -159,7 +159,7 @@ def _compacted(gated, dense, heldout: torch.Tensor, quiet: bool) -> dict[str, An
     """The gated model compacted: its held-out perplexity (the gated model's, compaction being exact), its
     parameters, and its forward time against the dense model's (on the same GEMM routes), timed in turns on
     8 held-out blocks."""
-    small = compress(gated)
+    small = use_compact_linears(compress(gated))  # its LM head too: both models on the same GEMM routes
     # no KV cache on either side, and the dense model on the compacted model's GEMM routes: the same work
     batch = {"input_ids": heldout[:8], "use_cache": False}
     same_routes = use_compact_linears(copy.deepcopy(dense))

@@ -27,7 +27,7 @@ from common import benchmark_parser, parse_benchmark_args
 from inference import load_minilm, prune
 
 import finegates
-from finegates.compress.onnx import export_onnx
+from finegates.compress.onnx import export_onnx, takes_segments
 from finegates.timing import time_in_turns
 
 
@@ -68,6 +68,8 @@ def main() -> None:
             folder = export_onnx(model, Path(tmp) / str(i))
             session = ort.InferenceSession(str(folder / "model.onnx"), options)
             feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+            if takes_segments(model):
+                feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
             with torch.inference_mode():
                 expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
             diff = float(np.abs(session.run(["logits"], feed)[0] - expected).max())

@@ -241,3 +241,14 @@ def test_bench_decodes_causal_lms_with_the_kv_cache(tmp_path, capsys):
         )
         == 2
     )  # an encoder cannot generate: a clear error
+
+
+@pytest.mark.parametrize("command", ["posttrain", "pretrain"])
+def test_the_lm_workflows_set_up_logging_as_quiet_says(captured, command):
+    """INFO logs (e.g. a resumed run's "--resume: continuing from ...") unless --quiet."""
+    import logging
+
+    assert cli.main([command, "--max-steps", "700"]) == 0
+    assert logging.getLogger("finegates").level == logging.INFO
+    assert cli.main([command, "--max-steps", "700", "--quiet"]) == 0
+    assert logging.getLogger("finegates").level == logging.WARNING

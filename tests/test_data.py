@@ -180,6 +180,14 @@ def test_local_jsonl_pairs_and_test_file(tmp_path):
     assert (len(data.train), len(data.test), data.test.pairs[1]) == (10, 4, "passage 1")
 
 
+def test_a_test_file_in_another_format_is_refused(tmp_path):
+    """One parser reads both files: a tsv test file beside a csv train file would be read with commas."""
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"doc {i},{i % 2}\n" for i in range(8)))
+    (tmp_path / "test.tsv").write_text("text\tlabel\n" + "".join(f"doc {i}\t{i % 2}\n" for i in range(4)))
+    with pytest.raises(ValueError, match=r"test.tsv is a .tsv file but the train file .*train.csv is .csv"):
+        load_classification(str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.tsv"))
+
+
 def test_local_parquet(tmp_path):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("pyarrow")

@@ -208,6 +208,26 @@ def test_export_command_writes_the_file_with_the_folders_tokenizer(tmp_path):
     np.testing.assert_allclose(gguf_forward(path, ids[0].tolist()), torch_logits(small, ids)[0], atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "spm_style",
+    [
+        {"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581"}},  # Mistral 7B
+        {"pre_tokenizer": None, "byte_fallback": True},  # LLaMA 2: no pre-tokenizer, byte fallback
+    ],
+)
+def test_a_sentencepiece_style_bpe_tokenizer_is_refused(tmp_path, spm_style):
+    """Written as byte-level BPE, a metaspace vocabulary would make llama.cpp tokenize every text wrongly."""
+    small = compacted("llama", "binary_random")
+    small.save_pretrained(tmp_path / "small")
+    model = {"type": "BPE", "vocab": {f"\u2581t{i}": i for i in range(97)}, "merges": []}
+    model["byte_fallback"] = spm_style.get("byte_fallback", False)
+    tokenizer = {"model": model, "pre_tokenizer": spm_style["pre_tokenizer"], "decoder": None}
+    (tmp_path / "small" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ValueError, match="SentencePiece-style BPE"):
+        export_model(tmp_path / "small", "gguf", tmp_path / "out", dtype="f32", tokenizer_pre="llama-bpe")
+    assert not (tmp_path / "out").exists()
+
+
 # -- llama.cpp itself ------------------------------------------------------------------------------
 @needs_llama_cpp
 @pytest.mark.parametrize("family", FAMILIES)

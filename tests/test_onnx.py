@@ -12,7 +12,7 @@ import test_compress as fine
 import test_runtime_structure as runtime
 from conftest import is_causal, tiny_inputs
 from finegates import compress
-from finegates.compress.onnx import export_onnx, generate_greedy
+from finegates.compress.onnx import export_onnx, generate_greedy, takes_segments
 
 ATOL = 1e-4
 
@@ -20,30 +20,35 @@ ATOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def ort_logits(folder, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+def ort_logits(folder, ids: torch.Tensor, mask: torch.Tensor, segments=None) -> np.ndarray:
     session = ort.InferenceSession(str(folder / "model.onnx"))
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     for item in session.get_inputs():  # decoders: an empty cache
         if item.name.startswith("past."):
             feed[item.name] = np.zeros((ids.shape[0], item.shape[1], 0, item.shape[3]), np.float32)
+    if any(item.name == "token_type_ids" for item in session.get_inputs()):
+        feed["token_type_ids"] = (segments if segments is not None else torch.zeros_like(ids)).numpy()
     return session.run(["logits"], feed)[0]
 
 
-def torch_logits(model, ids, mask) -> np.ndarray:
+def torch_logits(model, ids, mask, segments=None) -> np.ndarray:
+    extra = {} if segments is None else {"token_type_ids": segments}
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits.numpy()
+        return model(input_ids=ids, attention_mask=mask, **extra).logits.numpy()
 
 
 def test_onnx_runtime_matches_torch_on_every_architecture(arch, tmp_path):
     small = compress(fine.patterned(arch, fine.PATTERNS["random"]))
+    assert takes_segments(small) == (arch in ("bert", "roberta"))  # the fixture's type_vocab_size is 2
     folder = export_onnx(small, tmp_path / "onnx")
     for batch, length in ((3, 9), (1, 17)):  # other sizes than traced: the axes are dynamic
         ids = tiny_inputs(seed=batch, batch=batch, length=length)
         mask = torch.ones_like(ids)
         mask[0, -2:] = 0 if not is_causal(arch) else 1
-        np.testing.assert_allclose(
-            ort_logits(folder, ids, mask), torch_logits(small, ids, mask), atol=ATOL, rtol=0
-        )
+        # BERT reads segment ids (text pairs), a graph input; the second segment from position 4 on
+        segments = (torch.arange(length) >= 4).long().expand_as(ids) if takes_segments(small) else None
+        expected = torch_logits(small, ids, mask, segments)
+        np.testing.assert_allclose(ort_logits(folder, ids, mask, segments), expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch_name", ["bert", "qwen2"])

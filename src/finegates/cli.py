@@ -14,13 +14,12 @@ accelerate launch -m finegates.cli finetune ...         # many processes (or tor
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from finegates.cli_args import add_dataclass_arguments, build_configs, changed_fields
+from finegates.cli_args import add_dataclass_arguments, build_configs, changed_fields, configure_logging
 from finegates.cli_workflows import add_workflow_commands
 from finegates.config import GatesConfig
 from finegates.data.packaged import MissingPackageError
@@ -97,7 +96,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     configs = build_configs(
         args, _finetune_sections(), defaults={"gates": default_finetune_gates().to_dict()}
     )
-    _configure_logging(configs["finetune"].quiet)
+    configure_logging(configs["finetune"].quiet)
     metrics = finetune(configs["finetune"], configs["gates"])
     acc, s = metrics["accuracy"], metrics["sparsity"]
     print(
@@ -117,7 +116,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from finegates.workflows.evaluate import EvaluateConfig, evaluate
 
     cfg = build_configs(args, {"evaluate": EvaluateConfig})["evaluate"]
-    _configure_logging(cfg.quiet)
+    configure_logging(cfg.quiet)
     metrics = evaluate(cfg)
     if "perplexity" in metrics:
         task, blocks = metrics["zero_shot"], metrics["heldout_blocks"]
@@ -149,27 +148,6 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _configure_logging(quiet: bool) -> None:
-    import transformers
-
-    level = logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("finegates").setLevel(level)
-    transformers.logging.set_verbosity_error() if quiet else transformers.logging.set_verbosity_warning()
-    if quiet:
-        transformers.logging.disable_progress_bar()
-        _quiet_datasets()
-
-
-def _quiet_datasets() -> None:
-    try:
-        import datasets
-    except ImportError:
-        return
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -176,3 +177,25 @@ def build_configs(
         values[name].update(_cli_values(namespace, cls))
         configs[name] = dataclass_from_dict(cls, values[name], f"{cls.__name__} options")
     return configs
+
+
+def configure_logging(quiet: bool) -> None:
+    """INFO logs (or only warnings, without progress bars, with `quiet`) for a command's run."""
+    import transformers
+
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("finegates").setLevel(level)
+    transformers.logging.set_verbosity_error() if quiet else transformers.logging.set_verbosity_warning()
+    if quiet:
+        transformers.logging.disable_progress_bar()
+        _quiet_datasets()
+
+
+def _quiet_datasets() -> None:
+    try:
+        import datasets
+    except ImportError:
+        return
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from finegates.cli_args import add_dataclass_arguments, build_configs, changed_fields
+from finegates.cli_args import add_dataclass_arguments, build_configs, changed_fields, configure_logging
 from finegates.config import GatesConfig
 
 
@@ -51,6 +51,7 @@ def _run_posttrain(args: argparse.Namespace) -> int:
     configs = build_configs(
         args, _lm_sections("posttrain"), defaults={"gates": default_posttrain_gates().to_dict()}
     )
+    configure_logging(configs["posttrain"].quiet)
     metrics = posttrain(configs["posttrain"], configs["gates"])
     s = metrics["sparsity"]
     print(
@@ -70,6 +71,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     configs = build_configs(
         args, _lm_sections("pretrain"), defaults={"gates": default_pretrain_gates().to_dict()}
     )
+    configure_logging(configs["pretrain"].quiet)
     metrics = pretrain(configs["pretrain"], configs["gates"])
     print(
         f"held-out perplexity: dense {metrics['dense']['perplexity']:.3f}, gated "
@@ -84,6 +86,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from finegates.workflows.compare import CompareConfig, compare
 
     cfg = build_configs(args, {"compare": CompareConfig})["compare"]
+    configure_logging(quiet=False)
     compare(cfg)
     print(f"Table: {cfg.output_dir}/comparison.md  Plot: {cfg.output_dir}/pareto.png")
     return 0
@@ -93,6 +96,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from finegates.workflows.export import CompressConfig, export_compressed
 
     cfg = build_configs(args, {"compress": CompressConfig})["compress"]
+    configure_logging(quiet=False)
     print(f"Compacted model: {export_compressed(cfg)}")
     return 0
 
@@ -101,6 +105,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from finegates.workflows.bench import BenchConfig, bench, calibrate
 
     cfg = build_configs(args, {"bench": BenchConfig})["bench"]
+    configure_logging(quiet=False)
     if cfg.calibrate:
         from finegates.latency import FEATURES
 

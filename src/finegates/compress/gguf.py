@@ -207,6 +207,20 @@ def gguf_layers(model: nn.Module) -> list[GGUFLayer]:
     return layers
 
 
+def _byte_level(tokenizer: dict) -> bool:
+    """Whether tokenizer.json's BPE is byte-level: a ByteLevel pre-tokenizer step or decoder, and no
+    SentencePiece byte fallback."""
+    if tokenizer["model"].get("byte_fallback"):
+        return False
+
+    def kinds(part: dict | None) -> list[str]:
+        part = part or {}
+        inner = part.get("pretokenizers") or part.get("decoders") or [part]
+        return [step.get("type") for step in inner]
+
+    return "ByteLevel" in kinds(tokenizer.get("pre_tokenizer")) + kinds(tokenizer.get("decoder"))
+
+
 def _pre_tokenizer(tokenizer: dict) -> str | None:
     """llama.cpp's name for the tokenizer's pre-tokenization, where tokenizer.json says it plainly."""
     pre = tokenizer.get("pre_tokenizer") or {}
@@ -219,17 +233,24 @@ def _pre_tokenizer(tokenizer: dict) -> str | None:
     return None
 
 
-def _add_tokenizer(writer, folder: Path | None, vocab_size: int, pre: str | None) -> None:
+def _read_tokenizer(folder: Path | None, pre: str | None) -> tuple[dict, str] | None:
+    """tokenizer.json of `folder` and its llama.cpp pre-tokenizer, checked before anything is written
+    (None: no tokenizer file)."""
     path = folder / "tokenizer.json" if folder else None
     if path is None or not path.is_file():
-        writer.add_tokenizer_model("none")
-        return
-    import gguf
-
+        return None
     data = json.loads(path.read_text())
     if data["model"].get("type") != "BPE":
         raise ValueError(
             f"GGUF export writes byte-level BPE tokenizers; {path} holds {data['model'].get('type')}."
+        )
+    if not _byte_level(data):
+        raise ValueError(
+            f"GGUF export writes byte-level BPE tokenizers (GPT-2's bytes-to-characters vocabulary, as in "
+            f"LLaMA 3, Qwen2, SmolLM2); {path} is a SentencePiece-style BPE (byte fallback or a metaspace "
+            "'\u2581' vocabulary, as in LLaMA 2 and Mistral 7B), which llama.cpp reads as another tokenizer "
+            "model: written as byte-level BPE it would tokenize every text wrongly. Convert a stock-shaped "
+            "export of it (`finegates compress --uniform`) with llama.cpp's own convert_hf_to_gguf.py."
         )
     pre = pre or _pre_tokenizer(data)
     if pre is None:
@@ -237,6 +258,16 @@ def _add_tokenizer(writer, folder: Path | None, vocab_size: int, pre: str | None
             f"GGUF export: which llama.cpp pre-tokenizer matches {path} is not plain from the file; pass "
             "--tokenizer-pre NAME (e.g. llama-bpe, qwen2, gpt-2)."
         )
+    return data, pre
+
+
+def _add_tokenizer(writer, folder: Path | None, vocab_size: int, tokenizer: tuple[dict, str] | None) -> None:
+    if tokenizer is None:
+        writer.add_tokenizer_model("none")
+        return
+    import gguf
+
+    data, pre = tokenizer
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for token, i in data["model"]["vocab"].items():
@@ -347,6 +378,7 @@ def export_gguf(
     if head.data_ptr() != embeddings.data_ptr():
         outer["output.weight"] = _array(head)
     eps_scale = pad_widths(outer, layers, align)
+    tokenizer = _read_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tokenizer_pre)
     counts = {(layer.heads, layer.kv_heads, layer.ffn) for layer in layers}
     arch = "llama" if len(counts) == 1 and all(layer.heads for layer in layers) else "deci"
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -369,9 +401,7 @@ def export_gguf(
         writer.add_vocab_size(config.vocab_size)
         f16 = dtype == "f16"
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
-        _add_tokenizer(
-            writer, Path(tokenizer_dir) if tokenizer_dir else None, config.vocab_size, tokenizer_pre
-        )
+        _add_tokenizer(writer, Path(tokenizer_dir) if tokenizer_dir else None, config.vocab_size, tokenizer)
 
         def add(name: str, tensor: np.ndarray) -> None:
             matrix = tensor.ndim == 2 and f16

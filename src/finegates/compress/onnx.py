@@ -39,8 +39,19 @@ class _Encoder(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+def takes_segments(model: PreTrainedModel) -> bool:
+    """Whether the encoder reads segment ids (BERT's text pairs: `token_type_ids`), a graph input then."""
+    return not is_decoder(model) and getattr(model.config, "type_vocab_size", 1) > 1
 
 
 class _Decoder(nn.Module):
@@ -80,7 +91,12 @@ def _graph_signature(model: PreTrainedModel):
     if not is_decoder(model):
         mask = torch.ones(_BATCH, _SEQ, dtype=torch.long)
         dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-        return _Encoder(model), (ids, mask), dynamic, names, ["logits"]
+        if not takes_segments(model):
+            return _Encoder(model), (ids, mask), dynamic, names, ["logits"]
+        segments = torch.zeros(_BATCH, _SEQ, dtype=torch.long)
+        segments[:, -1] = 1  # a pair's second segment: traced, not folded to a constant
+        dynamic["token_type_ids"] = {0: batch, 1: seq}
+        return _Encoder(model), (ids, mask, segments), dynamic, [*names, "token_type_ids"], ["logits"]
     past = _example_cache(model, ids)
     mask = torch.ones(_BATCH, _PAST + _SEQ, dtype=torch.long)
     total, past_len = torch.export.Dim("total"), torch.export.Dim("past")

@@ -70,7 +70,13 @@ def _load(source: str, test_file: str | None):
         builder, kwargs = _builder_for(path)
         files = {"train": str(path)}
         if test_file:
-            _builder_for(Path(test_file))
+            # the datasets library parses every file of a call with one builder: a test file in another
+            # format would be read as the train file's (a tsv as one comma-separated column, ...)
+            if _builder_for(Path(test_file)) != (builder, kwargs):
+                raise ValueError(
+                    f"--test-file {test_file} is a {Path(test_file).suffix} file but the train file "
+                    f"{source} is {path.suffix}: give both in the same format."
+                )
             files["test"] = str(test_file)
         try:
             return datasets.load_dataset(builder, data_files=files, **kwargs)

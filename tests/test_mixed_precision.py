@@ -178,3 +178,21 @@ def test_a_bfloat16_model_compacts_to_bfloat16(name):
         assert {p.dtype for p in small.parameters()} == {BF16}
         got = small(input_ids=tiny_inputs()).logits.float()
     torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
+
+
+def test_float16_gate_gradients_survive_a_loss_scale_and_a_nearly_closed_gate():
+    """float16's range: a loss-scaled dy times y overflows, and a nearly closed gate's y is subnormal, where
+    the products are not formed in float32."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(6, 8), torch.randn(4, 5, 8)
+    g_row = torch.full((6,), 0.9)
+    g_row[0] = 1e-3  # nearly closed: its outputs ~1e-3 and below
+    g_row.requires_grad_()
+    dy = torch.randn(4, 5, 6) * 2.0**13  # a GradScaler-sized loss scale
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = GatedLinearFunction.apply(x, None, g_row, weight, None)
+    (got,) = torch.autograd.grad(y, [g_row], dy.to(torch.float16))
+    plain = nn.functional.linear(x.double(), weight.double()) * g_row.double()
+    (want,) = torch.autograd.grad(plain, [g_row], dy.double())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0.01, atol=0.0)

@@ -305,3 +305,17 @@ def test_the_plan_is_built_once_per_set_of_closed_gates(structure, monkeypatch):
     assert finegates.latency.budget_fraction(model) > 0 and len(built) == 4
     budget_step(model, 3)  # projects back into the band: new gates, new plans
     assert len(built) > 4
+
+
+def test_an_explicit_gate_lr_is_the_one_the_budget_lands_gates_with():
+    """The projection lands closed gates two gate steps past the closing point: two steps of the rate the
+    optimizer runs them at, not of the config's."""
+    from finegates.budget import _landing
+    from finegates.gates import GATE_CLASSES
+    from finegates.model import gates_config
+
+    model = get_gated_model(tiny_model("llama"), GatesConfig(gate_lr=0.01, projection_margin=0.0))
+    optimizer_param_groups(model, gate_lr=0.2)
+    assert gates_config(model).gate_lr == 0.2
+    edge = GATE_CLASSES[gates_config(model).gate_family].edge
+    assert _landing(gates_config(model)) == pytest.approx(2 * 0.2 / edge)

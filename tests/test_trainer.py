@@ -246,3 +246,28 @@ def test_weight_decay_leaves_biases_and_norms_alone():
     assert spared and all(p.ndim == 1 for p in spared)
     # without decay, one group for the rest (the layout older checkpoints' optimizer state has)
     assert len(finegates.optimizer_param_groups(model, gate_lr=0.05)) == 3
+
+
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_added_terms_count_once_per_accumulated_batch(tmp_path, num_items):
+    """A causal LM's loss given num_items_in_batch is already a share of the accumulated batch (the Trainer
+    does not divide it again): the sparsity term added to each of k micro-batches must be divided by k."""
+    model = get_gated_model(tiny_model("llama"), GatesConfig(objective="paper", target_sparsity=0.5))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[], use_cpu=True, max_steps=1
+    )
+    ids = torch.randint(2, 99, (4, 10), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": i, "labels": i} for i in ids]
+    trainer = FineGatesTrainer(model=model, args=args, train_dataset=data)
+    trainer.current_gradient_accumulation_steps = 2
+    model.train()
+    inputs = {"input_ids": ids, "labels": ids}
+    items = None if num_items is None else torch.tensor(num_items)
+    torch.manual_seed(0)
+    total = trainer.compute_loss(model, dict(inputs), num_items_in_batch=items)
+    torch.manual_seed(0)
+    task = super(FineGatesTrainer, trainer).compute_loss(model, dict(inputs), num_items_in_batch=items)
+    penalty = finegates.objectives.paper_loss(model)
+    assert float(penalty) > 0.1
+    share = 0.5 if num_items is not None else 1.0  # the Trainer divides a per-batch mean by k itself
+    torch.testing.assert_close(total, task + share * penalty)

@@ -46,6 +46,15 @@ def _sum_rows(t: torch.Tensor) -> torch.Tensor:
     return _rows(t).sum(0, dtype=torch.float32 if t.dtype in LOW_PRECISION else t.dtype)
 
 
+def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over rows of a * b in float32 for low precision. float16's products are formed in float32 too:
+    its range (normal from 6e-5, at most 65504) would flush the products of a nearly closed gate to
+    subnormals and overflow under a loss scale, where bfloat16's range is float32's."""
+    if a.dtype == torch.float16:
+        a, b = a.float(), b.float()
+    return _sum_rows(a * b)
+
+
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype an `F.linear` of `x` and `weight` computes in here: autocast's where it is on for the
     input's device type, else the weight's."""
@@ -102,9 +111,9 @@ class GatedLinearFunction(torch.autograd.Function):
         if need_x or need_col:
             grad_x = dy @ gated_weight(weight, g_row, g_col).to(ctx.dtype)
         if need_col:
-            grad_col = _unscale(_sum_rows(grad_x * a), g_col)
+            grad_col = _unscale(_sum_products(grad_x, a), g_col)
         if need_row:
-            grad_row = _unscale(_sum_rows(dy * y), g_row)
+            grad_row = _unscale(_sum_products(dy, y), g_row)
         if need_w:  # dL/dW = g_row[:, None] * (dy^T a) * g_col[None, :]
             grad_w = gated_weight((_rows(dy).t() @ _rows(a)).to(weight.dtype), g_row, g_col)
         if ctx.bias_dtype is not None and need_b:

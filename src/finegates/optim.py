@@ -21,7 +21,8 @@ def optimizer_param_groups(
     model: nn.Module, gate_lr: float | None = None, head_lr: float | None = None, weight_decay: float = 0.0
 ) -> list[dict]:
     """Gates, Lagrange multipliers (ascent through reversed gradients) and the rest, each with its lr.
-    `weight_decay` applies to the rest's matrices only: biases and norm weights (the pretrained model's own,
+    An explicit `gate_lr` becomes the model's `GatesConfig.gate_lr`. `weight_decay` applies to the rest's
+    matrices only: biases and norm weights (the pretrained model's own,
     where they train) are not pulled towards 0, as transformers' Trainer leaves them.
 
     A hand-written loop attaches the budget to its optimizer once, `attach_budget(optimizer, model)`, or
@@ -30,7 +31,9 @@ def optimizer_param_groups(
     >>> opt = torch.optim.AdamW(optimizer_param_groups(model))  # doctest: +SKIP
     """
     cfg = gates_config(model)
-    gate_lr = resolved_gate_lr(cfg) if gate_lr is None else gate_lr
+    if gate_lr is not None:  # the rate the gates train at: the budget's landing margin (and the saved
+        cfg.gate_lr = gate_lr  # config) follow it, not the one the config would have derived
+    gate_lr = resolved_gate_lr(cfg)
     head_lr = cfg.head_lr if head_lr is None else head_lr
     gate_ids = gate_parameter_ids(model)
     gates, multipliers, rest, no_decay = [], [], [], []

@@ -39,6 +39,20 @@ def average_loss_per_process(model) -> bool:
     return not name.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
 
 
+def accumulation_share(trainer: Trainer, num_items_in_batch) -> float:
+    """The weight of a per-batch mean added to the loss `Trainer.compute_loss` returns: 1, or 1 / the
+    gradient-accumulation steps where the model's own loss is already a share of the accumulated batch
+    (a causal LM given `num_items_in_batch`: `training_step` then leaves the sum of the micro-batches' losses
+    undivided, and a term added whole to each would count k times)."""
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:  # the Trainer's own rule (transformers' training_step)
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or getattr(
+            trainer, "compute_loss_func", None
+        ) is not None
+    steps = getattr(trainer, "current_gradient_accumulation_steps", 1) or 1
+    return 1.0 / steps if scaled else 1.0
+
+
 def train_model(trainer: Trainer, resume: str | bool | None = None):
     """`trainer.train(resume_from_checkpoint=resume)`, then the model's own forward back in place: with
     `bf16=True` accelerate wraps the model's forward in autocast for good, and what a workflow does with
@@ -156,18 +170,20 @@ class FineGatesTrainer(Trainer):
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         task_loss, outputs = result
+        share = accumulation_share(self, num_items_in_batch) if model.training else 1.0
+        base = float(task_loss.detach())
         if model.training:
             penalty = sparsity_loss(self.accelerator.unwrap_model(model), step=self.sparsity_step())
             self._sparsity_term = float(penalty.detach())
-            task_loss = task_loss + penalty
+            task_loss = task_loss + share * penalty
         if distill is not None:
             ties = runtime_gates(self.accelerator.unwrap_model(model))
             kept = None if ties is None else ties.stream_kept
             extra = distill_loss(outputs, teacher, inputs.get("attention_mask"), distill, kept)
             self._distill_term = float(extra.detach())
-            task_loss = task_loss + extra
+            task_loss = task_loss + share * extra
         if model.training:
-            self._task_losses.append(float(task_loss.detach()) - self._sparsity_term - self._distill_term)
+            self._task_losses.append(base / share)  # the micro-batch's own mean
         return (task_loss, outputs) if return_outputs else task_loss
 
     def sparsity_step(self) -> int:

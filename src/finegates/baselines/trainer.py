@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 
 from finegates.distill import DistillConfig, distill_loss, teacher_and_student_inputs
 from finegates.model import is_gated
-from finegates.trainer import average_loss_per_process
+from finegates.trainer import accumulation_share, average_loss_per_process
 
 if TYPE_CHECKING:
     from finegates.baselines.base import Batch, Method
@@ -127,7 +127,7 @@ class MethodTrainer(MethodLoss, Trainer):
         )
         extra = distill_loss(outputs, teacher, inputs.get("attention_mask"), self.distill)
         self.distill_terms.append(float(extra.detach()))
-        loss = loss + extra
+        loss = loss + accumulation_share(self, num_items_in_batch) * extra
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

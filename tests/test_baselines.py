@@ -169,9 +169,12 @@ def _salr_layer(rank: int = 4) -> tuple[torch.nn.Linear, SALRLinear]:
     return base, layer
 
 
-def test_salr_fused_gemm_equals_unfused():
+@pytest.mark.parametrize("rows", [5, 200])  # 200: inference takes the compacted models' GEMM route
+def test_salr_fused_gemm_equals_unfused(rows):
     _, layer = _salr_layer()
-    x = torch.randn(2, 5, 37)
+    x = torch.randn(2, rows, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.unfused_forward(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer(x), layer.unfused_forward(x), atol=1e-5, rtol=1e-5)
 
 

@@ -171,8 +171,8 @@ class FineGatesTrainer(Trainer):
         )
         task_loss, outputs = result
         share = accumulation_share(self, num_items_in_batch) if model.training else 1.0
-        base = float(task_loss.detach())
         if model.training:
+            self._task_losses.append(float(task_loss.detach()) / share)  # the micro-batch's own mean
             penalty = sparsity_loss(self.accelerator.unwrap_model(model), step=self.sparsity_step())
             self._sparsity_term = float(penalty.detach())
             task_loss = task_loss + share * penalty
@@ -182,8 +182,6 @@ class FineGatesTrainer(Trainer):
             extra = distill_loss(outputs, teacher, inputs.get("attention_mask"), distill, kept)
             self._distill_term = float(extra.detach())
             task_loss = task_loss + share * extra
-        if model.training:
-            self._task_losses.append(base / share)  # the micro-batch's own mean
         return (task_loss, outputs) if return_outputs else task_loss
 
     def sparsity_step(self) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 from finegates.baselines import bitmap
 from finegates.baselines.base import BaseMethod, Batch, MethodConfig
 from finegates.baselines.masks import magnitude_mask, target_linears
-from finegates.compress.linear import compact_linear
+from finegates.compress.linear import routed_linear
 from finegates.layer import weight_out_in
 from finegates.targets import default_modules_to_save
 
@@ -76,16 +76,9 @@ class SALRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.fused_factors()
-        return self._base(x) + F.linear(F.linear(x, down), up)
-
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        """The sparse base's GEMM, in inference on the CPU routes of compacted models and of the dense model
-        `compare` times beside it (`compact_linear`; plain F.linear with autograd)."""
-        weight = self.base_weight()
-        if x.dim() < 2:
-            return F.linear(x, weight, self.bias)
-        y = compact_linear(x.flatten(0, -2), weight, self.bias)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        # the sparse base's GEMM on the routes of compacted models and of the dense model `compare` times
+        # beside it (plain F.linear with autograd)
+        return routed_linear(x, self.base_weight(), self.bias) + F.linear(F.linear(x, down), up)
 
     def unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same layer with each adapter as its own GEMM pair (the reference the fused path must match)."""

@@ -120,12 +120,17 @@ class CompactLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < MIN_ROWS * self.in_features:  # a GEMV (decoding): no reshaping, ~3 us less per call
-            return F.linear(x, self.weight, self.bias)
-        lead = x.shape[:-1]
-        # flatten, not reshape(lead.numel(), ...): a size product makes torch.export fix the batch axis
-        y = compact_linear(x.flatten(0, -2), self.weight, self.bias)
-        return y.view(*lead, y.shape[-1])
+        return routed_linear(x, self.weight, self.bias)
+
+
+def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear of an input of any shape through `compact_linear`'s routes (CompactLinear's forward)."""
+    if x.numel() < MIN_ROWS * weight.shape[1]:  # a GEMV (decoding): no reshaping, ~3 us less per call
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    # flatten, not reshape(lead.numel(), ...): a size product makes torch.export fix the batch axis
+    y = compact_linear(x.flatten(0, -2), weight, bias)
+    return y.view(*lead, y.shape[-1])
 
 
 def use_compact_linears(model: nn.Module) -> nn.Module:

@@ -42,7 +42,7 @@ def is_causal_lm(model: str, base_model: str | None = None) -> bool:
         sections = _run_sections(path)
         if "posttrain" in sections:
             return True
-        if "finetune" in sections or _holds_a_task_head(path / WEIGHTS_NAME):
+        if "finetune" in sections or _holds_a_task_head(path):
             return False  # a classifier's adapter, even on a causal-LM base (e.g. finetune on SmolLM2)
         try:
             base = base_model_of(path, base_model)
@@ -62,16 +62,13 @@ def is_causal_lm(model: str, base_model: str | None = None) -> bool:
     return is_causal_architecture(architectures)
 
 
-def _holds_a_task_head(weights: Path) -> bool:
-    """Whether a gate adapter's tensors hold a sequence-classification head (read from the header only)."""
-    from safetensors import SafetensorError, safe_open
-
-    from finegates.workflows.export import TASK_HEADS
+def _holds_a_task_head(adapter: Path) -> bool:
+    """Whether a gate adapter holds a sequence-classification head (read from the file's header)."""
+    from finegates.workflows.export import adapter_num_labels
 
     try:
-        with safe_open(str(weights), "pt") as f:
-            return any(key.endswith(TASK_HEADS) for key in f.keys())  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError):
+        return adapter_num_labels(adapter) is not None
+    except ValueError:
         return False  # loading it says what is wrong
 
 

@@ -13,7 +13,7 @@ from finegates.adapter import WEIGHTS_NAME, load_gates
 from finegates.io_utils import check_new_folder, write_folder
 from finegates.workflows.run_config import base_model_of
 
-TASK_HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
+_TASK_HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight")
 
 
 @dataclass
@@ -39,12 +39,13 @@ class CompressConfig:
             raise ValueError("compress needs --gates (an adapter folder) and --output-dir.")
 
 
-def _num_labels(adapter: Path) -> int | None:
+def adapter_num_labels(adapter: Path) -> int | None:
+    """The number of labels of the task head a gate adapter holds (None: it holds none, e.g. an LM's)."""
     path = adapter / WEIGHTS_NAME
     try:
         with safe_open(str(path), "pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if key.endswith(TASK_HEADS):
+                if key.endswith(_TASK_HEADS):
                     return handle.get_slice(key).get_shape()[0]
     except (SafetensorError, OSError) as err:
         raise ValueError(
@@ -71,7 +72,7 @@ def export_compressed(cfg: CompressConfig) -> Path:
         raise FileNotFoundError(f"{adapter} holds no {WEIGHTS_NAME}: not a gate adapter folder.")
     out = Path(cfg.output_dir)
     check_new_folder(out, cfg.overwrite, hint=", or --overwrite to replace it")
-    model, tokenizer = _load_base(base_model_of(adapter, cfg.base_model), _num_labels(adapter))
+    model, tokenizer = _load_base(base_model_of(adapter, cfg.base_model), adapter_num_labels(adapter))
     small = compress(load_gates(model, adapter).eval(), uniform=cfg.uniform)
 
     def fill(folder: Path) -> None:
